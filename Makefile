@@ -1,0 +1,30 @@
+# capbench: `make demo` installs everything and runs the main job; `make test` installs and tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/capbench run --config demo
+	$(BIN)/capbench baseline --dataset shapes
+	$(BIN)/capbench report
+
+test: $(STAMP)
+	$(BIN)/ruff check architectures benchmark tests
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check architectures benchmark tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,119 @@
+"""Show, Attend and Tell: an LSTM with soft (additive) attention over the image grid.
+
+Xu et al. 2015, "Show, Attend and Tell: Neural Image Caption Generation with Visual
+Attention" (ICML). Additive (Bahdanau et al. 2015) scores ``e_ti = w^T relu(W_a a_i + W_h h)``,
+``alpha = softmax(e)``, context ``z = beta * sum_i alpha_i a_i`` with the gating scalar
+``beta = sigmoid(f_beta(h))`` (sec. 4.2.1), initial ``h0, c0`` from MLPs of the mean grid
+feature (sec. 3.1.2), and the doubly stochastic penalty ``lambda * sum_i (1 - sum_t
+alpha_ti)^2`` added to the loss (eq. 14).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from architectures.decoders.base import CaptionDecoder, DecoderOutput, State
+from architectures.registry import register_decoder
+
+
+class AdditiveAttention(nn.Module):
+    """Bahdanau-style soft attention. ``grid_proj (B, N, A)`` is precomputed once per image."""
+
+    def __init__(self, grid_dim: int, hidden_dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.grid_proj = nn.Linear(grid_dim, attention_dim)
+        self.hidden_proj = nn.Linear(hidden_dim, attention_dim)
+        self.score = nn.Linear(attention_dim, 1)
+
+    def forward(self, grid, grid_proj, h):
+        """``grid (B, N, D)``, ``grid_proj (B, N, A)``, ``h (B, H)`` -> ``(context (B, D), alpha (B, N))``."""
+        e = self.score(torch.relu(grid_proj + self.hidden_proj(h).unsqueeze(1))).squeeze(2)
+        alpha = torch.softmax(e, dim=1)
+        return torch.bmm(alpha.unsqueeze(1), grid).squeeze(1), alpha
+
+
+@register_decoder("attn_lstm", aliases=("show_attend_tell", "sat"))
+class ShowAttendTellDecoder(CaptionDecoder):
+    """Soft-attention LSTM with gate beta and doubly stochastic regularisation (Xu et al. 2015)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        grid_dim: int,
+        pooled_dim: int,
+        embed_dim: int = 256,
+        hidden_dim: int = 512,
+        attention_dim: int = 256,
+        num_layers: int = 1,
+        dropout: float = 0.5,
+        attention_regularization: float = 1.0,
+    ) -> None:
+        super().__init__(vocab_size, grid_dim, pooled_dim)
+        self.attention_regularization = attention_regularization
+        self.num_layers = num_layers
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.attention = AdditiveAttention(grid_dim, hidden_dim, attention_dim)
+        self.f_beta = nn.Linear(hidden_dim, grid_dim)
+        self.init_h = nn.Linear(grid_dim, num_layers * hidden_dim)
+        self.init_c = nn.Linear(grid_dim, num_layers * hidden_dim)
+        self.cells = nn.ModuleList(
+            nn.LSTMCell(embed_dim + grid_dim if i == 0 else hidden_dim, hidden_dim)
+            for i in range(num_layers)
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden_dim, vocab_size)
+        self.hidden_dim = hidden_dim
+
+    def init_state(self, grid, pooled) -> State:
+        mean = grid.mean(dim=1)
+        shape = (grid.shape[0], self.num_layers, self.hidden_dim)
+        return {
+            "h": torch.tanh(self.init_h(mean)).view(shape),
+            "c": torch.tanh(self.init_c(mean)).view(shape),
+            "grid": grid,
+            "grid_proj": self.attention.grid_proj(grid),  # once per image, not per step
+        }
+
+    def _cell(self, emb, state: State):
+        """One time step for all rows of ``state``: returns (top hidden (B, H), alpha, h, c)."""
+        h, c = state["h"], state["c"]
+        context, alpha = self.attention(state["grid"], state["grid_proj"], h[:, -1])
+        context = torch.sigmoid(self.f_beta(h[:, -1])) * context
+        x = torch.cat([emb, context], dim=1)
+        hs, cs = [], []
+        for i, cell in enumerate(self.cells):
+            hi, ci = cell(x, (h[:, i], c[:, i]))
+            hs.append(hi)
+            cs.append(ci)
+            x = self.dropout(hi) if i + 1 < self.num_layers else hi
+        return x, alpha, torch.stack(hs, 1), torch.stack(cs, 1)
+
+    def forward(self, grid, pooled, tokens, lengths) -> DecoderOutput:
+        # Sort by length so that step t only runs the rows still inside their caption: padded
+        # positions cost no compute (as in sgrvinod's Show-Attend-Tell tutorial).
+        lengths, order = lengths.sort(descending=True)
+        grid, tokens = grid[order], tokens[order]
+        B, T = tokens.shape
+        state = self.init_state(grid, pooled[order])
+        emb = self.dropout(self.embed(tokens))
+        logits = grid.new_zeros(B, T, self.vocab_size)
+        alphas = grid.new_zeros(B, T, grid.shape[1])
+        active_per_step = (lengths.unsqueeze(0) > torch.arange(T, device=lengths.device)[:, None])
+        counts = active_per_step.sum(1).tolist()
+        for t in range(int(lengths.max())):
+            bt = counts[t]
+            sub = {k: v[:bt] for k, v in state.items()}
+            out, alpha, h, c = self._cell(emb[:bt, t], sub)
+            state["h"] = torch.cat([h, state["h"][bt:]]) if bt < B else h
+            state["c"] = torch.cat([c, state["c"][bt:]]) if bt < B else c
+            logits[:bt, t] = self.fc(self.dropout(out))
+            alphas[:bt, t] = alpha
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(B, device=order.device)
+        return DecoderOutput(logits[inverse], alphas[inverse])
+
+    def step(self, tokens, state):
+        out, alpha, h, c = self._cell(self.embed(tokens), state)
+        new = dict(state, h=h, c=c, alpha=alpha)
+        return self.fc(out), new

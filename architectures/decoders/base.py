@@ -1,0 +1,70 @@
+"""The interface every caption decoder implements, so one harness trains and decodes them all.
+
+Conventions (all decoders):
+
+* ``grid``: image features ``(B, N, grid_dim)``; ``pooled``: ``(B, pooled_dim)``.
+* ``tokens``: teacher-forcing input ``(B, T)`` = ``<bos> w1 .. wn <pad> ..`` (int64);
+  ``lengths``: ``(B,)`` number of valid input tokens (n + 1). The targets are the same
+  sequence shifted left, ending in ``<eos>``; the harness builds them.
+* :meth:`forward` returns :class:`DecoderOutput` with ``logits (B, T, V)``; positions at or
+  beyond ``lengths`` hold unspecified values and must be masked by the loss.
+* Decoding is incremental: :meth:`init_state` computes everything that does not change across
+  time steps once (e.g. the attention projection of the grid); :meth:`step` consumes one token
+  per sequence and returns ``logits (B, V)`` plus the new state. A state is a ``dict`` of
+  tensors whose first dimension is the batch, so beam search can expand and reorder it with
+  :meth:`select_state` whatever the decoder.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+State = dict[str, torch.Tensor]
+
+__all__ = ["CaptionDecoder", "DecoderOutput", "State"]
+
+
+class DecoderOutput(NamedTuple):
+    """``logits (B, T, V)``; ``attention (B, T, N)`` soft-attention weights, or None."""
+
+    logits: torch.Tensor
+    attention: torch.Tensor | None = None
+
+
+class CaptionDecoder(nn.Module):
+    """Base class of the caption decoders (see the module docstring for shapes).
+
+    Subclasses set ``attention_regularization`` > 0 when their loss adds the doubly stochastic
+    attention penalty of Show, Attend and Tell (Xu et al. 2015, eq. 14).
+    """
+
+    attention_regularization: float = 0.0
+
+    def __init__(self, vocab_size: int, grid_dim: int, pooled_dim: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.grid_dim = grid_dim
+        self.pooled_dim = pooled_dim
+
+    def forward(
+        self, grid: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+    ) -> DecoderOutput:
+        raise NotImplementedError
+
+    def init_state(self, grid: torch.Tensor, pooled: torch.Tensor) -> State:
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        raise NotImplementedError
+
+    @staticmethod
+    def select_state(state: State, index: torch.Tensor) -> State:
+        """Rows ``index`` (1-D int64) of every state tensor: beam expansion and reordering."""
+        return {k: v.index_select(0, index) for k, v in state.items()}
+
+    def num_parameters(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

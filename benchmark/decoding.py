@@ -1,0 +1,171 @@
+"""Decoding strategies over any :class:`~architectures.decoders.base.CaptionDecoder`.
+
+All strategies run every image of a batch (and every beam) together on the device through
+the decoder's incremental ``step``. ``<pad>`` and ``<bos>`` are never generated; a sequence
+that has not emitted ``<eos>`` after ``max_len`` words is closed there (no crash, OpenNMT-py
+style). Outputs are word-id lists without ``<bos>``/``<eos>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DecodeConfig", "greedy_decode", "beam_search", "sample_decode", "decode"]
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding settings recorded with every run.
+
+    ``beam_size`` 1 is greedy. ``length_penalty`` is GNMT's alpha (Wu et al. 2016):
+    beams are ranked by ``logprob / ((5 + len) / 6) ** alpha``; 0 ranks by raw log-probability.
+    ``strategy`` "sample" draws with ``temperature``, ``top_k`` and ``top_p`` (nucleus,
+    Holtzman et al. 2020) instead.
+    """
+
+    beam_size: int = 1
+    max_len: int = 20
+    length_penalty: float = 0.0
+    strategy: str = "beam"  # "beam" (beam_size 1 = greedy) or "sample"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    batch_size: int = 64
+
+
+def _forbid(logp: torch.Tensor, pad_id: int, bos_id: int) -> torch.Tensor:
+    logp[..., pad_id] = float("-inf")
+    logp[..., bos_id] = float("-inf")
+    return logp
+
+
+@torch.inference_mode()
+def greedy_decode(decoder, grid, pooled, *, bos_id=1, eos_id=2, pad_id=0, max_len=20):
+    """Arg-max decoding: ``grid (B, N, D)``, ``pooled (B, P)`` -> B lists of word ids."""
+    B = grid.shape[0]
+    state = decoder.init_state(grid, pooled)
+    tokens = torch.full((B,), bos_id, dtype=torch.long, device=grid.device)
+    done = torch.zeros(B, dtype=torch.bool, device=grid.device)
+    out = []
+    for t in range(max_len + 1):
+        logits, state = decoder.step(tokens, state)
+        logp = _forbid(torch.log_softmax(logits.float(), -1), pad_id, bos_id)
+        if t == max_len:
+            tokens = torch.full_like(tokens, eos_id)
+        else:
+            tokens = logp.argmax(-1)
+        tokens = torch.where(done, torch.full_like(tokens, eos_id), tokens)
+        out.append(tokens)
+        done |= tokens == eos_id
+        if bool(done.all()):
+            break
+    seqs = torch.stack(out, 1).tolist()
+    return [s[: s.index(eos_id)] if eos_id in s else s for s in seqs]
+
+
+@torch.inference_mode()
+def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalty=0.0,
+                bos_id=1, eos_id=2, pad_id=0, return_scores=False):
+    """Batched beam search: all B images x K beams advance in one ``step`` call per word.
+
+    Each image's beams only compete among themselves, so an image's result does not depend on
+    the batch it is decoded in. Finished beams keep their score; the best finished beam per
+    image is chosen with the length penalty. Returns B id lists (and their log-probs with
+    ``return_scores``). Raises ValueError for ``beam_size`` < 1.
+    """
+    if beam_size < 1:
+        raise ValueError("beam_size must be >= 1")
+    B, K, dev = grid.shape[0], beam_size, grid.device
+    state = decoder.init_state(grid, pooled)
+    state = decoder.select_state(state, torch.arange(B, device=dev).repeat_interleave(K))
+    scores = torch.full((B, K), float("-inf"), device=dev)
+    scores[:, 0] = 0.0  # all beams start identical: expand from the first only
+    tokens = torch.full((B * K,), bos_id, dtype=torch.long, device=dev)
+    seqs = torch.empty(B, K, 0, dtype=torch.long, device=dev)
+    finished = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    lengths = torch.zeros(B, K, device=dev)
+    base = (torch.arange(B, device=dev) * K).unsqueeze(1)
+    for t in range(max_len + 1):
+        logits, state = decoder.step(tokens, state)
+        V = logits.shape[-1]
+        logp = _forbid(torch.log_softmax(logits.float(), -1), pad_id, bos_id).view(B, K, V)
+        if t == max_len:  # close every open beam
+            eos = logp[..., eos_id].clone()
+            logp = torch.full_like(logp, float("-inf"))
+            logp[..., eos_id] = eos
+        # a finished beam extends only by <eos> at no cost, so it stays a single candidate
+        logp = torch.where(finished.unsqueeze(-1), torch.full_like(logp, float("-inf")), logp)
+        logp[..., eos_id] = torch.where(finished, torch.zeros_like(scores), logp[..., eos_id])
+        cand = (scores.unsqueeze(-1) + logp).view(B, K * V)
+        scores, flat = cand.topk(K, dim=1)
+        beam, word = flat // V, flat % V
+        finished = finished.gather(1, beam)
+        lengths = lengths.gather(1, beam) + (~finished).float()
+        seqs = torch.cat([seqs.gather(1, beam.unsqueeze(-1).expand(-1, -1, seqs.shape[2])),
+                          word.unsqueeze(-1)], dim=2)
+        finished = finished | (word == eos_id)
+        state = decoder.select_state(state, (base + beam).view(-1))
+        tokens = word.view(-1)
+        if bool(finished.all()):
+            break
+    ranked = scores
+    if length_penalty:
+        ranked = scores / ((5.0 + lengths) / 6.0) ** length_penalty
+    best = ranked.argmax(1)
+    out = []
+    for b, k in enumerate(best.tolist()):
+        s = seqs[b, k].tolist()
+        out.append(s[: s.index(eos_id)] if eos_id in s else s)
+    if return_scores:
+        return out, scores.gather(1, best.unsqueeze(1)).squeeze(1).tolist()
+    return out
+
+
+@torch.inference_mode()
+def sample_decode(decoder, grid, pooled, *, temperature=1.0, top_k=0, top_p=1.0, max_len=20,
+                  bos_id=1, eos_id=2, pad_id=0, generator: torch.Generator | None = None):
+    """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering."""
+    B = grid.shape[0]
+    state = decoder.init_state(grid, pooled)
+    tokens = torch.full((B,), bos_id, dtype=torch.long, device=grid.device)
+    done = torch.zeros(B, dtype=torch.bool, device=grid.device)
+    out = []
+    for t in range(max_len + 1):
+        logits, state = decoder.step(tokens, state)
+        logits = _forbid(logits.float() / max(temperature, 1e-6), pad_id, bos_id)
+        if top_k > 0:
+            kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_logits, idx = logits.sort(-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses p
+            logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if t == max_len:
+            tokens = torch.full_like(tokens, eos_id)
+        tokens = torch.where(done, torch.full_like(tokens, eos_id), tokens)
+        out.append(tokens)
+        done |= tokens == eos_id
+        if bool(done.all()):
+            break
+    seqs = torch.stack(out, 1).tolist()
+    return [s[: s.index(eos_id)] if eos_id in s else s for s in seqs]
+
+
+def decode(decoder, grid, pooled, cfg: DecodeConfig, *, bos_id=1, eos_id=2, pad_id=0,
+           generator=None):
+    """Dispatch on ``cfg``: greedy (beam 1), beam search, or sampling."""
+    ids = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_len=cfg.max_len)
+    if cfg.strategy == "sample":
+        return sample_decode(decoder, grid, pooled, temperature=cfg.temperature,
+                             top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, **ids)
+    if cfg.strategy != "beam":
+        raise ValueError(f"unknown decoding strategy {cfg.strategy!r} (beam or sample)")
+    if cfg.beam_size == 1:
+        return greedy_decode(decoder, grid, pooled, **ids)
+    return beam_search(decoder, grid, pooled, beam_size=cfg.beam_size,
+                       length_penalty=cfg.length_penalty, **ids)

@@ -1,0 +1,17 @@
+"""User-facing errors. The CLI prints these as one clear message (no traceback)."""
+
+
+class CapbenchError(Exception):
+    """Base class of errors caused by user input: bad files, fields, flags or environment."""
+
+
+class DatasetError(CapbenchError):
+    """A dataset file is missing, malformed, or names images that do not exist."""
+
+
+class ConfigError(CapbenchError):
+    """A config file or flag has an unknown key or an invalid value."""
+
+
+class RecordError(CapbenchError):
+    """A run record cannot be read or does not fit the requested operation."""

@@ -1,0 +1,161 @@
+"""The embedded ``shapes`` dataset: coloured shapes on a canvas, captioned by a small grammar.
+
+Generated deterministically from a seed, in seconds, so that the main job runs offline on
+any machine. Each image holds 2-3 objects (circle/square/triangle/diamond, 8 colours, 2 sizes) in
+distinct cells of a 3x3 layout; each gets 5 captions drawn from templates with synonyms and
+spatial relations ("a small red circle to the left of a blue box"). Every object's bounding box
+is stored in the JSON (``objects[].bbox`` as ``[x0, y0, x1, y1]`` pixels) for later checks of
+where attention looks. Written in Karpathy format, so the normal loader reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from benchmark.paths import cache_root
+
+VERSION = 3  # bump whenever the images or captions change
+CANVAS = 128
+COLORS = {
+    "red": (215, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 130, 20),
+    "pink": (240, 120, 190),
+    "black": (20, 20, 20),
+}
+SYNONYMS = {"circle": ("circle", "disc"), "square": ("square", "box", "block"),
+            "triangle": ("triangle",), "diamond": ("diamond", "rhombus")}
+SIZES = {"small": 22, "large": 38}
+BACKGROUNDS = {"white": (250, 250, 250), "grey": (160, 160, 160)}
+COUNT_WORDS = {2: "two", 3: "three"}
+
+__all__ = ["generate_shapes", "default_shapes_path", "VERSION"]
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, color, box) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "diamond":
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=color)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=color)
+
+
+def _phrase(obj: dict, rng: random.Random) -> str:
+    noun = rng.choice(SYNONYMS[obj["shape"]])
+    size = f"{obj['size']} " if rng.random() < 0.5 else ""
+    return f"a {size}{obj['color']} {noun}"
+
+
+def _relation(a: dict, b: dict) -> tuple[str, str]:
+    """How ``a`` relates to ``b`` and the converse, from their layout cells."""
+    if a["col"] != b["col"]:
+        return ("to the left of", "to the right of") if a["col"] < b["col"] else (
+            "to the right of", "to the left of")
+    return ("above", "below") if a["row"] < b["row"] else ("below", "above")
+
+
+def _captions(objs: list[dict], background: str, rng: random.Random, n: int = 5) -> list[str]:
+    a, b = objs[0], objs[1]
+    rel, inverse = _relation(a, b)
+    count = COUNT_WORDS[len(objs)]
+    others = objs[2:]
+    tail = "".join(f" and {_phrase(o, rng)}" for o in others)
+    listing = lambda: " , ".join(_phrase(o, rng) for o in objs[:-1]) + " and " + _phrase(objs[-1], rng)  # noqa: E731
+    templates = [
+        lambda: f"{_phrase(a, rng)} {rel} {_phrase(b, rng)}{tail}",
+        lambda: f"{_phrase(b, rng)} {inverse} {_phrase(a, rng)}",
+        lambda: f"{count} shapes : {listing()}",
+        lambda: f"{listing()} on a {background} background",
+        lambda: f"there is {_phrase(a, rng)} {rel} {_phrase(b, rng)}",
+        lambda: f"{listing()}",
+    ]
+    picks = rng.sample(range(len(templates)), n)
+    return [templates[i]() for i in picks]
+
+
+def _make_image(rng: random.Random) -> tuple[Image.Image, list[dict], str]:
+    background = rng.choice(list(BACKGROUNDS))
+    img = Image.new("RGB", (CANVAS, CANVAS), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(img)
+    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], rng.choice((2, 2, 3)))
+    objs = []
+    cell = (CANVAS - 16) / 3
+    for row, col in cells:
+        shape = rng.choice(list(SYNONYMS))
+        color = rng.choice(list(COLORS))
+        size = rng.choice(list(SIZES))
+        side = SIZES[size]
+        cx = 8 + cell * (col + 0.5) + rng.uniform(-3, 3)
+        cy = 8 + cell * (row + 0.5) + rng.uniform(-3, 3)
+        box = [round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2)]
+        _draw(draw, shape, COLORS[color], box)
+        objs.append(dict(shape=shape, color=color, size=size, row=row, col=col, bbox=box))
+    return img, objs, background
+
+
+def generate_shapes(out_dir: str | Path, n_images: int = 600, seed: int = 0,
+                    fractions: tuple[float, float] = (0.7, 0.15)) -> Path:
+    """Write ``n_images`` PNGs and a Karpathy ``dataset.json`` into ``out_dir``; return the JSON.
+
+    ``fractions`` are the train and val shares (test takes the rest). The same arguments give
+    byte-identical files. Raises ValueError for fewer than 10 images.
+    """
+    if n_images < 10:
+        raise ValueError("shapes needs at least 10 images (train, val and test must be non-empty)")
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    n_train = int(n_images * fractions[0])
+    n_val = max(1, int(n_images * fractions[1]))
+    entries, sentid = [], 0
+    for i in range(n_images):
+        img, objs, background = _make_image(rng)
+        filename = f"shapes_{i:05d}.png"
+        img.save(out_dir / "images" / filename, optimize=False)
+        split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+        sentences = []
+        for raw in _captions(objs, background, rng):
+            sentences.append({"raw": raw, "tokens": [t for t in raw.split() if t.isalnum()],
+                              "imgid": i, "sentid": sentid})
+            sentid += 1
+        entries.append({"imgid": i, "filepath": "images", "filename": filename, "split": split,
+                        "sentences": sentences, "background": background,
+                        "objects": [{k: o[k] for k in ("shape", "color", "size", "bbox")}
+                                    for o in objs]})
+    path = out_dir / "dataset.json"
+    path.write_text(json.dumps({"dataset": "shapes", "version": VERSION, "seed": seed,
+                                "images": entries}, indent=1))
+    return path
+
+
+def default_shapes_path(n_images: int = 600, seed: int = 0) -> Path:
+    """The embedded dataset under the cache root, generated on first use (atomically)."""
+    target = cache_root() / "datasets" / f"shapes-v{VERSION}-n{n_images}-seed{seed}"
+    if (target / "dataset.json").is_file():
+        return target / "dataset.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-shapes-"))
+    try:
+        generate_shapes(tmp, n_images, seed)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target / "dataset.json"

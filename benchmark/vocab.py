@@ -1,0 +1,78 @@
+"""Word-level vocabulary built from the train split only (no leakage from val/test)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIALS = (PAD, BOS, EOS, UNK)
+
+__all__ = ["Vocabulary", "PAD", "BOS", "EOS", "UNK"]
+
+
+class Vocabulary:
+    """Index <-> word mapping with ``<pad>=0 <bos>=1 <eos>=2 <unk>=3``.
+
+    Built by :meth:`build` from training captions; words seen fewer than ``min_count`` times
+    map to ``<unk>``. Saved with every run (:meth:`save`/:meth:`load`).
+    """
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.itos = list(SPECIALS) + [w for w in words if w not in SPECIALS]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = range(4)
+
+    @classmethod
+    def build(cls, captions: Iterable[Sequence[str]], min_count: int = 1) -> Vocabulary:
+        """Words of ``captions`` (token lists) with count >= ``min_count``, most frequent first."""
+        counts = Counter(w for c in captions for w in c)
+        words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        return cls(words)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, tokens: Sequence[str], max_len: int) -> list[int]:
+        """``<bos> w1..wk <eos>`` ids with at most ``max_len`` words (longer captions are cut)."""
+        ids = [self.stoi.get(w, self.unk_id) for w in tokens[:max_len]]
+        return [self.bos_id, *ids, self.eos_id]
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        """Words up to the first ``<eos>``, skipping ``<bos>``/``<pad>``."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i in (self.pad_id, self.bos_id):
+                continue
+            out.append(self.itos[i])
+        return out
+
+    def batch(self, captions: Sequence[Sequence[str]], max_len: int):
+        """Teacher-forcing tensors for token lists.
+
+        Returns ``inputs (B, T)`` (``<bos> w..``), ``targets (B, T)`` (``w.. <eos>``, ``<pad>``
+        elsewhere) and ``lengths (B,)`` with T = the longest caption + 1.
+        """
+        enc = [self.encode(c, max_len) for c in captions]
+        T = max(len(e) for e in enc) - 1
+        inputs = torch.full((len(enc), T), self.pad_id, dtype=torch.long)
+        targets = torch.full((len(enc), T), self.pad_id, dtype=torch.long)
+        for i, e in enumerate(enc):
+            inputs[i, : len(e) - 1] = torch.tensor(e[:-1])
+            targets[i, : len(e) - 1] = torch.tensor(e[1:])
+        lengths = torch.tensor([len(e) - 1 for e in enc])
+        return inputs, targets, lengths
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"itos": self.itos}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocabulary:
+        return cls(json.loads(Path(path).read_text())["itos"])

@@ -1,0 +1,34 @@
+"""Shared fixtures: an isolated cache, a small generated `shapes` set, the shared real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+COCO_MINI = SHARED_DATA / "coco-mini" / "dataset.json"
+FLICKR_MINI = SHARED_DATA / "flickr8k-mini" / "dataset.json"
+COCO_DEMO = SHARED_DATA / "coco-caption-demo" / "captions_val2014_fakecap_results.json"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Every test session writes features and datasets into its own cache folder."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CAPBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory) -> Path:
+    """A 40-image `shapes` set (28 train / 6 val / 6 test) in Karpathy format."""
+    from benchmark.shapes import generate_shapes
+
+    return generate_shapes(tmp_path_factory.mktemp("shapes"), n_images=40, seed=1)
+
+
+def needs(path: Path):
+    """Skip cleanly where ../shared/data is absent."""
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not found (shared data absent)")

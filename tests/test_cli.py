@@ -1,0 +1,117 @@
+"""The CLI end to end: run -> record -> report, on a tiny `shapes` set and on coco-mini."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from benchmark.cli import app
+from benchmark.data import load_karpathy
+from benchmark.metrics import score_captions
+from tests.conftest import COCO_MINI, needs
+
+runner = CliRunner()
+
+
+def _run(*args):
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_shapes, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    _run("run", "--config", "tiny", "--dataset", str(tiny_shapes), "--results-dir", str(results),
+         "--epochs", "2", "--arch", "transformer")
+    (record_path,) = (results / "runs").glob("*.json")
+    return results, json.loads(record_path.read_text())
+
+
+def test_record_has_everything_a_reader_needs(tiny_run, tiny_shapes):
+    _, rec = tiny_run
+    ds = load_karpathy(tiny_shapes)
+    assert rec["arch"] == "transformer" and rec["encoder"] == "resnet18"
+    assert rec["dataset"]["split_fingerprint"] == ds.fingerprint
+    assert rec["config"]["train"]["epochs"] == 2 and rec["config"]["decoder"]["num_heads"] == 4
+    assert rec["encoder_weights"] == "random-init:seed=0" and rec["pretrained"] is False
+    assert set(rec["metrics"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L",
+                                   "CIDEr", "SPICE"}
+    assert rec["metrics"]["SPICE"] is None or rec["metrics"]["SPICE"] >= 0
+    tp = rec["throughput"]
+    assert tp["train_tokens_per_s"] > tp["train_samples_per_s"] > 0
+    assert tp["inference_images_per_s"] > 0 and tp["decoder_captions_per_s"] > 0
+    assert rec["peak_memory"]["bytes"] > 0 and rec["parameters"]["decoder_trainable"] > 0
+    assert len(rec["training"]["history"]) == 2
+    assert [p["image_id"] for p in rec["predictions"]] == [im.image_id for im in ds.split("test")]
+
+
+def test_record_metrics_equal_rescoring_its_predictions(tiny_run, tiny_shapes):
+    _, rec = tiny_run
+    refs = load_karpathy(tiny_shapes).references("test")
+    preds = {p["image_id"]: p["caption"] for p in rec["predictions"]}
+    again = score_captions(preds, refs, metrics=("Bleu_4", "ROUGE_L", "CIDEr"))
+    for m in ("Bleu_4", "ROUGE_L", "CIDEr"):
+        assert rec["metrics"][m] == pytest.approx(again.metrics[m], abs=1e-12)
+
+
+def test_report_formats(tiny_run, tmp_path):
+    results, rec = tiny_run
+    out = _run("report", "--results-dir", str(results), "--format", "json").output
+    rows = json.loads(out)
+    assert rows[0]["run_id"] == rec["run_id"] and rows[0]["CIDEr"] == pytest.approx(rec["metrics"]["CIDEr"])
+    csv = _run("report", "--results-dir", str(results), "--format", "csv").output
+    assert csv.splitlines()[0].startswith("dataset,split,run_id,arch,encoder")
+    md_path = tmp_path / "board.md"
+    _run("report", "--results-dir", str(results), "--format", "markdown", "--output", str(md_path))
+    md = md_path.read_text()
+    assert f"split {rec['dataset']['split_fingerprint']}" in md and "| transformer |" in md
+    table = _run("report", "--results-dir", str(results)).output
+    assert "CIDEr-D" in table
+
+
+def test_report_skips_a_corrupt_record_with_a_warning(tiny_run, tmp_path):
+    results, _ = tiny_run
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "broken.json").write_text("{")
+    result = runner.invoke(app, ["report", "--results-dir", str(tmp_path), "--format", "csv"])
+    assert result.exit_code == 0 and "broken.json" in result.output
+
+
+def test_user_mistakes_get_one_clear_line(tiny_shapes, tmp_path):
+    cases = [
+        (["run", "--arch", "gru", "--dataset", str(tiny_shapes)], "unknown decoder 'gru'"),
+        (["run", "--config", "nope"], "no config 'nope'"),
+        (["run", "--dataset", str(tmp_path / "missing.json")], "does not exist"),
+        (["report", "--format", "xml"], "--format 'xml'"),
+    ]
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("train:\n  epoch: 3\n")
+    cases.append((["run", "--config", str(bad_cfg)], "train.epoch: unknown key"))
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+
+
+def test_list_shows_encoders_and_decoders():
+    out = _run("list").output
+    for name in ("resnet50", "vit_b16", "clip_vit_b32", "rnn", "lstm", "attn_lstm", "transformer"):
+        assert name in out
+    assert "49 x 2048" in out and "196 x 768" in out
+
+
+def test_data_shapes_writes_a_loadable_dataset(tmp_path):
+    _run("data", "shapes", "--out", str(tmp_path / "s"), "--n-images", "20")
+    assert len(load_karpathy(tmp_path / "s" / "dataset.json").images) == 20
+
+
+@needs(COCO_MINI)
+def test_cli_on_coco_mini(tmp_path):
+    _run("run", "--config", "tiny", "--dataset", str(COCO_MINI), "--arch", "lstm", "--epochs", "1",
+         "--results-dir", str(tmp_path))
+    (path,) = (tmp_path / "runs").glob("*.json")
+    rec = json.loads(path.read_text())
+    assert rec["dataset"]["sizes"] == {"train": 330, "val": 39, "test": 41}
+    assert len(rec["predictions"]) == 41 and rec["metrics"]["Bleu_1"] > 0

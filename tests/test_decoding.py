@@ -1,0 +1,100 @@
+import itertools
+
+import pytest
+import torch
+
+from architectures import create_decoder
+from benchmark.decoding import beam_search, greedy_decode, sample_decode
+
+DECODERS = ["rnn", "lstm", "attn_lstm", "transformer"]
+
+
+def _model(name, V=12, seed=0):
+    torch.manual_seed(seed)
+    dec = create_decoder(name, vocab_size=V, grid_dim=16, pooled_dim=8).eval()
+    with torch.no_grad():  # sharpen the output layer so that decoding choices matter
+        dec.fc.weight.mul_(4.0)
+    return dec
+
+
+def _features(B, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 12, 16, generator=g), torch.randn(B, 8, generator=g)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_beam_size_one_equals_greedy(name):
+    dec = _model(name)
+    grid, pooled = _features(6)
+    assert beam_search(dec, grid, pooled, beam_size=1, max_len=8) == \
+        greedy_decode(dec, grid, pooled, max_len=8)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_beam_output_does_not_depend_on_batch(name):
+    dec = _model(name)
+    grid, pooled = _features(7)
+    together = beam_search(dec, grid, pooled, beam_size=4, max_len=8)
+    alone = [beam_search(dec, grid[i : i + 1], pooled[i : i + 1], beam_size=4, max_len=8)[0]
+             for i in range(7)]
+    shuffled_idx = torch.tensor([3, 6, 0, 5, 1, 4, 2])
+    shuffled = beam_search(dec, grid[shuffled_idx], pooled[shuffled_idx], beam_size=4, max_len=8)
+    assert together == alone
+    assert [together[i] for i in shuffled_idx.tolist()] == shuffled
+
+
+@torch.no_grad()
+def _sequence_logprob(dec, grid, pooled, words, eos=2):
+    state = dec.init_state(grid, pooled)
+    tok = torch.tensor([1])
+    total = 0.0
+    for w in [*words, eos]:
+        logits, state = dec.step(tok, state)
+        logp = torch.log_softmax(logits.float(), -1)
+        logp[:, 0] = float("-inf")
+        logp[:, 1] = float("-inf")
+        total += float(logp[0, w])
+        tok = torch.tensor([w])
+    return total
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_wide_beam_finds_the_exhaustive_optimum(name):
+    V, L = 6, 3  # words 3..5 (<unk> included) and <eos>: 1 + 3 + 9 + 27 sequences
+    dec = _model(name, V=V, seed=4)
+    grid, pooled = _features(2, seed=5)
+    with torch.no_grad():
+        dec.fc.weight.mul_(0.3)  # flatter distributions: the greedy path is not the best
+    for i in range(2):
+        g, p = grid[i : i + 1], pooled[i : i + 1]
+        candidates = [list(c) for n in range(L + 1) for c in itertools.product(range(3, V), repeat=n)]
+        scores = [_sequence_logprob(dec, g, p, c) for c in candidates]
+        best = candidates[max(range(len(scores)), key=scores.__getitem__)]
+        found, found_score = beam_search(dec, g, p, beam_size=len(candidates), max_len=L,
+                                         return_scores=True)
+        assert found[0] == best
+        assert found_score[0] == pytest.approx(max(scores), abs=1e-4)
+
+
+def test_no_eos_in_time_closes_sequences_at_max_len():
+    dec = _model("lstm")
+    with torch.no_grad():
+        dec.fc.bias.zero_()
+        dec.fc.bias[2] = -1e4  # <eos> practically impossible
+    grid, pooled = _features(3)
+    for out in (greedy_decode(dec, grid, pooled, max_len=5),
+                beam_search(dec, grid, pooled, beam_size=3, max_len=5)):
+        assert [len(s) for s in out] == [5, 5, 5]
+        assert all(0 not in s and 1 not in s for s in out)  # never <pad>/<bos>
+
+
+def test_sampling_respects_top_k_and_seed():
+    dec = _model("transformer")
+    grid, pooled = _features(4)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a = sample_decode(dec, grid, pooled, top_k=1, max_len=6, generator=g1)
+    assert a == greedy_decode(dec, grid, pooled, max_len=6)  # top-1 sampling is greedy
+    b = sample_decode(dec, grid, pooled, temperature=1.5, top_p=0.9, max_len=6, generator=g2)
+    c = sample_decode(dec, grid, pooled, temperature=1.5, top_p=0.9, max_len=6,
+                      generator=torch.Generator().manual_seed(0))
+    assert b == c

@@ -1,0 +1,84 @@
+import json
+import zipfile
+
+import pytest
+
+from benchmark import metrics
+from benchmark.metrics import ptb_tokenize, score_captions
+
+REFS = {
+    1: ["A man riding a horse on a beach.", "A person rides a brown horse!", "man, horse, sand"],
+    2: ["Two dogs play in the snow.", "Dogs running through snow", "two puppies in the snow"],
+    3: ["A red circle next to a blue square.", "a circle that is red", "Shapes: red & blue"],
+    4: ["A bowl of soup on a wooden table", "Soup in a white bowl.", "a table with soup"],
+}
+PREDS = {1: "a man rides a horse on the beach", 2: "a dog in the snow", 3: "a red circle .",
+         4: "a plate of food on a table"}
+
+
+def _coco_eval(preds, refs, monkeypatch):
+    """pycocoevalcap's own COCOEvalCap; SPICE replaced (its CoreNLP jars are not here)."""
+    from pycocoevalcap import eval as coco_eval
+    from pycocotools.coco import COCO
+
+    class NoSpice:
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(res)
+
+        def method(self):
+            return "SPICE"
+
+    monkeypatch.setattr(coco_eval, "Spice", NoSpice)
+    coco = COCO()
+    coco.dataset = {"images": [{"id": i} for i in refs],
+                    "annotations": [{"id": 100 * i + j, "image_id": i, "caption": c}
+                                    for i, cs in refs.items() for j, c in enumerate(cs)]}
+    coco.createIndex()
+    res = coco.loadRes([{"image_id": i, "caption": c} for i, c in preds.items()])
+    ev = coco_eval.COCOEvalCap(coco, res)
+    ev.params["image_id"] = res.getImgIds()
+    ev.evaluate()
+    return ev.eval
+
+
+def test_scores_equal_cocoevalcap(monkeypatch, capsys):
+    ours = score_captions(PREDS, REFS)
+    theirs = _coco_eval(PREDS, REFS, monkeypatch)
+    for name in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        assert ours.metrics[name] == pytest.approx(theirs[name], abs=1e-12), name
+    assert 0 < ours.metrics["CIDEr"] < 10
+    assert set(ours.per_image) >= {"METEOR", "ROUGE_L", "CIDEr"}
+    assert len(ours.per_image["CIDEr"]) == 4
+    assert sum(ours.per_image["CIDEr"]) / 4 == pytest.approx(ours.metrics["CIDEr"])
+
+
+def test_spice_unavailable_is_reported_not_invented(monkeypatch, tmp_path):
+    monkeypatch.setattr(metrics, "corenlp_dir", lambda: None)
+    res = score_captions(PREDS, REFS, metrics=("CIDEr", "SPICE"))
+    assert res.metrics["SPICE"] is None
+    assert "CoreNLP 3.6.0" in res.unavailable["SPICE"] and "CAPBENCH_CORENLP" in res.unavailable["SPICE"]
+
+
+def test_without_java_meteor_is_unavailable_and_the_rest_computed(monkeypatch):
+    monkeypatch.setattr(metrics, "java_version", lambda: None)
+    res = score_captions(PREDS, REFS)
+    assert res.metrics["METEOR"] is None and "Java" in res.unavailable["METEOR"]
+    assert res.tokenizer == "python-approximation"
+    assert res.metrics["CIDEr"] > 0 and res.metrics["Bleu_1"] > 0
+
+
+def test_ptb_tokenizer_lowercases_and_strips_punctuation():
+    out = ptb_tokenize({7: ["A man's dog, running!", "Shapes: red & blue."]})
+    assert out[7] == ["a man 's dog running", "shapes red & blue"]
+
+
+def test_unknown_prediction_id_is_an_error():
+    with pytest.raises(ValueError, match="no references"):
+        score_captions({99: "a cat"}, REFS)
+
+
+def test_coco_references_ship_inside_the_spice_jar():
+    jar = metrics._pkg_dir() / "spice" / "spice-1.0.jar"
+    with zipfile.ZipFile(jar) as z:
+        data = json.loads(z.read("coco/annotations/captions_val2014.json"))
+    assert len(data["images"]) == 40504
