@@ -54,6 +54,7 @@ def run(
     epochs: Annotated[int | None, typer.Option(help="training epochs")] = None,
     batch_size: Annotated[int | None, typer.Option(help="training batch size")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed of the decoder and data order")] = None,
+    seeds: Annotated[str | None, typer.Option(help="repeat the run over these seeds, e.g. 0,1,2 (report --aggregate shows mean ± std)")] = None,
     beam_size: Annotated[int | None, typer.Option(help="beam size for the test captions (1 = greedy)")] = None,
     device: Annotated[str | None, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="pretrained encoder weights, or a seeded random init")] = None,
@@ -70,9 +71,26 @@ def run(
         "device": device, "pretrained": pretrained, "weights": str(weights) if weights else None,
         "results_dir": str(results_dir) if results_dir else None,
     })
-    console.rule(f"capbench run: {cfg.arch} on {cfg.encoder} ({cfg.dataset})")
-    record, path = run_experiment(cfg, console)
-    _print_run_summary(record, path)
+    seed_list = _parse_seeds(seeds) if seeds else [cfg.seed]
+    from benchmark.runner import prepare_features, resolve_dataset, select_device
+
+    dataset = resolve_dataset(cfg.dataset)
+    prepared = prepare_features(cfg, dataset, select_device(cfg.device), console)
+    for s in seed_list:
+        cfg.seed = s
+        console.rule(f"capbench run: {cfg.arch} on {cfg.encoder} ({cfg.dataset}), seed {s}")
+        record, path = run_experiment(cfg, console, dataset=dataset, prepared=prepared)
+        _print_run_summary(record, path)
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--seeds {text!r}: give integers separated by commas, e.g. 0,1,2")
+    if not out:
+        _fail("--seeds is empty")
+    return out
 
 
 def _print_run_summary(record: dict, path: Path) -> None:
@@ -95,10 +113,11 @@ def report(
     results_dir: Annotated[Path, typer.Option(help="folder holding runs/*.json")] = Path("results"),
     format: Annotated[str, typer.Option("--format", help="table, markdown, csv or json")] = "table",
     output: Annotated[Path | None, typer.Option(help="write to this file instead of the terminal")] = None,
+    aggregate: Annotated[bool, typer.Option(help="fold runs that differ only in seed into mean ± std rows")] = False,
 ):
     """Show every run as a leaderboard grouped by dataset and split fingerprint."""
     from benchmark.records import load_records
-    from benchmark.report import leaderboard, render, render_rich
+    from benchmark.report import aggregate_seeds, leaderboard, render, render_rich
 
     if format not in ("table", "markdown", "csv", "json"):
         _fail(f"--format {format!r}: choose table, markdown, csv or json")
@@ -106,6 +125,8 @@ def report(
     for p in problems:
         err.print(f"[yellow]skipped:[/] {p}", highlight=False)
     df = leaderboard(records)
+    if aggregate:
+        df = aggregate_seeds(df)
     if format == "table" and output is None:
         render_rich(df, console)
         return
@@ -116,6 +137,113 @@ def report(
         console.print(f"wrote {output} ({len(df)} runs)")
     else:
         sys.stdout.write(text)
+
+
+@app.command("eval")
+@_guard
+def evaluate(
+    predictions: Annotated[Path, typer.Argument(help="COCO results JSON: [{image_id, caption}, ...]")],
+    references: Annotated[str, typer.Option(help="Karpathy dataset.json, COCO captions JSON, or coco-val2014 / coco-train2014 (offline copy in pycocoevalcap)")],
+    split: Annotated[str, typer.Option(help="split of a Karpathy references file")] = "test",
+    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+):
+    """Score any COCO-format predictions file exactly as the COCO caption toolkit does."""
+    import json
+    import time
+
+    from benchmark.metrics import score_captions
+    from benchmark.references import load_predictions, load_references, match_predictions
+    from benchmark.stats import bootstrap_ci
+
+    if format not in ("table", "json"):
+        _fail(f"--format {format!r}: choose table or json")
+    t0 = time.perf_counter()
+    refs = load_references(references, split)
+    preds = match_predictions(load_predictions(predictions), refs, str(references))
+    result = score_captions(preds, refs)
+    per_image = {"image_ids": result.image_ids, **result.per_image, "bleu_stats": result.bleu_stats}
+    ci = bootstrap_ci(per_image)
+    elapsed = time.perf_counter() - t0
+    if format == "json":
+        sys.stdout.write(json.dumps({"metrics": result.metrics, "confidence_intervals": ci,
+                                     "unavailable": result.unavailable, "images": len(preds),
+                                     "tokenizer": result.tokenizer, "seconds": elapsed}, indent=1) + "\n")
+        return
+    table = Table(title=f"{predictions.name}: {len(preds)} captions vs {references}")
+    for c in ("metric", "score", "95% CI"):
+        table.add_column(c, justify="right")
+    for m, v in result.metrics.items():
+        lo_hi = ci.get(m)
+        table.add_row(m, "unavailable" if v is None else f"{v:.3f}",
+                      f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "-")
+    console.print(table)
+    for m, why in result.unavailable.items():
+        console.print(f"[yellow]{m} unavailable:[/] {why}", highlight=False)
+    console.print(f"scored in {elapsed:.1f} s")
+
+
+@app.command()
+@_guard
+def compare(
+    run_a: Annotated[str, typer.Argument(help="run id (or unique prefix/suffix) or record path")],
+    run_b: Annotated[str, typer.Argument(help="run id (or unique prefix/suffix) or record path")],
+    results_dir: Annotated[Path, typer.Option(help="folder holding runs/*.json")] = Path("results"),
+    resamples: Annotated[int, typer.Option(help="bootstrap resamples")] = 2000,
+):
+    """Paired bootstrap test of run B against run A on the same test images."""
+    from benchmark.records import find_record
+    from benchmark.stats import paired_bootstrap
+
+    a, b = find_record(run_a, results_dir), find_record(run_b, results_dir)
+    fa, fb = a["dataset"]["split_fingerprint"], b["dataset"]["split_fingerprint"]
+    if fa != fb:
+        _fail(f"runs are on different splits ({fa} vs {fb}): their scores are not comparable")
+    result = paired_bootstrap(a["per_image"], b["per_image"], n_resamples=resamples)
+    table = Table(title=f"B - A, paired bootstrap over {len(a['per_image']['image_ids'])} "
+                  f"images ({resamples} resamples)", caption=f"A = {a['run_id']}\nB = {b['run_id']}")
+    for c in ("metric", "A", "B", "B - A", "95% CI", "p"):
+        table.add_column(c, justify="right")
+    from benchmark.report import METRIC_COLUMNS
+
+    for m in METRIC_COLUMNS:
+        if m not in result:
+            continue
+        r = result[m]
+        table.add_row(m, f"{100 * a['metrics'][m]:.1f}", f"{100 * b['metrics'][m]:.1f}",
+                      f"{100 * r['delta']:+.1f}", f"[{100 * r['ci'][0]:+.1f}, {100 * r['ci'][1]:+.1f}]",
+                      f"{r['p']:.3f}")
+    console.print(table)
+
+
+@app.command()
+@_guard
+def doctor():
+    """What works on this machine: versions, devices, Java metrics, caches, local weights."""
+    import platform
+
+    import torch
+
+    from benchmark.doctor import cache_report, local_weights
+    from benchmark.metrics import ALL_METRICS, java_version, metric_status
+
+    t = Table(title="capbench doctor", show_header=False)
+    t.add_column("item")
+    t.add_column("status")
+    t.add_row("python", platform.python_version())
+    t.add_row("torch", f"{torch.__version__} (threads {torch.get_num_threads()})")
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    t.add_row("cuda", ", ".join(cuda) if cuda else "not available")
+    mps = getattr(torch.backends, "mps", None)
+    t.add_row("mps", "available" if mps and mps.is_available() else "not available")
+    t.add_row("java", java_version() or "[red]not found[/] (METEOR, SPICE and the PTB tokenizer need it)")
+    for m, why in metric_status().items():
+        if m in ALL_METRICS:
+            t.add_row(f"metric {m}", "[green]ok[/]" if why is None else f"[yellow]unavailable[/]: {why}")
+    for name, (path, size) in cache_report().items():
+        t.add_row(f"cache {name}", f"{path} ({size / 2**20:.1f} MiB)")
+    weights = local_weights()
+    t.add_row("local weights", "\n".join(weights) if weights else "none found (use --no-pretrained offline)")
+    console.print(t)
 
 
 @app.command("list")

@@ -175,9 +175,12 @@ class ScoreResult:
 
 
 def _bleu_stats(bleu_scorer) -> list[list[int]]:
+    """Per image ``[hyp_len, closest ref_len, correct_1..4, guess_1..4]`` (BLEU's 'closest')."""
     out = []
     for comps in bleu_scorer.ctest:
-        out.append([comps["testlen"], comps["reflen"], *comps["correct"], *comps["guess"]])
+        test = comps["testlen"]
+        ref = min((abs(r - test), r) for r in comps["reflen"])[1]
+        out.append([test, ref, *comps["correct"], *comps["guess"]])
     return out
 
 

@@ -15,7 +15,7 @@ from benchmark.errors import RecordError
 
 SCHEMA_VERSION = 1
 
-__all__ = ["new_run_id", "write_record", "load_records", "load_record", "git_commit",
+__all__ = ["find_record", "new_run_id", "write_record", "load_records", "load_record", "git_commit",
            "environment", "SCHEMA_VERSION"]
 
 
@@ -97,3 +97,23 @@ def load_records(results_dir: str | Path) -> tuple[list[dict], list[str]]:
         except RecordError as exc:
             problems.append(str(exc))
     return records, problems
+
+
+def find_record(ref: str, results_dir: str | Path) -> dict:
+    """A record by path, exact run id, or unique prefix/suffix of a run id in ``results_dir``.
+
+    Raises RecordError when nothing or more than one record matches.
+    """
+    p = Path(ref)
+    if p.suffix == ".json" and p.is_file():
+        return load_record(p)
+    folder = Path(results_dir) / "runs"
+    exact = folder / f"{ref}.json"
+    if exact.is_file():
+        return load_record(exact)
+    hits = [x for x in folder.glob("*.json") if x.stem.startswith(ref) or x.stem.endswith(ref)]
+    if len(hits) == 1:
+        return load_record(hits[0])
+    if not hits:
+        raise RecordError(f"no run record matches {ref!r} in {folder} (see `capbench report`)")
+    raise RecordError(f"{ref!r} matches {len(hits)} records in {folder}; give more of the run id")

@@ -1,8 +1,10 @@
 """Leaderboards from run records: one row per run, grouped by dataset + split fingerprint.
 
 Runs on different split fingerprints are never ranked together. Within a group rows are
-sorted by CIDEr-D. Scores are shown x100 in tables (as papers print them) and kept raw in
-CSV/JSON.
+sorted by CIDEr-D. Scores are shown x100 in tables (as papers print them), with the
+half-width of the bootstrap 95% CI when the record has one (``66.1 ±2.3``), and kept raw in
+CSV/JSON (with ``<metric>_ci_low``/``_ci_high`` columns). :func:`aggregate_seeds` folds runs
+that differ only in seed into mean ± std rows.
 """
 
 from __future__ import annotations
@@ -18,20 +20,30 @@ THROUGHPUT_COLUMNS = {  # training tokens/s; images/s from pixels; decoder-only 
     "inference_images_per_s": "img/s",
     "decoder_captions_per_s": "cap/s",
 }
+SHORT = {"Bleu_1": "B@1", "Bleu_2": "B@2", "Bleu_3": "B@3", "Bleu_4": "B@4", "METEOR": "M",
+         "ROUGE_L": "R-L", "CIDEr": "CIDEr-D", "SPICE": "S"}
+LEGEND = ("scores x100 (pycocoevalcap) ±95% bootstrap CI half-width or ±std over seeds; "
+          "B = BLEU, M = METEOR, R-L = ROUGE-L, S = SPICE; weights pre(trained)/rand(om init); "
+          "tok/s training tokens/s, img/s inference from pixels, cap/s decoder-only; "
+          "run = MMDD-HHMMSS-tag of the run id")
+IDENTITY = ["dataset", "split", "config_id", "arch", "encoder", "weights", "beam"]
 
-__all__ = ["leaderboard", "render_markdown", "render_rich", "render", "METRIC_COLUMNS"]
+__all__ = ["leaderboard", "aggregate_seeds", "render_markdown", "render_rich", "render",
+           "METRIC_COLUMNS"]
 
 
 def leaderboard(records: list[dict]) -> pd.DataFrame:
-    """A DataFrame with one row per record: identity, metrics (raw) and throughput columns."""
+    """A DataFrame with one row per record: identity, metrics (raw), CIs and throughput."""
     rows = []
     for r in records:
         ds = r.get("dataset", {})
         tp = r.get("throughput", {})
+        ci = r.get("confidence_intervals", {})
         row = {
             "dataset": ds.get("name"),
             "split": ds.get("split_fingerprint"),
             "run_id": r["run_id"],
+            "config_id": r.get("config_id", r["run_id"]),
             "arch": r.get("arch"),
             "encoder": r.get("encoder"),
             "weights": "pre" if r.get("pretrained") else "rand",
@@ -41,6 +53,8 @@ def leaderboard(records: list[dict]) -> pd.DataFrame:
         for m in METRIC_COLUMNS:
             v = r.get("metrics", {}).get(m)
             row[m] = float(v) if v is not None else math.nan
+            lo, hi = ci.get(m, [math.nan, math.nan])
+            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = lo, hi
         for key in THROUGHPUT_COLUMNS:
             v = tp.get(key)
             row[key] = float(v) if v is not None else math.nan
@@ -54,22 +68,56 @@ def leaderboard(records: list[dict]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-SHORT = {"Bleu_1": "B@1", "Bleu_2": "B@2", "Bleu_3": "B@3", "Bleu_4": "B@4", "METEOR": "M",
-         "ROUGE_L": "R-L", "CIDEr": "CIDEr-D", "SPICE": "S"}
+def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per config (runs differing only in seed): mean, ``<metric>_std`` and ``n``."""
+    if df.empty:
+        return df
+    value_cols = METRIC_COLUMNS + list(THROUGHPUT_COLUMNS) + ["decoder_params"]
+    g = df.groupby(IDENTITY, dropna=False, sort=False)
+    mean = g[value_cols].mean()
+    std = g[METRIC_COLUMNS].std(ddof=1).add_suffix("_std")
+    out = mean.join(std)
+    out["n"] = g.size()
+    out["seeds"] = g["seed"].apply(lambda s: ",".join(str(x) for x in sorted(s)))
+    out["run_id"] = g["run_id"].first()
+    out = out.reset_index().sort_values(["dataset", "split", "CIDEr"],
+                                        ascending=[True, True, False], kind="stable")
+    return out.reset_index(drop=True)
+
+
+def _cell(row, m: str) -> str:
+    v = row[m]
+    if pd.isna(v):
+        return "n/a"
+    if f"{m}_std" in row and not pd.isna(row[f"{m}_std"]):
+        return f"{100 * v:.1f} ±{100 * row[f'{m}_std']:.1f}"
+    lo, hi = row.get(f"{m}_ci_low", math.nan), row.get(f"{m}_ci_high", math.nan)
+    if pd.isna(lo) or pd.isna(hi):
+        return f"{100 * v:.1f}"
+    return f"{100 * v:.1f} ±{100 * (hi - lo) / 2:.1f}"
 
 
 def _display(df: pd.DataFrame) -> pd.DataFrame:
-    out = df.copy()
-    out["run_id"] = out["run_id"].map(lambda r: r.split("-")[0][4:] + "-" + r.split("-")[1]
-                                      + "-" + r.rsplit("-", 1)[-1])
-    out = out.rename(columns={"run_id": "run"})
-    for m in METRIC_COLUMNS:
-        out[SHORT[m]] = out.pop(m).map(lambda v: "n/a" if pd.isna(v) else f"{100 * v:.1f}")
-    for key, label in THROUGHPUT_COLUMNS.items():
-        out[label] = out.pop(key).map(lambda v: "-" if pd.isna(v) else f"{v:,.0f}")
-    out["params"] = out.pop("decoder_params").map(
-        lambda v: "-" if v is None or pd.isna(v) else f"{v / 1e6:.2f}M")
-    return out
+    rows = []
+    for _, r in df.iterrows():
+        rid = r["run_id"]
+        parts = rid.split("-")
+        row = {"dataset": r["dataset"], "split": r["split"],
+               "run": f"{parts[0][4:]}-{parts[1]}-{parts[-1]}" if len(parts) > 2 else rid,
+               "arch": r["arch"], "encoder": r["encoder"], "weights": r["weights"]}
+        if "n" in r:
+            row["seeds"] = r["seeds"]
+        else:
+            row["seed"] = r["seed"]
+        row["beam"] = r["beam"]
+        for m in METRIC_COLUMNS:
+            row[SHORT[m]] = _cell(r, m)
+        for key, label in THROUGHPUT_COLUMNS.items():
+            row[label] = "-" if pd.isna(r[key]) else f"{r[key]:,.0f}"
+        p = r["decoder_params"]
+        row["params"] = "-" if p is None or pd.isna(p) else f"{p / 1e6:.2f}M"
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _groups(df: pd.DataFrame):
@@ -78,7 +126,7 @@ def _groups(df: pd.DataFrame):
 
 
 def render_markdown(df: pd.DataFrame) -> str:
-    """Markdown: one table per dataset/split group, scores x100."""
+    """Markdown: one table per dataset/split group."""
     if df.empty:
         return "_no runs_\n"
     parts = []
@@ -88,11 +136,7 @@ def render_markdown(df: pd.DataFrame) -> str:
                  "|" + "|".join("---" for _ in cols) + "|"]
         lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in g.itertuples(False)]
         parts.append("\n".join(lines))
-    return "\n\n".join(parts) + ("\n\nScores x100 (pycocoevalcap): B = BLEU, M = METEOR, "
-                                   "R-L = ROUGE-L, S = SPICE; weights pre(trained) or rand(om "
-                                   "init); tok/s = training tokens/s, img/s = inference images/s "
-                                   "from pixels, cap/s = decoder-only captions/s; run = "
-                                   "MMDD-HHMMSS-tag of the run id.\n")
+    return "\n\n".join(parts) + f"\n\n{LEGEND[0].upper()}{LEGEND[1:]}.\n"
 
 
 def render_rich(df: pd.DataFrame, console) -> None:
@@ -103,9 +147,7 @@ def render_rich(df: pd.DataFrame, console) -> None:
         console.print("no runs found")
         return
     for title, g in _groups(_display(df)):
-        table = Table(title=title, caption="scores x100; B = BLEU, M = METEOR, R-L = ROUGE-L, "
-                      "S = SPICE; weights pre(trained)/rand(om init); tok/s training tokens/s, img/s "
-                      "inference from pixels, cap/s decoder-only; run = MMDD-HHMMSS-tag")
+        table = Table(title=title, caption=LEGEND)
         for c in g.columns:
             table.add_column(c, justify="right" if c in SHORT.values() else "left", no_wrap=True)
         for row in g.itertuples(False):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import random
@@ -31,6 +32,7 @@ from benchmark.inference import caption_features, caption_pixels
 from benchmark.metrics import ptb_tokenize, score_captions
 from benchmark.records import environment, git_commit, new_run_id, write_record
 from benchmark.shapes import default_shapes_path
+from benchmark.stats import bootstrap_ci, diversity
 from benchmark.train import train_decoder
 from benchmark.vocab import Vocabulary
 
@@ -115,6 +117,13 @@ def prepare_features(cfg: RunConfig, dataset: CaptionDataset, device, console=No
     return encoder, store
 
 
+def config_id(resolved: dict) -> str:
+    """Hash of a resolved config without seed, device and output folder: runs that differ only
+    in seed share it, so the report can aggregate them (mean +- std)."""
+    keep = {k: v for k, v in resolved.items() if k not in ("seed", "device", "results_dir", "name")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def _peak_memory(device) -> dict:
     if device.type == "cuda":
         return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}
@@ -186,6 +195,8 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     resolved["decoder"] = hparams
     (ckpt / "config.json").write_text(json.dumps(resolved, indent=1))
     by_id = {im.image_id: im for im in test}
+    per_image = {"image_ids": scores.image_ids, **scores.per_image, "bleu_stats": scores.bleu_stats}
+    train_captions = {" ".join(t) for im in train for t in im.tokens}
     record = {
         "schema_version": 1,
         "run_id": run_id,
@@ -196,6 +207,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
         "encoder_weights": encoder.weights_id,
         "pretrained": not encoder.weights_id.startswith("random-init"),
         "config": resolved,
+        "config_id": config_id(resolved),
         "dataset": {"name": dataset.name, "path": str(dataset.source),
                     "split_fingerprint": dataset.fingerprint,
                     "splits": dataset.split_fingerprints(),
@@ -206,8 +218,9 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
         "metrics": scores.metrics,
         "metrics_unavailable": scores.unavailable,
         "tokenizer": scores.tokenizer,
-        "per_image": {"image_ids": scores.image_ids, **scores.per_image,
-                      "bleu_stats": scores.bleu_stats},
+        "confidence_intervals": bootstrap_ci(per_image, n_resamples=1000, seed=0),
+        "per_image": per_image,
+        "diversity": diversity(list(predictions.values()), train_captions),
         "training": {"best_epoch": result.best_epoch, "best_val_CIDEr": result.best_val_cider,
                      "history": result.history, "steps": result.steps,
                      "train_seconds": result.train_seconds},

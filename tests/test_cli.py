@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -115,3 +116,27 @@ def test_cli_on_coco_mini(tmp_path):
     rec = json.loads(path.read_text())
     assert rec["dataset"]["sizes"] == {"train": 330, "val": 39, "test": 41}
     assert len(rec["predictions"]) == 41 and rec["metrics"]["Bleu_1"] > 0
+
+
+def test_seeds_compare_and_aggregate(tiny_shapes, tmp_path):
+    _run("run", "--config", "tiny", "--dataset", str(tiny_shapes), "--arch", "lstm",
+         "--epochs", "1", "--seeds", "0,1", "--results-dir", str(tmp_path))
+    recs = sorted((json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")),
+                  key=lambda r: r["seed"])
+    assert [r["seed"] for r in recs] == [0, 1] and recs[0]["config_id"] == recs[1]["config_id"]
+    assert recs[0]["confidence_intervals"]["CIDEr"][0] <= recs[0]["metrics"]["CIDEr"]
+    assert 0 < recs[0]["diversity"]["distinct_1"] <= 1
+    out = _run("compare", recs[0]["run_id"], recs[1]["run_id"], "--results-dir", str(tmp_path),
+               "--resamples", "200").output
+    assert "CIDEr" in out and "B - A" in out
+    agg = json.loads(_run("report", "--results-dir", str(tmp_path), "--aggregate",
+                          "--format", "json").output)
+    assert len(agg) == 1 and agg[0]["n"] == 2 and agg[0]["seeds"] == "0,1"
+    assert agg[0]["CIDEr"] == pytest.approx(np.mean([r["metrics"]["CIDEr"] for r in recs]))
+    # a run on another split is refused
+    other = dict(recs[1], run_id="other-split")
+    other["dataset"] = dict(other["dataset"], split_fingerprint="000000000000")
+    (tmp_path / "runs" / "other-split.json").write_text(json.dumps(other))
+    result = runner.invoke(app, ["compare", recs[0]["run_id"], "other-split", "--results-dir",
+                                 str(tmp_path)])
+    assert result.exit_code == 2 and "different splits" in result.output

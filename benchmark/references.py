@@ -1,0 +1,105 @@
+"""Reading predictions and references for ``capbench eval`` (models from any codebase).
+
+Predictions: a COCO results file, a JSON list of ``{"image_id", "caption"}``.
+References: a Karpathy ``dataset.json`` (one split), a COCO captions annotation file
+(``captions_val2014.json`` style: ``annotations[].image_id/caption``), or the built-in names
+``coco-val2014`` / ``coco-train2014``, read offline from the copy of the COCO 2014 caption
+annotations that ships inside pycocoevalcap's ``spice/spice-1.0.jar``.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from benchmark.data import load_karpathy
+from benchmark.errors import DatasetError
+
+BUILTIN = {"coco-val2014": "coco/annotations/captions_val2014.json",
+           "coco-train2014": "coco/annotations/captions_train2014.json"}
+
+__all__ = ["load_predictions", "load_references", "match_predictions", "BUILTIN"]
+
+
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise DatasetError(f"{what} file {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON (line {exc.lineno}, col {exc.colno})") from exc
+
+
+def load_predictions(path: str | Path) -> dict:
+    """``{image_id: caption}`` from a COCO results list.
+
+    Raises DatasetError for a non-list, an entry without ``image_id``/``caption``, an empty
+    caption, or an image id given twice (the COCO toolkit would silently keep one).
+    """
+    path = Path(path)
+    data = _read_json(path, "predictions")
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: expected a JSON list of {{image_id, caption}} (COCO results)")
+    out: dict = {}
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict) or "image_id" not in entry or "caption" not in entry:
+            raise DatasetError(f"{path}: entry [{i}] needs 'image_id' and 'caption'")
+        iid, cap = entry["image_id"], entry["caption"]
+        if not isinstance(cap, str) or not cap.strip():
+            raise DatasetError(f"{path}: entry [{i}] (image_id {iid}) has an empty caption")
+        if iid in out:
+            raise DatasetError(f"{path}: image_id {iid} appears twice (entries must be unique)")
+        out[iid] = cap
+    if not out:
+        raise DatasetError(f"{path}: no predictions")
+    return out
+
+
+def _from_coco(data: dict, source: str) -> dict:
+    refs: dict = {}
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
+            raise DatasetError(f"{source}: annotations[{i}] needs 'image_id' and 'caption'")
+        refs.setdefault(ann["image_id"], []).append(ann["caption"])
+    return refs
+
+
+def load_references(spec: str | Path, split: str = "test") -> dict:
+    """``{image_id: [reference, ...]}`` from a Karpathy file (``split``), a COCO captions
+    file, or a built-in name (see module docstring). Raises DatasetError otherwise."""
+    if str(spec) in BUILTIN:
+        from benchmark.metrics import _pkg_dir
+
+        jar = _pkg_dir() / "spice" / "spice-1.0.jar"
+        with zipfile.ZipFile(jar) as z:
+            return _from_coco(json.loads(z.read(BUILTIN[str(spec)])), f"{jar}!{BUILTIN[str(spec)]}")
+    path = Path(spec)
+    data = _read_json(path, "references")
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        return _from_coco(data, str(path))
+    if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] and \
+            isinstance(data["images"][0], dict) and "sentences" in data["images"][0]:
+        return load_karpathy(path, check_images=False).references(split)
+    raise DatasetError(
+        f"{path}: references must be a Karpathy dataset.json (images[].sentences) or a COCO "
+        f"captions file (annotations[].image_id/caption); built-in: {', '.join(BUILTIN)}")
+
+
+def match_predictions(predictions: dict, references: dict, source: str) -> dict:
+    """Predictions re-keyed to the references' id type (``"42"`` matches ``42``).
+
+    Raises DatasetError naming the ids that have no references.
+    """
+    by_str = {str(k): k for k in references}
+    out, missing = {}, []
+    for iid, cap in predictions.items():
+        key = iid if iid in references else by_str.get(str(iid))
+        if key is None:
+            missing.append(iid)
+        else:
+            out[key] = cap
+    if missing:
+        raise DatasetError(f"{len(missing)} predicted image id(s) are not in the references "
+                           f"{source}, e.g. {missing[:5]}; check --references and --split")
+    return out
