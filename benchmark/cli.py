@@ -246,6 +246,133 @@ def doctor():
     console.print(t)
 
 
+@app.command()
+@_guard
+def matrix(
+    archs: Annotated[str | None, typer.Option(help="decoders, comma-separated (default: the config's matrix or all four)")] = None,
+    encoders: Annotated[str | None, typer.Option(help="encoders, comma-separated (default: the config's matrix or resnet50,vit_b16,clip_vit_b32)")] = None,
+    config: Annotated[str | None, typer.Option(help="preset or YAML; its optional `matrix:` section gives archs/encoders/seeds")] = None,
+    seeds: Annotated[str | None, typer.Option(help="seeds, e.g. 0,1,2")] = None,
+    dataset: Annotated[str | None, typer.Option(help="'shapes' or a Karpathy dataset.json")] = None,
+    epochs: Annotated[int | None, typer.Option(help="training epochs per cell")] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="pretrained encoder weights or a seeded random init")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps")] = None,
+    results_dir: Annotated[Path | None, typer.Option(help="where run records go")] = None,
+):
+    """Run every decoder x encoder (x seed) cell on one split; resumable; ends with the leaderboard."""
+    import yaml
+
+    from benchmark.config import load_config, resolve_config_path
+    from benchmark.matrix import run_matrix
+    from benchmark.records import load_records
+    from benchmark.report import leaderboard, render_rich
+
+    spec = {}
+    if config:
+        spec = (yaml.safe_load(resolve_config_path(config).read_text()) or {}).get("matrix") or {}
+    cfg = load_config(config, {"dataset": dataset, "train.epochs": epochs, "pretrained": pretrained,
+                               "device": device,
+                               "results_dir": str(results_dir) if results_dir else None})
+    arch_list = archs.split(",") if archs else spec.get("archs", ["rnn", "lstm", "attn_lstm", "transformer"])
+    enc_list = encoders.split(",") if encoders else spec.get("encoders", ["resnet50", "vit_b16", "clip_vit_b32"])
+    seed_list = _parse_seeds(seeds) if seeds else spec.get("seeds", [cfg.seed])
+    total = len(arch_list) * len(enc_list) * len(seed_list)
+    counter = {"n": 0}
+
+    def on_cell(cell):
+        counter["n"] += 1
+        colour = {"ok": "green", "done": "cyan", "failed": "red"}[cell.status]
+        extra = f"  {cell.error}" if cell.error else f"  {cell.seconds:.0f} s" if cell.seconds else ""
+        console.print(f"[bold]matrix {counter['n']}/{total}[/] {cell.arch} x {cell.encoder} seed "
+                      f"{cell.seed}: [{colour}]{cell.status}[/]{extra}", highlight=False)
+
+    result = run_matrix(cfg, arch_list, enc_list, seed_list, console, on_cell)
+    records, _ = load_records(cfg.results_dir)
+    ids = {c.run_id for c in result.cells if c.run_id}
+    render_rich(leaderboard([r for r in records if r["run_id"] in ids]), console)
+    failed = [c for c in result.cells if c.status == "failed"]
+    for enc, sec in result.feature_seconds.items():
+        console.print(f"features {enc}: {sec:.0f} s (once, shared by its decoders)")
+    console.print(f"matrix: {total} cells, {sum(c.status == 'ok' for c in result.cells)} run, "
+                  f"{sum(c.status == 'done' for c in result.cells)} already done, {len(failed)} failed; "
+                  f"wall {result.wall_seconds / 60:.1f} min")
+    if failed:
+        console.print(f"[red]failures recorded in {Path(cfg.results_dir) / 'failures'}[/]")
+        raise typer.Exit(1)
+
+
+@app.command()
+@_guard
+def bench(
+    arch: Annotated[str | None, typer.Option(help="decoder(s) to time on synthetic features, comma-separated, or 'all'")] = None,
+    encoder: Annotated[str | None, typer.Option(help="encoder(s) to time on random pixels, comma-separated, or 'all'")] = None,
+    grid_size: Annotated[int, typer.Option(help="grid tokens N (196 = 14x14)")] = 196,
+    grid_dim: Annotated[int, typer.Option(help="grid feature dim D")] = 2048,
+    pooled_dim: Annotated[int | None, typer.Option(help="pooled feature dim (default: grid_dim)")] = None,
+    vocab_size: Annotated[int, typer.Option(help="vocabulary size")] = 10000,
+    batch_size: Annotated[int, typer.Option(help="batch size")] = 32,
+    caption_len: Annotated[int, typer.Option(help="words per caption")] = 20,
+    embed_dim: Annotated[int, typer.Option(help="word embedding dim (d_model for transformer)")] = 512,
+    hidden_dim: Annotated[int, typer.Option(help="RNN hidden dim / transformer FFN dim")] = 512,
+    attention_dim: Annotated[int, typer.Option(help="soft-attention dim")] = 512,
+    num_layers: Annotated[int, typer.Option(help="decoder layers")] = 1,
+    num_heads: Annotated[int, typer.Option(help="transformer heads")] = 8,
+    beam_size: Annotated[int, typer.Option(help="beam size for the beam-K figure")] = 5,
+    iters: Annotated[int, typer.Option(help="timed iterations (median reported)")] = 5,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps")] = "auto",
+    format: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+    output: Annotated[Path | None, typer.Option(help="also write the rows as CSV here")] = None,
+):
+    """Time decoders on synthetic features and encoders on random pixels (defaults: the
+    Show-Attend-Tell setting: 196 x 2048 grid, 512-d, 10k words, batch 32, 20 words)."""
+    import json
+
+    import pandas as pd
+
+    from architectures import list_decoders, list_encoders
+    from benchmark.bench import DecoderWorkload, bench_decoder, bench_encoder
+    from benchmark.runner import select_device
+
+    if format not in ("table", "csv", "json"):
+        _fail(f"--format {format!r}: choose table, csv or json")
+    if not arch and not encoder:
+        _fail("give --arch and/or --encoder (a name, a comma-separated list, or 'all')")
+    dev = select_device(device)
+    w = DecoderWorkload(grid_size, grid_dim, pooled_dim or grid_dim, vocab_size, batch_size,
+                        caption_len, embed_dim, hidden_dim, attention_dim, num_layers, num_heads,
+                        beam_size)
+    rows = []
+    archs = list_decoders() if arch == "all" else [a for a in (arch or "").split(",") if a]
+    encs = [e for e in list_encoders() if e not in ("resnet18", "vit_tiny")] if encoder == "all" \
+        else [e for e in (encoder or "").split(",") if e]
+    for a in archs:
+        err.print(f"timing decoder {a} ...")
+        rows.append(bench_decoder(a, w, dev, iters=iters))
+    for e in encs:
+        err.print(f"timing encoder {e} ...")
+        rows.append(bench_encoder(e, dev, batch_size=min(batch_size, 16), iters=max(2, iters // 2)))
+    df = pd.DataFrame(rows)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(output, index=False)
+        err.print(f"wrote {output}")
+    if format == "json":
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+    elif format == "csv":
+        sys.stdout.write(df.to_csv(index=False))
+    else:
+        show = [c for c in df.columns if c in ("arch", "encoder", "params", "input", "grid")
+                or c.endswith("per_s") or c.startswith("latency") or "gflops" in c
+                or c.endswith("latency_ms_p50") or c == "peak_memory_mb"]
+        table = Table(title=f"capbench bench on {dev} (median of {iters}; workload: {w})")
+        for c in show:
+            table.add_column(c, justify="right")
+        for _, r in df[show].iterrows():
+            table.add_row(*("-" if pd.isna(v) else f"{v:,.1f}" if isinstance(v, float) else str(v)
+                            for v in r))
+        console.print(table)
+
+
 @app.command("list")
 @_guard
 def list_models(

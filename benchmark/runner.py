@@ -71,26 +71,36 @@ def resolve_dataset(spec: str) -> CaptionDataset:
     return load_karpathy(spec)
 
 
-def build_decoder(arch: str, vocab_size: int, encoder, hparams: dict):
-    """Build decoder ``arch`` for an encoder's feature dims, passing only the hyperparameters
-    the decoder takes. Returns ``(decoder, resolved hyperparameters incl. defaults)``.
+KNOWN_HPARAMS = {"embed_dim", "hidden_dim", "attention_dim", "num_layers", "num_heads", "dropout",
+                 "max_len", "attention_regularization"}
 
-    Raises ConfigError for a hyperparameter no decoder of that name accepts.
+
+def resolve_decoder_hparams(arch: str, hparams: dict, *, strict: bool = True) -> dict:
+    """The hyperparameters decoder ``arch`` takes, with its defaults filled in.
+
+    Standard names it does not take (e.g. ``num_heads`` for an LSTM) are dropped, so one
+    config serves every decoder; with ``strict``, names no decoder knows raise ConfigError.
     """
     entry = get_entry("decoder", arch)
-    sig = inspect.signature(entry.fn)
     fixed = {"vocab_size", "grid_dim", "pooled_dim"}
-    accepted = {k: p.default for k, p in sig.parameters.items() if k not in fixed}
-    known = {"embed_dim", "hidden_dim", "attention_dim", "num_layers", "num_heads", "dropout",
-             "max_len", "attention_regularization"}
-    unknown = set(hparams) - known - set(accepted)
-    if unknown:
+    accepted = {k: p.default for k, p in inspect.signature(entry.fn).parameters.items()
+                if k not in fixed}
+    unknown = set(hparams) - KNOWN_HPARAMS - set(accepted)
+    if unknown and strict:
         raise ConfigError(f"decoder hyperparameter(s) {sorted(unknown)} unknown; "
                           f"{entry.name} takes {sorted(accepted)}")
-    kwargs = {k: v for k, v in hparams.items() if k in accepted}
-    decoder = entry.fn(vocab_size=vocab_size, grid_dim=encoder.grid_dim,
-                       pooled_dim=encoder.pooled_dim, **kwargs)
-    resolved = {**accepted, **kwargs}
+    return {**accepted, **{k: v for k, v in hparams.items() if k in accepted}}
+
+
+def build_decoder(arch: str, vocab_size: int, encoder, hparams: dict):
+    """Build decoder ``arch`` for an encoder's feature dims (``grid_dim``/``pooled_dim``).
+
+    Returns ``(decoder, resolved hyperparameters incl. defaults)``; raises ConfigError for a
+    hyperparameter no decoder accepts.
+    """
+    resolved = resolve_decoder_hparams(arch, hparams)
+    decoder = get_entry("decoder", arch).fn(vocab_size=vocab_size, grid_dim=encoder.grid_dim,
+                                            pooled_dim=encoder.pooled_dim, **resolved)
     return decoder, resolved
 
 
@@ -115,6 +125,15 @@ def prepare_features(cfg: RunConfig, dataset: CaptionDataset, device, console=No
                     info="cache hit" if store.cache_hit
                     else f"{store.extraction_images_per_s:.1f} img/s")
     return encoder, store
+
+
+def resolved_config(cfg: RunConfig) -> dict:
+    """The config as stored in a record: canonical model names, decoder defaults filled in."""
+    out = config_to_dict(cfg)
+    out["arch"] = get_entry("decoder", cfg.arch).name
+    out["encoder"] = get_entry("encoder", cfg.encoder).name
+    out["decoder"] = resolve_decoder_hparams(out["arch"], cfg.decoder)
+    return out
 
 
 def config_id(resolved: dict) -> str:
@@ -191,8 +210,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
         save_file({k: v.cpu().contiguous() for k, v in feature_stats.items()},
                   ckpt / "feature_stats.safetensors")
     vocab.save(ckpt / "vocab.json")
-    resolved = config_to_dict(cfg)
-    resolved["decoder"] = hparams
+    resolved = resolved_config(cfg)
     (ckpt / "config.json").write_text(json.dumps(resolved, indent=1))
     by_id = {im.image_id: im for im in test}
     per_image = {"image_ids": scores.image_ids, **scores.per_image, "bleu_stats": scores.bleu_stats}

@@ -1,0 +1,180 @@
+"""Throughput protocol: warm-up, device synchronisation, median and spread of repeated timings.
+
+Used by ``capbench bench`` on synthetic inputs, so any workload can be timed without data:
+a decoder on random features of a given grid (e.g. the Show-Attend-Tell paper's 196 x 2048
+grid, 512-d attention/embedding/LSTM, 10k words, batch 32, 20 words) or an encoder on random
+pixels. Figures (units in the keys):
+
+* ``train_samples_per_s`` / ``train_tokens_per_s``: one teacher-forced step (forward, masked
+  cross-entropy, backward, AdamW update) per iteration;
+* ``beam1_captions_per_s`` / ``beamK_captions_per_s``: batched decoding of ``caption_len``
+  words (``<eos>`` suppressed so every run decodes the full length and timings compare);
+* ``latency_ms_p50`` / ``latency_ms_p95``: greedy captioning of one image (batch 1);
+* ``encoder_images_per_s``, ``encoder_gflops_per_image`` (torch's FlopCounterMode, 1 multiply-
+  add = 2 FLOPs) and ``encoder_latency_ms_p50``;
+* ``peak_memory_mb``: CUDA max allocated, or the process peak RSS on CPU; ``params``.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from architectures import create_encoder
+from benchmark.decoding import beam_search, greedy_decode
+from benchmark.inference import synchronize
+from benchmark.train import caption_loss
+
+__all__ = ["DecoderWorkload", "time_fn", "bench_decoder", "bench_encoder"]
+
+
+@dataclass
+class DecoderWorkload:
+    """Every dimension of a decoder benchmark (defaults: Show-Attend-Tell, Xu et al. 2015)."""
+
+    grid_size: int = 196
+    grid_dim: int = 2048
+    pooled_dim: int = 2048
+    vocab_size: int = 10000
+    batch_size: int = 32
+    caption_len: int = 20
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    attention_dim: int = 512
+    num_layers: int = 1
+    num_heads: int = 8
+    beam_size: int = 5
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2,
+            iters: int = 5) -> dict[str, float]:
+    """Seconds per call of ``fn``: median, p05/p95 and IQR over ``iters`` synchronised runs."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    q = statistics.quantiles(times, n=20) if len(times) > 1 else [times[0]] * 19
+    quart = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median": statistics.median(times), "p05": q[0], "p95": q[-1],
+            "iqr": quart[2] - quart[0], "n": len(times)}
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _decoder_kwargs(arch: str, w: DecoderWorkload) -> dict:
+    from benchmark.runner import resolve_decoder_hparams
+
+    wanted = {"embed_dim": w.embed_dim, "hidden_dim": w.hidden_dim,
+              "attention_dim": w.attention_dim, "num_layers": w.num_layers,
+              "num_heads": w.num_heads, "dropout": 0.0}
+    if arch == "transformer":
+        wanted["max_len"] = max(64, w.caption_len + 2)
+    return resolve_decoder_hparams(arch, wanted, strict=False)
+
+
+def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters: int = 5,
+                  warmup: int = 2, amp: bool | None = None) -> dict:
+    """Time training steps, beam-1/beam-K decoding and batch-1 latency of decoder ``arch``."""
+    from architectures import create_decoder
+
+    torch.manual_seed(0)
+    use_amp = device.type == "cuda" if amp is None else amp
+    dec = create_decoder(arch, vocab_size=w.vocab_size, grid_dim=w.grid_dim,
+                         pooled_dim=w.pooled_dim, **_decoder_kwargs(arch, w)).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    B, T = w.batch_size, w.caption_len + 1
+    grid = torch.randn(B, w.grid_size, w.grid_dim, generator=g).to(device)
+    pooled = torch.randn(B, w.pooled_dim, generator=g).to(device)
+    tokens = torch.randint(4, w.vocab_size, (B, T), generator=g).to(device)
+    tokens[:, 0] = 1
+    targets = torch.randint(4, w.vocab_size, (B, T), generator=g).to(device)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+    lengths[0] = T
+    pad = torch.arange(T)[None] >= lengths[:, None]
+    targets[pad.to(device)] = 0
+    lengths = lengths.to(device)
+    opt = torch.optim.AdamW(dec.parameters(), lr=1e-4)
+
+    def train_step():
+        dec.train()
+        with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+            out = dec(grid, pooled, tokens, lengths)
+        loss = caption_loss(out, targets, 0, dec.attention_regularization)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t_train = time_fn(train_step, device, warmup=warmup, iters=iters)
+    dec.eval()
+    with torch.no_grad():
+        dec.fc.bias[2] = -1e9  # suppress <eos>: decode the full caption_len every time
+    n_tok = int(lengths.sum())
+    ctx = dict(max_len=w.caption_len)
+
+    def run_decode(beam):
+        with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+            if beam == 1:
+                return greedy_decode(dec, grid, pooled, **ctx)
+            return beam_search(dec, grid, pooled, beam_size=beam, **ctx)
+
+    t_b1 = time_fn(lambda: run_decode(1), device, warmup=1, iters=iters)
+    t_bk = time_fn(lambda: run_decode(w.beam_size), device, warmup=1, iters=iters)
+    lat = time_fn(lambda: greedy_decode(dec, grid[:1], pooled[:1], **ctx), device,
+                  warmup=2, iters=max(iters * 4, 20))
+    return {
+        "arch": arch, "device": str(device), "amp_bf16": use_amp, **asdict(w),
+        "params": sum(p.numel() for p in dec.parameters()),
+        "train_samples_per_s": B / t_train["median"],
+        "train_tokens_per_s": n_tok / t_train["median"],
+        "train_step_ms_iqr": 1000 * t_train["iqr"],
+        "beam1_captions_per_s": B / t_b1["median"],
+        f"beam{w.beam_size}_captions_per_s": B / t_bk["median"],
+        "latency_ms_p50": 1000 * lat["median"], "latency_ms_p95": 1000 * lat["p95"],
+        "peak_memory_mb": _peak_mb(device), "iters": iters,
+    }
+
+
+def bench_encoder(name: str, device: torch.device, *, batch_size: int = 16, iters: int = 3,
+                  warmup: int = 1) -> dict:
+    """Forward images/s on random pixels, GFLOPs per image and batch-1 latency of an encoder."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    enc = create_encoder(name, pretrained=False).to(device).eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    shape = enc.input_size()
+    x = torch.randn(batch_size, *shape, device=device)
+    with FlopCounterMode(display=False) as counter:
+        enc(x[:1])
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+
+    def fwd(inp):
+        with torch.inference_mode(), amp:
+            enc(inp)
+
+    t = time_fn(lambda: fwd(x), device, warmup=warmup, iters=iters)
+    lat = time_fn(lambda: fwd(x[:1]), device, warmup=warmup, iters=max(iters * 3, 10))
+    return {"encoder": enc.name, "device": str(device), "batch_size": batch_size,
+            "input": "x".join(map(str, shape)), "grid": f"{enc.grid_size}x{enc.grid_dim}",
+            "params": sum(p.numel() for p in enc.parameters()),
+            "encoder_gflops_per_image": counter.get_total_flops() / 1e9,
+            "encoder_images_per_s": batch_size / t["median"],
+            "encoder_latency_ms_p50": 1000 * lat["median"],
+            "peak_memory_mb": _peak_mb(device), "iters": iters}
