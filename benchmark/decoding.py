@@ -106,7 +106,7 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
         seqs = torch.cat([seqs.gather(1, beam.unsqueeze(-1).expand(-1, -1, seqs.shape[2])),
                           word.unsqueeze(-1)], dim=2)
         finished = finished | (word == eos_id)
-        state = decoder.select_state(state, (base + beam).view(-1))
+        state = decoder.select_state(state, (base + beam).view(-1), within_image=True)
         tokens = word.view(-1)
         if bool(finished.all()):
             break

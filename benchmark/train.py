@@ -100,6 +100,8 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
     rows, caps = caption_pairs(train_images, store)
     if len(rows) == 0:
         raise ValueError("the train split has no captions")
+    # Encode every training caption once; a batch is then a row gather, not Python work.
+    all_inputs, all_targets, all_lengths = vocab.batch(caps, cfg.max_caption_len)
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -124,9 +126,10 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
             synchronize(device)
             t0 = time.perf_counter()
             grid, pooled = store.rows(rows[idx], device)
-            inputs, targets, lengths = vocab.batch([caps[i] for i in idx.tolist()],
-                                                   cfg.max_caption_len)
-            inputs, targets = inputs.to(device), targets.to(device)
+            lengths = all_lengths[idx]
+            T = int(lengths.max())
+            inputs = all_inputs[idx, :T].to(device, non_blocking=True)
+            targets = all_targets[idx, :T].to(device, non_blocking=True)
             with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
                 out = decoder(grid, pooled, inputs, lengths.to(device))
             loss = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,

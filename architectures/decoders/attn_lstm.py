@@ -37,6 +37,8 @@ class AdditiveAttention(nn.Module):
 class ShowAttendTellDecoder(CaptionDecoder):
     """Soft-attention LSTM with gate beta and doubly stochastic regularisation (Xu et al. 2015)."""
 
+    static_state = ("grid", "grid_proj")
+
     def __init__(
         self,
         vocab_size: int,
@@ -91,24 +93,25 @@ class ShowAttendTellDecoder(CaptionDecoder):
 
     def forward(self, grid, pooled, tokens, lengths) -> DecoderOutput:
         # Sort by length so that step t only runs the rows still inside their caption: padded
-        # positions cost no compute (as in sgrvinod's Show-Attend-Tell tutorial).
+        # positions cost no compute (as in sgrvinod's Show-Attend-Tell tutorial). Rows that
+        # finished never come back, so the state simply shrinks to the first bt rows.
         lengths, order = lengths.sort(descending=True)
         grid, tokens = grid[order], tokens[order]
         B, T = tokens.shape
         state = self.init_state(grid, pooled[order])
         emb = self.dropout(self.embed(tokens))
-        logits = grid.new_zeros(B, T, self.vocab_size)
+        hidden = grid.new_zeros(B, T, self.hidden_dim)
         alphas = grid.new_zeros(B, T, grid.shape[1])
-        active_per_step = (lengths.unsqueeze(0) > torch.arange(T, device=lengths.device)[:, None])
-        counts = active_per_step.sum(1).tolist()
-        for t in range(int(lengths.max())):
-            bt = counts[t]
-            sub = {k: v[:bt] for k, v in state.items()}
-            out, alpha, h, c = self._cell(emb[:bt, t], sub)
-            state["h"] = torch.cat([h, state["h"][bt:]]) if bt < B else h
-            state["c"] = torch.cat([c, state["c"][bt:]]) if bt < B else c
-            logits[:bt, t] = self.fc(self.dropout(out))
+        counts = (lengths.unsqueeze(0) > torch.arange(T, device=lengths.device)[:, None]).sum(1)
+        for t, bt in enumerate(counts.tolist()):
+            if bt == 0:
+                break
+            if bt < state["h"].shape[0]:
+                state = {k: v[:bt] for k, v in state.items()}
+            out, alpha, state["h"], state["c"] = self._cell(emb[:bt, t], state)
+            hidden[:bt, t] = out
             alphas[:bt, t] = alpha
+        logits = self.fc(self.dropout(hidden))  # one vocabulary projection for all steps
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(B, device=order.device)
         return DecoderOutput(logits[inverse], alphas[inverse])

@@ -42,6 +42,10 @@ class CaptionDecoder(nn.Module):
     """
 
     attention_regularization: float = 0.0
+    #: State entries that are constant for an image (e.g. its projected grid). Beam search
+    #: expands them once per beam and never reorders them: beams only move within an image,
+    #: whose rows are identical, so copying them at every step would be wasted work.
+    static_state: tuple[str, ...] = ()
 
     def __init__(self, vocab_size: int, grid_dim: int, pooled_dim: int) -> None:
         super().__init__()
@@ -60,10 +64,14 @@ class CaptionDecoder(nn.Module):
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
-    @staticmethod
-    def select_state(state: State, index: torch.Tensor) -> State:
-        """Rows ``index`` (1-D int64) of every state tensor: beam expansion and reordering."""
-        return {k: v.index_select(0, index) for k, v in state.items()}
+    def select_state(self, state: State, index: torch.Tensor, *, within_image: bool = False) -> State:
+        """Rows ``index`` (1-D int64) of every state tensor: beam expansion and reordering.
+
+        With ``within_image`` (``index`` only permutes rows of the same image, as beam
+        reordering does) the :attr:`static_state` entries are passed through uncopied.
+        """
+        skip = self.static_state if within_image else ()
+        return {k: v if k in skip else v.index_select(0, index) for k, v in state.items()}
 
     def num_parameters(self) -> int:
         """Number of trainable parameters."""

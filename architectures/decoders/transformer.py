@@ -114,6 +114,7 @@ class TransformerDecoder(CaptionDecoder):
         self.fc = nn.Linear(embed_dim, vocab_size)
         self.scale = math.sqrt(embed_dim)
         self.max_len = max_len
+        self.static_state = tuple(f"mem_{kv}{i}" for i in range(num_layers) for kv in "kv")
 
     def _embed(self, tokens, start: int | torch.Tensor = 0):
         T = tokens.shape[1]
