@@ -22,6 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check architectures benchmark tests
 	$(BIN)/python -m pytest -q
+	$(BIN)/capbench check --baseline results/baselines/tiny.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check architectures benchmark tests

@@ -72,8 +72,9 @@ def run(
         "results_dir": str(results_dir) if results_dir else None,
     })
     seed_list = _parse_seeds(seeds) if seeds else [cfg.seed]
-    from benchmark.runner import prepare_features, resolve_dataset, select_device
+    from benchmark.runner import prepare_features, resolve_dataset, resolved_config, select_device
 
+    resolved_config(cfg)  # names and hyperparameters are checked before any work starts
     dataset = resolve_dataset(cfg.dataset)
     prepared = prepare_features(cfg, dataset, select_device(cfg.device), console)
     for s in seed_list:
@@ -114,8 +115,12 @@ def report(
     format: Annotated[str, typer.Option("--format", help="table, markdown, csv or json")] = "table",
     output: Annotated[Path | None, typer.Option(help="write to this file instead of the terminal")] = None,
     aggregate: Annotated[bool, typer.Option(help="fold runs that differ only in seed into mean ± std rows")] = False,
+    plot: Annotated[Path | None, typer.Option(help="write PNG plots here (quality vs throughput with Pareto front, per-metric bars)")] = None,
+    leaderboard_file: Annotated[bool, typer.Option("--leaderboard-file/--no-leaderboard-file", help="also write <results-dir>/LEADERBOARD.md")] = True,
 ):
-    """Show every run as a leaderboard grouped by dataset and split fingerprint."""
+    """Show every run as a leaderboard grouped by dataset and split fingerprint.
+
+    Also writes <results-dir>/LEADERBOARD.md (markdown) unless --no-leaderboard-file."""
     from benchmark.records import load_records
     from benchmark.report import aggregate_seeds, leaderboard, render, render_rich
 
@@ -125,8 +130,17 @@ def report(
     for p in problems:
         err.print(f"[yellow]skipped:[/] {p}", highlight=False)
     df = leaderboard(records)
+    if plot is not None and not df.empty:
+        from benchmark.plots import write_plots
+
+        for p in write_plots(df, plot):
+            err.print(f"wrote {p}")
     if aggregate:
         df = aggregate_seeds(df)
+    if leaderboard_file and not df.empty:
+        board = Path(results_dir) / "LEADERBOARD.md"
+        board.write_text("# capbench leaderboard\n\nMade by `capbench report` from the run records "
+                         f"in `{results_dir}/runs`.\n\n" + render(df, "markdown"))
     if format == "table" and output is None:
         render_rich(df, console)
         return
@@ -298,6 +312,54 @@ def matrix(
                   f"wall {result.wall_seconds / 60:.1f} min")
     if failed:
         console.print(f"[red]failures recorded in {Path(cfg.results_dir) / 'failures'}[/]")
+        raise typer.Exit(1)
+
+
+@app.command()
+@_guard
+def check(
+    baseline: Annotated[Path, typer.Option(help="baseline JSON to compare with")] = Path("results/baselines/tiny.json"),
+    update: Annotated[bool, typer.Option(help="write the measured figures as the new baseline instead of comparing")] = False,
+    preset: Annotated[str, typer.Option(help="preset the cells run (when updating)")] = "tiny",
+):
+    """Regression check: run the tiny preset per decoder (and a few encoders) and compare with
+    the baseline. Metrics below baseline - tolerance fail; throughput changes are only printed."""
+    from benchmark.check import DEFAULT_CELLS, compare_to_baseline, load_baseline, run_cells, write_baseline
+
+    t0 = __import__("time").perf_counter()
+    if update:
+        records = run_cells(preset, DEFAULT_CELLS, None)
+        write_baseline(baseline, preset, records)
+        console.print(f"wrote baseline {baseline} ({len(records)} cells)")
+        return
+    base = load_baseline(baseline)
+    cells = [tuple(k.split("/")) for k in base["cells"]]
+    records = run_cells(base["preset"], cells, None)
+    now_fp = next(iter(records.values()))["dataset"]["split_fingerprint"]
+    if now_fp != base.get("split_fingerprint"):
+        _fail(f"the {base['preset']} dataset's split fingerprint changed ({base.get('split_fingerprint')} "
+              f"-> {now_fp}); regenerate the baseline with --update")
+    rows = compare_to_baseline(base, records)
+    table = Table(title=f"capbench check vs {baseline}")
+    for c in ("cell", "figure", "baseline", "now", "tolerance", "status"):
+        table.add_column(c, justify="right" if c in ("baseline", "now", "tolerance") else "left")
+    colours = {"ok": "green", "FAIL": "bold red", "slower": "yellow", "faster": "cyan"}
+    for r in rows:
+        fmt = (lambda v: "-" if v is None else f"{v:.4f}") if "per_s" not in r.name else \
+            (lambda v: "-" if v is None else f"{v:,.1f}")
+        table.add_row(r.cell, r.name, fmt(r.baseline), fmt(r.now),
+                      "-" if r.tolerance is None else f"{r.tolerance:.3f}",
+                      f"[{colours.get(r.status, 'white')}]{r.status}[/]")
+    console.print(table)
+    failed = [r for r in rows if r.status == "FAIL"]
+    slower = [r for r in rows if r.status == "slower"]
+    console.print(f"check: {len(records)} cells in {__import__('time').perf_counter() - t0:.0f} s; "
+                  f"{len(failed)} metric regression(s); {len(slower)} throughput figure(s) >30% "
+                  "slower (printed only: CI machines are noisy)")
+    if failed:
+        for r in failed:
+            err.print(f"[red]regression:[/] {r.cell} {r.name} {r.now:.4f} < baseline {r.baseline:.4f} "
+                      f"- tolerance {r.tolerance:.3f}", highlight=False)
         raise typer.Exit(1)
 
 

@@ -46,10 +46,13 @@ class TrainConfig:
 @dataclass
 class FeatureConfig:
     """Feature extraction: batch size, DataLoader workers (None = auto), cache folder, and
-    ``normalize``: z-score each channel with train-split statistics before the decoder."""
+    ``normalize``: z-score each channel with train-split statistics before the decoder;
+    ``throughput_images``: test images re-encoded from pixels to time end-to-end inference
+    (0 = all; a sample keeps the matrix fast, captions still come from every test image)."""
 
     batch_size: int = 32
     normalize: bool = True
+    throughput_images: int = 64
     num_workers: int | None = None
     cache_dir: str | None = None
 

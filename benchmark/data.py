@@ -141,7 +141,10 @@ def load_karpathy(path: str | Path, *, check_images: bool = True) -> CaptionData
             f"{path}: {len(missing)} image file(s) not found, e.g.\n  {shown}\n"
             "Paths are <dataset.json folder>/<filepath>/<filename>."
         )
-    ds = CaptionDataset(data.get("dataset", root.name), path, images)
+    name = str(data.get("dataset") or root.name)
+    if root.name.lower().startswith(name.lower()):  # e.g. "coco" in folder "coco-mini"
+        name = root.name
+    ds = CaptionDataset(name, path, images)
     for s in SPLITS:
         if not ds.split(s):
             raise DatasetError(f"{path}: split {s!r} has no images; train, val and test are needed")

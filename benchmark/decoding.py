@@ -22,7 +22,8 @@ class DecodeConfig:
     ``beam_size`` 1 is greedy. ``length_penalty`` is GNMT's alpha (Wu et al. 2016):
     beams are ranked by ``logprob / ((5 + len) / 6) ** alpha``; 0 ranks by raw log-probability.
     ``strategy`` "sample" draws with ``temperature``, ``top_k`` and ``top_p`` (nucleus,
-    Holtzman et al. 2020) instead.
+    Holtzman et al. 2020) instead. ``suppress_unk`` never emits ``<unk>`` (as most captioning
+    codebases do: an ``<unk>`` in a caption only scores as junk tokens).
     """
 
     beam_size: int = 1
@@ -32,18 +33,23 @@ class DecodeConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    suppress_unk: bool = True
     batch_size: int = 64
 
 
-def _forbid(logp: torch.Tensor, pad_id: int, bos_id: int) -> torch.Tensor:
-    logp[..., pad_id] = float("-inf")
-    logp[..., bos_id] = float("-inf")
+def _forbid(logp: torch.Tensor, pad_id: int, bos_id: int, unk_id: int | None = None) -> torch.Tensor:
+    """Tokens never generated: ``<pad>``, ``<bos>`` and (if given) ``<unk>``."""
+    for i in (pad_id, bos_id) if unk_id is None else (pad_id, bos_id, unk_id):
+        logp[..., i] = float("-inf")
     return logp
 
 
-@torch.inference_mode()
-def greedy_decode(decoder, grid, pooled, *, bos_id=1, eos_id=2, pad_id=0, max_len=20):
-    """Arg-max decoding: ``grid (B, N, D)``, ``pooled (B, P)`` -> B lists of word ids."""
+def _autoregressive(decoder, grid, pooled, pick, *, bos_id, eos_id, pad_id, max_len, unk_id=None):
+    """Shared loop of greedy decoding and sampling: ``pick(logits (B, V)) -> tokens (B,)``.
+
+    ``<pad>``/``<bos>`` logits are set to -inf before ``pick``; finished rows keep emitting
+    ``<eos>``; every row is closed with ``<eos>`` after ``max_len`` words.
+    """
     B = grid.shape[0]
     state = decoder.init_state(grid, pooled)
     tokens = torch.full((B,), bos_id, dtype=torch.long, device=grid.device)
@@ -51,11 +57,10 @@ def greedy_decode(decoder, grid, pooled, *, bos_id=1, eos_id=2, pad_id=0, max_le
     out = []
     for t in range(max_len + 1):
         logits, state = decoder.step(tokens, state)
-        logp = _forbid(torch.log_softmax(logits.float(), -1), pad_id, bos_id)
         if t == max_len:
             tokens = torch.full_like(tokens, eos_id)
         else:
-            tokens = logp.argmax(-1)
+            tokens = pick(_forbid(logits.float(), pad_id, bos_id, unk_id))
         tokens = torch.where(done, torch.full_like(tokens, eos_id), tokens)
         out.append(tokens)
         done |= tokens == eos_id
@@ -66,8 +71,17 @@ def greedy_decode(decoder, grid, pooled, *, bos_id=1, eos_id=2, pad_id=0, max_le
 
 
 @torch.inference_mode()
+def greedy_decode(decoder, grid, pooled, *, bos_id=1, eos_id=2, pad_id=0, max_len=20,
+                  unk_id=None):
+    """Arg-max decoding: ``grid (B, N, D)``, ``pooled (B, P)`` -> B lists of word ids."""
+    return _autoregressive(decoder, grid, pooled, lambda logits: logits.argmax(-1),
+                           bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_len=max_len,
+                           unk_id=unk_id)
+
+
+@torch.inference_mode()
 def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalty=0.0,
-                bos_id=1, eos_id=2, pad_id=0, return_scores=False):
+                bos_id=1, eos_id=2, pad_id=0, unk_id=None, return_scores=False):
     """Batched beam search: all B images x K beams advance in one ``step`` call per word.
 
     Each image's beams only compete among themselves, so an image's result does not depend on
@@ -90,7 +104,7 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
     for t in range(max_len + 1):
         logits, state = decoder.step(tokens, state)
         V = logits.shape[-1]
-        logp = _forbid(torch.log_softmax(logits.float(), -1), pad_id, bos_id).view(B, K, V)
+        logp = _forbid(torch.log_softmax(logits.float(), -1), pad_id, bos_id, unk_id).view(B, K, V)
         if t == max_len:  # close every open beam
             eos = logp[..., eos_id].clone()
             logp = torch.full_like(logp, float("-inf"))
@@ -125,41 +139,31 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
 
 @torch.inference_mode()
 def sample_decode(decoder, grid, pooled, *, temperature=1.0, top_k=0, top_p=1.0, max_len=20,
-                  bos_id=1, eos_id=2, pad_id=0, generator: torch.Generator | None = None):
+                  bos_id=1, eos_id=2, pad_id=0, unk_id=None,
+                  generator: torch.Generator | None = None):
     """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering."""
-    B = grid.shape[0]
-    state = decoder.init_state(grid, pooled)
-    tokens = torch.full((B,), bos_id, dtype=torch.long, device=grid.device)
-    done = torch.zeros(B, dtype=torch.bool, device=grid.device)
-    out = []
-    for t in range(max_len + 1):
-        logits, state = decoder.step(tokens, state)
-        logits = _forbid(logits.float() / max(temperature, 1e-6), pad_id, bos_id)
+
+    def pick(logits):
+        logits = logits / max(temperature, 1e-6)
         if top_k > 0:
             kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if top_p < 1.0:
             sorted_logits, idx = logits.sort(-1, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses p
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs > top_p  # keep the token that crosses p
             logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = logits.softmax(-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        if t == max_len:
-            tokens = torch.full_like(tokens, eos_id)
-        tokens = torch.where(done, torch.full_like(tokens, eos_id), tokens)
-        out.append(tokens)
-        done |= tokens == eos_id
-        if bool(done.all()):
-            break
-    seqs = torch.stack(out, 1).tolist()
-    return [s[: s.index(eos_id)] if eos_id in s else s for s in seqs]
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+    return _autoregressive(decoder, grid, pooled, pick, bos_id=bos_id, eos_id=eos_id,
+                           pad_id=pad_id, max_len=max_len, unk_id=unk_id)
 
 
-def decode(decoder, grid, pooled, cfg: DecodeConfig, *, bos_id=1, eos_id=2, pad_id=0,
+def decode(decoder, grid, pooled, cfg: DecodeConfig, *, bos_id=1, eos_id=2, pad_id=0, unk_id=3,
            generator=None):
     """Dispatch on ``cfg``: greedy (beam 1), beam search, or sampling."""
-    ids = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_len=cfg.max_len)
+    ids = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_len=cfg.max_len,
+               unk_id=unk_id if cfg.suppress_unk else None)
     if cfg.strategy == "sample":
         return sample_decode(decoder, grid, pooled, temperature=cfg.temperature,
                              top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, **ids)

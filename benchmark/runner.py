@@ -65,9 +65,15 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_dataset(spec: str) -> CaptionDataset:
-    """``shapes`` (the embedded set, generated on first use) or a Karpathy JSON/folder path."""
-    if spec == "shapes":
-        return load_karpathy(default_shapes_path())
+    """``shapes`` / ``shapes:N`` (the embedded set of 600 or N images, generated on first use)
+    or a Karpathy JSON/folder path."""
+    if spec == "shapes" or spec.startswith("shapes:"):
+        n = spec.partition(":")[2]
+        if n and not n.isdigit():
+            raise ConfigError(f"dataset {spec!r}: use shapes or shapes:N with N images (>= 10)")
+        if n and int(n) < 10:
+            raise ConfigError(f"dataset {spec!r}: shapes needs at least 10 images")
+        return load_karpathy(default_shapes_path(int(n) if n else 600))
     return load_karpathy(spec)
 
 
@@ -79,9 +85,18 @@ def resolve_decoder_hparams(arch: str, hparams: dict, *, strict: bool = True) ->
     """The hyperparameters decoder ``arch`` takes, with its defaults filled in.
 
     Standard names it does not take (e.g. ``num_heads`` for an LSTM) are dropped, so one
-    config serves every decoder; with ``strict``, names no decoder knows raise ConfigError.
+    config serves every decoder; a nested mapping under a decoder's name (``transformer:
+    {num_layers: 3}``) applies to that decoder only. With ``strict``, names no decoder knows
+    raise ConfigError.
     """
+    from architectures import list_decoders
+
     entry = get_entry("decoder", arch)
+    names = set(list_decoders())
+    per_arch = hparams.get(entry.name) or {}
+    if not isinstance(per_arch, dict):
+        raise ConfigError(f"decoder.{entry.name} should be a mapping of hyperparameters")
+    hparams = {**{k: v for k, v in hparams.items() if k not in names}, **per_arch}
     fixed = {"vocab_size", "grid_dim", "pooled_dim"}
     accepted = {k: p.default for k, p in inspect.signature(entry.fn).parameters.items()
                 if k not in fixed}
@@ -143,6 +158,15 @@ def config_id(resolved: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def _parameter_counts(encoder, decoder) -> dict:
+    enc_total = sum(p.numel() for p in encoder.parameters())
+    enc_train = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    dec_total = sum(p.numel() for p in decoder.parameters())
+    return {"decoder_trainable": decoder.num_parameters(), "decoder_total": dec_total,
+            "encoder_total": enc_total, "encoder_trainable": enc_train,
+            "trainable": decoder.num_parameters() + enc_train, "total": dec_total + enc_total}
+
+
 def _peak_memory(device) -> dict:
     if device.type == "cuda":
         return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}
@@ -198,7 +222,8 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     predictions, captions_per_s = caption_features(decoder, store, test, vocab, cfg.decode, device)
     refs = dataset.references("test")
     scores = score_captions(predictions, refs)
-    _, images_per_s = caption_pixels(encoder, decoder, test, vocab, cfg.decode, device,
+    sample = test[: cfg.features.throughput_images] if cfg.features.throughput_images else test
+    _, images_per_s = caption_pixels(encoder, decoder, sample, vocab, cfg.decode, device,
                                      batch_size=cfg.features.batch_size,
                                      num_workers=cfg.features.num_workers,
                                      stats=store.stats)
@@ -252,10 +277,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
             "beam_size": cfg.decode.beam_size,
         },
         "peak_memory": _peak_memory(device),
-        "parameters": {"decoder_trainable": decoder.num_parameters(),
-                       "encoder_total": sum(p.numel() for p in encoder.parameters()),
-                       "encoder_trainable": sum(p.numel() for p in encoder.parameters()
-                                                if p.requires_grad)},
+        "parameters": _parameter_counts(encoder, decoder),
         "checkpoint": str(ckpt),
         "wall_seconds": time.perf_counter() - t_start,
         "predictions": [{"image_id": i, "filename": by_id[i].filename, "caption": c}

@@ -62,7 +62,7 @@ def test_report_formats(tiny_run, tmp_path):
     rows = json.loads(out)
     assert rows[0]["run_id"] == rec["run_id"] and rows[0]["CIDEr"] == pytest.approx(rec["metrics"]["CIDEr"])
     csv = _run("report", "--results-dir", str(results), "--format", "csv").output
-    assert csv.splitlines()[0].startswith("dataset,split,run_id,arch,encoder")
+    assert csv.splitlines()[0].startswith("dataset,split,run_id,config_id,arch,encoder")
     md_path = tmp_path / "board.md"
     _run("report", "--results-dir", str(results), "--format", "markdown", "--output", str(md_path))
     md = md_path.read_text()

@@ -98,3 +98,16 @@ def test_sampling_respects_top_k_and_seed():
     c = sample_decode(dec, grid, pooled, temperature=1.5, top_p=0.9, max_len=6,
                       generator=torch.Generator().manual_seed(0))
     assert b == c
+
+
+def test_unk_is_suppressed_on_request():
+    dec = _model("rnn")
+    with torch.no_grad():
+        dec.fc.bias.zero_()
+        dec.fc.bias[3] = 50.0  # <unk> dominates every step
+    grid, pooled = _features(2)
+    assert all(3 in s for s in greedy_decode(dec, grid, pooled, max_len=4))
+    for out in (greedy_decode(dec, grid, pooled, max_len=4, unk_id=3),
+                beam_search(dec, grid, pooled, beam_size=3, max_len=4, unk_id=3),
+                sample_decode(dec, grid, pooled, max_len=4, unk_id=3)):
+        assert all(3 not in s for s in out)

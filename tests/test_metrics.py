@@ -82,3 +82,36 @@ def test_coco_references_ship_inside_the_spice_jar():
     with zipfile.ZipFile(jar) as z:
         data = json.loads(z.read("coco/annotations/captions_val2014.json"))
     assert len(data["images"]) == 40504
+
+
+def test_spice_invocation_and_parsing(monkeypatch, tmp_path):
+    """SPICE itself needs CoreNLP jars that cannot be fetched here; check our side of it."""
+    import subprocess
+
+    for jar in metrics.CORENLP_JARS:
+        (tmp_path / jar).write_bytes(b"")
+    monkeypatch.setenv("CAPBENCH_CORENLP", str(tmp_path))
+    seen = {}
+    real_run = subprocess.run
+
+    def fake_run(cmd, cwd=None, **kw):
+        if "edu.anu.spice.SpiceScorer" not in cmd:
+            return real_run(cmd, cwd=cwd, **kw)
+        seen["cmd"], seen["cwd"] = cmd, cwd
+        data = json.loads((tmp_path.__class__(cwd) / "in.json").read_text())
+        out = [{"image_id": d["image_id"], "scores": {"All": {"f": 0.5 if d["image_id"] != 3 else "NaN",
+                                                              "pr": 0.5, "re": 0.5}}} for d in data]
+        (tmp_path.__class__(cwd) / "out.json").write_text(json.dumps(out))
+        return subprocess.CompletedProcess(cmd, 0, b"", b"")
+
+    monkeypatch.setattr(metrics.subprocess, "run", fake_run)
+    assert metrics.metric_status()["SPICE"] is None
+    res = score_captions(PREDS, REFS, metrics=("SPICE",))
+    assert any(a.startswith("--add-opens=java.base/java.lang") for a in seen["cmd"])
+    assert str(metrics._pkg_dir()) not in seen["cwd"]  # runs in a temporary folder
+    assert "-cache" in seen["cmd"] and "-subset" in seen["cmd"]
+    assert res.per_image["SPICE"][2] != res.per_image["SPICE"][2]  # NaN kept as NaN
+    # like pycocoevalcap's Spice (np.mean), a NaN image makes the corpus score NaN
+    assert res.metrics["SPICE"] != res.metrics["SPICE"]
+    res = score_captions({1: PREDS[1], 2: PREDS[2]}, REFS, metrics=("SPICE",))
+    assert res.metrics["SPICE"] == pytest.approx(0.5)

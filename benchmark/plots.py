@@ -1,0 +1,106 @@
+"""Leaderboard plots (matplotlib, PNG): quality vs throughput with its Pareto front, and
+per-metric bars per encoder and decoder. One figure set per dataset + split fingerprint."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+__all__ = ["pareto_front", "plot_quality_vs_throughput", "plot_metric_bars", "write_plots"]
+
+BAR_METRICS = [("Bleu_4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"),
+               ("CIDEr", "CIDEr-D")]
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of points not dominated in (higher x, higher y), sorted by x."""
+    idx = []
+    for i in range(len(x)):
+        dominated = np.any((x >= x[i]) & (y >= y[i]) & ((x > x[i]) | (y > y[i])))
+        if not dominated:
+            idx.append(i)
+    return np.array(sorted(idx, key=lambda i: x[i]), dtype=int)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def plot_quality_vs_throughput(df: pd.DataFrame, title: str, path: Path,
+                               speed: str = "inference_images_per_s") -> Path:
+    """CIDEr-D (x100) vs a throughput column (log scale), one marker per run, Pareto front."""
+    d = df.dropna(subset=["CIDEr", speed])
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    encoders = sorted(d["encoder"].unique())
+    archs = sorted(d["arch"].unique())
+    markers = dict(zip(archs, "osD^vP*X", strict=False))
+    colours = dict(zip(encoders, plt.cm.tab10.colors, strict=False))
+    for _, r in d.iterrows():
+        ax.scatter(r[speed], 100 * r["CIDEr"], marker=markers[r["arch"]],
+                   color=colours[r["encoder"]], s=60, edgecolor="black", linewidth=0.5, zorder=3)
+    if len(d):
+        x, y = d[speed].to_numpy(), 100 * d["CIDEr"].to_numpy()
+        front = pareto_front(x, y)
+        ax.plot(x[front], y[front], "--", color="grey", zorder=2, label="Pareto front")
+    for a in archs:
+        ax.scatter([], [], marker=markers[a], color="white", edgecolor="black", label=a)
+    for e in encoders:
+        ax.scatter([], [], marker="s", color=colours[e], label=e)
+    ax.set_xscale("log")
+    label = {"inference_images_per_s": "inference images/s (from pixels, log scale)",
+             "train_tokens_per_s": "training tokens/s (log scale)"}.get(speed, speed)
+    ax.set_xlabel(label)
+    ax.set_ylabel("CIDEr-D (x100)")
+    ax.set_title(f"Quality vs throughput: {title}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_metric_bars(df: pd.DataFrame, title: str, path: Path) -> Path:
+    """One panel per metric: bars per decoder, one colour per encoder (best run per pair)."""
+    best = df.sort_values("CIDEr", ascending=False).drop_duplicates(["arch", "encoder"])
+    archs, encoders = sorted(best["arch"].unique()), sorted(best["encoder"].unique())
+    fig, axes = plt.subplots(1, len(BAR_METRICS), figsize=(4 * len(BAR_METRICS), 4), sharey=False)
+    width = 0.8 / max(1, len(encoders))
+    for ax, (col, name) in zip(axes, BAR_METRICS, strict=True):
+        for j, enc in enumerate(encoders):
+            vals = []
+            for a in archs:
+                row = best[(best["arch"] == a) & (best["encoder"] == enc)]
+                vals.append(100 * row[col].iloc[0] if len(row) else np.nan)
+            ax.bar(np.arange(len(archs)) + j * width, vals, width, label=enc)
+        ax.set_xticks(np.arange(len(archs)) + width * (len(encoders) - 1) / 2)
+        ax.set_xticklabels(archs, rotation=20)
+        ax.set_title(name)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].set_ylabel("score (x100)")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_plots(df: pd.DataFrame, folder: str | Path) -> list[Path]:
+    """Both plots for every dataset/split group of a leaderboard DataFrame; returns the files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for (name, split), g in df.groupby(["dataset", "split"], sort=True):
+        title = f"{name} (split {split})"
+        stem = _slug(f"{name}-{split}")
+        out.append(plot_quality_vs_throughput(g, title, folder / f"{stem}-quality-vs-throughput.png"))
+        out.append(plot_metric_bars(g, title, folder / f"{stem}-metrics.png"))
+    return out

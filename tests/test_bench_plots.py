@@ -1,0 +1,66 @@
+import json
+
+import numpy as np
+import pandas as pd
+import torch
+from typer.testing import CliRunner
+
+from benchmark.bench import DecoderWorkload, bench_decoder, bench_encoder, time_fn
+from benchmark.cli import app
+from benchmark.plots import pareto_front, write_plots
+
+SMALL = DecoderWorkload(grid_size=9, grid_dim=32, pooled_dim=16, vocab_size=50, batch_size=4,
+                        caption_len=6, embed_dim=16, hidden_dim=32, attention_dim=16,
+                        num_heads=2, beam_size=3)
+
+
+def test_time_fn_reports_median_and_spread():
+    calls = []
+    stats = time_fn(lambda: calls.append(1), torch.device("cpu"), warmup=2, iters=7)
+    assert len(calls) == 9 and stats["n"] == 7
+    assert 0 <= stats["p05"] <= stats["median"] <= stats["p95"] and stats["iqr"] >= 0
+
+
+def test_bench_decoder_figures_are_consistent():
+    r = bench_decoder("attn_lstm", SMALL, torch.device("cpu"), iters=2, warmup=1)
+    assert r["train_tokens_per_s"] > r["train_samples_per_s"] > 0
+    assert r["beam1_captions_per_s"] > 0 and r["beam3_captions_per_s"] > 0
+    assert 0 < r["latency_ms_p50"] <= r["latency_ms_p95"]
+    assert r["params"] > 0 and r["peak_memory_mb"] > 0
+
+
+def test_bench_encoder_counts_flops():
+    r = bench_encoder("resnet18", torch.device("cpu"), batch_size=2, iters=2)
+    assert 3.0 < r["encoder_gflops_per_image"] < 4.2  # ResNet-18: 1.8 GMACs = 3.6 GFLOPs
+    assert r["encoder_images_per_s"] > 0
+
+
+def test_bench_cli_json_with_every_dimension_as_a_flag():
+    args = ["bench", "--arch", "transformer", "--grid-size", "9", "--grid-dim", "32",
+            "--vocab-size", "50", "--batch-size", "4", "--caption-len", "6", "--embed-dim", "16",
+            "--hidden-dim", "32", "--attention-dim", "16", "--num-heads", "2", "--beam-size", "2",
+            "--iters", "2", "--device", "cpu", "--format", "json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output[result.output.index("["):])[0]
+    assert row["arch"] == "transformer" and row["grid_size"] == 9 and row["beam2_captions_per_s"] > 0
+
+
+def test_pareto_front():
+    x = np.array([1.0, 2.0, 3.0, 2.5, 0.5])
+    y = np.array([5.0, 4.0, 1.0, 3.0, 6.0])
+    assert pareto_front(x, y).tolist() == [4, 0, 1, 3, 2]
+    x2, y2 = np.array([1.0, 2.0, 1.5]), np.array([1.0, 2.0, 1.0])
+    assert pareto_front(x2, y2).tolist() == [1]
+
+
+def test_plots_are_written(tmp_path):
+    rows = []
+    for i, (a, e) in enumerate([("rnn", "resnet50"), ("lstm", "resnet50"), ("rnn", "vit_b16")]):
+        rows.append({"dataset": "shapes", "split": "abc", "arch": a, "encoder": e,
+                     "Bleu_4": 0.1 * (i + 1), "METEOR": 0.2, "ROUGE_L": 0.3, "CIDEr": 0.5 + i,
+                     "inference_images_per_s": 10.0 * (i + 1)})
+    files = write_plots(pd.DataFrame(rows), tmp_path)
+    assert len(files) == 2
+    for f in files:
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 10_000

@@ -1,0 +1,92 @@
+"""Matrix (resumable, failure-tolerant), regression check, determinism."""
+
+import copy
+import json
+
+import pytest
+
+from benchmark import matrix as matrix_mod
+from benchmark.check import compare_to_baseline, write_baseline
+from benchmark.config import load_config
+from benchmark.matrix import run_matrix
+from benchmark.runner import run_experiment
+
+
+def _cfg(tiny_shapes, results):
+    return load_config("tiny", {"dataset": str(tiny_shapes), "train.epochs": 1,
+                                "results_dir": str(results)})
+
+
+def test_matrix_runs_resumes_and_records_failures(tiny_shapes, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_shapes, tmp_path)
+    first = run_matrix(cfg, ["rnn", "lstm"], ["resnet18"], [0])
+    assert [c.status for c in first.cells] == ["ok", "ok"]
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 2
+    assert set(first.feature_seconds) == {"resnet18"}  # features once for both decoders
+
+    again = run_matrix(cfg, ["rnn", "lstm", "transformer"], ["resnet18"], [0])
+    assert [c.status for c in again.cells] == ["done", "done", "ok"]
+
+    real = matrix_mod.run_experiment
+
+    def flaky(cell_cfg, *a, **k):
+        if cell_cfg.arch == "attn_lstm":
+            raise RuntimeError("simulated out-of-memory")
+        return real(cell_cfg, *a, **k)
+
+    monkeypatch.setattr(matrix_mod, "run_experiment", flaky)
+    third = run_matrix(cfg, ["attn_lstm", "rnn"], ["resnet18"], [0, 1])
+    assert [c.status for c in third.cells] == ["failed", "failed", "done", "ok"]
+    (fail,) = [p for p in (tmp_path / "failures").glob("attn_lstm-resnet18-s0-*.json")]
+    info = json.loads(fail.read_text())
+    assert "simulated out-of-memory" in info["error"] and "Traceback" in info["traceback"]
+
+
+def test_same_seed_same_machine_same_metrics(tiny_shapes, tmp_path):
+    cfg = _cfg(tiny_shapes, tmp_path)
+    cfg.arch = "attn_lstm"
+    a, _ = run_experiment(copy.deepcopy(cfg))
+    b, _ = run_experiment(copy.deepcopy(cfg))
+    assert a["metrics"] == b["metrics"]
+    assert a["predictions"] == b["predictions"]
+    assert a["training"]["history"][0]["loss"] == b["training"]["history"][0]["loss"]
+    cfg.seed = 5
+    c, _ = run_experiment(copy.deepcopy(cfg))
+    assert c["training"]["history"][0]["loss"] != a["training"]["history"][0]["loss"]
+
+
+def _record(cider, tok_s):
+    return {"metrics": {"Bleu_1": 0.5, "Bleu_4": 0.2, "METEOR": 0.2, "ROUGE_L": 0.4, "CIDEr": cider},
+            "throughput": {"train_tokens_per_s": tok_s, "decoder_captions_per_s": 100.0,
+                           "inference_images_per_s": 10.0},
+            "dataset": {"split_fingerprint": "abc"}, "environment": {}, "git_commit": None}
+
+
+def test_check_fails_on_metric_regression_not_on_slowdown(tmp_path):
+    base = write_baseline(tmp_path / "b.json", "tiny", {"rnn/resnet18": _record(0.80, 1000.0)})
+    same = compare_to_baseline(base, {"rnn/resnet18": _record(0.80, 1000.0)})
+    assert all(r.status == "ok" for r in same)
+    within = compare_to_baseline(base, {"rnn/resnet18": _record(0.76, 1000.0)})  # tol 0.05
+    assert all(r.status != "FAIL" for r in within)
+    worse = compare_to_baseline(base, {"rnn/resnet18": _record(0.70, 400.0)})
+    status = {r.name: r.status for r in worse}
+    assert status["CIDEr"] == "FAIL" and status["train_tokens_per_s"] == "slower"
+    assert sum(r.status == "FAIL" for r in worse) == 1
+
+
+def test_check_cli_reports_a_missing_baseline_clearly(tmp_path):
+    from typer.testing import CliRunner
+
+    from benchmark.cli import app
+
+    result = CliRunner().invoke(app, ["check", "--baseline", str(tmp_path / "none.json")])
+    assert result.exit_code == 2 and "--update" in result.output
+
+
+@pytest.mark.parametrize("spec,message", [("shapes:abc", "shapes:N"), ("shapes:3", "at least 10")])
+def test_bad_shapes_spec(spec, message):
+    from benchmark.errors import ConfigError
+    from benchmark.runner import resolve_dataset
+
+    with pytest.raises(ConfigError, match=message):
+        resolve_dataset(spec)
