@@ -37,7 +37,7 @@ def plot_quality_vs_throughput(df: pd.DataFrame, title: str, path: Path,
                                speed: str = "inference_images_per_s") -> Path:
     """CIDEr-D (x100) vs a throughput column (log scale), one marker per run, Pareto front."""
     d = df.dropna(subset=["CIDEr", speed])
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(9, 5))
     encoders = sorted(d["encoder"].unique())
     archs = sorted(d["arch"].unique())
     markers = dict(zip(archs, "osD^vP*X", strict=False))
@@ -60,7 +60,7 @@ def plot_quality_vs_throughput(df: pd.DataFrame, title: str, path: Path,
     ax.set_ylabel("CIDEr-D (x100)")
     ax.set_title(f"Quality vs throughput: {title}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -24,7 +24,8 @@ SHORT = {"Bleu_1": "B@1", "Bleu_2": "B@2", "Bleu_3": "B@3", "Bleu_4": "B@4", "ME
          "ROUGE_L": "R-L", "CIDEr": "CIDEr-D", "SPICE": "S"}
 LEGEND = ("scores x100 (pycocoevalcap) ±95% bootstrap CI half-width or ±std over seeds; "
           "B = BLEU, M = METEOR, R-L = ROUGE-L, S = SPICE; weights pre(trained)/rand(om init); "
-          "tok/s training tokens/s, img/s inference from pixels, cap/s decoder-only; "
+          "tok/s training tokens/s, img/s inference from pixels, cap/s decoder-only; uniq% "
+          "distinct test captions (low = one caption for every image); "
           "run = MMDD-HHMMSS-tag of the run id")
 IDENTITY = ["dataset", "split", "config_id", "arch", "encoder", "weights", "beam"]
 
@@ -59,6 +60,7 @@ def leaderboard(records: list[dict]) -> pd.DataFrame:
             v = tp.get(key)
             row[key] = float(v) if v is not None else math.nan
         row["decoder_params"] = r.get("parameters", {}).get("decoder_trainable")
+        row["unique_pct"] = r.get("diversity", {}).get("unique_pct", math.nan)
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -72,7 +74,7 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
     """One row per config (runs differing only in seed): mean, ``<metric>_std`` and ``n``."""
     if df.empty:
         return df
-    value_cols = METRIC_COLUMNS + list(THROUGHPUT_COLUMNS) + ["decoder_params"]
+    value_cols = METRIC_COLUMNS + list(THROUGHPUT_COLUMNS) + ["decoder_params", "unique_pct"]
     g = df.groupby(IDENTITY, dropna=False, sort=False)
     mean = g[value_cols].mean()
     std = g[METRIC_COLUMNS].std(ddof=1).add_suffix("_std")
@@ -114,6 +116,8 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
             row[SHORT[m]] = _cell(r, m)
         for key, label in THROUGHPUT_COLUMNS.items():
             row[label] = "-" if pd.isna(r[key]) else f"{r[key]:,.0f}"
+        u = r.get("unique_pct", math.nan)
+        row["uniq%"] = "-" if pd.isna(u) else f"{u:.0f}"
         p = r["decoder_params"]
         row["params"] = "-" if p is None or pd.isna(p) else f"{p / 1e6:.2f}M"
         rows.append(row)
