@@ -186,8 +186,8 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dataset = dataset or resolve_dataset(cfg.dataset)
-    arch = get_entry("decoder", cfg.arch).name
-    enc_name = get_entry("encoder", cfg.encoder).name
+    resolved = resolved_config(cfg)  # canonical names and decoder hyperparameters, once
+    arch, enc_name = resolved["arch"], resolved["encoder"]
     encoder, store = prepared or prepare_features(cfg, dataset, device, console)
     seed_everything(cfg.seed)
     store = FeatureStore(store.grid, store.pooled, store.image_ids, store.key, store.path,
@@ -195,7 +195,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     train, val, test = dataset.split("train"), dataset.split("val"), dataset.split("test")
     vocab = Vocabulary.build((t for im in train for t in im.tokens), cfg.train.min_word_count)
     feature_stats = store.standardize(store.row_ids(train)) if cfg.features.normalize else None
-    decoder, hparams = build_decoder(arch, len(vocab), encoder, cfg.decoder)
+    decoder, _ = build_decoder(arch, len(vocab), encoder, resolved["decoder"])
     val_refs = ptb_tokenize({im.image_id: list(im.captions) for im in val})
     if device.type == "cuda":
         store = store.to(device)
@@ -235,7 +235,6 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
         save_file({k: v.cpu().contiguous() for k, v in feature_stats.items()},
                   ckpt / "feature_stats.safetensors")
     vocab.save(ckpt / "vocab.json")
-    resolved = resolved_config(cfg)
     (ckpt / "config.json").write_text(json.dumps(resolved, indent=1))
     by_id = {im.image_id: im for im in test}
     per_image = {"image_ids": scores.image_ids, **scores.per_image, "bleu_stats": scores.bleu_stats}
