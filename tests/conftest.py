@@ -8,7 +8,6 @@ import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 COCO_MINI = SHARED_DATA / "coco-mini" / "dataset.json"
-FLICKR_MINI = SHARED_DATA / "flickr8k-mini" / "dataset.json"
 COCO_DEMO = SHARED_DATA / "coco-caption-demo" / "captions_val2014_fakecap_results.json"
 
 
