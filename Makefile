@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 	$(BIN)/ruff check architectures benchmark tests
 	$(BIN)/python -m pytest -q
 	$(BIN)/capbench check --baseline results/baselines/tiny.json
+
+# the tests not marked slow (no end-to-end training runs): a quick loop while editing
+test-fast: $(STAMP)
+	$(BIN)/ruff check architectures benchmark tests
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check architectures benchmark tests

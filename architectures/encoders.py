@@ -22,13 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from architectures.errors import EncoderWeightsError
 from architectures.registry import register_encoder
 
 __all__ = ["ImageEncoder", "EncoderWeightsError", "load_local_weights"]
-
-
-class EncoderWeightsError(RuntimeError):
-    """Pretrained weights could not be loaded (offline, missing or mismatching file)."""
 
 
 def _stable_repr(obj: object) -> str:

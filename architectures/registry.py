@@ -1,9 +1,10 @@
-"""Name -> constructor registries for encoders and decoders.
+"""Name -> constructor registries for encoders and decoders. Imports none of the models.
 
-Follows the idea of timm's ``register_model`` / ``create_model`` / ``list_models``: a model is a
-plain function decorated with a registration decorator; the registry is a pair of module-level
-dicts; the factory resolves a name (or alias) to that function and calls it. Adding a decoder is
-one new file under ``architectures/decoders/`` that uses :func:`register_decoder`.
+Follows timm's ``register_model`` / ``list_models``: a model is a plain function (or class)
+decorated with a registration decorator, and the registry is two module-level dicts. The model
+modules register themselves when ``architectures/__init__.py`` imports them, as timm's
+``models/__init__.py`` does, so this module never imports back into them. Building a model
+from a name and a config is :mod:`architectures.factory`'s job.
 """
 
 from __future__ import annotations
@@ -13,31 +14,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = [
-    "RegistryEntry",
-    "UnknownModelError",
-    "register_encoder",
-    "register_decoder",
-    "create_encoder",
-    "create_decoder",
-    "list_encoders",
-    "list_decoders",
-    "resolve_encoder_name",
-    "resolve_decoder_name",
-    "get_entry",
-]
+from architectures.errors import UnknownModelError
 
-
-class UnknownModelError(KeyError):
-    """Raised when a name matches no registered encoder or decoder (lists the valid names)."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0])
+__all__ = ["RegistryEntry", "register_encoder", "register_decoder", "list_encoders",
+           "list_decoders", "resolve_encoder_name", "resolve_decoder_name", "get_entry"]
 
 
 @dataclass(frozen=True)
 class RegistryEntry:
-    """One registered constructor: its canonical name, aliases, description and kind."""
+    """One registered constructor: canonical name, aliases, description and kind.
+
+    ``ci_friendly`` marks small encoders that CI and ``capbench check`` use
+    (``list_encoders(ci=True)``).
+    """
 
     name: str
     fn: Callable[..., Any]
@@ -66,7 +55,8 @@ def _register(kind: str, name: str | None, aliases: tuple[str, ...], ci_friendly
     return decorator
 
 
-def register_encoder(name: str | None = None, *, aliases: tuple[str, ...] = (), ci_friendly=False):
+def register_encoder(name: str | None = None, *, aliases: tuple[str, ...] = (),
+                     ci_friendly: bool = False):
     """Decorator that registers an encoder constructor under ``name`` (default: function name).
 
     The first line of the function's docstring becomes its description in ``capbench list``.
@@ -75,12 +65,15 @@ def register_encoder(name: str | None = None, *, aliases: tuple[str, ...] = (), 
 
 
 def register_decoder(name: str | None = None, *, aliases: tuple[str, ...] = ()):
-    """Decorator that registers a decoder class or constructor under ``name``."""
+    """Decorator that registers a decoder class under ``name``.
+
+    Its ``__init__`` signature is the decoder's contract: ``vocab_size``, ``grid_dim`` and
+    ``pooled_dim`` first, then keyword hyperparameters with defaults, which configs may set.
+    """
     return _register("decoder", name, aliases, False)
 
 
 def _resolve(kind: str, name: str) -> str:
-    _ensure_loaded()
     if name in _ENTRIES[kind]:
         return name
     if name in _ALIASES[kind]:
@@ -104,31 +97,24 @@ def get_entry(kind: str, name: str) -> RegistryEntry:
     return _ENTRIES[kind][_resolve(kind, name)]
 
 
-def create_encoder(name: str, **kwargs: Any):
-    """Build the encoder registered as ``name`` (or an alias) with ``kwargs``."""
-    return get_entry("encoder", name).fn(**kwargs)
+def list_encoders(pattern: str = "*", *, ci: bool | None = None) -> list[str]:
+    """Registered encoder names matching a shell wildcard, e.g. ``list_encoders('*vit*')``.
 
-
-def create_decoder(name: str, **kwargs: Any):
-    """Build the decoder registered as ``name`` (or an alias) with ``kwargs``."""
-    return get_entry("decoder", name).fn(**kwargs)
-
-
-def _list(kind: str, pattern: str) -> list[str]:
-    _ensure_loaded()
-    return sorted(n for n in _ENTRIES[kind] if fnmatch.fnmatch(n, pattern))
-
-
-def list_encoders(pattern: str = "*") -> list[str]:
-    """Registered encoder names matching a shell wildcard, e.g. ``list_encoders('*vit*')``."""
-    return _list("encoder", pattern)
+    ``ci=True`` keeps the small encoders registered with ``ci_friendly`` (what CI and
+    ``capbench check`` use), ``ci=False`` the full-size ones (what the matrix and
+    ``bench --encoder all`` compare), ``None`` all of them.
+    """
+    return sorted(n for n, e in _ENTRIES["encoder"].items()
+                  if fnmatch.fnmatch(n, pattern) and (ci is None or e.ci_friendly == ci))
 
 
 def list_decoders(pattern: str = "*") -> list[str]:
     """Registered decoder names matching a shell wildcard."""
-    return _list("decoder", pattern)
+    return sorted(n for n in _ENTRIES["decoder"] if fnmatch.fnmatch(n, pattern))
 
 
-def _ensure_loaded() -> None:
-    # Importing the package modules runs their registration decorators.
-    from architectures import decoders, encoders  # noqa: F401
+def unregister(kind: str, name: str) -> None:
+    """Remove a registration (tests that register a throwaway model clean up with this)."""
+    entry = _ENTRIES[kind].pop(name)
+    for alias in entry.aliases:
+        _ALIASES[kind].pop(alias, None)

@@ -17,7 +17,6 @@ pixels. Figures (units in the keys):
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -25,12 +24,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from architectures import create_encoder
+from architectures import create_decoder, create_encoder
 from benchmark.decoding import beam_search, greedy_decode
-from benchmark.inference import synchronize
+from benchmark.device import peak_memory_mb, synchronize
 from benchmark.train import caption_loss
 
-__all__ = ["DecoderWorkload", "time_fn", "bench_decoder", "bench_encoder"]
+__all__ = ["DecoderWorkload", "time_fn", "bench_decoder", "bench_encoder", "run_bench",
+           "table_columns"]
 
 
 @dataclass
@@ -70,32 +70,20 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2,
             "iqr": quart[2] - quart[0], "n": len(times)}
 
 
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _decoder_kwargs(arch: str, w: DecoderWorkload) -> dict:
-    from benchmark.runner import resolve_decoder_hparams
-
-    wanted = {"embed_dim": w.embed_dim, "hidden_dim": w.hidden_dim,
-              "attention_dim": w.attention_dim, "num_layers": w.num_layers,
-              "num_heads": w.num_heads, "dropout": 0.0}
-    if arch == "transformer":
-        wanted["max_len"] = max(64, w.caption_len + 2)
-    return resolve_decoder_hparams(arch, wanted, strict=False)
+def _decoder_hparams(w: DecoderWorkload) -> dict:
+    """The workload's dimensions as hyperparameters; each decoder takes those it declares."""
+    return {"embed_dim": w.embed_dim, "hidden_dim": w.hidden_dim,
+            "attention_dim": w.attention_dim, "num_layers": w.num_layers,
+            "num_heads": w.num_heads, "dropout": 0.0, "max_len": max(64, w.caption_len + 2)}
 
 
 def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters: int = 5,
                   warmup: int = 2, amp: bool | None = None) -> dict:
     """Time training steps, beam-1/beam-K decoding and batch-1 latency of decoder ``arch``."""
-    from architectures import create_decoder
-
     torch.manual_seed(0)
     use_amp = device.type == "cuda" if amp is None else amp
-    dec = create_decoder(arch, vocab_size=w.vocab_size, grid_dim=w.grid_dim,
-                         pooled_dim=w.pooled_dim, **_decoder_kwargs(arch, w)).to(device)
+    dec = create_decoder(arch, w.vocab_size, w.grid_dim, w.pooled_dim, _decoder_hparams(w),
+                         strict=False).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -147,7 +135,7 @@ def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters:
         "beam1_captions_per_s": B / t_b1["median"],
         f"beam{w.beam_size}_captions_per_s": B / t_bk["median"],
         "latency_ms_p50": 1000 * lat["median"], "latency_ms_p95": 1000 * lat["p95"],
-        "peak_memory_mb": _peak_mb(device), "iters": iters,
+        "peak_memory_mb": peak_memory_mb(device), "iters": iters,
     }
 
 
@@ -177,4 +165,27 @@ def bench_encoder(name: str, device: torch.device, *, batch_size: int = 16, iter
             "encoder_gflops_per_image": counter.get_total_flops() / 1e9,
             "encoder_images_per_s": batch_size / t["median"],
             "encoder_latency_ms_p50": 1000 * lat["median"],
-            "peak_memory_mb": _peak_mb(device), "iters": iters}
+            "peak_memory_mb": peak_memory_mb(device), "iters": iters}
+
+
+def run_bench(archs: list[str], encoders: list[str], workload: DecoderWorkload,
+              device: torch.device, *, iters: int = 5, log=None) -> list[dict]:
+    """Rows of :func:`bench_decoder` for each decoder and :func:`bench_encoder` for each
+    encoder (batch ``min(workload.batch_size, 16)``); ``log(text)`` reports progress."""
+    log = log or (lambda text: None)
+    rows = []
+    for a in archs:
+        log(f"timing decoder {a} ...")
+        rows.append(bench_decoder(a, workload, device, iters=iters))
+    for e in encoders:
+        log(f"timing encoder {e} ...")
+        rows.append(bench_encoder(e, device, batch_size=min(workload.batch_size, 16),
+                                  iters=max(2, iters // 2)))
+    return rows
+
+
+def table_columns(columns) -> list[str]:
+    """The columns of a bench DataFrame that the terminal table shows."""
+    return [c for c in columns if c in ("arch", "encoder", "params", "input", "grid")
+            or c.endswith("per_s") or c.startswith("latency") or "gflops" in c
+            or c.endswith("latency_ms_p50") or c == "peak_memory_mb"]

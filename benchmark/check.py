@@ -1,10 +1,11 @@
 """``capbench check``: regression checks of the ``tiny`` preset against a stored baseline.
 
 Each cell (decoder x encoder) is trained and scored as a normal run, into a scratch results
-folder. A metric that falls below its baseline by more than the tolerance fails the check;
-throughput is compared and printed (ratio to the baseline) but never fails, because CI
-machines are shared and noisy. With the same seed on the same machine the metrics repeat
-exactly, so the tolerance only has to absorb other CPUs' floating-point differences.
+folder that is removed afterwards. A metric that falls below its baseline by more than the
+tolerance fails the check; throughput is compared and printed (ratio to the baseline) but
+never fails, because CI machines are shared and noisy. With the same seed on the same machine
+the metrics repeat exactly, so the tolerance only has to absorb other CPUs' floating-point
+differences.
 """
 
 from __future__ import annotations
@@ -16,18 +17,32 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from architectures import list_decoders, list_encoders
 from benchmark.config import load_config
+from benchmark.data import resolve_dataset
 from benchmark.errors import RecordError
-from benchmark.runner import resolve_dataset, run_experiment
+from benchmark.fsutil import atomic_write_text, utc_timestamp
+from benchmark.metrics import ALL_METRICS
+from benchmark.records import RunRecord
+from benchmark.runner import run_experiment
 
-DEFAULT_CELLS = [("rnn", "resnet18"), ("lstm", "resnet18"), ("attn_lstm", "resnet18"),
-                 ("transformer", "resnet18"), ("attn_lstm", "vit_tiny"),
-                 ("transformer", "clip_vit_b32")]
 DEFAULT_TOLERANCE = {"default": 0.02, "CIDEr": 0.05}  # absolute, on pycocoevalcap's scale
-CHECKED = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+#: the metrics a regression fails on: BLEU-1/4, METEOR, ROUGE-L, CIDEr-D (not the
+#: intermediate BLEUs, which move with BLEU-4, nor SPICE, which needs jars CI lacks)
+CHECKED = tuple(m for m in ALL_METRICS if m not in ("Bleu_2", "Bleu_3", "SPICE"))
 SPEED = ("train_tokens_per_s", "decoder_captions_per_s", "inference_images_per_s")
 
-__all__ = ["CheckRow", "run_cells", "compare_to_baseline", "write_baseline", "load_baseline"]
+__all__ = ["CheckRow", "CheckOutcome", "default_cells", "run_cells", "run_check",
+           "compare_to_baseline", "write_baseline", "load_baseline"]
+
+
+def default_cells() -> list[tuple[str, str]]:
+    """Every decoder on the first CI-friendly encoder, plus attn_lstm and transformer on the
+    other CI-friendly encoders and on CLIP (the smallest pretrained-size encoder)."""
+    ci = list_encoders(ci=True)
+    cells = [(d, ci[0]) for d in list_decoders()]
+    cells += [("attn_lstm", e) for e in ci[1:]] + [("transformer", "clip_vit_b32")]
+    return cells
 
 
 @dataclass
@@ -41,63 +56,98 @@ class CheckRow:
     tolerance: float | None
     status: str  # ok, FAIL, new, slower, faster, info
 
+    def show(self, value: float | None) -> str:
+        """``value`` as the check table prints it (4 decimals, throughput with separators)."""
+        if value is None:
+            return "-"
+        return f"{value:,.1f}" if "per_s" in self.name else f"{value:.4f}"
+
+
+@dataclass
+class CheckOutcome:
+    """Rows of a check, the number of cells run and the seconds it took."""
+
+    rows: list[CheckRow]
+    cells: int
+    seconds: float
+
+    @property
+    def failed(self) -> list[CheckRow]:
+        return [r for r in self.rows if r.status == "FAIL"]
+
+    @property
+    def slower(self) -> list[CheckRow]:
+        return [r for r in self.rows if r.status == "slower"]
+
 
 def run_cells(preset: str, cells: list[tuple[str, str]], console=None,
-              results_dir: Path | None = None) -> dict[str, dict]:
-    """Run each (arch, encoder) cell of ``preset``; return ``{"arch/encoder": record}``."""
+              results_dir: Path | None = None, dataset=None) -> dict[str, RunRecord]:
+    """Run each (arch, encoder) cell of ``preset``; return ``{"arch/encoder": record}``.
+
+    Without ``results_dir`` the runs go to a scratch folder that is removed afterwards.
+    """
     base = load_config(preset)
-    folder = results_dir or Path(tempfile.mkdtemp(prefix="capbench-check-"))
-    dataset = resolve_dataset(base.dataset)
-    out = {}
-    for arch, enc in cells:
-        cfg = copy.deepcopy(base)
-        cfg.arch, cfg.encoder, cfg.results_dir = arch, enc, str(folder)
-        record, _ = run_experiment(cfg, console, dataset=dataset)
-        out[f"{arch}/{enc}"] = record
+    dataset = dataset or resolve_dataset(base.dataset)
+    with tempfile.TemporaryDirectory(prefix="capbench-check-") as scratch:
+        folder = results_dir or Path(scratch)
+        out = {}
+        for arch, enc in cells:
+            cfg = copy.deepcopy(base)
+            cfg.arch, cfg.encoder, cfg.results_dir = arch, enc, str(folder)
+            record, _ = run_experiment(cfg, console, dataset=dataset)
+            out[f"{arch}/{enc}"] = record
     return out
 
 
 def load_baseline(path: str | Path) -> dict:
-    """Read a baseline file (RecordError naming the file when missing or malformed)."""
+    """Read a baseline file (RecordError naming the file and the field when it is missing or
+    malformed)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RecordError(f"cannot read baseline {path}: {exc}. Create it with "
                           "`capbench check --baseline PATH --update`") from exc
     if not isinstance(data, dict) or "cells" not in data or "preset" not in data:
         raise RecordError(f"{path} is not a capbench check baseline (needs 'preset' and 'cells')")
+    if not isinstance(data["cells"], dict) or not data["cells"]:
+        raise RecordError(f"{path}: 'cells' should name at least one 'decoder/encoder' cell; "
+                          "regenerate it with `capbench check --baseline PATH --update`")
+    for key, cell in data["cells"].items():
+        if key.count("/") != 1 or not isinstance(cell, dict) \
+                or not isinstance(cell.get("metrics"), dict):
+            raise RecordError(f"{path}: cell {key!r} should be 'decoder/encoder' with a "
+                              "'metrics' mapping")
     return data
 
 
-def write_baseline(path: str | Path, preset: str, records: dict[str, dict],
+def write_baseline(path: str | Path, preset: str, records: dict[str, RunRecord],
                    tolerance: dict | None = None) -> dict:
     """Store the metrics and throughput of ``records`` as the new baseline."""
     any_rec = next(iter(records.values()))
     data = {
         "preset": preset,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git_commit": any_rec.get("git_commit"),
-        "environment": any_rec.get("environment"),
-        "split_fingerprint": any_rec["dataset"]["split_fingerprint"],
+        "created": utc_timestamp(),
+        "git_commit": any_rec.git_commit,
+        "environment": any_rec.environment,
+        "split_fingerprint": any_rec.split_fingerprint,
         "tolerance": tolerance or DEFAULT_TOLERANCE,
-        "cells": {k: {"metrics": {m: r["metrics"].get(m) for m in CHECKED},
-                      "throughput": {s: r["throughput"].get(s) for s in SPEED}}
+        "cells": {k: {"metrics": {m: r.metrics.get(m) for m in CHECKED},
+                      "throughput": {s: r.throughput.get(s) for s in SPEED}}
                   for k, r in records.items()},
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
     return data
 
 
-def compare_to_baseline(baseline: dict, records: dict[str, dict]) -> list[CheckRow]:
+def compare_to_baseline(baseline: dict, records: dict[str, RunRecord]) -> list[CheckRow]:
     """Rows for every checked metric and throughput figure; status FAIL on a regression."""
     tol = {**DEFAULT_TOLERANCE, **baseline.get("tolerance", {})}
     rows = []
     for cell, rec in records.items():
         base = baseline["cells"].get(cell)
         for m in CHECKED:
-            now = rec["metrics"].get(m)
+            now = rec.metrics.get(m)
             t = tol.get(m, tol["default"])
             if base is None or base["metrics"].get(m) is None:
                 rows.append(CheckRow(cell, m, None, now, t, "new"))
@@ -106,7 +156,7 @@ def compare_to_baseline(baseline: dict, records: dict[str, dict]) -> list[CheckR
             status = "ok" if now is not None and now >= ref - t else "FAIL"
             rows.append(CheckRow(cell, m, ref, now, t, status))
         for s in SPEED:
-            now, ref = rec["throughput"].get(s), (base or {}).get("throughput", {}).get(s)
+            now, ref = rec.throughput.get(s), (base or {}).get("throughput", {}).get(s)
             if not ref or now is None:
                 rows.append(CheckRow(cell, s, ref, now, None, "info"))
                 continue
@@ -114,3 +164,21 @@ def compare_to_baseline(baseline: dict, records: dict[str, dict]) -> list[CheckR
             rows.append(CheckRow(cell, s, ref, now, None,
                                  "slower" if ratio < 0.7 else "faster" if ratio > 1.3 else "ok"))
     return rows
+
+
+def run_check(baseline_path: str | Path, console=None) -> CheckOutcome:
+    """Run the baseline's cells and compare them with it.
+
+    Raises RecordError for an unreadable baseline and when the preset's split fingerprint
+    differs from the baseline's (its figures would not be comparable).
+    """
+    t0 = time.perf_counter()
+    base = load_baseline(baseline_path)
+    dataset = resolve_dataset(load_config(base["preset"]).dataset)
+    if dataset.fingerprint != base.get("split_fingerprint"):
+        raise RecordError(f"the {base['preset']} dataset's split fingerprint changed "
+                          f"({base.get('split_fingerprint')} -> {dataset.fingerprint}); "
+                          "regenerate the baseline with --update")
+    cells = [tuple(k.split("/")) for k in base["cells"]]
+    records = run_cells(base["preset"], cells, console, dataset=dataset)
+    return CheckOutcome(compare_to_baseline(base, records), len(records), time.perf_counter() - t0)

@@ -31,12 +31,11 @@ def _guard(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from architectures.encoders import EncoderWeightsError
-        from architectures.registry import UnknownModelError
+        from architectures.errors import ArchitectureError
 
         try:
             return fn(*args, **kwargs)
-        except (CapbenchError, UnknownModelError, EncoderWeightsError) as exc:
+        except (CapbenchError, ArchitectureError) as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
             _fail("interrupted; records already written are kept", 130)
@@ -63,7 +62,7 @@ def run(
 ):
     """Train a decoder on frozen encoder features, score it on the test split, write a run record."""
     from benchmark.config import load_config
-    from benchmark.runner import run_experiment
+    from benchmark.runner import run_seeds
 
     cfg = load_config(config, {
         "arch": arch, "encoder": encoder, "dataset": dataset, "train.epochs": epochs,
@@ -72,15 +71,11 @@ def run(
         "results_dir": str(results_dir) if results_dir else None,
     })
     seed_list = _parse_seeds(seeds) if seeds else [cfg.seed]
-    from benchmark.runner import prepare_features, resolve_dataset, resolved_config, select_device
 
-    resolved_config(cfg)  # names and hyperparameters are checked before any work starts
-    dataset = resolve_dataset(cfg.dataset)
-    prepared = prepare_features(cfg, dataset, select_device(cfg.device), console)
-    for s in seed_list:
-        cfg.seed = s
+    def on_start(s: int) -> None:
         console.rule(f"capbench run: {cfg.arch} on {cfg.encoder} ({cfg.dataset}), seed {s}")
-        record, path = run_experiment(cfg, console, dataset=dataset, prepared=prepared)
+
+    for record, path in run_seeds(cfg, seed_list, console, on_start):
         _print_run_summary(record, path)
 
 
@@ -94,17 +89,17 @@ def _parse_seeds(text: str) -> list[int]:
     return out
 
 
-def _print_run_summary(record: dict, path: Path) -> None:
+def _print_run_summary(record, path: Path) -> None:
     from benchmark.report import leaderboard, render_rich
 
     render_rich(leaderboard([record]), console)
-    for m, why in record.get("metrics_unavailable", {}).items():
+    for m, why in record.metrics_unavailable.items():
         console.print(f"[yellow]{m} unavailable:[/] {why}", highlight=False)
-    tp = record["throughput"]
+    tp = record.throughput
     console.print(f"train {tp['train_tokens_per_s']:.0f} tokens/s, inference "
                   f"{tp['inference_images_per_s']:.1f} images/s (from pixels), decoder "
                   f"{tp['decoder_captions_per_s']:.0f} captions/s; wall "
-                  f"{record['wall_seconds']:.0f} s")
+                  f"{record.wall_seconds:.0f} s")
     console.print(f"run record: {path}")
 
 
@@ -122,7 +117,7 @@ def report(
 
     Also writes <results-dir>/LEADERBOARD.md (markdown) unless --no-leaderboard-file."""
     from benchmark.records import load_records
-    from benchmark.report import aggregate_seeds, leaderboard, render, render_rich
+    from benchmark.report import aggregate_seeds, leaderboard, render, render_rich, write_leaderboard_file
 
     if format not in ("table", "markdown", "csv", "json"):
         _fail(f"--format {format!r}: choose table, markdown, csv or json")
@@ -138,16 +133,15 @@ def report(
     if aggregate:
         df = aggregate_seeds(df)
     if leaderboard_file and not df.empty:
-        board = Path(results_dir) / "LEADERBOARD.md"
-        board.write_text("# capbench leaderboard\n\nMade by `capbench report` from the run records "
-                         f"in `{results_dir}/runs`.\n\n" + render(df, "markdown"))
+        write_leaderboard_file(df, results_dir)
     if format == "table" and output is None:
         render_rich(df, console)
         return
     text = render(df, "markdown" if format == "table" else format)
     if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
+        from benchmark.fsutil import atomic_write_text
+
+        atomic_write_text(output, text)
         console.print(f"wrote {output} ({len(df)} runs)")
     else:
         sys.stdout.write(text)
@@ -163,37 +157,26 @@ def evaluate(
 ):
     """Score any COCO-format predictions file exactly as the COCO caption toolkit does."""
     import json
-    import time
 
-    from benchmark.metrics import score_captions
-    from benchmark.references import load_predictions, load_references, match_predictions
-    from benchmark.stats import bootstrap_ci
+    from benchmark.references import evaluate_file
 
     if format not in ("table", "json"):
         _fail(f"--format {format!r}: choose table or json")
-    t0 = time.perf_counter()
-    refs = load_references(references, split)
-    preds = match_predictions(load_predictions(predictions), refs, str(references))
-    result = score_captions(preds, refs)
-    per_image = {"image_ids": result.image_ids, **result.per_image, "bleu_stats": result.bleu_stats}
-    ci = bootstrap_ci(per_image)
-    elapsed = time.perf_counter() - t0
+    ev = evaluate_file(predictions, references, split)
     if format == "json":
-        sys.stdout.write(json.dumps({"metrics": result.metrics, "confidence_intervals": ci,
-                                     "unavailable": result.unavailable, "images": len(preds),
-                                     "tokenizer": result.tokenizer, "seconds": elapsed}, indent=1) + "\n")
+        sys.stdout.write(json.dumps(ev.to_json(), indent=1) + "\n")
         return
-    table = Table(title=f"{predictions.name}: {len(preds)} captions vs {references}")
+    table = Table(title=f"{predictions.name}: {ev.images} captions vs {references}")
     for c in ("metric", "score", "95% CI"):
         table.add_column(c, justify="right")
-    for m, v in result.metrics.items():
-        lo_hi = ci.get(m)
+    for m, v in ev.result.metrics.items():
+        lo_hi = ev.confidence_intervals.get(m)
         table.add_row(m, "unavailable" if v is None else f"{v:.3f}",
                       f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "-")
     console.print(table)
-    for m, why in result.unavailable.items():
+    for m, why in ev.result.unavailable.items():
         console.print(f"[yellow]{m} unavailable:[/] {why}", highlight=False)
-    console.print(f"scored in {elapsed:.1f} s")
+    console.print(f"scored in {ev.seconds:.1f} s")
 
 
 @app.command()
@@ -206,24 +189,20 @@ def compare(
 ):
     """Paired bootstrap test of run B against run A on the same test images."""
     from benchmark.records import find_record
-    from benchmark.stats import paired_bootstrap
+    from benchmark.report import METRIC_COLUMNS
+    from benchmark.stats import compare_runs
 
+    if resamples < 1:
+        _fail(f"--resamples {resamples}: give at least 1 (2000 is usual)")
     a, b = find_record(run_a, results_dir), find_record(run_b, results_dir)
-    fa, fb = a["dataset"]["split_fingerprint"], b["dataset"]["split_fingerprint"]
-    if fa != fb:
-        _fail(f"runs are on different splits ({fa} vs {fb}): their scores are not comparable")
-    result = paired_bootstrap(a["per_image"], b["per_image"], n_resamples=resamples)
-    table = Table(title=f"B - A, paired bootstrap over {len(a['per_image']['image_ids'])} "
-                  f"images ({resamples} resamples)", caption=f"A = {a['run_id']}\nB = {b['run_id']}")
+    result = compare_runs(a, b, n_resamples=resamples)
+    table = Table(title=f"B - A, paired bootstrap over {len(a.per_image['image_ids'])} "
+                  f"images ({resamples} resamples)", caption=f"A = {a.run_id}\nB = {b.run_id}")
     for c in ("metric", "A", "B", "B - A", "95% CI", "p"):
         table.add_column(c, justify="right")
-    from benchmark.report import METRIC_COLUMNS
-
-    for m in METRIC_COLUMNS:
-        if m not in result:
-            continue
+    for m in (m for m in METRIC_COLUMNS if m in result):
         r = result[m]
-        table.add_row(m, f"{100 * a['metrics'][m]:.1f}", f"{100 * b['metrics'][m]:.1f}",
+        table.add_row(m, f"{100 * a.metrics[m]:.1f}", f"{100 * b.metrics[m]:.1f}",
                       f"{100 * r['delta']:+.1f}", f"[{100 * r['ci'][0]:+.1f}, {100 * r['ci'][1]:+.1f}]",
                       f"{r['p']:.3f}")
     console.print(table)
@@ -233,38 +212,21 @@ def compare(
 @_guard
 def doctor():
     """What works on this machine: versions, devices, Java metrics, caches, local weights."""
-    import platform
-
-    import torch
-
-    from benchmark.doctor import cache_report, local_weights
-    from benchmark.metrics import ALL_METRICS, java_version, metric_status
+    from benchmark.doctor import doctor_rows
 
     t = Table(title="capbench doctor", show_header=False)
     t.add_column("item")
     t.add_column("status")
-    t.add_row("python", platform.python_version())
-    t.add_row("torch", f"{torch.__version__} (threads {torch.get_num_threads()})")
-    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    t.add_row("cuda", ", ".join(cuda) if cuda else "not available")
-    mps = getattr(torch.backends, "mps", None)
-    t.add_row("mps", "available" if mps and mps.is_available() else "not available")
-    t.add_row("java", java_version() or "[red]not found[/] (METEOR, SPICE and the PTB tokenizer need it)")
-    for m, why in metric_status().items():
-        if m in ALL_METRICS:
-            t.add_row(f"metric {m}", "[green]ok[/]" if why is None else f"[yellow]unavailable[/]: {why}")
-    for name, (path, size) in cache_report().items():
-        t.add_row(f"cache {name}", f"{path} ({size / 2**20:.1f} MiB)")
-    weights = local_weights()
-    t.add_row("local weights", "\n".join(weights) if weights else "none found (use --no-pretrained offline)")
+    for item, status in doctor_rows():
+        t.add_row(item, status)
     console.print(t)
 
 
 @app.command()
 @_guard
 def matrix(
-    archs: Annotated[str | None, typer.Option(help="decoders, comma-separated (default: the config's matrix or all four)")] = None,
-    encoders: Annotated[str | None, typer.Option(help="encoders, comma-separated (default: the config's matrix or resnet50,vit_b16,clip_vit_b32)")] = None,
+    archs: Annotated[str | None, typer.Option(help="decoders, comma-separated (default: the config's matrix or all registered)")] = None,
+    encoders: Annotated[str | None, typer.Option(help="encoders, comma-separated (default: the config's matrix or the full-size ones)")] = None,
     config: Annotated[str | None, typer.Option(help="preset or YAML; its optional `matrix:` section gives archs/encoders/seeds")] = None,
     seeds: Annotated[str | None, typer.Option(help="seeds, e.g. 0,1,2")] = None,
     dataset: Annotated[str | None, typer.Option(help="'shapes' or a Karpathy dataset.json")] = None,
@@ -274,43 +236,35 @@ def matrix(
     results_dir: Annotated[Path | None, typer.Option(help="where run records go")] = None,
 ):
     """Run every decoder x encoder (x seed) cell on one split; resumable; ends with the leaderboard."""
-    import yaml
-
-    from benchmark.config import load_config, resolve_config_path
-    from benchmark.matrix import run_matrix
+    from benchmark.config import load_config
+    from benchmark.matrix import matrix_plan, run_matrix
     from benchmark.records import load_records
     from benchmark.report import leaderboard, render_rich
 
-    spec = {}
-    if config:
-        spec = (yaml.safe_load(resolve_config_path(config).read_text()) or {}).get("matrix") or {}
     cfg = load_config(config, {"dataset": dataset, "train.epochs": epochs, "pretrained": pretrained,
                                "device": device,
                                "results_dir": str(results_dir) if results_dir else None})
-    arch_list = archs.split(",") if archs else spec.get("archs", ["rnn", "lstm", "attn_lstm", "transformer"])
-    enc_list = encoders.split(",") if encoders else spec.get("encoders", ["resnet50", "vit_b16", "clip_vit_b32"])
-    seed_list = _parse_seeds(seeds) if seeds else spec.get("seeds", [cfg.seed])
-    total = len(arch_list) * len(enc_list) * len(seed_list)
+    plan = matrix_plan(config, archs.split(",") if archs else None,
+                       encoders.split(",") if encoders else None,
+                       _parse_seeds(seeds) if seeds else None, cfg.seed)
     counter = {"n": 0}
 
     def on_cell(cell):
         counter["n"] += 1
         colour = {"ok": "green", "done": "cyan", "failed": "red"}[cell.status]
         extra = f"  {cell.error}" if cell.error else f"  {cell.seconds:.0f} s" if cell.seconds else ""
-        console.print(f"[bold]matrix {counter['n']}/{total}[/] {cell.arch} x {cell.encoder} seed "
+        console.print(f"[bold]matrix {counter['n']}/{plan.size}[/] {cell.arch} x {cell.encoder} seed "
                       f"{cell.seed}: [{colour}]{cell.status}[/]{extra}", highlight=False)
 
-    result = run_matrix(cfg, arch_list, enc_list, seed_list, console, on_cell)
+    result = run_matrix(cfg, plan.archs, plan.encoders, plan.seeds, console, on_cell)
     records, _ = load_records(cfg.results_dir)
     ids = {c.run_id for c in result.cells if c.run_id}
-    render_rich(leaderboard([r for r in records if r["run_id"] in ids]), console)
-    failed = [c for c in result.cells if c.status == "failed"]
+    render_rich(leaderboard([r for r in records if r.run_id in ids]), console)
     for enc, sec in result.feature_seconds.items():
         console.print(f"features {enc}: {sec:.0f} s (once, shared by its decoders)")
-    console.print(f"matrix: {total} cells, {sum(c.status == 'ok' for c in result.cells)} run, "
-                  f"{sum(c.status == 'done' for c in result.cells)} already done, {len(failed)} failed; "
-                  f"wall {result.wall_seconds / 60:.1f} min")
-    if failed:
+    console.print(f"matrix: {plan.size} cells, {result.count('ok')} run, {result.count('done')} "
+                  f"already done, {result.count('failed')} failed; wall {result.wall_seconds / 60:.1f} min")
+    if result.count("failed"):
         console.print(f"[red]failures recorded in {Path(cfg.results_dir) / 'failures'}[/]")
         raise typer.Exit(1)
 
@@ -324,40 +278,28 @@ def check(
 ):
     """Regression check: run the tiny preset per decoder (and a few encoders) and compare with
     the baseline. Metrics below baseline - tolerance fail; throughput changes are only printed."""
-    from benchmark.check import DEFAULT_CELLS, compare_to_baseline, load_baseline, run_cells, write_baseline
+    from benchmark.check import default_cells, run_cells, run_check, write_baseline
 
-    t0 = __import__("time").perf_counter()
     if update:
-        records = run_cells(preset, DEFAULT_CELLS, None)
+        records = run_cells(preset, default_cells(), None)
         write_baseline(baseline, preset, records)
         console.print(f"wrote baseline {baseline} ({len(records)} cells)")
         return
-    base = load_baseline(baseline)
-    cells = [tuple(k.split("/")) for k in base["cells"]]
-    records = run_cells(base["preset"], cells, None)
-    now_fp = next(iter(records.values()))["dataset"]["split_fingerprint"]
-    if now_fp != base.get("split_fingerprint"):
-        _fail(f"the {base['preset']} dataset's split fingerprint changed ({base.get('split_fingerprint')} "
-              f"-> {now_fp}); regenerate the baseline with --update")
-    rows = compare_to_baseline(base, records)
+    outcome = run_check(baseline)
     table = Table(title=f"capbench check vs {baseline}")
     for c in ("cell", "figure", "baseline", "now", "tolerance", "status"):
         table.add_column(c, justify="right" if c in ("baseline", "now", "tolerance") else "left")
     colours = {"ok": "green", "FAIL": "bold red", "slower": "yellow", "faster": "cyan"}
-    for r in rows:
-        fmt = (lambda v: "-" if v is None else f"{v:.4f}") if "per_s" not in r.name else \
-            (lambda v: "-" if v is None else f"{v:,.1f}")
-        table.add_row(r.cell, r.name, fmt(r.baseline), fmt(r.now),
+    for r in outcome.rows:
+        table.add_row(r.cell, r.name, r.show(r.baseline), r.show(r.now),
                       "-" if r.tolerance is None else f"{r.tolerance:.3f}",
                       f"[{colours.get(r.status, 'white')}]{r.status}[/]")
     console.print(table)
-    failed = [r for r in rows if r.status == "FAIL"]
-    slower = [r for r in rows if r.status == "slower"]
-    console.print(f"check: {len(records)} cells in {__import__('time').perf_counter() - t0:.0f} s; "
-                  f"{len(failed)} metric regression(s); {len(slower)} throughput figure(s) >30% "
-                  "slower (printed only: CI machines are noisy)")
-    if failed:
-        for r in failed:
+    console.print(f"check: {outcome.cells} cells in {outcome.seconds:.0f} s; {len(outcome.failed)} metric "
+                  f"regression(s); {len(outcome.slower)} throughput figure(s) >30% slower "
+                  "(printed only: CI machines are noisy)")
+    if outcome.failed:
+        for r in outcome.failed:
             err.print(f"[red]regression:[/] {r.cell} {r.name} {r.now:.4f} < baseline {r.baseline:.4f} "
                       f"- tolerance {r.tolerance:.3f}", highlight=False)
         raise typer.Exit(1)
@@ -392,40 +334,38 @@ def bench(
     import pandas as pd
 
     from architectures import list_decoders, list_encoders
-    from benchmark.bench import DecoderWorkload, bench_decoder, bench_encoder
-    from benchmark.runner import select_device
+    from benchmark.bench import DecoderWorkload, run_bench, table_columns
+    from benchmark.device import select_device
 
     if format not in ("table", "csv", "json"):
         _fail(f"--format {format!r}: choose table, csv or json")
     if not arch and not encoder:
         _fail("give --arch and/or --encoder (a name, a comma-separated list, or 'all')")
+    for name, value, low in (("--batch-size", batch_size, 1), ("--iters", iters, 1),
+                             ("--beam-size", beam_size, 1), ("--caption-len", caption_len, 1),
+                             ("--grid-size", grid_size, 1), ("--grid-dim", grid_dim, 1),
+                             ("--vocab-size", vocab_size, 5)):
+        if value < low:
+            _fail(f"{name} {value}: must be at least {low}")
     dev = select_device(device)
     w = DecoderWorkload(grid_size, grid_dim, pooled_dim or grid_dim, vocab_size, batch_size,
                         caption_len, embed_dim, hidden_dim, attention_dim, num_layers, num_heads,
                         beam_size)
-    rows = []
     archs = list_decoders() if arch == "all" else [a for a in (arch or "").split(",") if a]
-    encs = [e for e in list_encoders() if e not in ("resnet18", "vit_tiny")] if encoder == "all" \
-        else [e for e in (encoder or "").split(",") if e]
-    for a in archs:
-        err.print(f"timing decoder {a} ...")
-        rows.append(bench_decoder(a, w, dev, iters=iters))
-    for e in encs:
-        err.print(f"timing encoder {e} ...")
-        rows.append(bench_encoder(e, dev, batch_size=min(batch_size, 16), iters=max(2, iters // 2)))
+    encs = list_encoders(ci=False) if encoder == "all" else [e for e in (encoder or "").split(",") if e]
+    rows = run_bench(archs, encs, w, dev, iters=iters, log=err.print)
     df = pd.DataFrame(rows)
     if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(output, index=False)
+        from benchmark.fsutil import atomic_write_text
+
+        atomic_write_text(output, df.to_csv(index=False))
         err.print(f"wrote {output}")
     if format == "json":
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     elif format == "csv":
         sys.stdout.write(df.to_csv(index=False))
     else:
-        show = [c for c in df.columns if c in ("arch", "encoder", "params", "input", "grid")
-                or c.endswith("per_s") or c.startswith("latency") or "gflops" in c
-                or c.endswith("latency_ms_p50") or c == "peak_memory_mb"]
+        show = table_columns(df.columns)
         table = Table(title=f"capbench bench on {dev} (median of {iters}; workload: {w})")
         for c in show:
             table.add_column(c, justify="right")
@@ -441,37 +381,20 @@ def list_models(
     pattern: Annotated[str, typer.Argument(help="shell wildcard on names, e.g. '*vit*'")] = "*",
 ):
     """List registered encoders and decoders with feature shapes and parameter counts."""
-    import torch
-
-    from architectures import create_encoder, get_entry, list_decoders, list_encoders
-    from benchmark.runner import build_decoder
+    from architectures.factory import describe_decoders, describe_encoders
 
     enc_table = Table(title="encoders (random init to count parameters; nothing is downloaded)")
     for c in ("name", "aliases", "grid (N x D)", "pooled", "params", "description"):
         enc_table.add_column(c)
-    dims = None
-    for name in list_encoders(pattern):
-        entry = get_entry("encoder", name)
-        enc = create_encoder(name, pretrained=False)
-        dims = dims or enc
-        n = sum(p.numel() for p in enc.parameters())
-        enc_table.add_row(name, ", ".join(entry.aliases), f"{enc.grid_size} x {enc.grid_dim}",
-                          str(enc.pooled_dim), f"{n / 1e6:.1f}M", entry.description)
-        del enc
+    for r in describe_encoders(pattern):
+        enc_table.add_row(r["name"], r["aliases"], r["grid"], str(r["pooled"]),
+                          f"{r['params'] / 1e6:.1f}M", r["description"])
     console.print(enc_table)
     dec_table = Table(title="decoders (params for a 2048-d 7x7 grid and a 10k vocabulary)")
     for c in ("name", "aliases", "params", "description"):
         dec_table.add_column(c)
-
-    class _Grid:  # the Show-Attend-Tell setting, to give comparable parameter counts
-        grid_dim = pooled_dim = 2048
-
-    for name in list_decoders(pattern):
-        entry = get_entry("decoder", name)
-        with torch.device("meta"):
-            dec, _ = build_decoder(name, 10000, _Grid, {})
-        dec_table.add_row(name, ", ".join(entry.aliases), f"{dec.num_parameters() / 1e6:.1f}M",
-                          entry.description)
+    for r in describe_decoders(pattern):
+        dec_table.add_row(r["name"], r["aliases"], f"{r['params'] / 1e6:.1f}M", r["description"])
     console.print(dec_table)
 
 
@@ -483,8 +406,8 @@ def baseline(
 ):
     """Score the blind baseline: the most frequent training caption for every image."""
     from benchmark.baselines import blind_predictions, most_frequent_caption
+    from benchmark.data import resolve_dataset
     from benchmark.metrics import score_captions
-    from benchmark.runner import resolve_dataset
 
     ds = resolve_dataset(dataset)
     result = score_captions(blind_predictions(ds, split), ds.references(split))

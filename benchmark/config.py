@@ -7,6 +7,8 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from benchmark.errors import ConfigError
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 __all__ = ["RunConfig", "TrainConfig", "FeatureConfig", "load_config", "config_to_dict",
-           "CONFIG_DIR", "resolve_config_path"]
+           "CONFIG_DIR", "resolve_config_path", "read_config_file", "resolved_config", "config_id"]
 
 
 @dataclass
@@ -133,6 +135,22 @@ def resolve_config_path(name_or_path: str) -> Path:
     return preset
 
 
+def read_config_file(name_or_path: str) -> tuple[Path, dict]:
+    """``(path, mapping)`` of a preset or YAML file. Raises ConfigError naming the file when it
+    is missing, unreadable, not YAML (tags such as ``!!python`` are refused, never run) or not a
+    mapping at the top level."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return path, data
+
+
 def load_config(config: str | None = None, overrides: dict | None = None) -> RunConfig:
     """Build a :class:`RunConfig` from defaults, an optional preset/YAML and flag overrides.
 
@@ -140,13 +158,7 @@ def load_config(config: str | None = None, overrides: dict | None = None) -> Run
     """
     cfg = RunConfig()
     if config:
-        path = resolve_config_path(config)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        path, data = read_config_file(config)
         data.pop("matrix", None)  # matrix presets may share a file with run settings
         _apply(cfg, data, str(path))
     nested: dict = {}
@@ -165,3 +177,26 @@ def load_config(config: str | None = None, overrides: dict | None = None) -> Run
 def config_to_dict(cfg: RunConfig) -> dict:
     """Plain-JSON form of a config (as stored in run records)."""
     return dataclasses.asdict(cfg)
+
+
+def resolved_config(cfg: RunConfig) -> dict:
+    """The config as stored in a record: canonical model names and the decoder's
+    hyperparameters with its defaults filled in.
+
+    Raises UnknownModelError / HyperparameterError (from ``architectures``) for a bad name or
+    hyperparameter: every constructor check runs here, on the meta device, before any work.
+    """
+    from architectures import get_entry, validate_decoder
+
+    out = config_to_dict(cfg)
+    out["arch"] = get_entry("decoder", cfg.arch).name
+    out["encoder"] = get_entry("encoder", cfg.encoder).name
+    out["decoder"] = validate_decoder(out["arch"], cfg.decoder)
+    return out
+
+
+def config_id(resolved: dict) -> str:
+    """Hash of a resolved config without seed, device and output folder: runs that differ only
+    in seed share it, so the report can aggregate them (mean +- std)."""
+    keep = {k: v for k, v in resolved.items() if k not in ("seed", "device", "results_dir", "name")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]

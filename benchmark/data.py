@@ -14,12 +14,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmark.errors import DatasetError
+from benchmark.errors import ConfigError, DatasetError
+from benchmark.shapes import default_shapes_path
 
 SPLITS = ("train", "val", "test")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
-__all__ = ["ImageRecord", "CaptionDataset", "load_karpathy", "simple_tokenize", "SPLITS"]
+__all__ = ["ImageRecord", "CaptionDataset", "load_karpathy", "resolve_dataset", "simple_tokenize",
+           "SPLITS"]
 
 
 def simple_tokenize(text: str) -> list[str]:
@@ -149,3 +151,17 @@ def load_karpathy(path: str | Path, *, check_images: bool = True) -> CaptionData
         if not ds.split(s):
             raise DatasetError(f"{path}: split {s!r} has no images; train, val and test are needed")
     return ds
+
+
+def resolve_dataset(spec: str) -> CaptionDataset:
+    """``shapes`` / ``shapes:N`` (the embedded set of 600 or N images, generated on first use)
+    or a Karpathy JSON/folder path. Raises ConfigError for a bad ``shapes:N`` and
+    DatasetError for a bad file."""
+    if spec == "shapes" or spec.startswith("shapes:"):
+        n = spec.partition(":")[2]
+        if n and not n.isdigit():
+            raise ConfigError(f"dataset {spec!r}: use shapes or shapes:N with N images (>= 10)")
+        if n and int(n) < 10:
+            raise ConfigError(f"dataset {spec!r}: shapes needs at least 10 images")
+        return load_karpathy(default_shapes_path(int(n) if n else 600))
+    return load_karpathy(spec)

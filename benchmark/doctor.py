@@ -7,7 +7,7 @@ from pathlib import Path
 
 from benchmark.paths import cache_root
 
-__all__ = ["cache_report", "local_weights"]
+__all__ = ["cache_report", "local_weights", "doctor_rows"]
 
 
 def _size(path: Path) -> int:
@@ -52,3 +52,31 @@ def local_weights() -> list[str]:
                   for p in sorted(hub.glob("models--*"))
                   if any(s in p.name.lower() for s in ("timm", "clip", "vit"))]
     return found
+
+
+def doctor_rows() -> list[tuple[str, str]]:
+    """``(item, status)`` rows of ``capbench doctor``: versions, devices, Java metrics, caches
+    and local weights (rich markup in the status)."""
+    import platform
+
+    import torch
+
+    from benchmark.metrics import ALL_METRICS, java_version, metric_status
+
+    rows = [("python", platform.python_version()),
+            ("torch", f"{torch.__version__} (threads {torch.get_num_threads()})")]
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    rows.append(("cuda", ", ".join(cuda) if cuda else "not available"))
+    mps = getattr(torch.backends, "mps", None)
+    rows.append(("mps", "available" if mps and mps.is_available() else "not available"))
+    rows.append(("java", java_version()
+                 or "[red]not found[/] (METEOR, SPICE and the PTB tokenizer need it)"))
+    for m, why in metric_status().items():
+        if m in ALL_METRICS:
+            rows.append((f"metric {m}", "[green]ok[/]" if why is None else f"[yellow]unavailable[/]: {why}"))
+    for name, (path, size) in cache_report().items():
+        rows.append((f"cache {name}", f"{path} ({size / 2**20:.1f} MiB)"))
+    weights = local_weights()
+    rows.append(("local weights", "\n".join(weights) if weights
+                 else "none found (use --no-pretrained offline)"))
+    return rows

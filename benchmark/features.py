@@ -10,10 +10,10 @@ harness then calls the encoder on pixels, see :class:`ImageFolderDataset`.)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmark.data import ImageRecord
 from benchmark.errors import DatasetError
+from benchmark.fsutil import atomic_write
 from benchmark.paths import cache_root
 
 FORMAT_VERSION = 1
@@ -102,6 +103,12 @@ class FeatureStore:
             p = (p - st["pooled_mean"]) / st["pooled_std"]
         return g, p
 
+    def copy(self) -> FeatureStore:
+        """A store sharing this one's feature tensors, without normalisation statistics (so
+        that one run's :meth:`standardize` never changes another's features)."""
+        return FeatureStore(self.grid, self.pooled, self.image_ids, self.key, self.path,
+                            self.extraction_images_per_s, self.cache_hit)
+
     def to(self, device) -> FeatureStore:
         """A copy whose tensors live on ``device`` (e.g. the whole store on the GPU)."""
         stats = {k: v.to(device) for k, v in self.stats.items()} if self.stats else None
@@ -145,7 +152,8 @@ def extract_features(encoder, images: list[ImageRecord], *, batch_size: int = 32
     encoder = encoder.to(device).eval()
     grids, pooleds = [], []
     t0 = time.perf_counter()
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" \
+        else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         for pixels in loader:
             g, p = encoder(pixels.to(device, non_blocking=True))
@@ -157,14 +165,6 @@ def extract_features(encoder, images: list[ImageRecord], *, batch_size: int = 32
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     return torch.cat(grids), torch.cat(pooleds), len(images) / max(elapsed, 1e-9)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _storage(t: torch.Tensor) -> torch.Tensor:
@@ -197,14 +197,6 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
     grid, pooled, ips = extract_features(encoder, images, batch_size=batch_size, device=device,
                                          num_workers=num_workers, progress=progress)
     grid, pooled = _storage(grid), _storage(pooled)
-    folder.mkdir(parents=True, exist_ok=True)
     meta = {"image_ids": json.dumps(ids), "identity": json.dumps(identity), "key": key}
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"grid": grid, "pooled": pooled}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file({"grid": grid, "pooled": pooled}, tmp, metadata=meta))
     return FeatureStore(grid, pooled, ids, key, path, ips, cache_hit=False)

@@ -8,18 +8,11 @@ import torch
 
 from benchmark.data import ImageRecord
 from benchmark.decoding import DecodeConfig, decode
+from benchmark.device import synchronize
 from benchmark.features import FeatureStore, extract_features
 from benchmark.vocab import Vocabulary
 
-__all__ = ["caption_features", "caption_pixels", "synchronize"]
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work (CUDA/MPS) so that wall-clock timings are honest."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+__all__ = ["caption_features", "caption_pixels"]
 
 
 def caption_features(decoder, store: FeatureStore, images: list[ImageRecord], vocab: Vocabulary,

@@ -4,6 +4,9 @@ Each encoder's features are extracted once (and cached) and shared by all its de
 cell whose record already exists in the results folder (same split fingerprint, config id
 and seed) is skipped, so an interrupted matrix resumes where it stopped. A failing cell is
 recorded under ``<results_dir>/failures/`` with its error and the matrix carries on.
+
+A config file may carry a ``matrix:`` section (``archs``, ``encoders``, ``seeds``) beside its
+run settings; :func:`matrix_plan` merges it with the command line.
 """
 
 from __future__ import annotations
@@ -15,18 +18,60 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmark.config import RunConfig
+from architectures import list_decoders, list_encoders
+from benchmark.config import RunConfig, config_id, read_config_file, resolved_config
+from benchmark.data import resolve_dataset
+from benchmark.device import select_device
+from benchmark.errors import ConfigError
+from benchmark.fsutil import atomic_write_text, utc_timestamp
 from benchmark.records import load_records
-from benchmark.runner import (
-    config_id,
-    prepare_features,
-    resolve_dataset,
-    resolved_config,
-    run_experiment,
-    select_device,
-)
+from benchmark.runner import prepare_features, run_experiment
 
-__all__ = ["Cell", "MatrixResult", "plan_cells", "run_matrix"]
+__all__ = ["Cell", "MatrixResult", "MatrixPlan", "matrix_plan", "plan_cells", "run_matrix"]
+
+
+@dataclass
+class MatrixPlan:
+    """Which decoders, encoders and seeds a matrix runs."""
+
+    archs: list[str]
+    encoders: list[str]
+    seeds: list[int]
+
+    @property
+    def size(self) -> int:
+        return len(self.archs) * len(self.encoders) * len(self.seeds)
+
+
+def _names(value, where: str) -> list:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: give a non-empty list")
+    return value
+
+
+def matrix_plan(config: str | None, archs: list[str] | None, encoders: list[str] | None,
+                seeds: list[int] | None, default_seed: int) -> MatrixPlan:
+    """Flags first, then the config's ``matrix:`` section, then every registered decoder x the
+    full-size encoders x ``default_seed``. Raises ConfigError for a malformed section."""
+    spec = {}
+    if config:
+        path, data = read_config_file(config)
+        spec = data.get("matrix") or {}
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{path}: matrix: expected a mapping with archs/encoders/seeds")
+        unknown = set(spec) - {"archs", "encoders", "seeds"}
+        if unknown:
+            raise ConfigError(f"{path}: matrix.{sorted(unknown)[0]}: unknown key; valid keys are "
+                              "archs, encoders, seeds")
+        where = f"{path}: matrix"
+        spec = {k: _names(v, f"{where}.{k}") for k, v in spec.items()}
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in spec.get("seeds", [])):
+            raise ConfigError(f"{where}.seeds: give integers, e.g. [0, 1, 2]")
+    return MatrixPlan(archs or spec.get("archs") or list_decoders(),
+                      encoders or spec.get("encoders") or list_encoders(ci=False),
+                      seeds or spec.get("seeds") or [default_seed])
 
 
 @dataclass
@@ -53,10 +98,17 @@ class MatrixResult:
     feature_seconds: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
 
+    def count(self, status: str) -> int:
+        """Number of cells with ``status`` (ok, done, failed)."""
+        return sum(c.status == status for c in self.cells)
+
 
 def plan_cells(base: RunConfig, archs: list[str], encoders: list[str],
                seeds: list[int]) -> list[Cell]:
-    """The cells in run order: encoder-major so that each encoder's features load once."""
+    """The cells in run order: encoder-major so that each encoder's features load once.
+
+    Every cell's config is resolved here, so a bad name or hyperparameter fails before any
+    cell runs."""
     cells = []
     for enc in encoders:
         for arch in archs:
@@ -77,13 +129,12 @@ def run_matrix(base: RunConfig, archs: list[str], encoders: list[str], seeds: li
                console=None, on_cell=None) -> MatrixResult:
     """Run every pending cell; ``on_cell(cell)`` is called after each one finishes."""
     t0 = time.perf_counter()
+    cells = plan_cells(base, archs, encoders, seeds)
     dataset = resolve_dataset(base.dataset)
     fingerprint = dataset.fingerprint
     results_dir = Path(base.results_dir)
-    cells = plan_cells(base, archs, encoders, seeds)
     records, _ = load_records(results_dir)
-    done = {(r["dataset"]["split_fingerprint"], r.get("config_id"), r.get("seed")): r["run_id"]
-            for r in records if "dataset" in r}
+    done = {(r.split_fingerprint, r.config_id, r.seed): r.run_id for r in records}
     out = MatrixResult(cells, fingerprint)
     device = select_device(base.device)
     prepared: dict[str, tuple] = {}
@@ -102,19 +153,16 @@ def run_matrix(base: RunConfig, archs: list[str], encoders: list[str], seeds: li
                 out.feature_seconds[cell.encoder] = time.perf_counter() - f0
             record, _ = run_experiment(cell.cfg, console, dataset=dataset,
                                        prepared=prepared[cell.encoder])
-            cell.status, cell.run_id = "ok", record["run_id"]
+            cell.status, cell.run_id = "ok", record.run_id
             _failure_path(results_dir, cell).unlink(missing_ok=True)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # record the failure and carry on with the next cell
             cell.status, cell.error = "failed", f"{type(exc).__name__}: {exc}"
-            path = _failure_path(results_dir, cell)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"arch": cell.arch, "encoder": cell.encoder,
-                                        "seed": cell.seed, "config_id": cell.config_id,
-                                        "error": cell.error, "traceback": traceback.format_exc(),
-                                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                                       indent=1))
+            atomic_write_text(_failure_path(results_dir, cell), json.dumps(
+                {"arch": cell.arch, "encoder": cell.encoder, "seed": cell.seed,
+                 "config_id": cell.config_id, "error": cell.error,
+                 "traceback": traceback.format_exc(), "time": utc_timestamp()}, indent=1))
         cell.seconds = time.perf_counter() - start
         if on_cell:
             on_cell(cell)

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 ALL_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
-PER_IMAGE_METRICS = ("METEOR", "ROUGE_L", "CIDEr", "SPICE")
+#: metrics scored per image (BLEU is corpus-level: its per-image n-gram counts are kept instead)
+PER_IMAGE_METRICS = tuple(m for m in ALL_METRICS if not m.startswith("Bleu_"))
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
 __all__ = ["ScoreResult", "score_captions", "ptb_tokenize", "java_version", "metric_status",
@@ -172,6 +173,11 @@ class ScoreResult:
     bleu_stats: list[list[int]] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
     tokenizer: str = "ptb-java"
+
+    def per_image_block(self) -> dict:
+        """The run record's ``per_image`` block: ``image_ids``, per-image scores and
+        ``bleu_stats`` (what :func:`benchmark.stats.bootstrap_ci` resamples)."""
+        return {"image_ids": self.image_ids, **self.per_image, "bleu_stats": self.bleu_stats}
 
 
 def _bleu_stats(bleu_scorer) -> list[list[int]]:

@@ -1,22 +1,165 @@
-"""Run records: one JSON file per run under ``<results_dir>/runs/``, written atomically."""
+"""Run records: the declared shape of a run's outcome, and its files.
+
+A run writes one JSON file, ``<results_dir>/runs/<run_id>.json``, atomically. Its shape is
+:class:`RunRecord` here and ``schemas/run_record.schema.json`` beside this module (JSON
+Schema draft 2020-12, checked against every committed record by the tests). Every reader
+(report, check, compare, matrix, the CLI) goes through :class:`RunRecord`; none indexes raw
+dicts. ``schema_version`` is :data:`SCHEMA_VERSION`; records written by older versions of
+capbench load with the fields they lack left empty.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import secrets
 import subprocess
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from benchmark.errors import RecordError
+from benchmark.fsutil import atomic_write_text, utc_timestamp
 
 SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "run_record.schema.json"
 
-__all__ = ["find_record", "new_run_id", "write_record", "load_records", "load_record", "git_commit",
-           "environment", "SCHEMA_VERSION"]
+__all__ = ["RunRecord", "DatasetInfo", "make_record", "find_record", "new_run_id",
+           "write_record", "load_records", "load_record", "git_commit", "environment",
+           "SCHEMA_VERSION", "SCHEMA_PATH"]
+
+
+@dataclass
+class DatasetInfo:
+    """Which data a run used: ``name``, ``path`` of its dataset.json, the ``split_fingerprint``
+    (runs are comparable only when equal), per-split fingerprints and sizes."""
+
+    name: str
+    split_fingerprint: str
+    path: str = ""
+    splits: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class RunRecord:
+    """One run of one (encoder, decoder) pair on one split: what it was and what it scored.
+
+    Scores are pycocoevalcap's (``metrics``: BLEU/METEOR/ROUGE-L/SPICE in [0, 1], CIDEr-D in
+    [0, 10]; None when unavailable, with the reason in ``metrics_unavailable``).
+    ``confidence_intervals``: metric -> [low, high] bootstrap 95% interval. ``per_image``:
+    ``image_ids``, per-image METEOR/ROUGE_L/CIDEr/SPICE lists and BLEU n-gram ``bleu_stats``.
+    ``throughput``: ``train_tokens_per_s``, ``inference_images_per_s`` (from pixels),
+    ``decoder_captions_per_s``, ... ``peak_memory``: ``{"kind", "bytes"}``.
+    ``predictions``: ``[{image_id, filename, caption}]`` for the test split.
+    """
+
+    run_id: str
+    arch: str
+    encoder: str
+    dataset: DatasetInfo
+    metrics: dict[str, float | None]
+    schema_version: int = SCHEMA_VERSION
+    created: str = ""
+    git_commit: str | None = None
+    encoder_weights: str = ""
+    pretrained: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
+    config_id: str = ""
+    seed: int | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+    vocab_size: int | None = None
+    metrics_unavailable: dict[str, str] = field(default_factory=dict)
+    tokenizer: str = ""
+    confidence_intervals: dict[str, list[float]] = field(default_factory=dict)
+    per_image: dict[str, list] = field(default_factory=dict)
+    diversity: dict[str, float] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    throughput: dict[str, Any] = field(default_factory=dict)
+    peak_memory: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, int] = field(default_factory=dict)
+    checkpoint: str | None = None
+    wall_seconds: float | None = None
+    predictions: list[dict] = field(default_factory=list)
+    #: where the record was read from (not stored in the file)
+    path: str | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def split_fingerprint(self) -> str:
+        """The dataset's ``all`` split fingerprint."""
+        return self.dataset.split_fingerprint
+
+    @property
+    def beam_size(self) -> int | None:
+        """Beam size of the test captions (from the config)."""
+        return (self.config.get("decode") or {}).get("beam_size")
+
+    def to_dict(self) -> dict:
+        """The JSON form (what :func:`write_record` stores)."""
+        out = dataclasses.asdict(self)
+        out.pop("path")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "record") -> RunRecord:
+        """Read the JSON form; raises :class:`RecordError` naming ``source`` and the field
+        when a required field (run_id, arch, encoder, dataset, metrics) is missing or
+        malformed."""
+        if not isinstance(data, dict):
+            raise RecordError(f"{source} is not a capbench run record (expected a JSON object)")
+        for key, kind in (("run_id", str), ("arch", str), ("encoder", str), ("dataset", dict),
+                          ("metrics", dict)):
+            if key not in data:
+                raise RecordError(f"{source} is not a capbench run record: field {key!r} is missing")
+            if not isinstance(data[key], kind):
+                raise RecordError(f"{source}: field {key!r} should be a {kind.__name__}")
+        ds = data["dataset"]
+        if not isinstance(ds.get("split_fingerprint"), str) or "name" not in ds:
+            raise RecordError(f"{source}: field 'dataset' needs 'name' and 'split_fingerprint'")
+        names = {f.name for f in dataclasses.fields(cls)} - {"path", "dataset"}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        info = DatasetInfo(**{k: v for k, v in ds.items()
+                              if k in {f.name for f in dataclasses.fields(DatasetInfo)}})
+        return cls(dataset=info, **kwargs)
+
+
+def make_record(*, run_id: str, resolved_config: dict, config_id: str, dataset, encoder,
+                scores, confidence_intervals: dict, diversity: dict, training: dict,
+                throughput: dict, device, parameters: dict, vocab_size: int,
+                checkpoint: str | None, wall_seconds: float, predictions: dict) -> RunRecord:
+    """Assemble the record of a finished run.
+
+    ``dataset``: a CaptionDataset; ``encoder``: the ImageEncoder used; ``scores``: the test
+    split's ScoreResult; ``predictions``: ``{image_id: caption}`` in test-split order.
+    """
+    by_id = {im.image_id: im for im in dataset.split("test")}
+    return RunRecord(
+        run_id=run_id, created=utc_timestamp(), git_commit=git_commit(),
+        arch=resolved_config["arch"], encoder=resolved_config["encoder"],
+        encoder_weights=encoder.weights_id,
+        pretrained=not encoder.weights_id.startswith("random-init"),
+        config=resolved_config, config_id=config_id,
+        dataset=DatasetInfo(dataset.name, dataset.fingerprint, str(dataset.source),
+                            dataset.split_fingerprints(),
+                            {s: len(dataset.split(s)) for s in ("train", "val", "test")}),
+        seed=resolved_config["seed"], environment=environment(device), vocab_size=vocab_size,
+        metrics=scores.metrics, metrics_unavailable=scores.unavailable, tokenizer=scores.tokenizer,
+        confidence_intervals=confidence_intervals, per_image=scores.per_image_block(),
+        diversity=diversity, training=training, throughput=throughput,
+        peak_memory=_peak_memory(device), parameters=parameters, checkpoint=checkpoint,
+        wall_seconds=wall_seconds,
+        predictions=[{"image_id": i, "filename": by_id[i].filename, "caption": c}
+                     for i, c in predictions.items()],
+    )
+
+
+def _peak_memory(device) -> dict:
+    from benchmark.device import peak_memory
+
+    return peak_memory(device)
 
 
 def new_run_id(arch: str, encoder: str, seed: int) -> str:
@@ -58,36 +201,27 @@ def environment(device) -> dict:
     }
 
 
-def write_record(record: dict, results_dir: str | Path) -> Path:
-    """Write ``record`` to ``<results_dir>/runs/<run_id>.json`` via a temp file + rename."""
-    folder = Path(results_dir) / "runs"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{record['run_id']}.json"
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def write_record(record: RunRecord, results_dir: str | Path) -> Path:
+    """Write ``record`` to ``<results_dir>/runs/<run_id>.json`` atomically; return the path."""
+    path = Path(results_dir) / "runs" / f"{record.run_id}.json"
+    atomic_write_text(path, json.dumps(record.to_dict(), indent=1, default=str))
+    record.path = str(path)
     return path
 
 
-def load_record(path: str | Path) -> dict:
-    """Read one record (raises :class:`RecordError` with the file name when unreadable)."""
+def load_record(path: str | Path) -> RunRecord:
+    """Read one record (raises :class:`RecordError` naming the file and what is wrong)."""
     path = Path(path)
     try:
-        rec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RecordError(f"cannot read run record {path}: {exc}") from exc
-    if not isinstance(rec, dict) or "run_id" not in rec or "metrics" not in rec:
-        raise RecordError(f"{path} is not a capbench run record (no run_id/metrics)")
-    rec["_path"] = str(path)
+    rec = RunRecord.from_dict(data, str(path))
+    rec.path = str(path)
     return rec
 
 
-def load_records(results_dir: str | Path) -> tuple[list[dict], list[str]]:
+def load_records(results_dir: str | Path) -> tuple[list[RunRecord], list[str]]:
     """All records under ``<results_dir>/runs`` and a list of problems with unreadable ones."""
     folder = Path(results_dir) / "runs"
     records, problems = [], []
@@ -99,7 +233,7 @@ def load_records(results_dir: str | Path) -> tuple[list[dict], list[str]]:
     return records, problems
 
 
-def find_record(ref: str, results_dir: str | Path) -> dict:
+def find_record(ref: str, results_dir: str | Path) -> RunRecord:
     """A record by path, exact run id, or unique prefix/suffix of a run id in ``results_dir``.
 
     Raises RecordError when nothing or more than one record matches.

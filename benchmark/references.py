@@ -10,7 +10,9 @@ annotations that ships inside pycocoevalcap's ``spice/spice-1.0.jar``.
 from __future__ import annotations
 
 import json
+import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmark.data import load_karpathy
@@ -19,7 +21,8 @@ from benchmark.errors import DatasetError
 BUILTIN = {"coco-val2014": "coco/annotations/captions_val2014.json",
            "coco-train2014": "coco/annotations/captions_train2014.json"}
 
-__all__ = ["load_predictions", "load_references", "match_predictions", "BUILTIN"]
+__all__ = ["load_predictions", "load_references", "match_predictions", "evaluate_file",
+           "FileEvaluation", "BUILTIN"]
 
 
 def _read_json(path: Path, what: str):
@@ -103,3 +106,33 @@ def match_predictions(predictions: dict, references: dict, source: str) -> dict:
         raise DatasetError(f"{len(missing)} predicted image id(s) are not in the references "
                            f"{source}, e.g. {missing[:5]}; check --references and --split")
     return out
+
+
+@dataclass
+class FileEvaluation:
+    """What ``capbench eval`` reports: the ScoreResult, bootstrap CIs, image count, seconds."""
+
+    result: object  # benchmark.metrics.ScoreResult
+    confidence_intervals: dict[str, list[float]]
+    images: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        r = self.result
+        return {"metrics": r.metrics, "confidence_intervals": self.confidence_intervals,
+                "unavailable": r.unavailable, "images": self.images, "tokenizer": r.tokenizer,
+                "seconds": self.seconds}
+
+
+def evaluate_file(predictions: str | Path, references: str | Path, split: str = "test") -> FileEvaluation:
+    """Score a COCO results file against references exactly as the COCO caption toolkit does,
+    with bootstrap 95% CIs. Raises DatasetError for unreadable or mismatching files."""
+    from benchmark.metrics import score_captions
+    from benchmark.stats import bootstrap_ci
+
+    t0 = time.perf_counter()
+    refs = load_references(references, split)
+    preds = match_predictions(load_predictions(predictions), refs, str(references))
+    result = score_captions(preds, refs)
+    ci = bootstrap_ci(result.per_image_block())
+    return FileEvaluation(result, ci, len(preds), time.perf_counter() - t0)

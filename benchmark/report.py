@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 
-METRIC_COLUMNS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"]
+from benchmark.fsutil import atomic_write_text
+from benchmark.metrics import ALL_METRICS
+from benchmark.records import RunRecord
+
+METRIC_COLUMNS = list(ALL_METRICS)
 THROUGHPUT_COLUMNS = {  # training tokens/s; images/s from pixels; decoder-only captions/s
     "train_tokens_per_s": "tok/s",
     "inference_images_per_s": "img/s",
@@ -30,37 +35,34 @@ LEGEND = ("scores x100 (pycocoevalcap) ±95% bootstrap CI half-width or ±std ov
 IDENTITY = ["dataset", "split", "config_id", "arch", "encoder", "weights", "beam"]
 
 __all__ = ["leaderboard", "aggregate_seeds", "render_markdown", "render_rich", "render",
-           "METRIC_COLUMNS"]
+           "write_leaderboard_file", "METRIC_COLUMNS"]
 
 
-def leaderboard(records: list[dict]) -> pd.DataFrame:
+def leaderboard(records: list[RunRecord]) -> pd.DataFrame:
     """A DataFrame with one row per record: identity, metrics (raw), CIs and throughput."""
     rows = []
     for r in records:
-        ds = r.get("dataset", {})
-        tp = r.get("throughput", {})
-        ci = r.get("confidence_intervals", {})
         row = {
-            "dataset": ds.get("name"),
-            "split": ds.get("split_fingerprint"),
-            "run_id": r["run_id"],
-            "config_id": r.get("config_id", r["run_id"]),
-            "arch": r.get("arch"),
-            "encoder": r.get("encoder"),
-            "weights": "pre" if r.get("pretrained") else "rand",
-            "seed": r.get("seed"),
-            "beam": r.get("config", {}).get("decode", {}).get("beam_size"),
+            "dataset": r.dataset.name,
+            "split": r.split_fingerprint,
+            "run_id": r.run_id,
+            "config_id": r.config_id or r.run_id,
+            "arch": r.arch,
+            "encoder": r.encoder,
+            "weights": "pre" if r.pretrained else "rand",
+            "seed": r.seed,
+            "beam": r.beam_size,
         }
         for m in METRIC_COLUMNS:
-            v = r.get("metrics", {}).get(m)
+            v = r.metrics.get(m)
             row[m] = float(v) if v is not None else math.nan
-            lo, hi = ci.get(m, [math.nan, math.nan])
+            lo, hi = r.confidence_intervals.get(m, [math.nan, math.nan])
             row[f"{m}_ci_low"], row[f"{m}_ci_high"] = lo, hi
         for key in THROUGHPUT_COLUMNS:
-            v = tp.get(key)
+            v = r.throughput.get(key)
             row[key] = float(v) if v is not None else math.nan
-        row["decoder_params"] = r.get("parameters", {}).get("decoder_trainable")
-        row["unique_pct"] = r.get("diversity", {}).get("unique_pct", math.nan)
+        row["decoder_params"] = r.parameters.get("decoder_trainable")
+        row["unique_pct"] = r.diversity.get("unique_pct", math.nan)
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -168,3 +170,10 @@ def render(df: pd.DataFrame, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(json.loads(df.to_json(orient="records")), indent=1)
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def write_leaderboard_file(df: pd.DataFrame, results_dir: str | Path) -> Path:
+    """Write ``<results_dir>/LEADERBOARD.md``: the markdown board of every run there."""
+    path = Path(results_dir) / "LEADERBOARD.md"
+    return atomic_write_text(path, "# capbench leaderboard\n\nMade by `capbench report` from the "
+                             f"run records in `{results_dir}/runs`.\n\n" + render(df, "markdown"))

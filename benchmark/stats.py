@@ -19,7 +19,10 @@ import math
 
 import numpy as np
 
-__all__ = ["corpus_bleu", "bootstrap_ci", "paired_bootstrap", "diversity", "metric_samples"]
+from benchmark.metrics import PER_IMAGE_METRICS
+
+__all__ = ["corpus_bleu", "bootstrap_ci", "paired_bootstrap", "compare_runs", "diversity",
+           "metric_samples"]
 
 _TINY, _SMALL = 1e-15, 1e-9
 
@@ -50,7 +53,7 @@ def metric_samples(per_image: dict, resample: np.ndarray) -> dict[str, np.ndarra
         b = corpus_bleu(np.asarray(stats, dtype=np.float64)[resample])
         for n in range(4):
             out[f"Bleu_{n + 1}"] = b[:, n]
-    for name in ("METEOR", "ROUGE_L", "CIDEr", "SPICE"):
+    for name in PER_IMAGE_METRICS:
         values = per_image.get(name)
         if values:
             out[name] = np.nanmean(np.asarray(values, dtype=np.float64)[resample], axis=1)
@@ -111,6 +114,22 @@ def paired_bootstrap(a: dict, b: dict, *, n_resamples: int = 1000, seed: int = 0
                      "ci": [float(x) for x in np.percentile(d, q)],
                      "p": float(min(1.0, max(2 * tail, 1.0 / n_resamples)))}
     return out
+
+
+def compare_runs(a, b, *, n_resamples: int = 2000) -> dict[str, dict[str, float]]:
+    """:func:`paired_bootstrap` of run records ``b`` against ``a`` (RunRecord objects).
+
+    Raises RecordError when the runs are on different splits (their scores are not
+    comparable) and ValueError for ``n_resamples`` < 1.
+    """
+    from benchmark.errors import RecordError
+
+    if n_resamples < 1:
+        raise ValueError("n_resamples must be at least 1")
+    if a.split_fingerprint != b.split_fingerprint:
+        raise RecordError(f"runs are on different splits ({a.split_fingerprint} vs "
+                          f"{b.split_fingerprint}): their scores are not comparable")
+    return paired_bootstrap(a.per_image, b.per_image, n_resamples=n_resamples)
 
 
 def diversity(captions: list[str], train_captions: set[str]) -> dict[str, float]:

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from benchmark.config import TrainConfig
 from benchmark.data import ImageRecord
 from benchmark.decoding import DecodeConfig
+from benchmark.device import synchronize
 from benchmark.features import FeatureStore
-from benchmark.inference import caption_features, synchronize
+from benchmark.inference import caption_features
 from benchmark.metrics import cider_d
 from benchmark.vocab import Vocabulary
 

@@ -29,6 +29,7 @@ def tiny_run(tiny_shapes, tmp_path_factory):
     return results, json.loads(record_path.read_text())
 
 
+@pytest.mark.slow
 def test_record_has_everything_a_reader_needs(tiny_run, tiny_shapes):
     _, rec = tiny_run
     ds = load_karpathy(tiny_shapes)
@@ -47,6 +48,7 @@ def test_record_has_everything_a_reader_needs(tiny_run, tiny_shapes):
     assert [p["image_id"] for p in rec["predictions"]] == [im.image_id for im in ds.split("test")]
 
 
+@pytest.mark.slow
 def test_record_metrics_equal_rescoring_its_predictions(tiny_run, tiny_shapes):
     _, rec = tiny_run
     refs = load_karpathy(tiny_shapes).references("test")
@@ -56,6 +58,7 @@ def test_record_metrics_equal_rescoring_its_predictions(tiny_run, tiny_shapes):
         assert rec["metrics"][m] == pytest.approx(again.metrics[m], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_report_formats(tiny_run, tmp_path):
     results, rec = tiny_run
     out = _run("report", "--results-dir", str(results), "--format", "json").output
@@ -71,6 +74,7 @@ def test_report_formats(tiny_run, tmp_path):
     assert "CIDEr-D" in table
 
 
+@pytest.mark.slow
 def test_report_skips_a_corrupt_record_with_a_warning(tiny_run, tmp_path):
     results, _ = tiny_run
     (tmp_path / "runs").mkdir()
@@ -108,6 +112,7 @@ def test_data_shapes_writes_a_loadable_dataset(tmp_path):
     assert len(load_karpathy(tmp_path / "s" / "dataset.json").images) == 20
 
 
+@pytest.mark.slow
 @needs(COCO_MINI)
 def test_cli_on_coco_mini(tmp_path):
     _run("run", "--config", "tiny", "--dataset", str(COCO_MINI), "--arch", "lstm", "--epochs", "1",
@@ -118,6 +123,7 @@ def test_cli_on_coco_mini(tmp_path):
     assert len(rec["predictions"]) == 41 and rec["metrics"]["Bleu_1"] > 0
 
 
+@pytest.mark.slow
 def test_seeds_compare_and_aggregate(tiny_shapes, tmp_path):
     _run("run", "--config", "tiny", "--dataset", str(tiny_shapes), "--arch", "lstm",
          "--epochs", "1", "--seeds", "0,1", "--results-dir", str(tmp_path))

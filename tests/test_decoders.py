@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from architectures import create_decoder
+from architectures import create_decoder, list_decoders
 from benchmark.train import caption_loss
 from benchmark.vocab import Vocabulary
 
-DECODERS = ["rnn", "lstm", "attn_lstm", "transformer"]
+DECODERS = list_decoders()
 
 
 def _inputs(B=3, T=7, V=30, N=12, D=16, P=8, seed=0):

@@ -3,10 +3,10 @@ import itertools
 import pytest
 import torch
 
-from architectures import create_decoder
+from architectures import create_decoder, list_decoders
 from benchmark.decoding import beam_search, greedy_decode, sample_decode
 
-DECODERS = ["rnn", "lstm", "attn_lstm", "transformer"]
+DECODERS = list_decoders()
 
 
 def _model(name, V=12, seed=0):

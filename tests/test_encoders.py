@@ -4,8 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from architectures import create_encoder
-from architectures.encoders import EncoderWeightsError
+from architectures import EncoderWeightsError, create_encoder
 
 
 @pytest.mark.parametrize("name,grid,dim,pooled", [

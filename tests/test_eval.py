@@ -15,6 +15,7 @@ from tests.test_metrics import PREDS, REFS
 runner = CliRunner()
 
 
+@pytest.mark.slow
 @needs(COCO_DEMO)
 def test_reproduces_the_official_coco_caption_demo():
     before = sorted(p.name for p in _pkg_dir().rglob("*"))
@@ -65,6 +66,7 @@ def coco_refs(tmp_path):
         for j, c in enumerate(cs)]})
 
 
+@pytest.mark.slow
 def test_eval_against_coco_and_karpathy_references(tmp_path, coco_refs, tiny_shapes):
     preds = _write(tmp_path, "p.json", [{"image_id": i, "caption": c} for i, c in PREDS.items()])
     result = runner.invoke(app, ["eval", str(preds), "--references", str(coco_refs), "--format", "json"])

@@ -9,6 +9,7 @@ from benchmark import matrix as matrix_mod
 from benchmark.check import compare_to_baseline, write_baseline
 from benchmark.config import load_config
 from benchmark.matrix import run_matrix
+from benchmark.records import RunRecord
 from benchmark.runner import run_experiment
 
 
@@ -17,6 +18,7 @@ def _cfg(tiny_shapes, results):
                                 "results_dir": str(results)})
 
 
+@pytest.mark.slow
 def test_matrix_runs_resumes_and_records_failures(tiny_shapes, tmp_path, monkeypatch):
     cfg = _cfg(tiny_shapes, tmp_path)
     first = run_matrix(cfg, ["rnn", "lstm"], ["resnet18"], [0])
@@ -42,24 +44,28 @@ def test_matrix_runs_resumes_and_records_failures(tiny_shapes, tmp_path, monkeyp
     assert "simulated out-of-memory" in info["error"] and "Traceback" in info["traceback"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_machine_same_metrics(tiny_shapes, tmp_path):
     cfg = _cfg(tiny_shapes, tmp_path)
     cfg.arch = "attn_lstm"
     a, _ = run_experiment(copy.deepcopy(cfg))
     b, _ = run_experiment(copy.deepcopy(cfg))
-    assert a["metrics"] == b["metrics"]
-    assert a["predictions"] == b["predictions"]
-    assert a["training"]["history"][0]["loss"] == b["training"]["history"][0]["loss"]
+    assert a.metrics == b.metrics
+    assert a.predictions == b.predictions
+    assert a.training["history"][0]["loss"] == b.training["history"][0]["loss"]
     cfg.seed = 5
     c, _ = run_experiment(copy.deepcopy(cfg))
-    assert c["training"]["history"][0]["loss"] != a["training"]["history"][0]["loss"]
+    assert c.training["history"][0]["loss"] != a.training["history"][0]["loss"]
 
 
 def _record(cider, tok_s):
-    return {"metrics": {"Bleu_1": 0.5, "Bleu_4": 0.2, "METEOR": 0.2, "ROUGE_L": 0.4, "CIDEr": cider},
-            "throughput": {"train_tokens_per_s": tok_s, "decoder_captions_per_s": 100.0,
-                           "inference_images_per_s": 10.0},
-            "dataset": {"split_fingerprint": "abc"}, "environment": {}, "git_commit": None}
+    return RunRecord.from_dict({
+        "run_id": "r", "arch": "rnn", "encoder": "resnet18",
+        "metrics": {"Bleu_1": 0.5, "Bleu_4": 0.2, "METEOR": 0.2, "ROUGE_L": 0.4, "CIDEr": cider},
+        "throughput": {"train_tokens_per_s": tok_s, "decoder_captions_per_s": 100.0,
+                       "inference_images_per_s": 10.0},
+        "dataset": {"name": "shapes", "split_fingerprint": "abc"}, "environment": {},
+        "git_commit": None})
 
 
 def test_check_fails_on_metric_regression_not_on_slowdown(tmp_path):
@@ -85,8 +91,8 @@ def test_check_cli_reports_a_missing_baseline_clearly(tmp_path):
 
 @pytest.mark.parametrize("spec,message", [("shapes:abc", "shapes:N"), ("shapes:3", "at least 10")])
 def test_bad_shapes_spec(spec, message):
+    from benchmark.data import resolve_dataset
     from benchmark.errors import ConfigError
-    from benchmark.runner import resolve_dataset
 
     with pytest.raises(ConfigError, match=message):
         resolve_dataset(spec)

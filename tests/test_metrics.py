@@ -41,6 +41,7 @@ def _coco_eval(preds, refs, monkeypatch):
     return ev.eval
 
 
+@pytest.mark.slow
 def test_scores_equal_cocoevalcap(monkeypatch, capsys):
     ours = score_captions(PREDS, REFS)
     theirs = _coco_eval(PREDS, REFS, monkeypatch)

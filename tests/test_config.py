@@ -1,0 +1,52 @@
+"""Config loading: defaults < preset < flags, strict keys and types, resolved names."""
+
+import pytest
+
+from architectures import UnknownModelError
+from benchmark.config import config_id, load_config, resolved_config
+from benchmark.errors import ConfigError
+
+
+def test_layers_apply_in_order(tmp_path):
+    cfg = load_config()
+    assert cfg.train.epochs == 10 and cfg.arch == "attn_lstm"
+    y = tmp_path / "c.yaml"
+    y.write_text("arch: lstm\ntrain:\n  epochs: 3\n  lr: 1\ndecoder:\n  hidden_dim: 64\n")
+    cfg = load_config(str(y), {"train.epochs": 5, "seed": 7, "decode.beam_size": None})
+    assert (cfg.arch, cfg.train.epochs, cfg.seed, cfg.train.lr) == ("lstm", 5, 7, 1.0)
+    assert isinstance(cfg.train.lr, float) and cfg.decoder == {"hidden_dim": 64}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("train:\n  epoch: 3\n", "train.epoch: unknown key"),
+    ("train:\n  epochs: three\n", "train.epochs: expected an integer"),
+    ("pretrained: 1\n", "pretrained: expected true/false"),
+    ("train: 3\n", "train: expected a mapping"),
+    ("- 1\n- 2\n", "expected a mapping at the top level"),
+    ("a: [1\n", "not valid YAML"),
+    ("x: !!python/object/apply:os.system ['echo hacked']\n", "not valid YAML"),
+])
+def test_bad_files_name_the_file_and_key(tmp_path, text, message):
+    y = tmp_path / "bad.yaml"
+    y.write_text(text)
+    with pytest.raises(ConfigError, match=message) as exc:
+        load_config(str(y))
+    assert str(y) in str(exc.value)
+
+
+def test_resolved_config_uses_canonical_names_and_fills_defaults():
+    cfg = load_config(None, {"arch": "sat", "encoder": "clip"})
+    out = resolved_config(cfg)
+    assert out["arch"] == "attn_lstm" and out["encoder"] == "clip_vit_b32"
+    assert out["decoder"]["attention_regularization"] == 1.0
+    cfg.arch = "nope"
+    with pytest.raises(UnknownModelError):
+        resolved_config(cfg)
+
+
+def test_config_id_ignores_seed_and_output_folder_only():
+    a = resolved_config(load_config(None, {"seed": 1, "results_dir": "x"}))
+    b = resolved_config(load_config(None, {"seed": 2, "results_dir": "y"}))
+    c = resolved_config(load_config(None, {"train.epochs": 3}))
+    assert config_id(a) == config_id(b) != config_id(c)
+    assert len(config_id(a)) == 10

@@ -1,0 +1,157 @@
+"""The house's plan holds: no import cycles, one decoder factory, one declared run record."""
+
+import ast
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from torch import nn
+
+from architectures import (
+    HyperparameterError,
+    create_decoder,
+    list_decoders,
+    list_encoders,
+    register_decoder,
+    resolve_decoder_hparams,
+)
+from architectures.decoders.base import CaptionDecoder, DecoderOutput
+from architectures.registry import unregister
+from benchmark.records import SCHEMA_PATH, RunRecord, load_record
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Explicit imports (top-level and inside functions) between the package's own modules."""
+    mods = {}
+    for p in [*ROOT.glob("architectures/**/*.py"), *ROOT.glob("benchmark/**/*.py")]:
+        name = ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        mods[name] = p
+    graph = {m: set() for m in mods}
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            graph[m] |= {t for t in targets if t in mods and t != m}
+    return graph
+
+
+def test_no_module_imports_a_module_that_imports_it_back():
+    graph = _import_graph()
+    assert "architectures.registry" in graph and len(graph) > 25
+
+    def reachable(start):
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    cycles = sorted(m for m in graph if m in reachable(m))
+    assert cycles == []
+    assert graph["architectures.registry"] == {"architectures.errors"}  # imports no model
+    assert not any(t.startswith("benchmark") for m, ts in graph.items()
+                   if m.startswith("architectures") for t in ts)
+
+
+def test_ci_encoders_come_from_the_registry():
+    assert list_encoders(ci=True) == ["resnet18", "vit_tiny"]
+    assert list_encoders(ci=False) == ["clip_vit_b32", "resnet50", "vit_b16"]
+    assert sorted(list_encoders()) == sorted(list_encoders(ci=True) + list_encoders(ci=False))
+
+
+def test_factory_resolves_types_unknown_names_and_constructor_errors():
+    hp = resolve_decoder_hparams("lstm", {"embed_dim": 32, "num_heads": 4, "transformer": {"num_layers": 9}})
+    assert hp["embed_dim"] == 32 and "num_heads" not in hp and hp["num_layers"] == 1
+    assert resolve_decoder_hparams("transformer", {"transformer": {"num_layers": 3}})["num_layers"] == 3
+    with pytest.raises(HyperparameterError, match="embed_dims"):
+        resolve_decoder_hparams("lstm", {"embed_dims": 3})
+    with pytest.raises(HyperparameterError, match="hidden_dim='big' should be an integer"):
+        resolve_decoder_hparams("lstm", {"hidden_dim": "big"})
+    with pytest.raises(HyperparameterError, match="not divisible"):
+        create_decoder("transformer", 10, 8, 8, {"embed_dim": 30, "num_heads": 4})
+
+
+class _Echo(CaptionDecoder):
+    """Throwaway decoder: a bag of grid features plus the previous word, with an unusual knob."""
+
+    def __init__(self, vocab_size: int, grid_dim: int, pooled_dim: int, echo_gain: float = 0.25,
+                 embed_dim: int = 16) -> None:
+        super().__init__(vocab_size, grid_dim, pooled_dim)
+        self.echo_gain = echo_gain
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.img = nn.Linear(grid_dim, embed_dim)
+        self.fc = nn.Linear(embed_dim, vocab_size)
+
+    def forward(self, grid, pooled, tokens, lengths):
+        h = self.embed(tokens) + self.echo_gain * self.img(grid.mean(1)).unsqueeze(1)
+        return DecoderOutput(self.fc(torch.tanh(h)))
+
+    def init_state(self, grid, pooled):
+        return {"img": self.echo_gain * self.img(grid.mean(1))}
+
+    def step(self, tokens, state):
+        return self.fc(torch.tanh(self.embed(tokens) + state["img"])), state
+
+
+@pytest.fixture
+def echo_decoder():
+    register_decoder("echo_test")(_Echo)
+    yield "echo_test"
+    unregister("decoder", "echo_test")
+
+
+@pytest.mark.slow
+def test_a_new_decoder_is_one_registration_away(echo_decoder, tiny_shapes, tmp_path):
+    from benchmark.bench import DecoderWorkload, bench_decoder
+    from benchmark.config import load_config
+    from benchmark.runner import run_experiment
+
+    cfg = load_config("tiny", {"dataset": str(tiny_shapes), "arch": echo_decoder,
+                               "train.epochs": 1, "results_dir": str(tmp_path)})
+    cfg.decoder = {"echo_gain": 0.75}
+    record, path = run_experiment(cfg)
+    assert record.arch == "echo_test" and record.config["decoder"]["echo_gain"] == 0.75
+    assert load_record(path).metrics == record.metrics
+    jsonschema.validate(json.loads(path.read_text()), json.loads(SCHEMA_PATH.read_text()))
+    row = bench_decoder(echo_decoder, DecoderWorkload(grid_size=4, grid_dim=8, pooled_dim=8,
+                                                      vocab_size=20, batch_size=2, caption_len=3),
+                        torch.device("cpu"), iters=1, warmup=0)
+    assert row["arch"] == "echo_test" and row["train_tokens_per_s"] > 0
+    assert echo_decoder in list_decoders()
+
+
+def _committed_records():
+    return sorted(ROOT.glob("results/*/runs/*.json"))
+
+
+def test_every_committed_record_validates_against_the_schema():
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    paths = _committed_records()
+    assert len(paths) >= 20
+    for p in paths:
+        jsonschema.validate(json.loads(p.read_text()), schema)
+        rec = load_record(p)
+        assert rec.to_dict() == json.loads(p.read_text())  # RunRecord round-trips the file
+
+
+def test_schema_and_run_record_declare_the_same_fields():
+    schema = json.loads(SCHEMA_PATH.read_text())
+    fields = set(RunRecord.__dataclass_fields__) - {"path"}
+    assert set(schema["properties"]) == fields == set(schema["required"])
+
+
+def test_a_record_missing_a_field_is_named():
+    from benchmark.errors import RecordError
+
+    with pytest.raises(RecordError, match="'metrics' is missing"):
+        RunRecord.from_dict({"run_id": "x", "arch": "a", "encoder": "e", "dataset": {}}, "x.json")
