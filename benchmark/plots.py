@@ -12,8 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 
-__all__ = ["pareto_front", "plot_quality_vs_throughput", "plot_metric_bars", "write_plots"]
+__all__ = ["pareto_front", "plot_quality_vs_throughput", "quality_vs_throughput_figure",
+           "plot_metric_bars", "write_plots", "PlainLogFormatter"]
 
 BAR_METRICS = [("Bleu_4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"),
                ("CIDEr", "CIDEr-D")]
@@ -33,9 +35,30 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
-def plot_quality_vs_throughput(df: pd.DataFrame, title: str, path: Path,
-                               speed: str = "inference_images_per_s") -> Path:
-    """CIDEr-D (x100) vs a throughput column (log scale), one marker per run, Pareto front."""
+def plain_number(x: float) -> str:
+    """A tick value as people write it: ``4``, ``20``, ``1,000``, ``0.5``."""
+    return f"{x:,.0f}" if abs(x) >= 1 else f"{x:g}"
+
+
+class PlainLogFormatter(LogFormatter):
+    """Log-axis tick labels as plain numbers (``4``, ``6``, ``10``, ``1,000``) rather than
+    matplotlib's ``4x10^0``; which ticks get a label is matplotlib's choice, as before
+    (every decade, and 2, 4, 6 within a decade or so)."""
+
+    def __call__(self, x, pos=None):
+        """The label of the tick at ``x`` (empty for an unlabelled minor tick)."""
+        return plain_number(x) if super().__call__(x, pos) else ""
+
+
+def _use_plain_log_labels(axis) -> None:
+    """Plain-number labels on the major and minor ticks of a log-scale ``axis``."""
+    axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+
+
+def quality_vs_throughput_figure(df: pd.DataFrame, title: str,
+                                 speed: str = "inference_images_per_s"):
+    """The figure of :func:`plot_quality_vs_throughput` (the caller closes it)."""
     d = df.dropna(subset=["CIDEr", speed])
     fig, ax = plt.subplots(figsize=(9, 5))
     encoders = sorted(d["encoder"].unique())
@@ -54,6 +77,7 @@ def plot_quality_vs_throughput(df: pd.DataFrame, title: str, path: Path,
     for e in encoders:
         ax.scatter([], [], marker="s", color=colours[e], label=e)
     ax.set_xscale("log")
+    _use_plain_log_labels(ax.xaxis)
     label = {"inference_images_per_s": "inference images/s (from pixels, log scale)",
              "train_tokens_per_s": "training tokens/s (log scale)"}.get(speed, speed)
     ax.set_xlabel(label)
@@ -62,8 +86,18 @@ def plot_quality_vs_throughput(df: pd.DataFrame, title: str, path: Path,
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot_quality_vs_throughput(df: pd.DataFrame, title: str, path: Path,
+                               speed: str = "inference_images_per_s") -> Path:
+    """CIDEr-D (x100) vs a throughput column (log scale, plain-number ticks), one marker per
+    run, Pareto front; written to ``path`` (PNG)."""
+    fig = quality_vs_throughput_figure(df, title, speed)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 

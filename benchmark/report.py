@@ -5,6 +5,11 @@ sorted by CIDEr-D. Scores are shown x100 in tables (as papers print them), with 
 half-width of the bootstrap 95% CI when the record has one (``66.1 ±2.3``), and kept raw in
 CSV/JSON (with ``<metric>_ci_low``/``_ci_high`` columns). :func:`aggregate_seeds` folds runs
 that differ only in seed into mean ± std rows.
+
+In a terminal (:func:`render_rich`) the board is compact by default (run, decoder, encoder,
+BLEU-4, METEOR, CIDEr-D, tokens/s, uniq%), ``wide`` shows every column and ``columns`` picks
+some. A number is never cut: when a table is wider than the console, whole columns are hidden
+by a fixed priority (:data:`DROP_ORDER`) and the table's footer names them.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmark.errors import CapbenchError
 from benchmark.fsutil import atomic_write_text
 from benchmark.metrics import ALL_METRICS
 from benchmark.records import RunRecord
@@ -27,6 +33,7 @@ THROUGHPUT_COLUMNS = {  # training tokens/s; images/s from pixels; decoder-only 
 }
 SHORT = {"Bleu_1": "B@1", "Bleu_2": "B@2", "Bleu_3": "B@3", "Bleu_4": "B@4", "METEOR": "M",
          "ROUGE_L": "R-L", "CIDEr": "CIDEr-D", "SPICE": "S"}
+#: markdown's key to every column (the terminal table keys only the columns it shows)
 LEGEND = ("scores x100 (pycocoevalcap) ±95% bootstrap CI half-width or ±std over seeds; "
           "B = BLEU, M = METEOR, R-L = ROUGE-L, S = SPICE; weights pre(trained)/rand(om init); "
           "tok/s training tokens/s, img/s inference from pixels, cap/s decoder-only; uniq% "
@@ -34,8 +41,44 @@ LEGEND = ("scores x100 (pycocoevalcap) ±95% bootstrap CI half-width or ±std ov
           "run = MMDD-HHMMSS-tag of the run id")
 IDENTITY = ["dataset", "split", "config_id", "arch", "encoder", "weights", "beam"]
 
+#: the terminal table's default columns (display names; ``arch`` is headed "decoder" there)
+COMPACT_COLUMNS = ("run", "arch", "encoder", "B@4", "M", "CIDEr-D", "tok/s", "uniq%")
+#: columns the terminal table shows whatever the width or the chosen columns
+ALWAYS_SHOWN = ("run", "arch", "encoder", "CIDEr-D")
+#: the order in which the terminal table hides columns that do not fit (first hidden first)
+DROP_ORDER = ("params", "beam", "seed", "seeds", "B@2", "B@3", "cap/s", "B@1", "S", "img/s",
+              "R-L", "weights", "uniq%", "M", "tok/s", "B@4")
+#: terminal headers that differ from the display names (markdown keeps ``arch``)
+RICH_HEADERS = {"arch": "decoder"}
+#: the leaderboard (CSV/JSON) key behind each display column; ``render_rich(columns=...)``
+#: takes either name, the terminal header (``decoder``) or a metric's long name (``BLEU-4``)
+COLUMN_KEYS = {
+    "run": "run_id", "arch": "arch", "encoder": "encoder", "weights": "weights", "seed": "seed",
+    "beam": "beam", **{SHORT[m]: m for m in METRIC_COLUMNS},
+    **{label: key for key, label in THROUGHPUT_COLUMNS.items()},
+    "uniq%": "unique_pct", "params": "decoder_params",
+}
+_MORE_NAMES = {"seed": ("seeds",), "R-L": ("ROUGE-L",),
+               **{f"B@{n}": (f"BLEU-{n}",) for n in range(1, 5)}}
+#: what each shown column means, for the terminal table's footer
+_LEGEND_PARTS = {
+    "weights": "weights pre(trained)/rand(om init)",
+    "B@": "B@n = BLEU-n", "M": "M = METEOR", "R-L": "R-L = ROUGE-L", "S": "S = SPICE",
+    "tok/s": "tok/s training tokens/s", "img/s": "img/s inference images/s from pixels",
+    "cap/s": "cap/s decoder-only captions/s",
+    "uniq%": "uniq% distinct test captions (low = one caption for every image)",
+    "params": "params trainable decoder parameters",
+    "run": "run = MMDD-HHMMSS-tag of the run id",
+}
+
 __all__ = ["leaderboard", "aggregate_seeds", "render_markdown", "render_rich", "render",
-           "write_leaderboard_file", "METRIC_COLUMNS"]
+           "write_leaderboard_file", "resolve_columns", "ColumnError", "METRIC_COLUMNS",
+           "COMPACT_COLUMNS"]
+
+
+class ColumnError(CapbenchError, ValueError):
+    """An unknown column name was asked of :func:`render_rich` (the message lists the valid
+    ones). A ValueError, and a CapbenchError so the CLI prints it without a traceback."""
 
 
 def leaderboard(records: list[RunRecord]) -> pd.DataFrame:
@@ -145,20 +188,124 @@ def render_markdown(df: pd.DataFrame) -> str:
     return "\n\n".join(parts) + f"\n\n{LEGEND[0].upper()}{LEGEND[1:]}.\n"
 
 
-def render_rich(df: pd.DataFrame, console) -> None:
-    """Print one rich table per dataset/split group."""
+def resolve_columns(names: list[str]) -> list[str]:
+    """Display names for ``names``: display labels (``B@4``, ``CIDEr-D``, ``tok/s``), terminal
+    headers (``decoder``) or raw keys (``Bleu_4``, ``CIDEr``, ``train_tokens_per_s``), any case.
+
+    Raises :class:`ColumnError` (a ValueError) naming the valid names for an unknown one."""
+    lookup = {}
+    for label, key in COLUMN_KEYS.items():
+        for name in (label, RICH_HEADERS.get(label, label), key, *_MORE_NAMES.get(label, ())):
+            lookup[name.casefold()] = label
+    out = []
+    for name in names:
+        label = lookup.get(name.strip().casefold())
+        if label is None:
+            labels = ", ".join(RICH_HEADERS.get(c, c) for c in COLUMN_KEYS)
+            keys = ", ".join(k for c, k in COLUMN_KEYS.items() if k != RICH_HEADERS.get(c, c))
+            raise ColumnError(f"unknown column {name!r}: choose from {labels} (or the "
+                              f"leaderboard keys {keys}; any case)")
+        if label not in out:
+            out.append(label)
+    return out
+
+
+def _text(v) -> str:
+    """A display cell as text: ``-`` for a missing value, whole floats without ``.0``."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _legend(shown: list[str], aggregated: bool) -> str:
+    """The footer's key to the columns in ``shown`` (and only those)."""
+    spread = "±std over seeds" if aggregated else "±95% bootstrap CI half-width"
+    parts = [f"scores x100 (pycocoevalcap) {spread}"]
+    keys = ["B@" if c.startswith("B@") else c for c in shown]
+    parts += [text for key, text in _LEGEND_PARTS.items() if key in keys]
+    return "; ".join(parts)
+
+
+def _rich_table(title: str, g: pd.DataFrame, shown: list[str], caption=None):
+    """A rich Table of the ``shown`` columns of display rows ``g``.
+
+    No outer edge and no padding at the table's edges (each column costs its width + 3, less
+    3 for the table), so the compact view of a realistic board fits 100 columns. Cells fold
+    rather than get an ellipsis, so a number is never cut; :func:`_fit_columns` picks the
+    columns so that nothing needs to fold."""
     from rich.table import Table
 
+    table = Table(title=title, caption=caption, caption_justify="left", show_edge=False,
+                  pad_edge=False)
+    for c in shown:
+        numeric = c in SHORT.values() or c in THROUGHPUT_COLUMNS.values() or c in ("uniq%", "params")
+        table.add_column(RICH_HEADERS.get(c, c), justify="right" if numeric else "left",
+                         overflow="fold")
+    for _, row in g.iterrows():
+        table.add_row(*(_text(row[c]) for c in shown))
+    return table
+
+
+def _natural_width(table, console) -> int:
+    """Columns ``table`` takes unconstrained: every column as wide as its header or longest
+    cell, plus rich's padding and rules (measured by rich itself, not estimated)."""
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update_width(1 << 16), table).maximum
+
+
+def _fit_columns(title: str, g: pd.DataFrame, wanted: list[str], console):
+    """Hide columns of ``wanted`` in :data:`DROP_ORDER` until the table fits ``console.width``.
+
+    Returns ``(shown, hidden)``. :data:`ALWAYS_SHOWN` columns are never hidden (if those
+    alone do not fit, rich wraps their cells rather than cut them)."""
+    shown, hidden = list(wanted), []
+    droppable = [c for c in DROP_ORDER if c in shown and c not in ALWAYS_SHOWN]
+    while droppable and _natural_width(_rich_table(title, g, shown), console) > console.width:
+        col = droppable.pop(0)
+        shown.remove(col)
+        hidden.append(col)
+    return shown, [c for c in wanted if c in hidden]
+
+
+def render_rich(df: pd.DataFrame, console, columns: list[str] | None = None,
+                wide: bool = False) -> None:
+    """Print one rich table per dataset/split group, every number whole.
+
+    By default the compact :data:`COMPACT_COLUMNS`; ``wide=True``: every column; ``columns``:
+    these columns (names as :func:`resolve_columns` takes them) in the board's order, with
+    the run, decoder, encoder and CIDEr-D (the ranking) always there. An unknown column name
+    raises :class:`ColumnError` (a ValueError), even with ``wide``. Columns that do not fit
+    ``console.width`` are hidden (:data:`DROP_ORDER`) and named in the table's footer, with
+    a key to the columns shown."""
+    from rich.text import Text
+
+    chosen = resolve_columns(columns) if columns is not None else None
     if df.empty:
         console.print("no runs found")
         return
     for title, g in _groups(_display(df)):
-        table = Table(title=title, caption=LEGEND)
-        for c in g.columns:
-            table.add_column(c, justify="right" if c in SHORT.values() else "left", no_wrap=True)
-        for row in g.itertuples(False):
-            table.add_row(*(str(v) for v in row))
-        console.print(table)
+        seed_col = "seeds" if "seeds" in g.columns else "seed"
+        if wide:
+            wanted = list(g.columns)
+        else:
+            pick = set(COMPACT_COLUMNS if chosen is None else chosen) | set(ALWAYS_SHOWN)
+            if "seed" in pick:
+                pick.add(seed_col)
+            wanted = [c for c in g.columns if c in pick]
+        shown, hidden = _fit_columns(title, g, wanted, console)
+        legend = _legend(shown, aggregated=seed_col == "seeds") + "."
+        if not wide and chosen is None:
+            legend += " More columns: --wide or --columns (capbench report)."
+        caption = Text(legend, style="dim")
+        if hidden:
+            names = ", ".join(RICH_HEADERS.get(c, c) for c in hidden)
+            how = "--columns" if wide else "--wide / --columns"
+            caption.append(f"\nhidden for width: {names} — widen the terminal, or use {how}.",
+                           style="yellow")
+        console.print(_rich_table(title, g, shown, caption))
 
 
 def render(df: pd.DataFrame, fmt: str) -> str:
