@@ -62,6 +62,18 @@ def load_local_weights(module: nn.Module, path: str | Path, *, strict: bool = Fa
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EncoderWeightsError(
+            f"weights file {path} holds a {type(state).__name__}, not a state dict "
+            "(a mapping of parameter names to tensors): save it with "
+            "torch.save(model.state_dict(), PATH) or safetensors")
+    own = module.state_dict()
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise EncoderWeightsError(
+                f"weights file {path} does not fit this encoder: {name} has shape "
+                f"{tuple(tensor.shape)} in the file but {tuple(own[name].shape)} in the model "
+                "(is it the checkpoint of another architecture?)")
     result = module.load_state_dict(state, strict=strict)
     if result.missing_keys:
         shown = ", ".join(result.missing_keys[:5])

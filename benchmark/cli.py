@@ -12,7 +12,12 @@ from rich.table import Table
 
 from benchmark.errors import CapbenchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+QUICKSTART = """Quickstart:
+  capbench run --config demo          train and score the demo model on the embedded `shapes` set
+  capbench report                     the leaderboard of every run in results/
+  capbench eval PREDS.json --references coco-val2014   score captions made by any codebase"""
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="Benchmark image-captioning encoders x decoders on one harness.")
 data_app = typer.Typer(no_args_is_help=True, help="Write the embedded datasets to disk.")
 app.add_typer(data_app, name="data")
@@ -23,6 +28,29 @@ err = Console(stderr=True, soft_wrap=True)
 def _fail(message: str, code: int = 2):
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    err.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+
+
+@app.callback(invoke_without_command=True)
+def _main(ctx: typer.Context):
+    """Benchmark image-captioning encoders x decoders on one harness."""
+    import tempfile
+    import warnings
+
+    from benchmark.errors import CapbenchWarning
+    from benchmark.fsutil import remove_stale_temps
+
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("always", CapbenchWarning)
+    remove_stale_temps(tempfile.gettempdir())  # scratch folders of killed capbench processes
+    if ctx.invoked_subcommand is None:
+        console.print(QUICKSTART, highlight=False)
+        console.print()
+        console.print(ctx.get_help())
+        raise typer.Exit(0)
 
 
 def _guard(fn):
@@ -37,6 +65,9 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except (CapbenchError, ArchitectureError) as exc:
             _fail(str(exc))
+        except OSError as exc:  # a file or folder the user named: unreadable, read-only, full
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc}")
         except KeyboardInterrupt:
             _fail("interrupted; records already written are kept", 130)
 
@@ -112,15 +143,29 @@ def report(
     aggregate: Annotated[bool, typer.Option(help="fold runs that differ only in seed into mean ± std rows")] = False,
     plot: Annotated[Path | None, typer.Option(help="write PNG plots here (quality vs throughput with Pareto front, per-metric bars)")] = None,
     leaderboard_file: Annotated[bool, typer.Option("--leaderboard-file/--no-leaderboard-file", help="also write <results-dir>/LEADERBOARD.md")] = True,
+    columns: Annotated[str | None, typer.Option(help="table columns, comma-separated, e.g. B@1,B@4,CIDEr-D,img/s (display names or keys such as Bleu_4, CIDEr, train_tokens_per_s; any case); run, decoder, encoder and CIDEr-D are always shown")] = None,
+    wide: Annotated[bool, typer.Option("--wide", help="table: every column (any that do not fit the terminal are named under the table)")] = False,
 ):
     """Show every run as a leaderboard grouped by dataset and split fingerprint.
 
     Also writes <results-dir>/LEADERBOARD.md (markdown) unless --no-leaderboard-file."""
     from benchmark.records import load_records
-    from benchmark.report import aggregate_seeds, leaderboard, render, render_rich, write_leaderboard_file
+    from benchmark.report import (
+        aggregate_seeds,
+        leaderboard,
+        render,
+        render_rich,
+        resolve_columns,
+        write_leaderboard_file,
+    )
 
     if format not in ("table", "markdown", "csv", "json"):
         _fail(f"--format {format!r}: choose table, markdown, csv or json")
+    cols = [c for c in columns.split(",") if c.strip()] if columns is not None else None
+    if cols is not None:
+        resolve_columns(cols)  # an unknown name fails before plots/LEADERBOARD.md are written
+    if not results_dir.is_dir():
+        _fail(f"--results-dir {results_dir} does not exist (runs are written to <results-dir>/runs/)")
     records, problems = load_records(results_dir)
     for p in problems:
         err.print(f"[yellow]skipped:[/] {p}", highlight=False)
@@ -128,20 +173,30 @@ def report(
     if plot is not None and not df.empty:
         from benchmark.plots import write_plots
 
-        for p in write_plots(df, plot):
-            err.print(f"wrote {p}")
+        try:
+            for p in write_plots(df, plot):
+                err.print(f"wrote {p}")
+        except OSError as exc:
+            _fail(f"cannot write the plots to --plot {plot}: {exc.strerror or exc}")
     if aggregate:
         df = aggregate_seeds(df)
     if leaderboard_file and not df.empty:
-        write_leaderboard_file(df, results_dir)
+        try:
+            write_leaderboard_file(df, results_dir)
+        except OSError as exc:
+            err.print(f"[yellow]warning:[/] could not write {results_dir / 'LEADERBOARD.md'} "
+                      f"({exc.strerror or exc}); pass --no-leaderboard-file to skip it", highlight=False)
     if format == "table" and output is None:
-        render_rich(df, console)
+        render_rich(df, console, columns=cols, wide=wide)
         return
     text = render(df, "markdown" if format == "table" else format)
     if output:
         from benchmark.fsutil import atomic_write_text
 
-        atomic_write_text(output, text)
+        try:
+            atomic_write_text(output, text)
+        except OSError as exc:
+            _fail(f"cannot write --output {output}: {exc.strerror or exc}")
         console.print(f"wrote {output} ({len(df)} runs)")
     else:
         sys.stdout.write(text)
@@ -424,13 +479,14 @@ def data_shapes(
     out: Annotated[Path, typer.Option(help="output folder (dataset.json + images/)")],
     n_images: Annotated[int, typer.Option(help="number of images")] = 600,
     seed: Annotated[int, typer.Option(help="generator seed")] = 0,
+    force: Annotated[bool, typer.Option(help="overwrite an existing dataset.json in --out")] = False,
 ):
     """Generate the embedded 'shapes' dataset in Karpathy format."""
     from benchmark.shapes import generate_shapes
 
     if n_images < 10:
         _fail("--n-images must be at least 10")
-    path = generate_shapes(out, n_images, seed)
+    path = generate_shapes(out, n_images, seed, overwrite=force)
     console.print(f"wrote {path} ({n_images} images)")
 
 

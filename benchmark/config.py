@@ -21,7 +21,14 @@ from benchmark.errors import ConfigError
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 __all__ = ["RunConfig", "TrainConfig", "FeatureConfig", "load_config", "config_to_dict",
-           "CONFIG_DIR", "resolve_config_path", "read_config_file", "resolved_config", "config_id"]
+           "CONFIG_DIR", "resolve_config_path", "read_config_file", "resolved_config", "config_id",
+           "check_ranges"]
+
+
+def _r(default, **bounds):
+    """A dataclass field with its allowed range in ``metadata`` (min, max, min_exclusive,
+    choices), checked by :func:`check_ranges`."""
+    return field(default=default, metadata=bounds)
 
 
 @dataclass
@@ -29,20 +36,21 @@ class TrainConfig:
     """Harness settings shared by every decoder (teacher forcing, masked cross-entropy).
 
     ``lr`` peak AdamW learning rate; linear warmup over ``warmup_frac`` of the steps, then
-    cosine decay to 0; ``grad_clip`` max global L2 norm; ``max_caption_len`` words kept per
-    training caption; ``min_word_count`` vocabulary threshold (train split only).
+    cosine decay to 0; ``grad_clip`` max global L2 norm (0 = off); ``max_caption_len`` words
+    kept per training caption; ``min_word_count`` vocabulary threshold (train split only);
+    ``val_every`` validate every N epochs (and after the last).
     """
 
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_frac: float = 0.05
-    grad_clip: float = 5.0
-    label_smoothing: float = 0.0
-    max_caption_len: int = 20
-    min_word_count: int = 2
-    val_every: int = 1
+    epochs: int = _r(10, min=1)
+    batch_size: int = _r(64, min=1)
+    lr: float = _r(5e-4, min_exclusive=0.0)
+    weight_decay: float = _r(0.01, min=0.0)
+    warmup_frac: float = _r(0.05, min=0.0, max=1.0)
+    grad_clip: float = _r(5.0, min=0.0)
+    label_smoothing: float = _r(0.0, min=0.0, max_exclusive=1.0)
+    max_caption_len: int = _r(20, min=1)
+    min_word_count: int = _r(2, min=1)
+    val_every: int = _r(1, min=1)
 
 
 @dataclass
@@ -52,10 +60,10 @@ class FeatureConfig:
     ``throughput_images``: test images re-encoded from pixels to time end-to-end inference
     (0 = all; a sample keeps the matrix fast, captions still come from every test image)."""
 
-    batch_size: int = 32
+    batch_size: int = _r(32, min=1)
     normalize: bool = True
-    throughput_images: int = 64
-    num_workers: int | None = None
+    throughput_images: int = _r(64, min=0)
+    num_workers: int | None = _r(None, min=0)
     cache_dir: str | None = None
 
 
@@ -68,8 +76,8 @@ class RunConfig:
     dataset: str = "shapes"
     pretrained: bool = True
     weights: str | None = None
-    encoder_init_seed: int = 0
-    seed: int = 0
+    encoder_init_seed: int = _r(0, min=0)
+    seed: int = _r(0, min=0)
     device: str = "auto"
     results_dir: str = "results"
     decoder: dict[str, Any] = field(default_factory=dict)
@@ -82,8 +90,17 @@ class RunConfig:
 _SECTIONS = {"train": TrainConfig, "decode": DecodeConfig, "features": FeatureConfig}
 
 
-def _coerce(value: Any, default: Any, where: str) -> Any:
-    if default is None or value is None:
+_INT_FIELDS_WITH_NONE = {"num_workers"}
+
+
+def _coerce(value: Any, default: Any, where: str, key: str = "") -> Any:
+    if value is None:
+        return value
+    if default is None:
+        if key in _INT_FIELDS_WITH_NONE and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{where}: expected an integer or null, got {value!r}")
+        if key not in _INT_FIELDS_WITH_NONE and not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string or null, got {value!r}")
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -102,12 +119,49 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
     return value
 
 
+def _range_problem(value: Any, bounds: dict) -> str | None:
+    """Why ``value`` is outside ``bounds`` (the allowed range, in words), or None."""
+    if value is None or not bounds:
+        return None
+    if "choices" in bounds:
+        return None if value in bounds["choices"] else "must be one of " + ", ".join(bounds["choices"])
+    parts = []
+    if "min" in bounds:
+        parts.append(f">= {bounds['min']}")
+    if "min_exclusive" in bounds:
+        parts.append(f"> {bounds['min_exclusive']}")
+    if "max" in bounds:
+        parts.append(f"<= {bounds['max']}")
+    if "max_exclusive" in bounds:
+        parts.append(f"< {bounds['max_exclusive']}")
+    ok = (value >= bounds.get("min", value) and value <= bounds.get("max", value)
+          and ("min_exclusive" not in bounds or value > bounds["min_exclusive"])
+          and ("max_exclusive" not in bounds or value < bounds["max_exclusive"]))
+    return None if ok else "allowed: " + " and ".join(parts)
+
+
+def check_ranges(obj: Any, source: str = "config", prefix: str = "") -> None:
+    """Check every field of a config dataclass (recursively) against its declared range.
+
+    Raises ConfigError naming ``source``, the key, its value and the allowed range, e.g.
+    ``command line: train.batch_size = -4 is out of range (allowed: >= 1)``.
+    """
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, source, f"{prefix}{f.name}.")
+            continue
+        why = _range_problem(value, dict(f.metadata))
+        if why:
+            raise ConfigError(f"{source}: {prefix}{f.name} = {value!r} is out of range ({why})")
+
+
 def _apply(obj: Any, values: dict, source: str, prefix: str = "") -> None:
-    valid = {f.name for f in dataclasses.fields(obj)}
+    fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         where = f"{source}: {prefix}{key}"
-        if key not in valid:
-            raise ConfigError(f"{where}: unknown key; valid keys are {', '.join(sorted(valid))}")
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key; valid keys are {', '.join(sorted(fields))}")
         current = getattr(obj, key)
         if key in _SECTIONS and not prefix:
             if not isinstance(value, dict):
@@ -118,7 +172,11 @@ def _apply(obj: Any, values: dict, source: str, prefix: str = "") -> None:
                 raise ConfigError(f"{where}: expected a mapping of decoder hyperparameters")
             current.update(value)
         else:
-            setattr(obj, key, _coerce(value, current, where))
+            value = _coerce(value, fields[key].default, where, key)
+            why = _range_problem(value, dict(fields[key].metadata))
+            if why:
+                raise ConfigError(f"{where} = {value!r} is out of range ({why})")
+            setattr(obj, key, value)
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -183,11 +241,16 @@ def resolved_config(cfg: RunConfig) -> dict:
     """The config as stored in a record: canonical model names and the decoder's
     hyperparameters with its defaults filled in.
 
-    Raises UnknownModelError / HyperparameterError (from ``architectures``) for a bad name or
-    hyperparameter: every constructor check runs here, on the meta device, before any work.
+    This is the whole up-front validation of a run, cheap and before any image is read:
+    declared ranges (ConfigError), the device (ConfigError when absent), model names
+    (UnknownModelError) and decoder hyperparameters (HyperparameterError: the decoder is
+    built once on the meta device, so every constructor check runs).
     """
     from architectures import get_entry, validate_decoder
+    from benchmark.device import select_device
 
+    check_ranges(cfg)
+    select_device(cfg.device)
     out = config_to_dict(cfg)
     out["arch"] = get_entry("decoder", cfg.arch).name
     out["encoder"] = get_entry("encoder", cfg.encoder).name

@@ -8,7 +8,7 @@ style). Outputs are word-id lists without ``<bos>``/``<eos>``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,18 +23,20 @@ class DecodeConfig:
     beams are ranked by ``logprob / ((5 + len) / 6) ** alpha``; 0 ranks by raw log-probability.
     ``strategy`` "sample" draws with ``temperature``, ``top_k`` and ``top_p`` (nucleus,
     Holtzman et al. 2020) instead. ``suppress_unk`` never emits ``<unk>`` (as most captioning
-    codebases do: an ``<unk>`` in a caption only scores as junk tokens).
+    codebases do: an ``<unk>`` in a caption only scores as junk tokens). ``batch_size``: images
+    decoded together. Each field's ``metadata`` declares its allowed range, which the config
+    loader checks (:func:`benchmark.config.check_ranges`).
     """
 
-    beam_size: int = 1
-    max_len: int = 20
-    length_penalty: float = 0.0
-    strategy: str = "beam"  # "beam" (beam_size 1 = greedy) or "sample"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    beam_size: int = field(default=1, metadata={"min": 1})
+    max_len: int = field(default=20, metadata={"min": 1})
+    length_penalty: float = field(default=0.0, metadata={"min": 0.0})
+    strategy: str = field(default="beam", metadata={"choices": ("beam", "sample")})
+    temperature: float = field(default=1.0, metadata={"min_exclusive": 0.0})
+    top_k: int = field(default=0, metadata={"min": 0})
+    top_p: float = field(default=1.0, metadata={"min_exclusive": 0.0, "max": 1.0})
     suppress_unk: bool = True
-    batch_size: int = 64
+    batch_size: int = field(default=64, metadata={"min": 1})
 
 
 def _forbid(logp: torch.Tensor, pad_id: int, bos_id: int, unk_id: int | None = None) -> torch.Tensor:

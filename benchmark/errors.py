@@ -15,3 +15,12 @@ class ConfigError(CapbenchError):
 
 class RecordError(CapbenchError):
     """A run record cannot be read or does not fit the requested operation."""
+
+
+class StorageError(CapbenchError):
+    """A folder capbench must write to is unwritable or too full (the message names it and
+    says what to do)."""
+
+
+class CapbenchWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints it)."""

@@ -15,24 +15,25 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from benchmark.data import ImageRecord
-from benchmark.errors import DatasetError
-from benchmark.fsutil import atomic_write
+from benchmark.errors import CapbenchWarning, DatasetError
+from benchmark.fsutil import atomic_write, ensure_writable, remove_stale_temps
 from benchmark.paths import cache_root
 
 FORMAT_VERSION = 1
 
 __all__ = ["FeatureStore", "ImageFolderDataset", "feature_cache_key", "extract_features",
-           "load_or_extract", "default_num_workers"]
+           "load_or_extract", "default_num_workers", "feature_bytes"]
 
 
 class ImageFolderDataset(Dataset):
@@ -172,13 +173,21 @@ def _storage(t: torch.Tensor) -> torch.Tensor:
     return t.half().contiguous() if finite16 else t.float().contiguous()
 
 
+def feature_bytes(encoder, n_images: int) -> int:
+    """Bytes of the cached features of ``n_images`` images (float16 grid and pooled vector)."""
+    return n_images * (encoder.grid_size * encoder.grid_dim + encoder.pooled_dim) * 2
+
+
 def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path | None = None,
                     batch_size: int = 32, device: str | torch.device = "cpu",
                     num_workers: int | None = None, progress=None) -> FeatureStore:
     """Features of ``images`` from the cache, or extracted now and cached (atomic write).
 
     The file is ``<cache>/features/<encoder>-<key>.safetensors``; ``cache_dir`` defaults to
-    the capbench cache root.
+    the capbench cache root. Before extracting, the cache folder must be writable with room
+    for the file (StorageError otherwise, so no extraction is wasted); temp files of killed
+    extractions are removed. If saving still fails, the features are used uncached and a
+    CapbenchWarning says why.
     """
     identity = encoder.cache_identity()
     key = feature_cache_key(identity, images)
@@ -194,9 +203,19 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
                     return FeatureStore(grid, pooled, ids, key, path, None, cache_hit=True)
         except Exception:  # unreadable/truncated cache file: recompute and overwrite
             pass
+    ensure_writable(folder, need_bytes=feature_bytes(encoder, len(images)), what="feature cache",
+                    hint="Set CAPBENCH_CACHE (or features.cache_dir in the config) to a writable "
+                         "folder with enough space; `capbench doctor` shows the caches.")
+    remove_stale_temps(folder)
     grid, pooled, ips = extract_features(encoder, images, batch_size=batch_size, device=device,
                                          num_workers=num_workers, progress=progress)
     grid, pooled = _storage(grid), _storage(pooled)
     meta = {"image_ids": json.dumps(ids), "identity": json.dumps(identity), "key": key}
-    atomic_write(path, lambda tmp: save_file({"grid": grid, "pooled": pooled}, tmp, metadata=meta))
+    try:
+        atomic_write(path, lambda tmp: save_file({"grid": grid, "pooled": pooled}, tmp, metadata=meta))
+    except (OSError, SafetensorError) as exc:
+        warnings.warn(f"could not save the features to the cache {path} ({exc}); this run uses "
+                      "them uncached and the next run will extract them again", CapbenchWarning,
+                      stacklevel=2)
+        path = None
     return FeatureStore(grid, pooled, ids, key, path, ips, cache_hit=False)

@@ -1,16 +1,29 @@
-"""File-system helpers every writer shares: atomic writes and the UTC timestamp format."""
+"""File-system helpers every writer shares: atomic writes, the UTC timestamp format,
+writability and free-space checks before expensive work, and removal of the temp files that
+killed processes leave behind.
+
+Temp files and folders carry the writing process's id (``.<name>.<pid>.<random>.tmp``), so a
+later run can tell a dead process's leftovers from a live writer's and remove only those.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "utc_timestamp", "TIMESTAMP_FORMAT"]
+from benchmark.errors import StorageError
+
+__all__ = ["atomic_write", "atomic_write_text", "utc_timestamp", "TIMESTAMP_FORMAT",
+           "ensure_writable", "remove_stale_temps", "temp_prefix", "pid_alive"]
 
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_PID_TEMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+_PID_PREFIXED = re.compile(r"^(?:capbench-[a-z]+|\.tmp-shapes)-(\d+)-")
 
 
 def utc_timestamp() -> str:
@@ -18,13 +31,30 @@ def utc_timestamp() -> str:
     return time.strftime(TIMESTAMP_FORMAT, time.gmtime())
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None], *, suffix: str = ".tmp") -> Path:
+def temp_prefix(name: str) -> str:
+    """Prefix of a temp file or folder for ``name`` written by this process."""
+    return f".{name}.{os.getpid()}."
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Create ``path`` atomically: ``write(tmp_path)`` fills a temp file in the same folder,
-    which then replaces ``path`` in one rename. Readers never see a half-written file, and
-    the temp file is removed if ``write`` fails (the error propagates)."""
+    which then replaces ``path`` in one rename. Readers never see a half-written file, the
+    temp file is removed if ``write`` fails (the error propagates), and one left by a killed
+    process is removed by :func:`remove_stale_temps`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -38,3 +68,67 @@ def atomic_write(path: str | Path, write: Callable[[str], None], *, suffix: str 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def ensure_writable(folder: str | Path, *, need_bytes: int = 0, what: str = "folder",
+                    hint: str = "") -> Path:
+    """Create ``folder`` if needed, prove it writable by writing a probe file, and check that
+    ``need_bytes`` fit in its free space (with 10% to spare).
+
+    Raises :class:`StorageError` naming the folder, what it is for, the reason and ``hint``
+    (what to do). Costs a few milliseconds: call it before expensive work.
+    """
+    folder = Path(folder)
+    tail = f" {hint}" if hint else ""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=temp_prefix("write-probe"), suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StorageError(f"the {what} {folder} is not writable ({exc.strerror or exc}).{tail}") from exc
+    free = shutil.disk_usage(folder).free
+    if need_bytes and free < need_bytes * 1.1:
+        raise StorageError(f"the {what} {folder} has {_gib(free)} free but this run needs about "
+                           f"{_gib(need_bytes)}.{tail}")
+    return folder
+
+
+def remove_stale_temps(folder: str | Path, *, legacy_age_s: float = 3600.0) -> list[Path]:
+    """Remove temp files and folders in ``folder`` that dead processes left behind.
+
+    Matches this module's ``.<name>.<pid>.<random>.tmp`` names and the ``capbench-<kind>-<pid>-``
+    / ``.tmp-shapes-<pid>-`` prefixes; a live process's temps are kept. Temps of older capbench
+    versions (no pid in the name) are removed once older than ``legacy_age_s``.
+    Returns what was removed; never raises.
+    """
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for p in entries:
+        m = _PID_TEMP.match(p.name) or _PID_PREFIXED.match(p.name)
+        try:
+            if m:
+                stale = int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1)))
+            else:
+                legacy = (p.name.startswith("tmp") and p.name.endswith(".tmp")) \
+                    or p.name.startswith((".tmp-shapes-", "capbench-ptb-", "capbench-spice-",
+                                          "capbench-check-"))
+                stale = legacy and now - p.stat().st_mtime > legacy_age_s
+            if not stale:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except OSError:
+            continue
+    return removed

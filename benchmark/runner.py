@@ -7,6 +7,9 @@ call into the module that owns the concept (features, train, inference, metrics,
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,21 +24,25 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from architectures import create_decoder, create_encoder
 from benchmark.config import RunConfig, config_id, resolved_config
 from benchmark.data import CaptionDataset, resolve_dataset
 from benchmark.device import seed_everything, select_device
+from benchmark.errors import StorageError
 from benchmark.features import FeatureStore, load_or_extract
+from benchmark.fsutil import ensure_writable, remove_stale_temps, temp_prefix
 from benchmark.inference import caption_features, caption_pixels
 from benchmark.metrics import ptb_tokenize, score_captions
+from benchmark.paths import cache_root
 from benchmark.records import RunRecord, make_record, new_run_id, write_record
 from benchmark.stats import bootstrap_ci, diversity
 from benchmark.train import TrainResult, train_decoder
 from benchmark.vocab import Vocabulary
 
-__all__ = ["prepare_features", "run_experiment", "run_seeds", "parameter_counts"]
+__all__ = ["prepare_features", "run_experiment", "run_seeds", "parameter_counts", "preflight"]
 
 
 def _progress(console: Console | None) -> Progress:
@@ -43,6 +50,23 @@ def _progress(console: Console | None) -> Progress:
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), console=console, transient=False,
                     disable=console is None)
+
+
+def preflight(cfg: RunConfig, dataset: CaptionDataset, resolved: dict) -> None:
+    """Before any image is read: the results folder must be writable with room for the
+    checkpoint and the record (StorageError naming the folder otherwise), and temp folders
+    of killed runs there are removed."""
+    from architectures import create_decoder
+
+    words = {w for im in dataset.split("train") for t in im.tokens for w in t}
+    with torch.device("meta"):  # parameter count at the largest possible vocabulary
+        dec = create_decoder(resolved["arch"], len(words) + 4, 2048, 2048, resolved["decoder"])
+    need = 4 * sum(p.numel() for p in dec.parameters()) + 4096 * len(dataset.images) + 2**20
+    hint = "Pass --results-dir with a writable folder (or set results_dir in the config)."
+    root = Path(cfg.results_dir)
+    ensure_writable(root / "runs", what="results folder", hint=hint)
+    ensure_writable(root / "checkpoints", need_bytes=need, what="checkpoint folder", hint=hint)
+    remove_stale_temps(root / "checkpoints")
 
 
 def prepare_features(cfg: RunConfig, dataset: CaptionDataset, device, console=None):
@@ -129,6 +153,43 @@ def _save_checkpoint(folder: Path, trained: _Trained, resolved: dict) -> None:
     (folder / "config.json").write_text(json.dumps(resolved, indent=1))
 
 
+def _fallback_folder(run_id: str) -> Path:
+    """A writable folder for a run whose results folder failed: the cache, else the temp dir."""
+    for base in (cache_root() / "unsaved-runs", Path(tempfile.gettempdir()) / "capbench-unsaved"):
+        try:
+            return ensure_writable(base / run_id)
+        except StorageError:
+            continue
+    raise StorageError("no writable folder for the run's outputs (cache and temp folder failed)")
+
+
+def _persist(record: RunRecord, trained: _Trained, resolved: dict, results_dir: Path) -> Path:
+    """Write the checkpoint and then the record; a checkpoint folder appears only together
+    with its record (it is written under a temp name and renamed last).
+
+    If a write fails (read-only or full disk), both go to a fallback folder and StorageError
+    says where, so the run is never lost.
+    """
+    final = Path(record.checkpoint)
+    tmp = final.parent / f"{temp_prefix(final.name)}ckpt.tmp"
+    try:
+        _save_checkpoint(tmp, trained, resolved)
+        path = write_record(record, results_dir)
+        os.replace(tmp, final)
+        return path
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (Path(results_dir) / "runs" / f"{record.run_id}.json").unlink(missing_ok=True)
+        spare = _fallback_folder(record.run_id)
+        record.checkpoint = str(spare / "checkpoint")
+        _save_checkpoint(spare / "checkpoint", trained, resolved)
+        saved = write_record(record, spare)
+        raise StorageError(
+            f"could not write the run's outputs under {results_dir} ({exc}). Nothing is lost: the "
+            f"record is at {saved} and the checkpoint at {record.checkpoint}. Copy the record into "
+            f"<results-dir>/runs/ once the folder is writable.") from exc
+
+
 def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                    dataset: CaptionDataset | None = None,
                    prepared: tuple | None = None) -> tuple[RunRecord, Path]:
@@ -143,6 +204,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dataset = dataset or resolve_dataset(cfg.dataset)
+    preflight(cfg, dataset, resolved)
     encoder, store = prepared or prepare_features(cfg, dataset, device, console)
     trained = _train_stage(cfg, resolved, dataset, encoder, store, device, console)
     test = dataset.split("test")
@@ -156,7 +218,6 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                                      stats=trained.store.stats)
     run_id = new_run_id(resolved["arch"], resolved["encoder"], cfg.seed)
     ckpt = Path(cfg.results_dir) / "checkpoints" / run_id
-    _save_checkpoint(ckpt, trained, resolved)
     result = trained.result
     record = make_record(
         run_id=run_id, resolved_config=resolved, config_id=config_id(resolved), dataset=dataset,
@@ -176,7 +237,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
         device=device, parameters=parameter_counts(encoder, trained.decoder),
         vocab_size=len(trained.vocab), checkpoint=str(ckpt),
         wall_seconds=time.perf_counter() - t_start, predictions=predictions)
-    return record, write_record(record, cfg.results_dir)
+    return record, _persist(record, trained, resolved, Path(cfg.results_dir))
 
 
 def run_seeds(cfg: RunConfig, seeds: list[int], console: Console | None = None, on_start=None):
@@ -185,8 +246,9 @@ def run_seeds(cfg: RunConfig, seeds: list[int], console: Console | None = None, 
     Names, hyperparameters and the dataset are checked before any feature is extracted.
     ``on_start(seed)`` is called before each run.
     """
-    resolved_config(cfg)
+    resolved = resolved_config(cfg)
     dataset = resolve_dataset(cfg.dataset)
+    preflight(cfg, dataset, resolved)
     prepared = prepare_features(cfg, dataset, select_device(cfg.device), console)
     for seed in seeds:
         cfg.seed = seed

@@ -11,6 +11,7 @@ where attention looks. Written in Karpathy format, so the normal loader reads it
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from benchmark.fsutil import ensure_writable, remove_stale_temps
 from benchmark.paths import cache_root
 
 VERSION = 4  # bump whenever the images or captions change
@@ -103,15 +105,21 @@ def _make_image(rng: random.Random) -> tuple[Image.Image, list[dict], str]:
 
 
 def generate_shapes(out_dir: str | Path, n_images: int = 600, seed: int = 0,
-                    fractions: tuple[float, float] = (0.7, 0.15)) -> Path:
+                    fractions: tuple[float, float] = (0.7, 0.15), *, overwrite: bool = True) -> Path:
     """Write ``n_images`` PNGs and a Karpathy ``dataset.json`` into ``out_dir``; return the JSON.
 
     ``fractions`` are the train and val shares (test takes the rest). The same arguments give
-    byte-identical files. Raises ValueError for fewer than 10 images.
+    byte-identical files. Raises ValueError for fewer than 10 images, and DatasetError when
+    ``out_dir`` already holds a ``dataset.json`` and ``overwrite`` is False.
     """
     if n_images < 10:
         raise ValueError("shapes needs at least 10 images (train, val and test must be non-empty)")
     out_dir = Path(out_dir)
+    if not overwrite and (out_dir / "dataset.json").exists():
+        from benchmark.errors import DatasetError
+
+        raise DatasetError(f"{out_dir / 'dataset.json'} already exists; choose another --out "
+                           "folder or pass --force to overwrite it")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     n_train = int(n_images * fractions[0])
@@ -142,8 +150,10 @@ def default_shapes_path(n_images: int = 600, seed: int = 0) -> Path:
     target = cache_root() / "datasets" / f"shapes-v{VERSION}-n{n_images}-seed{seed}"
     if (target / "dataset.json").is_file():
         return target / "dataset.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-shapes-"))
+    ensure_writable(target.parent, need_bytes=n_images * 4096, what="dataset cache",
+                    hint="Set CAPBENCH_CACHE to a writable folder.")
+    remove_stale_temps(target.parent)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-shapes-{os.getpid()}-"))
     try:
         generate_shapes(tmp, n_images, seed)
         try:
