@@ -7,18 +7,25 @@ pycocoevalcap: ``Bleu_1``..``Bleu_4``, ``METEOR``, ``ROUGE_L``, ``CIDEr``, ``SPI
 
 Two deviations, neither changing a number:
 
-* the Java tools run in a temporary working folder, not inside pycocoevalcap's install
-  folder, so scoring works from a read-only install;
+* the PTB tokenizer and SPICE run in a temporary working folder, not inside
+  pycocoevalcap's install folder, so scoring works from a read-only install (METEOR runs in
+  its own folder, as pycocoevalcap starts it, and writes nothing there);
 * SPICE runs with the ``--add-opens`` flags Java 16+ needs, a per-run cache folder and a
   memory cap, when the Stanford CoreNLP 3.6.0 jars are found (``spice/lib`` or
   ``$CAPBENCH_CORENLP``). Otherwise SPICE is reported unavailable with the reason.
 
 Without Java, the tokenizer falls back to a Python approximation of PTB tokenization (the
 result says so under ``tokenizer``) and METEOR/SPICE are reported unavailable.
+
+METEOR runs through :class:`MeteorJar`, which drives pycocoevalcap's own ``Meteor`` (same
+``meteor-1.5.jar``, same flags ``- - -stdio -l en -norm``, same ``SCORE``/``EVAL`` lines) and
+also keeps each image's sufficient statistics, so that the corpus METEOR of any subset of
+images (a bootstrap resample) can be scored by the jar (see :mod:`benchmark.stats`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -27,6 +34,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -38,8 +46,14 @@ ALL_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CID
 PER_IMAGE_METRICS = tuple(m for m in ALL_METRICS if not m.startswith("Bleu_"))
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
+#: per-image METEOR 1.5 sufficient statistics in the ``per_image`` block (see MeteorJar)
+METEOR_STATS_KEY = "METEOR_stats"
+#: how many numbers one METEOR 1.5 statistics line holds (``MeteorStats.STATS_LENGTH``)
+METEOR_STATS_LENGTH = 23
+
 __all__ = ["ScoreResult", "score_captions", "ptb_tokenize", "java_version", "metric_status",
-           "ALL_METRICS", "PER_IMAGE_METRICS"]
+           "ALL_METRICS", "PER_IMAGE_METRICS", "MeteorJar", "meteor_jar", "close_meteor_jar",
+           "METEOR_STATS_KEY", "METEOR_STATS_LENGTH"]
 
 
 def _pkg_dir() -> Path:
@@ -156,13 +170,168 @@ def _run_spice(gts: dict, res: dict, memory: str = "4G") -> tuple[float, list[fl
     return float(np.mean(per_image)), per_image
 
 
+# --------------------------------------------------------------------------------- METEOR
+def _stats_number(x: float) -> str:
+    """A statistic as the jar reads it back (``Scanner.nextDouble``): integers without '.0'."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
+class MeteorJar:
+    """A running METEOR 1.5 jar that also hands out each image's sufficient statistics.
+
+    It wraps pycocoevalcap's ``Meteor`` (not modified): the same ``meteor-1.5.jar``, started
+    with the same command (``java -jar -Xmx2G meteor-1.5.jar - - -stdio -l en -norm``) in
+    the same folder, fed the same ``SCORE ||| refs ||| hyp`` and ``EVAL ||| stats ...`` lines,
+    so :meth:`score` returns exactly what ``Meteor.compute_score`` returns, plus the
+    statistics. Raises RuntimeError when the jar stops answering (its stderr is quoted).
+    """
+
+    def __init__(self) -> None:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        self._meteor = Meteor()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the jar process is still running."""
+        return self._meteor.meteor_p.poll() is None
+
+    def _readline(self) -> float:
+        line = self._meteor.meteor_p.stdout.readline()
+        try:
+            return float(line.strip())
+        except ValueError:
+            err = b""
+            if not self.alive:
+                with contextlib.suppress(Exception):
+                    err = self._meteor.meteor_p.stderr.read() or b""
+            raise RuntimeError(f"METEOR jar gave {line[:80]!r} instead of a score"
+                               f"{': ' + err.decode(errors='replace')[-500:] if err else ''}") from None
+
+    def _eval(self, lines: list[str]) -> tuple[list[float], float]:
+        """Send ``EVAL ||| s_1 ||| ... ||| s_n``; return the n segment scores and the aggregate."""
+        p = self._meteor.meteor_p
+        p.stdin.write(("EVAL" + "".join(" ||| " + x for x in lines) + "\n").encode())
+        p.stdin.flush()
+        each = [self._readline() for _ in lines]
+        return each, self._readline()
+
+    def score(self, gts: dict, res: dict) -> tuple[float, list[float], list[list[float]]]:
+        """``Meteor.compute_score(gts, res)`` plus the statistics of every image.
+
+        ``gts``: ``{id: [tokenized reference, ...]}``; ``res``: ``{id: [tokenized caption]}``
+        with the same keys (ValueError otherwise). Returns the corpus score (the jar's
+        aggregate over all images), per-image scores and per-image statistics: 23 numbers
+        each, as the jar prints them for ``SCORE`` (``MeteorStats.toString``: test/ref
+        length, test/ref function words, per module (exact, stem, synonym, paraphrase) test/ref
+        content/function matches, chunks, test/ref word matches), in ``gts`` order.
+        """
+        if gts.keys() != res.keys():
+            raise ValueError("METEOR: predictions and references must have the same image ids")
+        with self._meteor.lock:
+            lines = []
+            for i in gts:
+                if len(res[i]) != 1:
+                    raise ValueError(f"METEOR: image {i!r} needs exactly one caption")
+                lines.append(self._meteor._stat(res[i][0], gts[i]))
+            each, score = self._eval(lines)
+        stats = [[float(x) for x in line.split()] for line in lines]
+        return score, each, [[int(x) if x.is_integer() else x for x in row] for row in stats]
+
+    def aggregate(self, stats) -> float:
+        """The jar's own corpus METEOR of per-image statistics ``(M, 23)`` (rows as
+        :meth:`score` returns them, repeats allowed): ``EVAL`` with one segment per row, the
+        aggregate line that ``Meteor.compute_score`` returns as its score."""
+        rows = np.asarray(stats, dtype=np.float64).reshape(-1, METEOR_STATS_LENGTH)
+        with self._meteor.lock:
+            return self._eval([" ".join(map(_stats_number, r)) for r in rows])[1]
+
+    def eval_stats(self, stats, batch: int = 2000) -> np.ndarray:
+        """The jar's METEOR score of each row of ``stats`` ``(R, 23)`` -> ``(R,)``.
+
+        Each row is scored as one segment (``EVAL ||| row``), which is how the jar scores
+        its own aggregate: rows that are sums of per-image statistics (chunks of
+        perfectly matched images left out, see :func:`benchmark.stats.meteor_aggregable`)
+        give the corpus METEOR of those images. ``batch`` rows go in one ``EVAL`` line.
+        """
+        rows = np.asarray(stats, dtype=np.float64).reshape(-1, METEOR_STATS_LENGTH)
+        out = np.empty(len(rows))
+        with self._meteor.lock:
+            for start in range(0, len(rows), batch):
+                chunk = rows[start:start + batch]
+                each, _ = self._eval([" ".join(map(_stats_number, r)) for r in chunk])
+                out[start:start + len(chunk)] = each
+        return out
+
+    def close(self) -> None:
+        """Stop the jar (idempotent)."""
+        p = self._meteor.meteor_p
+        with self._meteor.lock:
+            with contextlib.suppress(Exception):
+                p.stdin.close()
+            if p.poll() is None:
+                p.kill()
+            with contextlib.suppress(Exception):
+                p.wait(timeout=10)
+
+
+_JAR: MeteorJar | None = None
+_JAR_LOCK = threading.Lock()
+_JAR_USERS = 0
+_JAR_TIMER: threading.Timer | None = None
+#: seconds an unused shared METEOR jar (about 1 GB of memory) is kept before it is stopped
+METEOR_IDLE_S = 120.0
+
+
+def close_meteor_jar() -> None:
+    """Stop the shared METEOR jar now unless it is in use (it restarts when needed)."""
+    global _JAR
+    with _JAR_LOCK:
+        if _JAR is not None and _JAR_USERS == 0:
+            _JAR.close()
+            _JAR = None
+
+
+@contextlib.contextmanager
+def meteor_jar():
+    """The shared :class:`MeteorJar` of this process, started on first use (about 5 s: it
+    loads its paraphrase tables) and stopped after :data:`METEOR_IDLE_S` idle seconds, so
+    that scoring and the bootstrap that follows share one start. Needs Java."""
+    global _JAR, _JAR_USERS, _JAR_TIMER
+    with _JAR_LOCK:
+        if _JAR_TIMER is not None:
+            _JAR_TIMER.cancel()
+            _JAR_TIMER = None
+        if _JAR is None or not _JAR.alive:
+            if _JAR is not None:
+                _JAR.close()
+            _JAR = MeteorJar()
+        _JAR_USERS += 1
+        jar = _JAR
+    try:
+        yield jar
+    finally:
+        with _JAR_LOCK:
+            _JAR_USERS -= 1
+            if _JAR_USERS == 0:
+                _JAR_TIMER = threading.Timer(METEOR_IDLE_S, close_meteor_jar)
+                _JAR_TIMER.daemon = True
+                _JAR_TIMER.start()
+
+
+atexit.register(close_meteor_jar)
+
+
 # -------------------------------------------------------------------------------- scoring
 @dataclass
 class ScoreResult:
     """Corpus scores, per-image scores and what could not be computed.
 
     ``metrics``: name -> score in [0, 1] (CIDEr in [0, 10]), None when unavailable.
-    ``per_image``: name -> list aligned with ``image_ids`` (METEOR, ROUGE_L, CIDEr, SPICE).
+    ``per_image``: name -> list aligned with ``image_ids`` (METEOR, ROUGE_L, CIDEr, SPICE), and
+    ``METEOR_stats``: per image the jar's 23 METEOR sufficient statistics (see
+    :meth:`MeteorJar.score`), enough to rescore corpus METEOR on any subset (bootstrap).
     ``bleu_stats``: per image ``[hyp_len, closest_ref_len, correct_1..4, total_1..4]``, enough
     to recompute corpus BLEU on any subset (bootstrap). ``unavailable``: name -> reason.
     """
@@ -175,8 +344,9 @@ class ScoreResult:
     tokenizer: str = "ptb-java"
 
     def per_image_block(self) -> dict:
-        """The run record's ``per_image`` block: ``image_ids``, per-image scores and
-        ``bleu_stats`` (what :func:`benchmark.stats.bootstrap_ci` resamples)."""
+        """The run record's ``per_image`` block: ``image_ids``, per-image scores,
+        ``METEOR_stats`` and ``bleu_stats`` (what :func:`benchmark.stats.bootstrap_ci`
+        resamples)."""
         return {"image_ids": self.image_ids, **self.per_image, "bleu_stats": self.bleu_stats}
 
 
@@ -239,17 +409,12 @@ def score_captions(predictions: dict, references: dict, *, metrics=ALL_METRICS,
             out.metrics["METEOR"] = None
             out.unavailable["METEOR"] = status["METEOR"]
         else:
-            from pycocoevalcap.meteor.meteor import Meteor
-
-            meteor = Meteor()
-            try:
-                score, each = meteor.compute_score(gts, res)
-            finally:
-                with contextlib.suppress(Exception):
-                    meteor.close()
+            with meteor_jar() as jar:
+                score, each, stats = jar.score(gts, res)
             out.metrics["METEOR"] = float(score)
             if per_image:
                 out.per_image["METEOR"] = [float(x) for x in each]
+                out.per_image[METEOR_STATS_KEY] = stats
     if "SPICE" in wanted:
         if status["SPICE"]:
             out.metrics["SPICE"] = None

@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmark.data import load_karpathy
+from benchmark.data import image_id_key, load_karpathy
 from benchmark.errors import DatasetError
 
 BUILTIN = {"coco-val2014": "coco/annotations/captions_val2014.json",
@@ -35,24 +35,34 @@ def _read_json(path: Path, what: str):
 
 
 def load_predictions(path: str | Path) -> dict:
-    """``{image_id: caption}`` from a COCO results list.
+    """``{image_id: caption}`` from a COCO results list, in file order.
 
-    Raises DatasetError for a non-list, an entry without ``image_id``/``caption``, an empty
-    caption, or an image id given twice (the COCO toolkit would silently keep one).
+    Raises DatasetError for a non-list, an entry without ``image_id``/``caption``, an id
+    that is not an integer or a string, an empty caption, or an image id given twice
+    (the COCO toolkit would silently keep one). Ids are compared as text, so ``391895`` and
+    ``"391895"`` are the same image; the message names both entries.
     """
     path = Path(path)
     data = _read_json(path, "predictions")
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON list of {{image_id, caption}} (COCO results)")
     out: dict = {}
+    first: dict[str, tuple[int, object]] = {}
     for i, entry in enumerate(data):
         if not isinstance(entry, dict) or "image_id" not in entry or "caption" not in entry:
             raise DatasetError(f"{path}: entry [{i}] needs 'image_id' and 'caption'")
         iid, cap = entry["image_id"], entry["caption"]
+        if not isinstance(iid, int | str | float) or isinstance(iid, bool):
+            raise DatasetError(f"{path}: entry [{i}] has image_id {iid!r}: use an integer or a string")
         if not isinstance(cap, str) or not cap.strip():
-            raise DatasetError(f"{path}: entry [{i}] (image_id {iid}) has an empty caption")
-        if iid in out:
-            raise DatasetError(f"{path}: image_id {iid} appears twice (entries must be unique)")
+            raise DatasetError(f"{path}: entry [{i}] (image_id {iid!r}) has an empty caption")
+        key = image_id_key(iid)
+        if key in first:
+            j, prev = first[key]
+            raise DatasetError(f"{path}: image_id {iid!r} appears twice: entry [{j}] (image_id "
+                               f"{prev!r}) and entry [{i}] (image_id {iid!r}); entries must be "
+                               "unique (ids are compared as text: 42 and \"42\" are the same)")
+        first[key] = (i, iid)
         out[iid] = cap
     if not out:
         raise DatasetError(f"{path}: no predictions")
@@ -90,18 +100,31 @@ def load_references(spec: str | Path, split: str = "test") -> dict:
 
 
 def match_predictions(predictions: dict, references: dict, source: str) -> dict:
-    """Predictions re-keyed to the references' id type (``"42"`` matches ``42``).
+    """Predictions re-keyed to the references' ids (``"42"`` matches ``42``), in prediction
+    order.
 
-    Raises DatasetError naming the ids that have no references.
+    Ids are compared as text (:func:`benchmark.data.image_id_key`). Raises DatasetError
+    naming the ids that have no references, two predictions for one image (``42`` and
+    ``"42"``), or references holding one image under two ids.
     """
-    by_str = {str(k): k for k in references}
-    out, missing = {}, []
+    by_key: dict[str, object] = {}
+    for k in references:
+        other = by_key.setdefault(image_id_key(k), k)
+        if other is not k and other != k:
+            raise DatasetError(f"references {source} hold image {k!r} twice (as {other!r} and "
+                               f"{k!r}); ids are compared as text")
+    out, missing, given = {}, [], {}
     for iid, cap in predictions.items():
-        key = iid if iid in references else by_str.get(str(iid))
+        key = by_key.get(image_id_key(iid))
         if key is None:
             missing.append(iid)
-        else:
-            out[key] = cap
+            continue
+        if key in given:
+            raise DatasetError(f"two predictions for image {key!r}: image_id {given[key]!r} and "
+                               f"image_id {iid!r} (ids are compared as text: 42 and \"42\" are "
+                               "the same); keep one")
+        given[key] = iid
+        out[key] = cap
     if missing:
         raise DatasetError(f"{len(missing)} predicted image id(s) are not in the references "
                            f"{source}, e.g. {missing[:5]}; check --references and --split")
@@ -110,23 +133,37 @@ def match_predictions(predictions: dict, references: dict, source: str) -> dict:
 
 @dataclass
 class FileEvaluation:
-    """What ``capbench eval`` reports: the ScoreResult, bootstrap CIs, image count, seconds."""
+    """What ``capbench eval`` reports: the ScoreResult, bootstrap CIs, image count, seconds.
+
+    ``images``: predictions scored (all of them match a reference image).
+    ``missing_references``: reference images without a prediction; when > 0 the scores are
+    of a subset of the references (the COCO toolkit scores only the predicted images, too)
+    and the CLI warns. ``confidence_intervals``: metric -> ``[low, high]``, each of the score
+    beside it (see :func:`benchmark.stats.bootstrap_ci`).
+    """
 
     result: object  # benchmark.metrics.ScoreResult
     confidence_intervals: dict[str, list[float]]
     images: int
     seconds: float
+    missing_references: int = 0
 
     def to_json(self) -> dict:
+        """``metrics``, ``confidence_intervals``, ``unavailable``, ``images``,
+        ``missing_references``, ``tokenizer``, ``seconds``."""
         r = self.result
         return {"metrics": r.metrics, "confidence_intervals": self.confidence_intervals,
-                "unavailable": r.unavailable, "images": self.images, "tokenizer": r.tokenizer,
+                "unavailable": r.unavailable, "images": self.images,
+                "missing_references": self.missing_references, "tokenizer": r.tokenizer,
                 "seconds": self.seconds}
 
 
 def evaluate_file(predictions: str | Path, references: str | Path, split: str = "test") -> FileEvaluation:
     """Score a COCO results file against references exactly as the COCO caption toolkit does,
-    with bootstrap 95% CIs. Raises DatasetError for unreadable or mismatching files."""
+    with bootstrap 95% CIs (1000 resamples, seed 0). Only the predicted images are scored;
+    how many reference images have no prediction is returned as ``missing_references``.
+    Raises DatasetError for unreadable or mismatching files (see :func:`load_predictions`,
+    :func:`match_predictions`)."""
     from benchmark.metrics import score_captions
     from benchmark.stats import bootstrap_ci
 
@@ -135,4 +172,5 @@ def evaluate_file(predictions: str | Path, references: str | Path, split: str = 
     preds = match_predictions(load_predictions(predictions), refs, str(references))
     result = score_captions(preds, refs)
     ci = bootstrap_ci(result.per_image_block())
-    return FileEvaluation(result, ci, len(preds), time.perf_counter() - t0)
+    return FileEvaluation(result, ci, len(preds), time.perf_counter() - t0,
+                          missing_references=len(refs) - len(preds))

@@ -4,8 +4,14 @@
   length, the same smoothing constants) from per-image n-gram counts, so BLEU can be
   bootstrapped like the per-image metrics.
 * :func:`bootstrap_ci`: percentile bootstrap 95% intervals over test images (Efron &
-  Tibshirani 1993) for every metric; METEOR, ROUGE-L, CIDEr-D and SPICE are means of their
-  per-image scores (CIDEr-D's IDF stays that of the full test set, as is usual).
+  Tibshirani 1993) for every metric, each of the statistic that is reported: ROUGE-L,
+  CIDEr-D and SPICE are means of their per-image scores (CIDEr-D's IDF stays that of the
+  full test set, as is usual); BLEU is recomputed from summed n-gram counts; METEOR is the
+  METEOR 1.5 jar's corpus score, which is *not* the mean of per-image METEOR: the jar sums
+  the images' sufficient statistics and scores the sum (``EVAL`` in ``-stdio`` mode), so each
+  resample's statistics are summed here (:func:`meteor_aggregable`) and scored by the same
+  jar (:class:`benchmark.metrics.MeteorJar`). Blocks written before the statistics were kept
+  get an interval of the per-image mean instead, under the key ``METEOR_image_mean``.
 * :func:`paired_bootstrap`: difference between two systems on the same images, its CI and a
   two-sided p-value from the paired bootstrap (Koehn 2004, "Statistical Significance Tests
   for Machine Translation Evaluation").
@@ -19,10 +25,15 @@ import math
 
 import numpy as np
 
-from benchmark.metrics import PER_IMAGE_METRICS
+from benchmark.metrics import METEOR_STATS_KEY, METEOR_STATS_LENGTH, PER_IMAGE_METRICS
 
 __all__ = ["corpus_bleu", "bootstrap_ci", "paired_bootstrap", "compare_runs", "diversity",
-           "metric_samples"]
+           "metric_samples", "meteor_aggregable", "corpus_meteor", "meteor_statistic",
+           "METEOR_MEAN_KEY"]
+
+#: key of the METEOR entry when it is the mean of per-image METEOR (not the reported METEOR):
+#: blocks without ``METEOR_stats`` (records written before they were kept) or no Java
+METEOR_MEAN_KEY = "METEOR_image_mean"
 
 _TINY, _SMALL = 1e-15, 1e-9
 
@@ -45,19 +56,117 @@ def corpus_bleu(stats: np.ndarray) -> np.ndarray:
     return bleu * penalty[..., None]
 
 
-def metric_samples(per_image: dict, resample: np.ndarray) -> dict[str, np.ndarray]:
-    """Every metric on each resample of image indices ``resample (R, M)`` -> ``{name: (R,)}``."""
-    out: dict[str, np.ndarray] = {}
-    stats = per_image.get("bleu_stats")
+def meteor_aggregable(stats) -> np.ndarray:
+    """Per-image METEOR 1.5 statistics ``(M, 23)`` made summable: ``(M, 23)`` float64.
+
+    The jar aggregates segments with ``MeteorStats.addStats``, a plain sum of every field
+    except ``chunks`` (index 20), which a perfectly matched segment (all test and reference
+    words matched, in one chunk) does not add. Zeroing those chunks makes the corpus
+    statistics of any multiset of images the plain sum of its rows. Checked against the
+    jar's own aggregate (identical to the last digit) on the COCO demo and on resamples
+    of a set with perfect matches (tests/test_numbers.py).
+    """
+    s = np.array(stats, dtype=np.float64).reshape(-1, METEOR_STATS_LENGTH)
+    test_matches = s[:, 4:20:2].sum(axis=1)   # test content/function matches, 4 modules
+    ref_matches = s[:, 5:20:2].sum(axis=1)
+    perfect = (test_matches == s[:, 0]) & (ref_matches == s[:, 1]) & (s[:, 20] == 1.0)
+    s[perfect, 20] = 0.0
+    return s
+
+
+def corpus_meteor(summed: np.ndarray) -> np.ndarray:
+    """The jar's METEOR of summed statistics ``(R, 23)`` (rows of :func:`meteor_aggregable`
+    summed over images) -> ``(R,)``, in one ``EVAL`` call per 2000 rows. Needs Java."""
+    from benchmark.metrics import meteor_jar
+
+    summed = np.asarray(summed, dtype=np.float64).reshape(-1, METEOR_STATS_LENGTH)
+    with meteor_jar() as jar:
+        return jar.eval_stats(summed)
+
+
+def meteor_statistic(per_image: dict) -> str | None:
+    """Which METEOR a ``per_image`` block can be resampled for.
+
+    ``"corpus"`` (the reported METEOR) when it holds ``METEOR_stats`` and Java runs here;
+    ``"mean"`` (mean of per-image METEOR, reported under :data:`METEOR_MEAN_KEY`) when it
+    only holds per-image ``METEOR`` scores; None without METEOR. Raises ValueError when
+    ``METEOR_stats`` does not hold one row of 23 numbers per image.
+    """
+    from benchmark.metrics import java_version
+
+    stats = per_image.get(METEOR_STATS_KEY)
     if stats:
-        b = corpus_bleu(np.asarray(stats, dtype=np.float64)[resample])
-        for n in range(4):
-            out[f"Bleu_{n + 1}"] = b[:, n]
-    for name in PER_IMAGE_METRICS:
-        values = per_image.get(name)
-        if values:
-            out[name] = np.nanmean(np.asarray(values, dtype=np.float64)[resample], axis=1)
+        m = len(per_image.get("image_ids", []))
+        if len(stats) != m or any(len(row) != METEOR_STATS_LENGTH for row in stats):
+            raise ValueError(f"per_image {METEOR_STATS_KEY} should hold {m} rows of "
+                             f"{METEOR_STATS_LENGTH} numbers, one per image")
+        if java_version() is not None:
+            return "corpus"
+    return "mean" if per_image.get("METEOR") else None
+
+
+def _draw_counts(resample: np.ndarray, m: int, rows: slice) -> np.ndarray:
+    """How often each of ``m`` images is drawn in ``resample[rows]`` -> ``(r, m)`` float64."""
+    r = resample[rows]
+    flat = (r + m * np.arange(len(r))[:, None]).ravel()
+    return np.bincount(flat, minlength=len(r) * m).reshape(len(r), m).astype(np.float64)
+
+
+def _summed(values: np.ndarray, resample: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Per resample, the sum of the drawn images' rows of ``values (M, K)`` -> ``(R, K)``.
+
+    Exact for integer counts (sums of integers below 2**53); memory ``chunk x M``, not
+    ``R x M x K``."""
+    m = len(values)
+    out = np.empty((len(resample), values.shape[1]))
+    for start in range(0, len(resample), chunk):
+        rows = slice(start, start + chunk)
+        out[rows] = _draw_counts(resample, m, rows) @ values
     return out
+
+
+def _samples(blocks: list[dict], resample: np.ndarray, meteor: str | None) -> list[dict]:
+    """:func:`metric_samples` of several blocks over the same resamples (one jar call)."""
+    outs: list[dict[str, np.ndarray]] = []
+    pending = []
+    for per_image in blocks:
+        out: dict[str, np.ndarray] = {}
+        stats = per_image.get("bleu_stats")
+        if stats:
+            sums = _summed(np.asarray(stats, dtype=np.float64), resample)
+            b = corpus_bleu(sums[:, None, :])
+            for n in range(4):
+                out[f"Bleu_{n + 1}"] = b[:, n]
+        for name in PER_IMAGE_METRICS:
+            values = per_image.get(name)
+            if not values:
+                continue
+            if name == "METEOR" and meteor != "mean":
+                continue
+            key = METEOR_MEAN_KEY if name == "METEOR" else name
+            out[key] = np.nanmean(np.asarray(values, dtype=np.float64)[resample], axis=1)
+        if meteor == "corpus":
+            pending.append(_summed(meteor_aggregable(per_image[METEOR_STATS_KEY]), resample))
+        outs.append(out)
+    if pending:
+        scores = corpus_meteor(np.concatenate(pending))
+        for k, out in enumerate(outs):
+            out["METEOR"] = scores[k * len(resample):(k + 1) * len(resample)]
+    return outs
+
+
+def metric_samples(per_image: dict, resample: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric on each resample of image indices ``resample (R, M)`` -> ``{name: (R,)}``.
+
+    Each value is the statistic reported for the full set, computed on the resampled images:
+    BLEU-1..4 from summed n-gram counts, METEOR as the jar's corpus score of the summed
+    statistics (:func:`meteor_aggregable`), ROUGE_L/CIDEr/SPICE as means (SPICE ignoring
+    NaN). With ``resample = arange(M)[None]`` every value equals the recorded score (METEOR
+    exactly). A block without ``METEOR_stats``, or no Java, gives the mean of per-image
+    METEOR under :data:`METEOR_MEAN_KEY` instead of ``METEOR``.
+    """
+    resample = np.asarray(resample)
+    return _samples([per_image], resample, meteor_statistic(per_image))[0]
 
 
 def _resamples(m: int, n_resamples: int, seed: int) -> np.ndarray:
@@ -69,7 +178,12 @@ def bootstrap_ci(per_image: dict, *, n_resamples: int = 1000, seed: int = 0,
     """Percentile bootstrap ``[low, high]`` per metric over test images.
 
     ``per_image`` is a record's ``per_image`` block (``image_ids``, per-metric lists,
-    ``bleu_stats``). Raises ValueError when it holds no images.
+    ``METEOR_stats``, ``bleu_stats``). Each interval is of the reported score (see
+    :func:`metric_samples`); METEOR's needs ``METEOR_stats`` and Java, else the interval of
+    the mean of per-image METEOR is returned under ``METEOR_image_mean`` and ``METEOR`` has
+    none. Cost: one ``EVAL`` of ``n_resamples`` lines in the METEOR jar (about 1 s per 1000,
+    plus about 5 s when the jar is not already running). Raises ValueError when the block
+    holds no images, RuntimeError when the METEOR jar fails.
     """
     m = len(per_image.get("image_ids", []))
     if m == 0:
@@ -97,20 +211,26 @@ def paired_bootstrap(a: dict, b: dict, *, n_resamples: int = 1000, seed: int = 0
     """Per metric: ``delta`` (B - A), its ``ci`` and two-sided ``p`` from a paired bootstrap.
 
     Both inputs are ``per_image`` blocks over the same images (in any order); the same
-    resampled image sets are used for both systems. ``p`` is twice the smaller tail of the
-    resampled differences around 0 (capped at 1), with at least 1/``n_resamples`` resolution.
+    resampled image sets are used for both systems, and each metric is the reported
+    statistic (:func:`metric_samples`), so ``delta`` is B's recorded score minus A's.
+    METEOR is compared as the corpus score when both blocks hold ``METEOR_stats`` (and Java
+    runs); otherwise as the mean of per-image METEOR, under ``METEOR_image_mean``. ``p`` is
+    twice the smaller tail of the resampled differences around 0 (capped at 1), with at
+    least 1/``n_resamples`` resolution. Raises ValueError for blocks on different images.
     """
     a, b = _align(a, b)
-    idx = _resamples(len(a["image_ids"]), n_resamples, seed)
-    full = np.arange(len(a["image_ids"]))[None]
-    sa, sb = metric_samples(a, idx), metric_samples(b, idx)
-    fa, fb = metric_samples(a, full), metric_samples(b, full)
+    m = len(a["image_ids"])
+    # the last row is the full set: its values are the recorded scores (delta = B - A)
+    idx = np.vstack([_resamples(m, n_resamples, seed), np.arange(m)[None]])
+    ma, mb = meteor_statistic(a), meteor_statistic(b)
+    meteor = "corpus" if ma == mb == "corpus" else ("mean" if ma and mb else None)
+    sa, sb = _samples([a, b], idx, meteor)
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     out = {}
     for name in sa.keys() & sb.keys():
-        d = sb[name] - sa[name]
+        d = sb[name][:-1] - sa[name][:-1]
         tail = min(np.mean(d <= 0), np.mean(d >= 0))
-        out[name] = {"delta": float(fb[name][0] - fa[name][0]),
+        out[name] = {"delta": float(sb[name][-1] - sa[name][-1]),
                      "ci": [float(x) for x in np.percentile(d, q)],
                      "p": float(min(1.0, max(2 * tail, 1.0 / n_resamples)))}
     return out
