@@ -18,6 +18,15 @@ demo: $(STAMP)
 	$(BIN)/capbench run --config demo
 	$(BIN)/capbench baseline --dataset shapes
 	$(BIN)/capbench report
+	@echo
+	@echo "Next (README: Everyday use; activate with: source $(VENV)/bin/activate):"
+	@echo "  capbench report --wide                        every column of the leaderboard"
+	@echo "  capbench compare RUN_A RUN_B                  paired bootstrap test of two runs"
+	@echo "  capbench run --config demo --arch transformer another decoder on the same split"
+	@echo "  capbench matrix --config matrix-shapes --no-pretrained   every decoder x encoder"
+	@echo "  capbench eval PREDS.json --references coco-val2014        score captions from anywhere"
+	@echo "  capbench bench --arch all                     decoder throughput"
+	@echo "  capbench doctor                               what works on this machine"
 
 test: $(STAMP)
 	$(BIN)/ruff check architectures benchmark tests

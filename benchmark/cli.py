@@ -229,6 +229,10 @@ def evaluate(
         table.add_row(m, "unavailable" if v is None else f"{v:.3f}",
                       f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "-")
     console.print(table)
+    if ev.missing_references:
+        console.print(f"[bold yellow]warning:[/] {ev.missing_references} of "
+                      f"{ev.images + ev.missing_references} reference images have no prediction; "
+                      f"the scores cover only the {ev.images} predicted images", highlight=False)
     for m, why in ev.result.unavailable.items():
         console.print(f"[yellow]{m} unavailable:[/] {why}", highlight=False)
     console.print(f"scored in {ev.seconds:.1f} s")
@@ -261,6 +265,11 @@ def compare(
                       f"{100 * r['delta']:+.1f}", f"[{100 * r['ci'][0]:+.1f}, {100 * r['ci'][1]:+.1f}]",
                       f"{r['p']:.3f}")
     console.print(table)
+    if "METEOR_image_mean" in result:
+        r = result["METEOR_image_mean"]
+        console.print(f"[yellow]METEOR:[/] a record predates per-image METEOR statistics; mean of "
+                      f"per-image METEOR B - A {100 * r['delta']:+.1f} [{100 * r['ci'][0]:+.1f}, "
+                      f"{100 * r['ci'][1]:+.1f}], p {r['p']:.3f} (not the corpus METEOR)", highlight=False)
 
 
 @app.command()
@@ -409,7 +418,7 @@ def bench(
     archs = list_decoders() if arch == "all" else [a for a in (arch or "").split(",") if a]
     encs = list_encoders(ci=False) if encoder == "all" else [e for e in (encoder or "").split(",") if e]
     rows = run_bench(archs, encs, w, dev, iters=iters, log=err.print)
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows).convert_dtypes()  # decoder and encoder rows merged: keep ints ints
     if output:
         from benchmark.fsutil import atomic_write_text
 
@@ -458,19 +467,47 @@ def list_models(
 def baseline(
     dataset: Annotated[str, typer.Option(help="'shapes' or a Karpathy dataset.json")] = "shapes",
     split: Annotated[str, typer.Option(help="split to score")] = "test",
+    kind: Annotated[str, typer.Option(help="most-frequent, consensus, nn, or all (comma-separated)")] = "all",
+    encoder: Annotated[str, typer.Option(help="encoder whose pooled features the nn baseline uses")] = "resnet50",
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="pretrained encoder weights (nn) or a seeded random init")] = True,
+    k: Annotated[int, typer.Option(help="nearest training images the nn baseline pools captions from")] = 5,
 ):
-    """Score the blind baseline: the most frequent training caption for every image."""
-    from benchmark.baselines import blind_predictions, most_frequent_caption
+    """Score the baselines that never look at a model: blind (one caption for every image:
+    the most frequent training caption, or the best constant caption by CIDEr-D) and nearest
+    neighbour (the consensus caption of the k nearest training images, Devlin et al. 2015)."""
+    from benchmark.baselines import BLIND_KINDS
+    from benchmark.config import load_config
     from benchmark.data import resolve_dataset
-    from benchmark.metrics import score_captions
+    from benchmark.device import select_device
+    from benchmark.image_use import baseline_scores
+    from benchmark.runner import prepare_features
 
+    kinds = list(BLIND_KINDS) + ["nn"] if kind == "all" else [x.strip() for x in kind.split(",")]
+    bad = [x for x in kinds if x not in (*BLIND_KINDS, "nn")]
+    if bad:
+        _fail(f"--kind {bad[0]!r}: choose most-frequent, consensus, nn or all")
+    if k < 1:
+        _fail(f"--k {k}: must be at least 1")
+    cfg = load_config(None, {"encoder": encoder, "pretrained": pretrained, "dataset": dataset})
     ds = resolve_dataset(dataset)
-    result = score_captions(blind_predictions(ds, split), ds.references(split))
-    table = Table(title=f"blind baseline on {ds.name} {split}: {most_frequent_caption(ds)!r}")
-    for m in result.metrics:
-        table.add_column(m, justify="right")
-    table.add_row(*("n/a" if v is None else f"{100 * v:.1f}" for v in result.metrics.values()))
+    store = None
+    if "nn" in kinds:
+        enc, store = prepare_features(cfg, ds, select_device(cfg.device), console)
+        encoder = enc.name
+    scores = baseline_scores(ds, store, encoder, k=k, split=split,
+                             kinds=tuple(x for x in kinds if x != "nn"))
+    table = Table(title=f"baselines on {ds.name} {split} ({len(ds.split(split))} images)")
+    for c in ("baseline", "caption", "B@4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE"):
+        table.add_column(c, justify="left" if c in ("baseline", "caption") else "right")
+    for name, b in scores.items():
+        m = b["metrics"]
+        label = f"nn ({encoder}, k={k})" if name == "nn" else f"blind: {name}"
+        table.add_row(label, b["caption"] or b["detail"],
+                      *("n/a" if m.get(x) is None else f"{100 * m[x]:.1f}"
+                        for x in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")))
     console.print(table)
+    for name, b in scores.items():
+        console.print(f"{name}: {b['detail']}", highlight=False)
 
 
 @data_app.command("shapes")

@@ -56,11 +56,26 @@ def _use_plain_log_labels(axis) -> None:
     axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
 
 
+def _split_baselines(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(run rows, baseline reference rows)`` of a leaderboard DataFrame."""
+    if "kind" not in df.columns:
+        return df, df.iloc[0:0]
+    return df[df["kind"] != "baseline"], df[df["kind"] == "baseline"]
+
+
 def quality_vs_throughput_figure(df: pd.DataFrame, title: str,
                                  speed: str = "inference_images_per_s"):
-    """The figure of :func:`plot_quality_vs_throughput` (the caller closes it)."""
-    d = df.dropna(subset=["CIDEr", speed])
+    """The figure of :func:`plot_quality_vs_throughput` (the caller closes it). Baseline rows
+    (``kind == "baseline"``) have no throughput: they are drawn as horizontal lines."""
+    runs, refs = _split_baselines(df)
+    d = runs.dropna(subset=["CIDEr", speed])
     fig, ax = plt.subplots(figsize=(9, 5))
+    styles = {"blind:most-frequent": ":", "blind:consensus": "-.", "nn": "--"}
+    for _, r in refs.dropna(subset=["CIDEr"]).iterrows():
+        name = r["arch"] if r["arch"] != "nn" else f"nn ({r['encoder']})"
+        ax.axhline(100 * r["CIDEr"], color="dimgrey" if r["arch"] != "nn" else "tab:red",
+                   linestyle=styles.get(r["arch"], ":"), linewidth=1, zorder=1,
+                   label=f"{name}: {100 * r['CIDEr']:.1f}")
     encoders = sorted(d["encoder"].unique())
     archs = sorted(d["arch"].unique())
     markers = dict(zip(archs, "osD^vP*X", strict=False))
@@ -103,6 +118,7 @@ def plot_quality_vs_throughput(df: pd.DataFrame, title: str, path: Path,
 
 def plot_metric_bars(df: pd.DataFrame, title: str, path: Path) -> Path:
     """One panel per metric: bars per decoder, one colour per encoder (best run per pair)."""
+    df, _ = _split_baselines(df)
     best = df.sort_values("CIDEr", ascending=False).drop_duplicates(["arch", "encoder"])
     archs, encoders = sorted(best["arch"].unique()), sorted(best["encoder"].unique())
     fig, axes = plt.subplots(1, len(BAR_METRICS), figsize=(4 * len(BAR_METRICS), 4), sharey=False)

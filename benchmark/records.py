@@ -84,6 +84,9 @@ class RunRecord:
     checkpoint: str | None = None
     wall_seconds: float | None = None
     predictions: list[dict] = field(default_factory=list)
+    #: does the model use the image: shuffle test, baselines, test against the strongest blind
+    #: baseline (benchmark.image_use); None in records written before it existed
+    image_use: dict[str, Any] | None = None
     #: where the record was read from (not stored in the file)
     path: str | None = field(default=None, compare=False, repr=False)
 
@@ -98,9 +101,12 @@ class RunRecord:
         return (self.config.get("decode") or {}).get("beam_size")
 
     def to_dict(self) -> dict:
-        """The JSON form (what :func:`write_record` stores)."""
+        """The JSON form (what :func:`write_record` stores); fields that older records lack
+        are left out while empty, so a record reads back as it was written."""
         out = dataclasses.asdict(self)
         out.pop("path")
+        if out["image_use"] is None:
+            out.pop("image_use")
         return out
 
     @classmethod
@@ -129,7 +135,8 @@ class RunRecord:
 def make_record(*, run_id: str, resolved_config: dict, config_id: str, dataset, encoder,
                 scores, confidence_intervals: dict, diversity: dict, training: dict,
                 throughput: dict, device, parameters: dict, vocab_size: int,
-                checkpoint: str | None, wall_seconds: float, predictions: dict) -> RunRecord:
+                checkpoint: str | None, wall_seconds: float, predictions: dict,
+                image_use: dict | None = None) -> RunRecord:
     """Assemble the record of a finished run.
 
     ``dataset``: a CaptionDataset; ``encoder``: the ImageEncoder used; ``scores``: the test
@@ -153,6 +160,7 @@ def make_record(*, run_id: str, resolved_config: dict, config_id: str, dataset, 
         wall_seconds=wall_seconds,
         predictions=[{"image_id": i, "filename": by_id[i].filename, "caption": c}
                      for i, c in predictions.items()],
+        image_use=image_use,
     )
 
 

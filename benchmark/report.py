@@ -37,17 +37,26 @@ SHORT = {"Bleu_1": "B@1", "Bleu_2": "B@2", "Bleu_3": "B@3", "Bleu_4": "B@4", "ME
 LEGEND = ("scores x100 (pycocoevalcap) ±95% bootstrap CI half-width or ±std over seeds; "
           "B = BLEU, M = METEOR, R-L = ROUGE-L, S = SPICE; weights pre(trained)/rand(om init); "
           "tok/s training tokens/s, img/s inference from pixels, cap/s decoder-only; uniq% "
-          "distinct test captions (low = one caption for every image); "
-          "run = MMDD-HHMMSS-tag of the run id")
+          "distinct test captions, ✗ = collapsed (under 5%: nearly one caption for every image); "
+          "vs blind = paired-bootstrap p of CIDEr-D against the strongest blind baseline, ✗ = not "
+          "significantly better (p >= 0.05 or lower); shuffle Δ = CIDEr-D lost when each test "
+          "image gets another image's features (±95% CI half-width; ~0 = the image is ignored); "
+          "baseline rows: blind = one caption for every image, nn = nearest-neighbour captions "
+          "of that encoder; run = MMDD-HHMMSS-tag of the run id")
+COLLAPSED_PCT = 5.0
 IDENTITY = ["dataset", "split", "config_id", "arch", "encoder", "weights", "beam"]
 
-#: the terminal table's default columns (display names; ``arch`` is headed "decoder" there)
-COMPACT_COLUMNS = ("run", "arch", "encoder", "B@4", "M", "CIDEr-D", "tok/s", "uniq%")
+#: the terminal table's default columns (display names; ``arch`` is headed "decoder" there);
+#: ``vs blind`` and ``shuffle Δ`` are the first hidden when the terminal is narrow
+COMPACT_COLUMNS = ("run", "arch", "encoder", "B@4", "M", "CIDEr-D", "tok/s", "uniq%",
+                   "vs blind", "shuffle Δ")
+#: columns left out of a group in which no record has them (records older than the feature)
+OPTIONAL_COLUMNS = ("vs blind", "shuffle Δ")
 #: columns the terminal table shows whatever the width or the chosen columns
 ALWAYS_SHOWN = ("run", "arch", "encoder", "CIDEr-D")
 #: the order in which the terminal table hides columns that do not fit (first hidden first)
-DROP_ORDER = ("params", "beam", "seed", "seeds", "B@2", "B@3", "cap/s", "B@1", "S", "img/s",
-              "R-L", "weights", "uniq%", "M", "tok/s", "B@4")
+DROP_ORDER = ("shuffle Δ", "vs blind", "params", "beam", "seed", "seeds", "B@2", "B@3", "cap/s",
+              "B@1", "S", "img/s", "R-L", "weights", "uniq%", "M", "tok/s", "B@4")
 #: terminal headers that differ from the display names (markdown keeps ``arch``)
 RICH_HEADERS = {"arch": "decoder"}
 #: the leaderboard (CSV/JSON) key behind each display column; ``render_rich(columns=...)``
@@ -56,7 +65,8 @@ COLUMN_KEYS = {
     "run": "run_id", "arch": "arch", "encoder": "encoder", "weights": "weights", "seed": "seed",
     "beam": "beam", **{SHORT[m]: m for m in METRIC_COLUMNS},
     **{label: key for key, label in THROUGHPUT_COLUMNS.items()},
-    "uniq%": "unique_pct", "params": "decoder_params",
+    "uniq%": "unique_pct", "params": "decoder_params", "vs blind": "vs_blind_p",
+    "shuffle Δ": "shuffle_drop",
 }
 _MORE_NAMES = {"seed": ("seeds",), "R-L": ("ROUGE-L",),
                **{f"B@{n}": (f"BLEU-{n}",) for n in range(1, 5)}}
@@ -68,6 +78,9 @@ _LEGEND_PARTS = {
     "cap/s": "cap/s decoder-only captions/s",
     "uniq%": "uniq% distinct test captions (low = one caption for every image)",
     "params": "params trainable decoder parameters",
+    "vs blind": "vs blind p-value of CIDEr-D against the strongest blind baseline, ✗ = not "
+                "significantly better",
+    "shuffle Δ": "shuffle Δ CIDEr-D lost with another image's features (~0: image ignored)",
     "run": "run = MMDD-HHMMSS-tag of the run id",
 }
 
@@ -81,8 +94,45 @@ class ColumnError(CapbenchError, ValueError):
     ones). A ValueError, and a CapbenchError so the CLI prints it without a traceback."""
 
 
-def leaderboard(records: list[RunRecord]) -> pd.DataFrame:
-    """A DataFrame with one row per record: identity, metrics (raw), CIs and throughput."""
+def _image_use_columns(r: RunRecord) -> dict:
+    use = r.image_use or {}
+    shuffle, vs = use.get("shuffle") or {}, use.get("vs_blind") or {}
+    lo, hi = shuffle.get("drop_ci", [math.nan, math.nan])
+    return {"vs_blind_p": vs.get("p", math.nan), "vs_blind_delta": vs.get("delta", math.nan),
+            "vs_blind_better": vs.get("better"), "vs_blind_baseline": vs.get("baseline"),
+            "shuffle_drop": shuffle.get("drop", math.nan), "shuffle_drop_ci_low": lo,
+            "shuffle_drop_ci_high": hi, "shuffle_p": shuffle.get("p", math.nan)}
+
+
+def _baseline_rows(records: list[RunRecord]) -> list[dict]:
+    """Reference rows from the records' ``image_use.baselines``: each blind baseline once per
+    dataset/split, and the nearest-neighbour baseline once per encoder."""
+    rows, seen = [], set()
+    for r in records:
+        for kind, b in ((r.image_use or {}).get("baselines") or {}).items():
+            encoder = b.get("encoder") if kind == "nn" else None
+            key = (r.dataset.name, r.split_fingerprint, kind, encoder)
+            if key in seen:
+                continue
+            seen.add(key)
+            row = {"dataset": r.dataset.name, "split": r.split_fingerprint, "kind": "baseline",
+                   "run_id": f"baseline:{kind}" + (f":{encoder}" if encoder else ""),
+                   "config_id": f"baseline:{kind}:{encoder}", "seed": None, "beam": None,
+                   "arch": "nn" if kind == "nn" else f"blind:{kind}", "encoder": encoder or "-",
+                   "weights": ("pre" if r.pretrained else "rand") if encoder else "-",
+                   "decoder_params": None, "unique_pct": math.nan}
+            for m in METRIC_COLUMNS:
+                v = b["metrics"].get(m)
+                row[m] = float(v) if v is not None else math.nan
+                row[f"{m}_ci_low"] = row[f"{m}_ci_high"] = math.nan
+            rows.append({**row, **{k: math.nan for k in THROUGHPUT_COLUMNS}})
+    return rows
+
+
+def leaderboard(records: list[RunRecord], *, baselines: bool = True) -> pd.DataFrame:
+    """A DataFrame with one row per record: identity, metrics (raw), CIs, throughput, and the
+    image-use figures (``vs_blind_*``, ``shuffle_*``). With ``baselines``, each group also gets
+    the reference rows of its blind and nearest-neighbour baselines (``kind == "baseline"``)."""
     rows = []
     for r in records:
         row = {
@@ -106,7 +156,9 @@ def leaderboard(records: list[RunRecord]) -> pd.DataFrame:
             row[key] = float(v) if v is not None else math.nan
         row["decoder_params"] = r.parameters.get("decoder_trainable")
         row["unique_pct"] = r.diversity.get("unique_pct", math.nan)
-        rows.append(row)
+        rows.append({**row, "kind": "run", **_image_use_columns(r)})
+    if baselines:
+        rows += _baseline_rows(records)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -120,12 +172,16 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df
     value_cols = METRIC_COLUMNS + list(THROUGHPUT_COLUMNS) + ["decoder_params", "unique_pct"]
-    g = df.groupby(IDENTITY, dropna=False, sort=False)
+    value_cols += [c for c in ("shuffle_drop",) if c in df.columns]
+    if "kind" in df.columns:
+        g = df.groupby(["kind", *IDENTITY], dropna=False, sort=False)
+    else:
+        g = df.groupby(IDENTITY, dropna=False, sort=False)
     mean = g[value_cols].mean()
     std = g[METRIC_COLUMNS].std(ddof=1).add_suffix("_std")
     out = mean.join(std)
     out["n"] = g.size()
-    out["seeds"] = g["seed"].apply(lambda s: ",".join(str(x) for x in sorted(s)))
+    out["seeds"] = g["seed"].apply(lambda s: ",".join(str(int(x)) for x in sorted(s.dropna())))
     out["run_id"] = g["run_id"].first()
     out = out.reset_index().sort_values(["dataset", "split", "CIDEr"],
                                         ascending=[True, True, False], kind="stable")
@@ -153,25 +209,35 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
                "run": f"{parts[0][4:]}-{parts[1]}-{parts[-1]}" if len(parts) > 2 else rid,
                "arch": r["arch"], "encoder": r["encoder"], "weights": r["weights"]}
         if "n" in r:
-            row["seeds"] = r["seeds"]
+            row["seeds"] = r["seeds"] or "-"
         else:
-            row["seed"] = r["seed"]
-        row["beam"] = r["beam"]
+            row["seed"] = "-" if pd.isna(r["seed"]) else int(r["seed"])
+        row["beam"] = "-" if pd.isna(r["beam"]) else int(r["beam"])
         for m in METRIC_COLUMNS:
             row[SHORT[m]] = _cell(r, m)
         for key, label in THROUGHPUT_COLUMNS.items():
             row[label] = "-" if pd.isna(r[key]) else f"{r[key]:,.0f}"
         u = r.get("unique_pct", math.nan)
-        row["uniq%"] = "-" if pd.isna(u) else f"{u:.0f}"
+        row["uniq%"] = "-" if pd.isna(u) else f"{u:.0f}" + (" ✗" if u < COLLAPSED_PCT else "")
         p = r["decoder_params"]
         row["params"] = "-" if p is None or pd.isna(p) else f"{p / 1e6:.2f}M"
+        pv = r.get("vs_blind_p", math.nan)
+        row["vs blind"] = "-" if pd.isna(pv) else \
+            ("" if r.get("vs_blind_better") else "✗ ") + f"{pv:.3f}"
+        d, lo, hi = (r.get(k, math.nan) for k in ("shuffle_drop", "shuffle_drop_ci_low",
+                                                   "shuffle_drop_ci_high"))
+        row["shuffle Δ"] = "-" if pd.isna(d) else f"{100 * d:.1f}" + (
+            "" if pd.isna(lo) or pd.isna(hi) else f" ±{100 * (hi - lo) / 2:.1f}")
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def _groups(df: pd.DataFrame):
+    """``(title, display rows)`` per dataset/split; optional columns that no row of the group
+    has (records older than the figure) are left out rather than shown as all ``-``."""
     for (name, split), g in df.groupby(["dataset", "split"], sort=True):
-        yield f"{name} (split {split})", g.drop(columns=["dataset", "split"])
+        empty = [c for c in OPTIONAL_COLUMNS if c in g.columns and (g[c] == "-").all()]
+        yield f"{name} (split {split})", g.drop(columns=["dataset", "split", *empty])
 
 
 def render_markdown(df: pd.DataFrame) -> str:

@@ -34,6 +34,7 @@ from benchmark.device import seed_everything, select_device
 from benchmark.errors import StorageError
 from benchmark.features import FeatureStore, load_or_extract
 from benchmark.fsutil import ensure_writable, remove_stale_temps, temp_prefix
+from benchmark.image_use import baseline_scores, image_use_report, shuffle_test
 from benchmark.inference import caption_features, caption_pixels
 from benchmark.metrics import ptb_tokenize, score_captions
 from benchmark.paths import cache_root
@@ -190,6 +191,16 @@ def _persist(record: RunRecord, trained: _Trained, resolved: dict, results_dir: 
             f"<results-dir>/runs/ once the folder is writable.") from exc
 
 
+def _image_use_stage(dataset: CaptionDataset, encoder, store: FeatureStore, trained: _Trained,
+                     scores, decode_cfg, device) -> dict:
+    """Shuffle test, blind and nearest-neighbour baselines, and the test against blind."""
+    real = {"image_ids": scores.image_ids, "CIDEr": scores.per_image["CIDEr"]}
+    shuffle = shuffle_test(trained.decoder, trained.store, dataset.split("test"), trained.vocab,
+                           decode_cfg, device, dataset.references("test"), real)
+    baselines = baseline_scores(dataset, store, encoder.name)
+    return image_use_report(real, baselines, shuffle)
+
+
 def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                    dataset: CaptionDataset | None = None,
                    prepared: tuple | None = None) -> tuple[RunRecord, Path]:
@@ -211,6 +222,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     predictions, captions_per_s = caption_features(trained.decoder, trained.store, test,
                                                    trained.vocab, cfg.decode, device)
     scores = score_captions(predictions, dataset.references("test"))
+    image_use = _image_use_stage(dataset, encoder, store, trained, scores, cfg.decode, device)
     sample = test[: cfg.features.throughput_images] if cfg.features.throughput_images else test
     _, images_per_s = caption_pixels(encoder, trained.decoder, sample, trained.vocab, cfg.decode,
                                      device, batch_size=cfg.features.batch_size,
@@ -236,7 +248,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                     "feature_cache_hit": store.cache_hit, "beam_size": cfg.decode.beam_size},
         device=device, parameters=parameter_counts(encoder, trained.decoder),
         vocab_size=len(trained.vocab), checkpoint=str(ckpt),
-        wall_seconds=time.perf_counter() - t_start, predictions=predictions)
+        wall_seconds=time.perf_counter() - t_start, predictions=predictions, image_use=image_use)
     return record, _persist(record, trained, resolved, Path(cfg.results_dir))
 
 

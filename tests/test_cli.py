@@ -62,7 +62,7 @@ def test_record_metrics_equal_rescoring_its_predictions(tiny_run, tiny_shapes):
 def test_report_formats(tiny_run, tmp_path):
     results, rec = tiny_run
     out = _run("report", "--results-dir", str(results), "--format", "json").output
-    rows = json.loads(out)
+    rows = [r for r in json.loads(out) if r["kind"] == "run"]  # baseline reference rows too
     assert rows[0]["run_id"] == rec["run_id"] and rows[0]["CIDEr"] == pytest.approx(rec["metrics"]["CIDEr"])
     csv = _run("report", "--results-dir", str(results), "--format", "csv").output
     assert csv.splitlines()[0].startswith("dataset,split,run_id,config_id,arch,encoder")
@@ -137,6 +137,9 @@ def test_seeds_compare_and_aggregate(tiny_shapes, tmp_path):
     assert "CIDEr" in out and "B - A" in out
     agg = json.loads(_run("report", "--results-dir", str(tmp_path), "--aggregate",
                           "--format", "json").output)
+    assert {r["arch"] for r in agg if r["kind"] == "baseline"} == {"blind:most-frequent",
+                                                                   "blind:consensus", "nn"}
+    agg = [r for r in agg if r["kind"] == "run"]
     assert len(agg) == 1 and agg[0]["n"] == 2 and agg[0]["seeds"] == "0,1"
     assert agg[0]["CIDEr"] == pytest.approx(np.mean([r["metrics"]["CIDEr"] for r in recs]))
     # a run on another split is refused

@@ -1,0 +1,130 @@
+"""Does the model look at the image? Run outputs that answer it, stored in every run record.
+
+* **Image-shuffle test**: the test split is decoded a second time with the images' features
+  permuted by a fixed derangement (no image keeps its own features) and scored with CIDEr-D.
+  The drop (real - shuffled) gets a paired bootstrap CI and p-value. A model that uses the
+  image loses much of its score; one that ignores it loses nothing.
+* **Blind baselines** on the same test images (``most-frequent`` and ``consensus``, see
+  :mod:`benchmark.baselines`), and the paired bootstrap of the run's CIDEr-D against the
+  strongest of them (Koehn 2004): ``better`` is True only when the run is higher with p < 0.05.
+* **Nearest neighbour** for the run's encoder (Devlin et al. 2015) from the cached features.
+
+Everything is scored by pycocoevalcap (:func:`benchmark.metrics.score_captions`) like the run
+itself. Baseline scores depend only on the split (and encoder, for ``nn``), so they are
+computed once per process and reused by every run of a matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmark.baselines import (
+    BLIND_KINDS,
+    blind_predictions,
+    nearest_neighbour_predictions,
+    train_cider,
+)
+from benchmark.data import CaptionDataset
+from benchmark.features import FeatureStore
+from benchmark.inference import caption_features
+from benchmark.metrics import score_captions
+from benchmark.stats import paired_bootstrap
+
+__all__ = ["derangement", "shuffle_test", "baseline_scores", "image_use_report", "SIGNIFICANCE"]
+
+SIGNIFICANCE = 0.05
+_CACHE: dict = {}
+
+
+def derangement(n: int, seed: int = 0) -> np.ndarray:
+    """A permutation ``p`` of ``range(n)`` with ``p[i] != i`` for every i (one random cycle,
+    Sattolo-style, from a ``seed``-fixed generator). Raises ValueError for ``n`` < 2."""
+    if n < 2:
+        raise ValueError("a derangement needs at least 2 items")
+    order = np.random.default_rng(seed).permutation(n)
+    out = np.empty(n, dtype=np.int64)
+    out[order] = np.roll(order, -1)
+    return out
+
+
+def _cider_block(result) -> dict:
+    return {"image_ids": result.image_ids, "CIDEr": result.per_image["CIDEr"]}
+
+
+def shuffle_test(decoder, store: FeatureStore, test, vocab, decode_cfg, device, references: dict,
+                 real: dict, *, seed: int = 0, n_resamples: int = 1000) -> dict:
+    """Decode ``test`` with every image's features replaced by another test image's (a
+    :func:`derangement`), score CIDEr-D, and compare with ``real`` (``{image_ids, CIDEr}``
+    per-image scores of the unshuffled captions) by paired bootstrap.
+
+    Returns ``{"derangement_seed", "CIDEr" (shuffled), "drop" (real - shuffled), "drop_ci",
+    "p"}`` on pycocoevalcap's scale."""
+    perm = derangement(len(test), seed)
+    rows = store.row_ids(test)[perm]
+    shuffled_store = store.copy()
+    shuffled_store.stats = store.stats
+    shuffled_store.index = {im.image_id: int(r) for im, r in zip(test, rows.tolist(), strict=True)}
+    preds, _ = caption_features(decoder, shuffled_store, test, vocab, decode_cfg, device)
+    result = score_captions(preds, references, metrics=("CIDEr",))
+    cmp = paired_bootstrap(_cider_block(result), real, n_resamples=n_resamples)["CIDEr"]
+    return {"derangement_seed": seed, "CIDEr": result.metrics["CIDEr"], "drop": cmp["delta"],
+            "drop_ci": cmp["ci"], "p": cmp["p"]}
+
+
+def _score(baseline, references: dict) -> dict:
+    result = score_captions(baseline.predictions, references)
+    captions = set(baseline.predictions.values())
+    return {"detail": baseline.detail, "metrics": result.metrics,
+            "caption": captions.pop() if len(captions) == 1 else None,
+            "per_image": _cider_block(result)}
+
+
+def _scorer(dataset: CaptionDataset):
+    key = (str(dataset.source), dataset.fingerprint, "scorer")
+    if key not in _CACHE:
+        _CACHE[key] = train_cider(dataset)
+    return _CACHE[key]
+
+
+def baseline_scores(dataset: CaptionDataset, store: FeatureStore | None = None,
+                    encoder: str | None = None, k: int = 5, split: str = "test",
+                    kinds: tuple[str, ...] = BLIND_KINDS) -> dict:
+    """Scores on ``split`` of the blind baselines in ``kinds`` and, with ``store`` (an
+    encoder's cached features of the dataset), the nearest-neighbour baseline of ``encoder``
+    with ``k`` neighbours: ``{kind: {"detail", "metrics", "caption", "per_image"}}``. Cached
+    per dataset, split fingerprint and split (and feature-store key)."""
+    refs = dataset.references(split)
+    key = (str(dataset.source), dataset.fingerprint, split)
+    out = {}
+    for kind in kinds:
+        if key + (kind,) not in _CACHE:
+            _CACHE[key + (kind,)] = _score(blind_predictions(dataset, split, kind,
+                                                             scorer=_scorer(dataset)), refs)
+        out[kind] = _CACHE[key + (kind,)]
+    if store is not None:
+        nn_key = key + (store.key, k)
+        if nn_key not in _CACHE:
+            train, target = dataset.split("train"), dataset.split(split)
+            pooled = store.pooled
+            nn = nearest_neighbour_predictions(
+                train, target, pooled.index_select(0, store.row_ids(train).to(pooled.device)),
+                pooled.index_select(0, store.row_ids(target).to(pooled.device)),
+                _scorer(dataset), k=k)
+            _CACHE[nn_key] = {**_score(nn, refs), "encoder": encoder, "k": k}
+        out["nn"] = _CACHE[nn_key]
+    return out
+
+
+def image_use_report(run_per_image: dict, baselines: dict, shuffle: dict) -> dict:
+    """The record's ``image_use`` block: the shuffle test, each baseline's metrics (without
+    per-image lists) and the paired test of the run against the strongest blind baseline."""
+    strongest = max(BLIND_KINDS, key=lambda kind: baselines[kind]["metrics"]["CIDEr"])
+    cmp = paired_bootstrap(baselines[strongest]["per_image"], run_per_image)["CIDEr"]
+    better = cmp["delta"] > 0 and cmp["p"] < SIGNIFICANCE
+    return {
+        "shuffle": shuffle,
+        "baselines": {kind: {k: v for k, v in b.items() if k != "per_image"}
+                      for kind, b in baselines.items()},
+        "vs_blind": {"baseline": strongest, "delta": cmp["delta"], "ci": cmp["ci"], "p": cmp["p"],
+                     "better": bool(better)},
+    }
