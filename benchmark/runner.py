@@ -105,6 +105,7 @@ class _Trained:
     store: FeatureStore
     feature_stats: dict | None
     result: TrainResult
+    encoder_identity: dict
 
 
 def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encoder,
@@ -139,12 +140,14 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
         result = train_decoder(decoder, store, train, val, val_refs, vocab, cfg.train, device,
                                seed=cfg.seed, callback=callback)
     decoder.load_state_dict(result.best_state)
-    return _Trained(decoder, vocab, store, stats, result)
+    return _Trained(decoder, vocab, store, stats, result, encoder.cache_identity())
 
 
 def _save_checkpoint(folder: Path, trained: _Trained, resolved: dict) -> None:
-    """Decoder weights, feature statistics, vocabulary and resolved config of a run."""
+    """Decoder weights, feature statistics, vocabulary, resolved config and the encoder's
+    identity (name, weights id, preprocessing: what rebuilding it must reproduce)."""
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "encoder.json").write_text(json.dumps(trained.encoder_identity, indent=1))
     save_file({k: v.contiguous() for k, v in trained.result.best_state.items()},
               folder / "decoder.safetensors")
     if trained.feature_stats:
