@@ -16,7 +16,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/capbench run --config demo
-	$(BIN)/capbench baseline --dataset shapes
+	$(BIN)/capbench baseline --dataset shapes --encoder resnet50 --no-pretrained
 	$(BIN)/capbench report
 	@echo
 	@echo "Next (README: Everyday use; activate with: source $(VENV)/bin/activate):"

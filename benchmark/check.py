@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ def run_cells(preset: str, cells: list[tuple[str, str]], console=None,
     """
     base = load_config(preset)
     dataset = dataset or resolve_dataset(base.dataset)
-    with tempfile.TemporaryDirectory(prefix="capbench-check-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=f"capbench-check-{os.getpid()}-") as scratch:
         folder = results_dir or Path(scratch)
         out = {}
         for arch, enc in cells:

@@ -149,37 +149,24 @@ def report(
     """Show every run as a leaderboard grouped by dataset and split fingerprint.
 
     Also writes <results-dir>/LEADERBOARD.md (markdown) unless --no-leaderboard-file."""
-    from benchmark.records import load_records
-    from benchmark.report import (
-        aggregate_seeds,
-        leaderboard,
-        render,
-        render_rich,
-        resolve_columns,
-        write_leaderboard_file,
-    )
+    from benchmark.report import load_board, render, render_rich, resolve_columns, write_leaderboard_file
 
     if format not in ("table", "markdown", "csv", "json"):
         _fail(f"--format {format!r}: choose table, markdown, csv or json")
     cols = [c for c in columns.split(",") if c.strip()] if columns is not None else None
     if cols is not None:
         resolve_columns(cols)  # an unknown name fails before plots/LEADERBOARD.md are written
-    if not results_dir.is_dir():
-        _fail(f"--results-dir {results_dir} does not exist (runs are written to <results-dir>/runs/)")
-    records, problems = load_records(results_dir)
+    df, runs, problems = load_board(results_dir, aggregate)
     for p in problems:
         err.print(f"[yellow]skipped:[/] {p}", highlight=False)
-    df = leaderboard(records)
-    if plot is not None and not df.empty:
+    if plot is not None and not runs.empty:
         from benchmark.plots import write_plots
 
         try:
-            for p in write_plots(df, plot):
+            for p in write_plots(runs, plot):
                 err.print(f"wrote {p}")
         except OSError as exc:
             _fail(f"cannot write the plots to --plot {plot}: {exc.strerror or exc}")
-    if aggregate:
-        df = aggregate_seeds(df)
     if leaderboard_file and not df.empty:
         try:
             write_leaderboard_file(df, results_dir)
@@ -475,27 +462,12 @@ def baseline(
     """Score the baselines that never look at a model: blind (one caption for every image:
     the most frequent training caption, or the best constant caption by CIDEr-D) and nearest
     neighbour (the consensus caption of the k nearest training images, Devlin et al. 2015)."""
-    from benchmark.baselines import BLIND_KINDS
     from benchmark.config import load_config
-    from benchmark.data import resolve_dataset
-    from benchmark.device import select_device
-    from benchmark.image_use import baseline_scores
-    from benchmark.runner import prepare_features
+    from benchmark.runner import run_baselines
 
-    kinds = list(BLIND_KINDS) + ["nn"] if kind == "all" else [x.strip() for x in kind.split(",")]
-    bad = [x for x in kinds if x not in (*BLIND_KINDS, "nn")]
-    if bad:
-        _fail(f"--kind {bad[0]!r}: choose most-frequent, consensus, nn or all")
-    if k < 1:
-        _fail(f"--k {k}: must be at least 1")
+    kinds = ["most-frequent", "consensus", "nn"] if kind == "all" else [x.strip() for x in kind.split(",")]
     cfg = load_config(None, {"encoder": encoder, "pretrained": pretrained, "dataset": dataset})
-    ds = resolve_dataset(dataset)
-    store = None
-    if "nn" in kinds:
-        enc, store = prepare_features(cfg, ds, select_device(cfg.device), console)
-        encoder = enc.name
-    scores = baseline_scores(ds, store, encoder, k=k, split=split,
-                             kinds=tuple(x for x in kinds if x != "nn"))
+    ds, encoder, scores = run_baselines(cfg, kinds, split=split, k=k, console=console)
     table = Table(title=f"baselines on {ds.name} {split} ({len(ds.split(split))} images)")
     for c in ("baseline", "caption", "B@4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE"):
         table.add_column(c, justify="left" if c in ("baseline", "caption") else "right")

@@ -130,7 +130,7 @@ def ptb_tokenize(captions: dict, *, use_java: bool | None = None) -> dict:
         use_java = java_version() is not None
     if use_java:
         jar = _pkg_dir() / "tokenizer" / STANFORD_CORENLP_3_4_1_JAR
-        with tempfile.TemporaryDirectory(prefix="capbench-ptb-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"capbench-ptb-{os.getpid()}-") as tmp:
             src = Path(tmp) / "sentences.txt"
             src.write_bytes("\n".join(sentences).encode())
             cmd = ["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
@@ -158,7 +158,7 @@ def _run_spice(gts: dict, res: dict, memory: str = "4G") -> tuple[float, list[fl
                            "java.util.concurrent", "java.io", "java.nio", "sun.nio.ch")]
     classpath = os.pathsep.join([str(spice_dir / "spice-1.0.jar"), str(lib / "*"),
                                  str(spice_dir / "lib" / "*")])
-    with tempfile.TemporaryDirectory(prefix="capbench-spice-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"capbench-spice-{os.getpid()}-") as tmp:
         data = [{"image_id": i, "test": res[i][0], "refs": gts[i]} for i in res]
         (Path(tmp) / "in.json").write_text(json.dumps(data))
         cmd = ["java", f"-Xmx{memory}", *flags, "-cp", classpath, "edu.anu.spice.SpiceScorer",

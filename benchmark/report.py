@@ -85,7 +85,7 @@ _LEGEND_PARTS = {
 }
 
 __all__ = ["leaderboard", "aggregate_seeds", "render_markdown", "render_rich", "render",
-           "write_leaderboard_file", "resolve_columns", "ColumnError", "METRIC_COLUMNS",
+           "write_leaderboard_file", "load_board", "resolve_columns", "ColumnError", "METRIC_COLUMNS",
            "COMPACT_COLUMNS"]
 
 
@@ -383,6 +383,21 @@ def render(df: pd.DataFrame, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(json.loads(df.to_json(orient="records")), indent=1)
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def load_board(results_dir: str | Path, aggregate: bool = False):
+    """``(board, per-run board, problems)`` for the records under ``<results_dir>/runs``:
+    ``board`` is seed-aggregated when ``aggregate``; ``problems`` names each unreadable
+    record and why. Raises RecordError when ``results_dir`` does not exist."""
+    from benchmark.errors import RecordError
+    from benchmark.records import load_records
+
+    if not Path(results_dir).is_dir():
+        raise RecordError(f"--results-dir {results_dir} does not exist (runs are written to "
+                          "<results-dir>/runs/)")
+    records, problems = load_records(results_dir)
+    runs = leaderboard(records)
+    return (aggregate_seeds(runs) if aggregate else runs), runs, problems
 
 
 def write_leaderboard_file(df: pd.DataFrame, results_dir: str | Path) -> Path:

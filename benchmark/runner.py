@@ -43,7 +43,8 @@ from benchmark.stats import bootstrap_ci, diversity
 from benchmark.train import TrainResult, train_decoder
 from benchmark.vocab import Vocabulary
 
-__all__ = ["prepare_features", "run_experiment", "run_seeds", "parameter_counts", "preflight"]
+__all__ = ["prepare_features", "run_experiment", "run_seeds", "parameter_counts", "preflight",
+           "run_baselines"]
 
 
 def _progress(console: Console | None) -> Progress:
@@ -253,6 +254,32 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
         vocab_size=len(trained.vocab), checkpoint=str(ckpt),
         wall_seconds=time.perf_counter() - t_start, predictions=predictions, image_use=image_use)
     return record, _persist(record, trained, resolved, Path(cfg.results_dir))
+
+
+def run_baselines(cfg: RunConfig, kinds: list[str], *, split: str = "test", k: int = 5,
+                  console: Console | None = None) -> tuple[CaptionDataset, str, dict]:
+    """Score the baselines ``kinds`` (``most-frequent``, ``consensus``, ``nn``) of
+    ``cfg.dataset`` on ``split``; ``nn`` uses ``cfg.encoder``'s cached pooled features.
+
+    Returns ``(dataset, encoder name, {kind: {"detail", "metrics", "caption", ...}})``.
+    Raises ConfigError for an unknown kind or ``k`` < 1.
+    """
+    from benchmark.baselines import BLIND_KINDS
+    from benchmark.errors import ConfigError
+
+    bad = [x for x in kinds if x not in (*BLIND_KINDS, "nn")]
+    if bad:
+        raise ConfigError(f"--kind {bad[0]!r}: choose most-frequent, consensus, nn or all")
+    if k < 1:
+        raise ConfigError(f"--k {k}: must be at least 1")
+    dataset = resolve_dataset(cfg.dataset)
+    encoder_name, store = cfg.encoder, None
+    if "nn" in kinds:
+        encoder, store = prepare_features(cfg, dataset, select_device(cfg.device), console)
+        encoder_name = encoder.name
+    scores = baseline_scores(dataset, store, encoder_name, k=k, split=split,
+                             kinds=tuple(x for x in kinds if x != "nn"))
+    return dataset, encoder_name, scores
 
 
 def run_seeds(cfg: RunConfig, seeds: list[int], console: Console | None = None, on_start=None):

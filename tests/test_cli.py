@@ -40,6 +40,14 @@ def test_record_has_everything_a_reader_needs(tiny_run, tiny_shapes):
     assert set(rec["metrics"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L",
                                    "CIDEr", "SPICE"}
     assert rec["metrics"]["SPICE"] is None or rec["metrics"]["SPICE"] >= 0
+    for m, (lo, hi) in rec["confidence_intervals"].items():  # each CI holds its own estimate
+        assert m == "METEOR_image_mean" or lo <= rec["metrics"][m] <= hi, (m, lo, hi)
+    use = rec["image_use"]
+    assert set(use["baselines"]) == {"most-frequent", "consensus", "nn"}
+    assert use["vs_blind"]["baseline"] in ("most-frequent", "consensus")
+    lo, hi = use["shuffle"]["drop_ci"]
+    assert lo <= use["shuffle"]["drop"] <= hi
+    assert use["shuffle"]["drop"] == pytest.approx(rec["metrics"]["CIDEr"] - use["shuffle"]["CIDEr"])
     tp = rec["throughput"]
     assert tp["train_tokens_per_s"] > tp["train_samples_per_s"] > 0
     assert tp["inference_images_per_s"] > 0 and tp["decoder_captions_per_s"] > 0
