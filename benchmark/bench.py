@@ -12,7 +12,13 @@ pixels. Figures (units in the keys):
 * ``latency_ms_p50`` / ``latency_ms_p95``: greedy captioning of one image (batch 1);
 * ``encoder_images_per_s``, ``encoder_gflops_per_image`` (torch's FlopCounterMode, 1 multiply-
   add = 2 FLOPs) and ``encoder_latency_ms_p50``;
-* ``peak_memory_mb``: CUDA max allocated, or the process peak RSS on CPU; ``params``.
+* ``peak_memory_mb``: CUDA max allocated, or the process peak RSS on CPU; ``params``;
+* ``train_gflop`` / ``beam1_gflop`` / ``beamK_gflop``: FLOPs of one training step (forward
+  and backward) and of one decoded batch, counted by torch's FlopCounterMode (matrix
+  products, convolutions and attention; 1 multiply-add = 2 FLOPs; element-wise work is not
+  counted), and ``*_gflops``: those FLOPs divided by the median time (achieved GFLOP/s);
+* with a measured peak (:func:`matmul_peak`, ``capbench bench --peak``): ``peak_fp32_gflops``,
+  ``peak_bf16_gflops`` and ``*_util`` = achieved / peak of the dtype the phase ran in.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from benchmark.device import peak_memory_mb, synchronize
 from benchmark.train import caption_loss
 
 __all__ = ["DecoderWorkload", "time_fn", "bench_decoder", "bench_encoder", "run_bench",
-           "table_columns"]
+           "table_columns", "count_flops", "matmul_peak", "add_utilisation", "bf16_supported"]
 
 
 @dataclass
@@ -68,6 +74,54 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2,
     quart = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"median": statistics.median(times), "p05": q[0], "p95": q[-1],
             "iqr": quart[2] - quart[0], "n": len(times)}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` as torch's FlopCounterMode counts them (matrix products,
+    convolutions, attention; 1 multiply-add = 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware (CUDA; on CPU: AVX-512 BF16 or
+    AMX, which oneDNN uses). Without it, CPU bf16 matmuls fall back to a slow generic kernel
+    (measured here: 0.1-0.3 GFLOP/s on an AVX2-only CPU), so no bf16 peak is reported."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int = 4096, iters: int = 3) -> float:
+    """The device's own matrix-multiply peak in GFLOP/s: the best of ``iters`` timed
+    ``(n, n) @ (n, n)`` products in ``dtype`` (2 n^3 FLOPs each), after one warm-up; on CPU
+    with torch's current thread count. Check :func:`bf16_supported` before asking for bf16."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    synchronize(device)
+    best = float("inf")
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def add_utilisation(row: dict, peaks: dict[str, float]) -> dict:
+    """``row`` with ``peak_*_gflops`` and ``*_util`` (achieved GFLOP/s / the peak of the dtype
+    the phase ran in: bf16 under autocast, else fp32) for every ``*_gflops`` figure."""
+    out = {**row, **{f"peak_{k}_gflops": v for k, v in peaks.items()}}
+    peak = peaks.get("bf16" if row.get("amp_bf16") else "fp32")
+    for key in [k for k in row if k.endswith("_gflops") and not k.startswith("peak_")]:
+        out[key.replace("_gflops", "_util")] = row[key] / peak if peak else None
+    return out
 
 
 def _decoder_hparams(w: DecoderWorkload) -> dict:
@@ -109,6 +163,7 @@ def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters:
         loss.backward()
         opt.step()
 
+    train_flop = count_flops(train_step)
     t_train = time_fn(train_step, device, warmup=warmup, iters=iters)
     dec.eval()
     with torch.no_grad():
@@ -122,8 +177,10 @@ def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters:
                 return greedy_decode(dec, grid, pooled, **ctx)
             return beam_search(dec, grid, pooled, beam_size=beam, **ctx)
 
+    b1_flop, bk_flop = count_flops(lambda: run_decode(1)), count_flops(lambda: run_decode(w.beam_size))
     t_b1 = time_fn(lambda: run_decode(1), device, warmup=1, iters=iters)
     t_bk = time_fn(lambda: run_decode(w.beam_size), device, warmup=1, iters=iters)
+    K = w.beam_size
     lat = time_fn(lambda: greedy_decode(dec, grid[:1], pooled[:1], **ctx), device,
                   warmup=2, iters=max(iters * 4, 20))
     return {
@@ -136,6 +193,10 @@ def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters:
         f"beam{w.beam_size}_captions_per_s": B / t_bk["median"],
         "latency_ms_p50": 1000 * lat["median"], "latency_ms_p95": 1000 * lat["p95"],
         "peak_memory_mb": peak_memory_mb(device), "iters": iters,
+        "train_gflop": train_flop / 1e9, "beam1_gflop": b1_flop / 1e9, f"beam{K}_gflop": bk_flop / 1e9,
+        "train_gflops": train_flop / 1e9 / t_train["median"],
+        "beam1_gflops": b1_flop / 1e9 / t_b1["median"],
+        f"beam{K}_gflops": bk_flop / 1e9 / t_bk["median"],
     }
 
 
@@ -169,14 +230,25 @@ def bench_encoder(name: str, device: torch.device, *, batch_size: int = 16, iter
 
 
 def run_bench(archs: list[str], encoders: list[str], workload: DecoderWorkload,
-              device: torch.device, *, iters: int = 5, log=None) -> list[dict]:
+              device: torch.device, *, iters: int = 5, log=None, peak: bool = False) -> list[dict]:
     """Rows of :func:`bench_decoder` for each decoder and :func:`bench_encoder` for each
-    encoder (batch ``min(workload.batch_size, 16)``); ``log(text)`` reports progress."""
+    encoder (batch ``min(workload.batch_size, 16)``); ``log(text)`` reports progress. With
+    ``peak``, the device's matmul peak is measured first (fp32 and bf16) and every decoder
+    row gets its utilisation (:func:`add_utilisation`)."""
     log = log or (lambda text: None)
     rows = []
+    peaks = {}
+    if peak:
+        log("measuring the matmul peak (fp32, bf16) ...")
+        peaks = {"fp32": matmul_peak(device, torch.float32)}
+        if bf16_supported(device):
+            peaks["bf16"] = matmul_peak(device, torch.bfloat16)
+        else:
+            log("no bf16 matrix hardware on this device: bf16 peak not measured")
     for a in archs:
         log(f"timing decoder {a} ...")
-        rows.append(bench_decoder(a, workload, device, iters=iters))
+        row = bench_decoder(a, workload, device, iters=iters)
+        rows.append(add_utilisation(row, peaks) if peaks else row)
     for e in encoders:
         log(f"timing encoder {e} ...")
         rows.append(bench_encoder(e, device, batch_size=min(workload.batch_size, 16),
@@ -187,5 +259,5 @@ def run_bench(archs: list[str], encoders: list[str], workload: DecoderWorkload,
 def table_columns(columns) -> list[str]:
     """The columns of a bench DataFrame that the terminal table shows."""
     return [c for c in columns if c in ("arch", "encoder", "params", "input", "grid")
-            or c.endswith("per_s") or c.startswith("latency") or "gflops" in c
-            or c.endswith("latency_ms_p50") or c == "peak_memory_mb"]
+            or c.endswith("per_s") or c.startswith("latency") or "gflop" in c
+            or c.endswith("_util") or c == "peak_memory_mb"]

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -64,3 +65,25 @@ def test_plots_are_written(tmp_path):
     assert len(files) == 2
     for f in files:
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 10_000
+
+
+def test_flop_accounting_and_utilisation():
+    import torch
+
+    from benchmark.bench import DecoderWorkload, add_utilisation, bench_decoder, count_flops
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    assert count_flops(lambda: a @ b) == 2 * 64 * 32 * 16  # 1 multiply-add = 2 FLOPs
+    lin = torch.nn.Linear(32, 16)
+    x = torch.randn(8, 32, requires_grad=True)
+    # forward 2*8*32*16, backward: grad input and grad weight, the same again each
+    assert count_flops(lambda: lin(x).sum().backward()) == 3 * 2 * 8 * 32 * 16
+    w = DecoderWorkload(grid_size=4, grid_dim=8, pooled_dim=8, vocab_size=30, batch_size=2,
+                        caption_len=3, embed_dim=8, hidden_dim=8, attention_dim=8, beam_size=3)
+    row = bench_decoder("lstm", w, torch.device("cpu"), iters=1, warmup=0)
+    assert row["train_gflop"] > 0 and row["beam3_gflop"] > row["beam1_gflop"] > 0
+    assert row["train_gflops"] == pytest.approx(row["train_gflop"] * row["train_samples_per_s"] / 2)
+    util = add_utilisation(row, {"fp32": 100.0})
+    assert util["peak_fp32_gflops"] == 100.0
+    assert util["train_util"] == pytest.approx(row["train_gflops"] / 100.0)
+    assert util["beam3_util"] == pytest.approx(row["beam3_gflops"] / 100.0)
