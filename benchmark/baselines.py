@@ -105,7 +105,10 @@ def nearest_neighbour_predictions(train: list[ImageRecord], test: list[ImageReco
         raise ValueError("k must be at least 1")
     a = torch.nn.functional.normalize(train_pooled.float(), dim=1)
     b = torch.nn.functional.normalize(test_pooled.float(), dim=1)
-    nearest = (b @ a.T).topk(min(k, len(train)), dim=1).indices.tolist()
+    nearest = []
+    for start in range(0, len(b), 1024):  # (1024, Ntr) similarities at a time, not (Nte, Ntr)
+        sim = b[start:start + 1024] @ a.T
+        nearest += sim.topk(min(k, len(train)), dim=1).indices.tolist()
     out = {}
     for im, idx in zip(test, nearest, strict=True):
         cands = [" ".join(t) for j in idx for t in train[j].tokens]

@@ -16,7 +16,9 @@ pixels. Figures (units in the keys):
 * ``train_gflop`` / ``beam1_gflop`` / ``beamK_gflop``: FLOPs of one training step (forward
   and backward) and of one decoded batch, counted by torch's FlopCounterMode (matrix
   products, convolutions and attention; 1 multiply-add = 2 FLOPs; element-wise work is not
-  counted), and ``*_gflops``: those FLOPs divided by the median time (achieved GFLOP/s);
+  counted), and ``*_gflops``: those FLOPs divided by the median time (achieved GFLOP/s).
+  FlopCounterMode does not count the fused ``nn.LSTM``/``nn.RNN`` kernels that ``rnn`` and
+  ``lstm`` use (``flops_exclude_fused_rnn``): their FLOPs and utilisation are lower bounds;
 * with a measured peak (:func:`matmul_peak`, ``capbench bench --peak``): ``peak_fp32_gflops``,
   ``peak_bf16_gflops`` and ``*_util`` = achieved / peak of the dtype the phase ran in.
 """
@@ -90,8 +92,8 @@ def bf16_supported(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 matrices in hardware (CUDA; on CPU: AVX-512 BF16 or
     AMX, which oneDNN uses). Without it, CPU bf16 matmuls fall back to a slow generic kernel
     (measured here: 0.1-0.3 GFLOP/s on an AVX2-only CPU), so no bf16 peak is reported."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # bf16 tensor cores from Ampere (compute capability 8) on
+        return torch.cuda.get_device_properties(device).major >= 8
     cpu = getattr(torch, "cpu", None)
     return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
@@ -197,6 +199,8 @@ def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters:
         "train_gflops": train_flop / 1e9 / t_train["median"],
         "beam1_gflops": b1_flop / 1e9 / t_b1["median"],
         f"beam{K}_gflops": bk_flop / 1e9 / t_bk["median"],
+        # FlopCounterMode has no formula for the fused cuDNN/MKL RNN kernels
+        "flops_exclude_fused_rnn": any(isinstance(m, torch.nn.RNNBase) for m in dec.modules()),
     }
 
 

@@ -19,7 +19,7 @@ QUICKSTART = """Quickstart:
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="Benchmark image-captioning encoders x decoders on one harness.")
-data_app = typer.Typer(no_args_is_help=True, help="Write the embedded datasets to disk.")
+data_app = typer.Typer(no_args_is_help=True, help="Write datasets to disk: the embedded shapes set, or a Karpathy dataset.json from downloaded Flickr8k/Flickr30k/COCO captions.")
 app.add_typer(data_app, name="data")
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
@@ -45,7 +45,7 @@ def _main(ctx: typer.Context):
 
     warnings.showwarning = _show_warning
     warnings.simplefilter("always", CapbenchWarning)
-    remove_stale_temps(tempfile.gettempdir())  # scratch folders of killed capbench processes
+    remove_stale_temps(tempfile.gettempdir(), own_folder=False)  # killed capbench scratch folders
     if ctx.invoked_subcommand is None:
         console.print(QUICKSTART, highlight=False)
         console.print()
@@ -192,18 +192,40 @@ def report(
 @app.command("eval")
 @_guard
 def evaluate(
-    predictions: Annotated[Path, typer.Argument(help="COCO results JSON: [{image_id, caption}, ...]")],
-    references: Annotated[str, typer.Option(help="Karpathy dataset.json, COCO captions JSON, or coco-val2014 / coco-train2014 (offline copy in pycocoevalcap)")],
-    split: Annotated[str, typer.Option(help="split of a Karpathy references file")] = "test",
+    predictions: Annotated[Path | None, typer.Argument(help="COCO results JSON: [{image_id, caption}, ...] (or use --run and --dataset)")] = None,
+    references: Annotated[str | None, typer.Option(help="Karpathy dataset.json, COCO captions JSON, or coco-val2014 / coco-train2014 (offline copy in pycocoevalcap)")] = None,
+    split: Annotated[str, typer.Option(help="split of a Karpathy references file / of --dataset")] = "test",
     format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    run: Annotated[str | None, typer.Option("--run", help="score this saved run instead: run id (or unique prefix/suffix), checkpoint folder, or 'latest'")] = None,
+    dataset: Annotated[str | None, typer.Option(help="with --run: 'shapes', 'shapes:N' or a Karpathy dataset.json to caption and score")] = None,
+    results_dir: Annotated[Path, typer.Option(help="with --run: folder holding runs/ and checkpoints/; the new record goes to its runs/")] = Path("results"),
+    beam_size: Annotated[int | None, typer.Option(help="with --run: override the run's beam size")] = None,
+    max_len: Annotated[int | None, typer.Option(help="with --run: override the run's maximum caption length")] = None,
+    encoder_weights: Annotated[Path | None, typer.Option(help="with --run: the encoder weights file, if it moved since training")] = None,
 ):
-    """Score any COCO-format predictions file exactly as the COCO caption toolkit does."""
+    """Score any COCO-format predictions file exactly as the COCO caption toolkit does; or, with
+    --run and --dataset, caption another dataset (or split) with a saved model and score it
+    (cross-dataset transfer), writing a new run record."""
     import json
-
-    from benchmark.references import evaluate_file
 
     if format not in ("table", "json"):
         _fail(f"--format {format!r}: choose table or json")
+    file_form = predictions is not None or references is not None
+    run_form = run is not None or dataset is not None
+    if file_form == run_form:
+        _fail("give either PREDICTIONS --references R (score a file) or --run RUN --dataset D "
+              "(score a saved model), not both" if file_form else
+              "give PREDICTIONS --references R (score a file) or --run RUN --dataset D (score a "
+              "saved model)")
+    if file_form and (predictions is None or references is None):
+        _fail("scoring a file needs both PREDICTIONS and --references")
+    if run_form and (run is None or dataset is None):
+        _fail("scoring a saved model needs both --run and --dataset")
+    if run_form:
+        _evaluate_run(run, dataset, split, format, results_dir, beam_size, max_len, encoder_weights)
+        return
+    from benchmark.references import evaluate_file
+
     ev = evaluate_file(predictions, references, split)
     if format == "json":
         sys.stdout.write(json.dumps(ev.to_json(), indent=1) + "\n")
@@ -223,6 +245,190 @@ def evaluate(
     for m, why in ev.result.unavailable.items():
         console.print(f"[yellow]{m} unavailable:[/] {why}", highlight=False)
     console.print(f"scored in {ev.seconds:.1f} s")
+
+
+def _evaluate_run(run, dataset, split, format, results_dir, beam_size, max_len, encoder_weights):
+    """``eval --run RUN --dataset D``: caption D's split with the saved model, score, record."""
+    import json
+
+    from benchmark.captioner import check_split, evaluate_run
+    from benchmark.checkpoint import load_run
+
+    check_split(split)
+    loaded = load_run(run, results_dir, beam_size=beam_size, max_len=max_len,
+                      encoder_weights=str(encoder_weights) if encoder_weights else None)
+    record, path = evaluate_run(loaded, dataset, split, results_dir=results_dir, console=console)
+    if format == "json":
+        sys.stdout.write(json.dumps({"run_id": record.run_id, "eval_of": loaded.run_id,
+                                     "dataset": record.dataset.name, "split": split,
+                                     "images": len(record.predictions), "metrics": record.metrics,
+                                     "confidence_intervals": record.confidence_intervals,
+                                     "unavailable": record.metrics_unavailable,
+                                     "record": str(path)}, indent=1) + "\n")
+        return
+    table = Table(title=f"run {loaded.run_id} on {record.dataset.name} {split} "
+                  f"({len(record.predictions)} images, beam {loaded.decode.beam_size})")
+    for c in ("metric", "score", "95% CI"):
+        table.add_column(c, justify="right")
+    for m, v in record.metrics.items():
+        lo_hi = record.confidence_intervals.get(m)
+        table.add_row(m, "unavailable" if v is None else f"{v:.3f}",
+                      f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "-")
+    console.print(table)
+    for m, why in record.metrics_unavailable.items():
+        console.print(f"[yellow]{m} unavailable:[/] {why}", highlight=False)
+    console.print(f"run record: {path} (eval of {loaded.run_id}; wall {record.wall_seconds:.0f} s)")
+
+
+@app.command()
+@_guard
+def caption(
+    paths: Annotated[list[str], typer.Argument(help="image files, folders (their images, sorted) or glob patterns")],
+    run: Annotated[str, typer.Option("--run", help="run id (or unique prefix/suffix), checkpoint folder, or 'latest'")],
+    results_dir: Annotated[Path, typer.Option(help="folder holding runs/ and checkpoints/")] = Path("results"),
+    beam_size: Annotated[int | None, typer.Option(help="override the run's beam size (1 = greedy)")] = None,
+    max_len: Annotated[int | None, typer.Option(help="override the run's maximum caption length")] = None,
+    format: Annotated[str, typer.Option("--format", help="table, or json (COCO results: [{image_id, file_name, caption}])")] = "table",
+    encoder_weights: Annotated[Path | None, typer.Option(help="the encoder weights file, if it moved since training")] = None,
+):
+    """Caption images with a saved run. Unreadable files are reported and skipped (exit 1)."""
+    import json
+    import time
+
+    from benchmark.captioner import caption_files, coco_image_id, expand_paths
+    from benchmark.checkpoint import load_run
+
+    if format not in ("table", "json"):
+        _fail(f"--format {format!r}: choose table or json")
+    t0 = time.perf_counter()
+    files, failures = expand_paths(paths)
+    loaded = load_run(run, results_dir, beam_size=beam_size, max_len=max_len,
+                      encoder_weights=str(encoder_weights) if encoder_weights else None)
+    res = caption_files(loaded, files)
+    failures += res.failures
+    if format == "json":
+        ids = [coco_image_id(p) for p, _ in res.captions]
+        twice = sorted({str(i) for i in ids if ids.count(i) > 1})
+        if twice:
+            err.print(f"[bold yellow]warning:[/] files with the same name give the same image_id "
+                      f"({', '.join(twice[:5])}); COCO tools would keep only one of each", highlight=False)
+        sys.stdout.write(json.dumps([{"image_id": i, "file_name": p.name, "caption": c}
+                                     for i, (p, c) in zip(ids, res.captions, strict=True)], indent=1) + "\n")
+    else:
+        table = Table(title=f"run {loaded.run_id} ({loaded.arch} on {loaded.encoder.name}, beam "
+                      f"{loaded.decode.beam_size})")
+        table.add_column("file")
+        table.add_column("caption")
+        for p, c in res.captions:
+            table.add_row(str(p), c)
+        console.print(table)
+    for p, why in failures:
+        err.print(f"[bold red]failed:[/] {p}: {why}", highlight=False)
+    total = time.perf_counter() - t0
+    err.print(f"captioned {len(res.captions)} image(s) in {res.seconds:.2f} s "
+              f"({res.images_per_s:.1f} images/s once loaded; model load {loaded.load_seconds:.2f} s, "
+              f"total {total:.2f} s){f'; {len(failures)} failed' if failures else ''}",
+              highlight=False)
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_guard
+def explain(
+    image: Annotated[Path, typer.Argument(help="image file")],
+    run: Annotated[str, typer.Option("--run", help="run id (or unique prefix/suffix), checkpoint folder, or 'latest'")],
+    method: Annotated[str, typer.Option(help="attention (attn_lstm, transformer) or gradcam (any decoder)")] = "attention",
+    out: Annotated[Path, typer.Option(help="folder for the PNG")] = Path("explain"),
+    layer: Annotated[int, typer.Option(help="transformer: cross-attention layer to show (-1 = last)")] = -1,
+    results_dir: Annotated[Path, typer.Option(help="folder holding runs/ and checkpoints/")] = Path("results"),
+    beam_size: Annotated[int | None, typer.Option(help="override the run's beam size")] = None,
+    max_len: Annotated[int | None, typer.Option(help="override the run's maximum caption length")] = None,
+    encoder_weights: Annotated[Path | None, typer.Option(help="the encoder weights file, if it moved since training")] = None,
+):
+    """Caption IMAGE and write one PNG: the image, then a heatmap panel per generated word
+    (soft attention, Xu et al. 2015 / cross-attention; or Grad-CAM, Selvaraju et al. 2017)."""
+    import time
+
+    from benchmark.checkpoint import load_run
+    from benchmark.explain import METHODS, explain_image, open_image, render_explanation
+
+    if method not in METHODS:
+        _fail(f"--method {method!r}: choose {' or '.join(METHODS)}")
+    picture = open_image(image)
+    loaded = load_run(run, results_dir, beam_size=beam_size, max_len=max_len,
+                      encoder_weights=str(encoder_weights) if encoder_weights else None)
+    t0 = time.perf_counter()
+    ex = explain_image(loaded, picture, [method], layer=layer)
+    path = out / f"{image.stem}-{method}.png"
+    try:
+        render_explanation(ex, method, path, title=f"{method} ({loaded.arch} on "
+                           f"{loaded.encoder.name}): {ex.caption}")
+    except OSError as exc:
+        _fail(f"cannot write {path} (--out {out}): {exc.strerror or exc}")
+    console.print(f"caption: {ex.caption}", highlight=False)
+    console.print(f"wrote {path} ({len(ex.words)} word panels; {method} {ex.seconds[method]:.2f} s, "
+                  f"total {time.perf_counter() - t0:.2f} s after loading the model)", highlight=False)
+
+
+@app.command()
+@_guard
+def ground(
+    run: Annotated[str, typer.Option("--run", help="run id (or unique prefix/suffix), checkpoint folder, or 'latest'")],
+    results_dir: Annotated[Path, typer.Option(help="folder holding runs/ and checkpoints/")] = Path("results"),
+    split: Annotated[str, typer.Option(help="split of the shapes dataset")] = "test",
+    dataset: Annotated[str | None, typer.Option(help="shapes dataset.json with object boxes (default: the run's dataset)")] = None,
+    tolerance: Annotated[float, typer.Option(help="pointing-game tolerance in image pixels (Zhang et al. 2016: 15)")] = 15.0,
+    layer: Annotated[int, typer.Option(help="transformer: cross-attention layer (-1 = last)")] = -1,
+    seed: Annotated[int, typer.Option(help="seed of the random-point baseline")] = 0,
+    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    details: Annotated[bool, typer.Option(help="json: also list every scored word")] = False,
+):
+    """Pointing game and energy in box of each word naming a shape or colour (shapes dataset):
+    attention, Grad-CAM, and the centre and random baselines."""
+    import json
+
+    from benchmark.captioner import check_split
+    from benchmark.checkpoint import load_run
+    from benchmark.grounding import BASELINES, ground_run
+
+    if format not in ("table", "json"):
+        _fail(f"--format {format!r}: choose table or json")
+    if tolerance < 0:
+        _fail(f"--tolerance {tolerance}: must be >= 0 pixels")
+    check_split(split)
+    loaded = load_run(run, results_dir)
+    path = dataset or _run_dataset_path(loaded)
+    res = ground_run(loaded, path, split, tolerance=tolerance, seed=seed, layer=layer)
+    if format == "json":
+        sys.stdout.write(json.dumps(res.to_json(details), indent=1) + "\n")
+        return
+    table = Table(title=f"grounding of {loaded.run_id} on {split} ({res.images} images, "
+                  f"{res.words} colour/shape words; tolerance {tolerance:g} px)")
+    for c in ("method", "pointing game", "energy in box", "colour words", "shape words"):
+        table.add_column(c, justify="left" if c == "method" else "right")
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    for m in ("attention", "gradcam", *BASELINES):
+        table.add_row(m if m not in BASELINES else f"baseline: {m}", pct(res.pointing[m]),
+                      pct(res.energy_in_box[m]), pct(res.by_kind["colour"]["pointing"][m]),
+                      pct(res.by_kind["shape"]["pointing"][m]))
+    console.print(table)
+    for m, why in res.methods_unavailable.items():
+        console.print(f"[yellow]{m} unavailable:[/] {why}", highlight=False)
+    console.print(f"{res.unmatched_words} colour/shape word(s) named nothing in their image (not "
+                  f"scored); {res.seconds:.0f} s", highlight=False)
+
+
+def _run_dataset_path(loaded) -> str:
+    """The dataset.json a run was trained on: its record's path, else its config's spec."""
+    if loaded.record is not None and loaded.record.dataset.path and Path(loaded.record.dataset.path).is_file():
+        return loaded.record.dataset.path
+    from benchmark.data import resolve_dataset
+
+    return str(resolve_dataset(loaded.config["dataset"]).source)
 
 
 @app.command()
@@ -377,6 +583,7 @@ def bench(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps")] = "auto",
     format: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
     output: Annotated[Path | None, typer.Option(help="also write the rows as CSV here")] = None,
+    peak: Annotated[bool, typer.Option("--peak", help="measure the device's matmul peak (fp32, bf16) and report each phase's utilisation = achieved GFLOP/s / peak")] = False,
 ):
     """Time decoders on synthetic features and encoders on random pixels (defaults: the
     Show-Attend-Tell setting: 196 x 2048 grid, 512-d, 10k words, batch 32, 20 words)."""
@@ -404,7 +611,7 @@ def bench(
                         beam_size)
     archs = list_decoders() if arch == "all" else [a for a in (arch or "").split(",") if a]
     encs = list_encoders(ci=False) if encoder == "all" else [e for e in (encoder or "").split(",") if e]
-    rows = run_bench(archs, encs, w, dev, iters=iters, log=err.print)
+    rows = run_bench(archs, encs, w, dev, iters=iters, log=err.print, peak=peak)
     df = pd.DataFrame(rows).convert_dtypes()  # decoder and encoder rows merged: keep ints ints
     if output:
         from benchmark.fsutil import atomic_write_text
@@ -458,6 +665,7 @@ def baseline(
     encoder: Annotated[str, typer.Option(help="encoder whose pooled features the nn baseline uses")] = "resnet50",
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="pretrained encoder weights (nn) or a seeded random init")] = True,
     k: Annotated[int, typer.Option(help="nearest training images the nn baseline pools captions from")] = 5,
+    runs: Annotated[Path | None, typer.Option(help="also test every run record in this results folder (on this dataset's split) against the strongest blind baseline: paired bootstrap of CIDEr-D")] = None,
 ):
     """Score the baselines that never look at a model: blind (one caption for every image:
     the most frequent training caption, or the best constant caption by CIDEr-D) and nearest
@@ -480,6 +688,22 @@ def baseline(
     console.print(table)
     for name, b in scores.items():
         console.print(f"{name}: {b['detail']}", highlight=False)
+    if runs is not None:
+        from benchmark.image_use import records_vs_blind
+
+        verdicts = records_vs_blind(runs, ds, scores) if split == "test" else []
+        if not verdicts:
+            _fail(f"--runs {runs}: no run record on {ds.name}'s split {ds.fingerprint} (test split)")
+        tests = Table(title=f"runs in {runs} vs the strongest blind baseline (paired bootstrap, CIDEr-D x100)")
+        for c in ("run", "decoder", "encoder", "CIDEr-D", "delta", "95% CI", "p", "better?", "uniq%"):
+            tests.add_column(c, justify="left" if c in ("run", "decoder", "encoder", "better?") else "right")
+        for r, v in verdicts:
+            parts = r.run_id.split("-")
+            tests.add_row(f"{parts[0][4:]}-{parts[1]}-{parts[-1]}", r.arch, r.encoder, f"{100 * r.metrics['CIDEr']:.1f}",
+                          f"{100 * v['delta']:+.1f}", f"[{100 * v['ci'][0]:+.1f}, {100 * v['ci'][1]:+.1f}]",
+                          f"{v['p']:.3f}", "yes" if v["better"] else "[red]no[/]",
+                          f"{r.diversity.get('unique_pct', float('nan')):.0f}")
+        console.print(tests)
 
 
 @data_app.command("shapes")
@@ -497,6 +721,88 @@ def data_shapes(
         _fail("--n-images must be at least 10")
     path = generate_shapes(out, n_images, seed, overwrite=force)
     console.print(f"wrote {path} ({n_images} images)")
+
+
+def _prepare_command(kind: str, captions: list[Path], images: Path, out: Path, splits: list[Path] | None,
+                     seed: int, force: bool, check_images: bool, decode: bool) -> None:
+    from rich.progress import Progress
+
+    from benchmark.prepare import prepare
+
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("checking images", total=None)
+        report = prepare(kind, captions=captions, images=images, out=out, splits=splits or None,
+                         seed=seed, force=force, check_images="decode" if decode else check_images,
+                         progress=lambda done, total: progress.update(task, completed=done, total=total))
+    table = Table(title=f"{kind}: images per split")
+    for col in ("split", "images"):
+        table.add_column(col, justify="right" if col == "images" else "left")
+    for split, n in report.counts.items():
+        table.add_row(split, f"{n:,}")
+    table.add_row("[bold]total[/]", f"[bold]{report.images:,}[/] ({report.captions:,} captions)")
+    console.print(table)
+    if report.issues():
+        issues = Table(title="problems found")
+        issues.add_column("what")
+        issues.add_column("count", justify="right")
+        issues.add_column("e.g.", overflow="fold")
+        for label, count, examples in report.issues():
+            issues.add_row(label, f"{count:,}", "\n".join(examples))
+        console.print(issues)
+    for message in report.messages:
+        console.print(f"- {message}", highlight=False)
+    console.print(f"wrote {report.out}; check it with: capbench run --dataset {report.out} ...", highlight=False)
+
+
+_SPLITS_HELP = "Karpathy's dataset_*.json, or split lists named *train*/*dev*|*val*/*test* (repeat the option); without it: a seeded split in Karpathy proportions"
+
+
+@data_app.command("flickr8k")
+@_guard
+def data_flickr8k(
+    captions: Annotated[list[Path], typer.Option(help="Kaggle captions.txt (image,caption), Flickr8k.token.txt or Karpathy's dataset_flickr8k.json")],
+    images: Annotated[Path, typer.Option(help="folder holding the .jpg files (e.g. Flicker8k_Dataset/ or Images/)")],
+    out: Annotated[Path, typer.Option(help="dataset.json to write")],
+    splits: Annotated[list[Path] | None, typer.Option(help="Flickr_8k.trainImages.txt, Flickr_8k.devImages.txt, Flickr_8k.testImages.txt (dev = val), or Karpathy's dataset_flickr8k.json; " + _SPLITS_HELP)] = None,
+    seed: Annotated[int, typer.Option(help="seed of the split made when no --splits is given")] = 0,
+    force: Annotated[bool, typer.Option(help="overwrite an existing --out file")] = False,
+    check_images: Annotated[bool, typer.Option("--check-images/--no-check-images", help="open every image with PIL (verify); --no-check-images only checks that files exist")] = True,
+    decode: Annotated[bool, typer.Option(help="fully decode every image (catches truncated JPEGs; slower)")] = False,
+):
+    """Write a Karpathy dataset.json for Flickr8k (Hodosh et al. 2013) from the downloaded captions."""
+    _prepare_command("flickr8k", captions, images, out, splits, seed, force, check_images, decode)
+
+
+@data_app.command("flickr30k")
+@_guard
+def data_flickr30k(
+    captions: Annotated[list[Path], typer.Option(help="Kaggle results.csv (image_name| comment_number| comment), results_20130124.token or Karpathy's dataset_flickr30k.json")],
+    images: Annotated[Path, typer.Option(help="folder holding the .jpg files (e.g. flickr30k_images/)")],
+    out: Annotated[Path, typer.Option(help="dataset.json to write")],
+    splits: Annotated[list[Path] | None, typer.Option(help=_SPLITS_HELP)] = None,
+    seed: Annotated[int, typer.Option(help="seed of the split made when no --splits is given")] = 0,
+    force: Annotated[bool, typer.Option(help="overwrite an existing --out file")] = False,
+    check_images: Annotated[bool, typer.Option("--check-images/--no-check-images", help="open every image with PIL (verify); --no-check-images only checks that files exist")] = True,
+    decode: Annotated[bool, typer.Option(help="fully decode every image (catches truncated JPEGs; slower)")] = False,
+):
+    """Write a Karpathy dataset.json for Flickr30k (Young et al. 2014) from the downloaded captions."""
+    _prepare_command("flickr30k", captions, images, out, splits, seed, force, check_images, decode)
+
+
+@data_app.command("coco")
+@_guard
+def data_coco(
+    captions: Annotated[list[Path], typer.Option(help="captions_train2014.json and captions_val2014.json (or the 2017 pair; repeat the option), or Karpathy's dataset_coco.json")],
+    images: Annotated[Path, typer.Option(help="folder holding train2014/ and val2014/ (or train2017/, val2017/)")],
+    out: Annotated[Path, typer.Option(help="dataset.json to write")],
+    splits: Annotated[list[Path] | None, typer.Option(help="Karpathy's dataset_coco.json (matched by COCO id, so it also fits the 2017 files); without it: train -> train and val split by --seed into val/test halves")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the split made when no --splits is given")] = 0,
+    force: Annotated[bool, typer.Option(help="overwrite an existing --out file")] = False,
+    check_images: Annotated[bool, typer.Option("--check-images/--no-check-images", help="open every image with PIL (verify); --no-check-images only checks that files exist")] = True,
+    decode: Annotated[bool, typer.Option(help="fully decode every image (catches truncated JPEGs; slower)")] = False,
+):
+    """Write a Karpathy dataset.json for COCO captions (Chen et al. 2015) from the annotation files."""
+    _prepare_command("coco", captions, images, out, splits, seed, force, check_images, decode)
 
 
 def main() -> None:  # pragma: no cover

@@ -175,6 +175,9 @@ def load_karpathy(path: str | Path, *, check_images: bool = True) -> CaptionData
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not valid JSON (line {exc.lineno}, col {exc.colno})") from exc
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it "
+                           "as UTF-8") from exc
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{path}: expected an object with an 'images' list (Karpathy format)")
     root = path.parent

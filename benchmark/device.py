@@ -30,6 +30,9 @@ def select_device(name: str = "auto") -> torch.device:
         raise ConfigError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps)") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s), numbered from 0")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
                                   and torch.backends.mps.is_available()):
         raise ConfigError(f"--device {name}: MPS (Apple GPU) is not available on this machine")

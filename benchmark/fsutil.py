@@ -66,10 +66,17 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once at import: setting it later would race with other threads
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -105,12 +112,15 @@ def ensure_writable(folder: str | Path, *, need_bytes: int = 0, what: str = "fol
     return folder
 
 
-def remove_stale_temps(folder: str | Path, *, legacy_age_s: float = 3600.0) -> list[Path]:
+def remove_stale_temps(folder: str | Path, *, legacy_age_s: float = 3600.0,
+                       own_folder: bool = True) -> list[Path]:
     """Remove temp files and folders in ``folder`` that dead processes left behind.
 
     Matches this module's ``.<name>.<pid>.<random>.tmp`` names and the ``capbench-<kind>-<pid>-``
     / ``.tmp-shapes-<pid>-`` prefixes; a live process's temps are kept. Temps of older capbench
-    versions (no pid in the name) are removed once older than ``legacy_age_s``.
+    versions (no pid in the name) are removed once older than ``legacy_age_s``; with
+    ``own_folder=False`` (a shared folder such as the system temp folder) only names that
+    start with ``capbench-`` are considered, never another program's ``tmp*.tmp``.
     Returns what was removed; never raises.
     """
     removed = []
@@ -125,9 +135,9 @@ def remove_stale_temps(folder: str | Path, *, legacy_age_s: float = 3600.0) -> l
             if m:
                 stale = int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1)))
             else:
-                legacy = (p.name.startswith("tmp") and p.name.endswith(".tmp")) \
-                    or p.name.startswith((".tmp-shapes-", "capbench-ptb-", "capbench-spice-",
-                                          "capbench-check-"))
+                legacy = (own_folder and p.name.startswith("tmp") and p.name.endswith(".tmp")) \
+                    or p.name.startswith(("capbench-ptb-", "capbench-spice-", "capbench-check-")) \
+                    or (own_folder and p.name.startswith(".tmp-shapes-"))
                 stale = legacy and now - p.stat().st_mtime > legacy_age_s
             if not stale:
                 continue

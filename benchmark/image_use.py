@@ -30,7 +30,9 @@ from benchmark.inference import caption_features
 from benchmark.metrics import score_captions
 from benchmark.stats import paired_bootstrap
 
-__all__ = ["derangement", "shuffle_test", "baseline_scores", "image_use_report", "SIGNIFICANCE"]
+__all__ = ["derangement", "shuffle_test", "baseline_scores", "image_use_report", "vs_blind",
+           "records_vs_blind",
+           "SIGNIFICANCE"]
 
 SIGNIFICANCE = 0.05
 _CACHE: dict = {}
@@ -115,16 +117,33 @@ def baseline_scores(dataset: CaptionDataset, store: FeatureStore | None = None,
     return out
 
 
+def vs_blind(run_per_image: dict, baselines: dict) -> dict:
+    """Paired bootstrap of a run's per-image CIDEr-D (``{image_ids, CIDEr}``) against the
+    strongest blind baseline in ``baselines`` (:func:`baseline_scores`):
+    ``{"baseline", "delta", "ci", "p", "better"}``, ``better`` = higher with p < 0.05."""
+    strongest = max(BLIND_KINDS, key=lambda kind: baselines[kind]["metrics"]["CIDEr"])
+    cmp = paired_bootstrap(baselines[strongest]["per_image"], run_per_image)["CIDEr"]
+    return {"baseline": strongest, "delta": cmp["delta"], "ci": cmp["ci"], "p": cmp["p"],
+            "better": bool(cmp["delta"] > 0 and cmp["p"] < SIGNIFICANCE)}
+
+
+def records_vs_blind(results_dir, dataset: CaptionDataset, baselines: dict) -> list[tuple]:
+    """``[(record, vs_blind verdict)]`` for every record under ``results_dir`` made on
+    ``dataset``'s split (best CIDEr-D first): the blind test for records written before it
+    was part of every run."""
+    from benchmark.records import load_records
+
+    records = [r for r in load_records(results_dir)[0] if r.split_fingerprint == dataset.fingerprint]
+    return [(r, vs_blind({"image_ids": r.per_image["image_ids"], "CIDEr": r.per_image["CIDEr"]},
+                         baselines)) for r in sorted(records, key=lambda r: -r.metrics["CIDEr"])]
+
+
 def image_use_report(run_per_image: dict, baselines: dict, shuffle: dict) -> dict:
     """The record's ``image_use`` block: the shuffle test, each baseline's metrics (without
     per-image lists) and the paired test of the run against the strongest blind baseline."""
-    strongest = max(BLIND_KINDS, key=lambda kind: baselines[kind]["metrics"]["CIDEr"])
-    cmp = paired_bootstrap(baselines[strongest]["per_image"], run_per_image)["CIDEr"]
-    better = cmp["delta"] > 0 and cmp["p"] < SIGNIFICANCE
     return {
         "shuffle": shuffle,
         "baselines": {kind: {k: v for k, v in b.items() if k != "per_image"}
                       for kind, b in baselines.items()},
-        "vs_blind": {"baseline": strongest, "delta": cmp["delta"], "ci": cmp["ci"], "p": cmp["p"],
-                     "better": bool(better)},
+        "vs_blind": vs_blind(run_per_image, baselines),
     }

@@ -23,9 +23,9 @@ from benchmark.config import RunConfig, config_id, read_config_file, resolved_co
 from benchmark.data import resolve_dataset
 from benchmark.device import select_device
 from benchmark.errors import ConfigError
-from benchmark.fsutil import atomic_write_text, utc_timestamp
+from benchmark.fsutil import atomic_write_text, ensure_writable, utc_timestamp
 from benchmark.records import load_records
-from benchmark.runner import prepare_features, run_experiment
+from benchmark.runner import preflight, prepare_features, run_experiment
 
 __all__ = ["Cell", "MatrixResult", "MatrixPlan", "matrix_plan", "plan_cells", "run_matrix"]
 
@@ -137,6 +137,9 @@ def run_matrix(base: RunConfig, archs: list[str], encoders: list[str], seeds: li
     done = {(r.split_fingerprint, r.config_id, r.seed): r.run_id for r in records}
     out = MatrixResult(cells, fingerprint)
     device = select_device(base.device)
+    if cells:  # the results folder must take records before any extraction starts
+        preflight(cells[0].cfg, dataset, resolved_config(cells[0].cfg))
+        ensure_writable(results_dir / "failures", what="results folder")
     prepared: dict[str, tuple] = {}
     for cell in cells:
         key = (fingerprint, cell.config_id, cell.seed)

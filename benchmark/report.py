@@ -111,7 +111,8 @@ def _baseline_rows(records: list[RunRecord]) -> list[dict]:
     for r in records:
         for kind, b in ((r.image_use or {}).get("baselines") or {}).items():
             encoder = b.get("encoder") if kind == "nn" else None
-            key = (r.dataset.name, r.split_fingerprint, kind, encoder)
+            key = (r.dataset.name, r.split_fingerprint, kind, encoder,
+                   r.encoder_weights if encoder else None)
             if key in seen:
                 continue
             seen.add(key)
@@ -378,10 +379,10 @@ def render(df: pd.DataFrame, fmt: str) -> str:
     """``markdown``, ``csv`` (raw scores) or ``json`` (raw scores) text."""
     if fmt == "markdown":
         return render_markdown(df)
-    if fmt == "csv":
-        return df.to_csv(index=False)
+    if fmt == "csv":  # convert_dtypes: integer columns stay integers beside baseline rows' blanks
+        return df.convert_dtypes().to_csv(index=False)
     if fmt == "json":
-        return json.dumps(json.loads(df.to_json(orient="records")), indent=1)
+        return json.dumps(json.loads(df.convert_dtypes().to_json(orient="records")), indent=1)
     raise ValueError(f"unknown format {fmt!r}")
 
 

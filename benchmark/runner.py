@@ -158,14 +158,12 @@ def _save_checkpoint(folder: Path, trained: _Trained, resolved: dict) -> None:
     (folder / "config.json").write_text(json.dumps(resolved, indent=1))
 
 
-def _fallback_folder(run_id: str) -> Path:
-    """A writable folder for a run whose results folder failed: the cache, else the temp dir."""
-    for base in (cache_root() / "unsaved-runs", Path(tempfile.gettempdir()) / "capbench-unsaved"):
-        try:
-            return ensure_writable(base / run_id)
-        except StorageError:
-            continue
-    raise StorageError("no writable folder for the run's outputs (cache and temp folder failed)")
+def _fallback_bases() -> list[Path]:
+    """Where a run goes when its results folder fails: the cache, the user's own temp folder,
+    the home folder."""
+    user = os.environ.get("USER") or str(os.getuid())
+    return [cache_root() / "unsaved-runs", Path(tempfile.gettempdir()) / f"capbench-unsaved-{user}",
+            Path.home() / "capbench-unsaved-runs"]
 
 
 def _persist(record: RunRecord, trained: _Trained, resolved: dict, results_dir: Path) -> Path:
@@ -185,24 +183,62 @@ def _persist(record: RunRecord, trained: _Trained, resolved: dict, results_dir: 
     except (OSError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         (Path(results_dir) / "runs" / f"{record.run_id}.json").unlink(missing_ok=True)
-        spare = _fallback_folder(record.run_id)
-        record.checkpoint = str(spare / "checkpoint")
-        _save_checkpoint(spare / "checkpoint", trained, resolved)
-        saved = write_record(record, spare)
-        raise StorageError(
-            f"could not write the run's outputs under {results_dir} ({exc}). Nothing is lost: the "
-            f"record is at {saved} and the checkpoint at {record.checkpoint}. Copy the record into "
-            f"<results-dir>/runs/ once the folder is writable.") from exc
+        raise StorageError(_save_elsewhere(record, trained, resolved, results_dir, exc)) from exc
+
+
+def _save_elsewhere(record: RunRecord, trained: _Trained, resolved: dict, results_dir: Path,
+                    cause: Exception) -> str:
+    """Save the record (and, if there is room, the checkpoint) in the first fallback folder
+    that takes them; return the message that says where. As a last resort the record's JSON
+    goes to stderr, so even then the scores are not lost."""
+    import sys
+
+    head = f"could not write the run's outputs under {results_dir} ({cause})."
+    for base in _fallback_bases():
+        spare = base / record.run_id
+        try:
+            spare.mkdir(parents=True, exist_ok=True, mode=0o700)
+            record.checkpoint = None
+            saved = write_record(record, spare)  # the record first: it is small
+            try:
+                _save_checkpoint(spare / "checkpoint", trained, resolved)
+                record.checkpoint = str(spare / "checkpoint")
+                saved = write_record(record, spare)
+                ckpt = f" and the checkpoint at {record.checkpoint}"
+            except (OSError, SafetensorError):
+                ckpt = " (no room for the checkpoint)"
+        except (OSError, SafetensorError):
+            continue
+        return (f"{head} Nothing is lost: the record is at {saved}{ckpt}. Copy the record into "
+                "<results-dir>/runs/ once the folder is writable.")
+    sys.stderr.write(json.dumps(record.to_dict(), default=str) + "\n")
+    return f"{head} No folder could take the record either; its JSON was written to stderr above."
 
 
 def _image_use_stage(dataset: CaptionDataset, encoder, store: FeatureStore, trained: _Trained,
-                     scores, decode_cfg, device) -> dict:
-    """Shuffle test, blind and nearest-neighbour baselines, and the test against blind."""
-    real = {"image_ids": scores.image_ids, "CIDEr": scores.per_image["CIDEr"]}
-    shuffle = shuffle_test(trained.decoder, trained.store, dataset.split("test"), trained.vocab,
-                           decode_cfg, device, dataset.references("test"), real)
-    baselines = baseline_scores(dataset, store, encoder.name)
-    return image_use_report(real, baselines, shuffle)
+                     scores, decode_cfg, device) -> dict | None:
+    """Shuffle test, blind and nearest-neighbour baselines, and the test against blind.
+
+    Never costs the run: if this stage fails (e.g. a 1-image test split, which has no
+    derangement, or memory), the record is written without it and a CapbenchWarning says why.
+    """
+    import warnings
+
+    from benchmark.errors import CapbenchWarning
+
+    if len(dataset.split("test")) < 2:
+        warnings.warn("the test split has one image: no image-shuffle test or blind comparison",
+                      CapbenchWarning, stacklevel=2)
+        return None
+    try:
+        real = {"image_ids": scores.image_ids, "CIDEr": scores.per_image["CIDEr"]}
+        shuffle = shuffle_test(trained.decoder, trained.store, dataset.split("test"), trained.vocab,
+                               decode_cfg, device, dataset.references("test"), real)
+        return image_use_report(real, baseline_scores(dataset, store, encoder.name), shuffle)
+    except (RuntimeError, ValueError, MemoryError, OSError) as exc:
+        warnings.warn(f"image-use checks skipped ({type(exc).__name__}: {exc}); the run is "
+                      "recorded without them", CapbenchWarning, stacklevel=2)
+        return None
 
 
 def run_experiment(cfg: RunConfig, console: Console | None = None, *,
@@ -272,6 +308,9 @@ def run_baselines(cfg: RunConfig, kinds: list[str], *, split: str = "test", k: i
         raise ConfigError(f"--kind {bad[0]!r}: choose most-frequent, consensus, nn or all")
     if k < 1:
         raise ConfigError(f"--k {k}: must be at least 1")
+    if "nn" in kinds and split == "train":
+        raise ConfigError("--split train with the nn baseline: every training image would be its "
+                          "own nearest neighbour; score nn on val or test")
     dataset = resolve_dataset(cfg.dataset)
     encoder_name, store = cfg.encoder, None
     if "nn" in kinds:

@@ -246,6 +246,10 @@ def compare_runs(a, b, *, n_resamples: int = 2000) -> dict[str, dict[str, float]
 
     if n_resamples < 1:
         raise ValueError("n_resamples must be at least 1")
+    for r in (a, b):
+        if not r.per_image.get("image_ids"):
+            raise RecordError(f"run {r.run_id} has no per-image scores to compare "
+                              f"({r.path or 'record'}: field 'per_image' is empty)")
     if a.split_fingerprint != b.split_fingerprint:
         raise RecordError(f"runs are on different splits ({a.split_fingerprint} vs "
                           f"{b.split_fingerprint}): their scores are not comparable")

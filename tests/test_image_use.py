@@ -19,7 +19,7 @@ from benchmark.features import FeatureStore
 from benchmark.image_use import baseline_scores, derangement, image_use_report, shuffle_test
 from benchmark.metrics import ptb_tokenize, score_captions
 from benchmark.vocab import Vocabulary
-from tests.conftest import COCO_DEMO, needs
+from tests.conftest import COCO_DEMO, COCO_MINI, needs
 
 
 def test_derangement_moves_every_item_and_is_fixed_by_its_seed():
@@ -168,3 +168,24 @@ def test_a_decoder_that_reads_the_image_loses_under_shuffling(tiny_shapes):
     shuffle = shuffle_test(dec, store, test, vocab, cfg, torch.device("cpu"), ds.references("test"), real)
     assert shuffle["drop"] > 0.5 * scores.metrics["CIDEr"]
     assert shuffle["drop_ci"][0] > 0
+
+
+@needs(COCO_MINI)
+def test_committed_coco_mini_runs_are_tested_against_blind():
+    """The honest verdict on the committed coco-mini board (random-init encoders, 41 test
+    images): no run is significantly better than the best constant caption."""
+    from pathlib import Path
+
+    from benchmark.image_use import records_vs_blind
+
+    ds = load_karpathy(COCO_MINI)
+    baselines = baseline_scores(ds)
+    assert baselines["consensus"]["metrics"]["CIDEr"] > baselines["most-frequent"]["metrics"]["CIDEr"]
+    verdicts = records_vs_blind(Path(__file__).resolve().parents[1] / "results" / "coco-mini",
+                                ds, baselines)
+    assert len(verdicts) == 12
+    for record, v in verdicts:
+        assert v["baseline"] == "consensus" and v["ci"][0] <= v["delta"] <= v["ci"][1]
+        blind = baselines["consensus"]["metrics"]["CIDEr"]
+        assert v["delta"] == pytest.approx(record.metrics["CIDEr"] - blind)
+    assert not any(v["better"] for _, v in verdicts)
