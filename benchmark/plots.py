@@ -70,9 +70,9 @@ def quality_vs_throughput_figure(df: pd.DataFrame, title: str,
     runs, refs = _split_baselines(df)
     d = runs.dropna(subset=["CIDEr", speed])
     fig, ax = plt.subplots(figsize=(9, 5))
-    styles = {"blind:most-frequent": ":", "blind:consensus": "-.", "nn": "--"}
+    styles = {"most-freq": ":", "consensus": "-.", "nn": "--"}
     for _, r in refs.dropna(subset=["CIDEr"]).iterrows():
-        name = r["arch"] if r["arch"] != "nn" else f"nn ({r['encoder']})"
+        name = f"blind: {r['arch']}" if r["arch"] != "nn" else f"nn ({r['encoder']})"
         ax.axhline(100 * r["CIDEr"], color="dimgrey" if r["arch"] != "nn" else "tab:red",
                    linestyle=styles.get(r["arch"], ":"), linewidth=1, zorder=1,
                    label=f"{name}: {100 * r['CIDEr']:.1f}")

@@ -41,9 +41,11 @@ LEGEND = ("scores x100 (pycocoevalcap) ±95% bootstrap CI half-width or ±std ov
           "vs blind = paired-bootstrap p of CIDEr-D against the strongest blind baseline, ✗ = not "
           "significantly better (p >= 0.05 or lower); shuffle Δ = CIDEr-D lost when each test "
           "image gets another image's features (±95% CI half-width; ~0 = the image is ignored); "
-          "baseline rows: blind = one caption for every image, nn = nearest-neighbour captions "
-          "of that encoder; run = MMDD-HHMMSS-tag of the run id")
+          "baseline rows: most-freq / consensus = one caption for every image (blind), nn = "
+          "nearest-neighbour captions of that encoder; run = MMDD-HHMMSS-tag of the run id")
 COLLAPSED_PCT = 5.0
+#: decoder-column names of the baseline reference rows (short, so the compact view fits)
+BASELINE_NAMES = {"most-frequent": "most-freq", "consensus": "consensus", "nn": "nn"}
 IDENTITY = ["dataset", "split", "config_id", "arch", "encoder", "weights", "beam"]
 
 #: the terminal table's default columns (display names; ``arch`` is headed "decoder" there);
@@ -119,7 +121,7 @@ def _baseline_rows(records: list[RunRecord]) -> list[dict]:
             row = {"dataset": r.dataset.name, "split": r.split_fingerprint, "kind": "baseline",
                    "run_id": f"baseline:{kind}" + (f":{encoder}" if encoder else ""),
                    "config_id": f"baseline:{kind}:{encoder}", "seed": None, "beam": None,
-                   "arch": "nn" if kind == "nn" else f"blind:{kind}", "encoder": encoder or "-",
+                   "arch": BASELINE_NAMES.get(kind, kind), "encoder": encoder or "-",
                    "weights": ("pre" if r.pretrained else "rand") if encoder else "-",
                    "decoder_params": None, "unique_pct": math.nan}
             for m in METRIC_COLUMNS:
@@ -206,8 +208,9 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
     for _, r in df.iterrows():
         rid = r["run_id"]
         parts = rid.split("-")
+        run = f"{parts[0][4:]}-{parts[1]}-{parts[-1]}" if len(parts) > 2 else rid
         row = {"dataset": r["dataset"], "split": r["split"],
-               "run": f"{parts[0][4:]}-{parts[1]}-{parts[-1]}" if len(parts) > 2 else rid,
+               "run": "baseline" if r.get("kind") == "baseline" else run,
                "arch": r["arch"], "encoder": r["encoder"], "weights": r["weights"]}
         if "n" in r:
             row["seeds"] = r["seeds"] or "-"
@@ -286,12 +289,16 @@ def _text(v) -> str:
     return str(v)
 
 
-def _legend(shown: list[str], aggregated: bool) -> str:
-    """The footer's key to the columns in ``shown`` (and only those)."""
+def _legend(shown: list[str], aggregated: bool, baselines: bool = False) -> str:
+    """The footer's key to the columns in ``shown`` (and only those), and to the baseline
+    rows when there are some."""
     spread = "±std over seeds" if aggregated else "±95% bootstrap CI half-width"
     parts = [f"scores x100 (pycocoevalcap) {spread}"]
     keys = ["B@" if c.startswith("B@") else c for c in shown]
     parts += [text for key, text in _LEGEND_PARTS.items() if key in keys]
+    if baselines:
+        parts.append("baseline rows: most-freq, consensus = one caption for every image (blind); "
+                     "nn = nearest-neighbour captions from that encoder's features")
     return "; ".join(parts)
 
 
@@ -307,7 +314,8 @@ def _rich_table(title: str, g: pd.DataFrame, shown: list[str], caption=None):
     table = Table(title=title, caption=caption, caption_justify="left", show_edge=False,
                   pad_edge=False)
     for c in shown:
-        numeric = c in SHORT.values() or c in THROUGHPUT_COLUMNS.values() or c in ("uniq%", "params")
+        numeric = c in SHORT.values() or c in THROUGHPUT_COLUMNS.values() or \
+            c in ("uniq%", "params", "vs blind", "shuffle Δ")
         table.add_column(RICH_HEADERS.get(c, c), justify="right" if numeric else "left",
                          overflow="fold")
     for _, row in g.iterrows():
@@ -363,7 +371,8 @@ def render_rich(df: pd.DataFrame, console, columns: list[str] | None = None,
                 pick.add(seed_col)
             wanted = [c for c in g.columns if c in pick]
         shown, hidden = _fit_columns(title, g, wanted, console)
-        legend = _legend(shown, aggregated=seed_col == "seeds") + "."
+        legend = _legend(shown, aggregated=seed_col == "seeds",
+                         baselines=bool((g["run"] == "baseline").any())) + "."
         if not wide and chosen is None:
             legend += " More columns: --wide or --columns (capbench report)."
         caption = Text(legend, style="dim")

@@ -145,8 +145,7 @@ def test_seeds_compare_and_aggregate(tiny_shapes, tmp_path):
     assert "CIDEr" in out and "B - A" in out
     agg = json.loads(_run("report", "--results-dir", str(tmp_path), "--aggregate",
                           "--format", "json").output)
-    assert {r["arch"] for r in agg if r["kind"] == "baseline"} == {"blind:most-frequent",
-                                                                   "blind:consensus", "nn"}
+    assert {r["arch"] for r in agg if r["kind"] == "baseline"} == {"most-freq", "consensus", "nn"}
     agg = [r for r in agg if r["kind"] == "run"]
     assert len(agg) == 1 and agg[0]["n"] == 2 and agg[0]["seeds"] == "0,1"
     assert agg[0]["CIDEr"] == pytest.approx(np.mean([r["metrics"]["CIDEr"] for r in recs]))
