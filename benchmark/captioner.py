@@ -1,0 +1,244 @@
+"""Captioning image files with a saved run, and scoring a saved run on another dataset.
+
+``capbench caption`` (:func:`caption_files`) and ``capbench eval --run`` (:func:`evaluate_run`)
+both start from :func:`benchmark.checkpoint.load_run`. Captions from pixels equal the run's
+own test predictions for the same images and decoding options: the features are rounded to
+float16 like the feature cache the run was trained and tested from, z-scored with the run's
+train statistics, and decoded with the same batched decoding code.
+"""
+
+from __future__ import annotations
+
+import glob
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from benchmark.checkpoint import LoadedRun
+from benchmark.errors import CapbenchError, DatasetError
+
+__all__ = ["IMAGE_EXTENSIONS", "CaptionResult", "expand_paths", "load_pixels", "caption_files",
+           "coco_image_id", "evaluate_run", "check_split"]
+
+#: file name endings taken from a folder (an explicitly named file is tried whatever its name)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+@dataclass
+class CaptionResult:
+    """``captions``: ``[(path, caption)]`` in input order; ``failures``: ``[(path, reason)]``.
+
+    ``seconds``: wall time of reading, encoding and decoding (model loading excluded);
+    ``images_per_s``: captioned images / ``seconds``.
+    """
+
+    captions: list[tuple[Path, str]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.captions) / max(self.seconds, 1e-9)
+
+
+def coco_image_id(path: Path) -> int | str:
+    """The COCO results ``image_id`` of an image file: its stem, as an int when numeric
+    (``000000391895.jpg`` -> 391895, ``shapes_00001.png`` -> ``"shapes_00001"``)."""
+    stem = Path(path).stem
+    return int(stem) if stem.isdigit() else stem
+
+
+def expand_paths(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files to caption from ``paths``: files as given, folders as their image files
+    (:data:`IMAGE_EXTENSIONS`, not recursive, sorted by name) and glob patterns (sorted).
+
+    Returns ``(files, failures)``; a path that does not exist, a pattern that matches nothing
+    and a folder without images are failures ``(path, reason)``. Duplicates are dropped.
+    """
+    files, failures = [], []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(x for x in p.iterdir() if x.is_file() and x.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                failures.append((raw, f"folder has no image files ({', '.join(IMAGE_EXTENSIONS)})"))
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        elif glob.has_magic(raw):
+            found = sorted(Path(x) for x in glob.glob(raw) if Path(x).is_file())
+            if not found:
+                failures.append((raw, "no file matches this pattern"))
+            files.extend(found)
+        else:
+            failures.append((raw, "no such file or folder"))
+    return list(dict.fromkeys(files)), failures
+
+
+def load_pixels(path: Path, transform) -> torch.Tensor:
+    """``(3, H, W)`` float tensor of the image at ``path`` through an encoder's ``transform``.
+
+    Raises DatasetError naming the file: not an image PIL can read, truncated, or unreadable.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return transform(img.convert("RGB"))
+    except UnidentifiedImageError as exc:
+        raise DatasetError(f"{path}: not an image file PIL can read") from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated / damaged / unreadable
+        why = getattr(exc, "strerror", None) or exc
+        raise DatasetError(f"{path}: cannot read the image ({why})") from exc
+
+
+def caption_files(run: LoadedRun, files: list[Path], *, batch_size: int | None = None,
+                  progress=None) -> CaptionResult:
+    """Caption image ``files`` with ``run``: preprocess, encode, decode (the run's
+    :attr:`~benchmark.checkpoint.LoadedRun.decode` settings), ``batch_size`` images at a time
+    (default: the run's ``features.batch_size``, as its features were extracted).
+
+    A file that cannot be read is recorded in ``failures`` with the reason and skipped; the
+    others are still captioned. ``progress(n)`` is called after each batch.
+    """
+    bs = batch_size or int((run.config.get("features") or {}).get("batch_size", 32))
+    out = CaptionResult()
+    t0 = time.perf_counter()
+    pending: list[tuple[Path, torch.Tensor]] = []
+
+    def flush():
+        if not pending:
+            return
+        grid, pooled = run.raw_features(torch.stack([px for _, px in pending]))
+        for (path, _), ids in zip(pending, run.caption_ids(grid, pooled), strict=True):
+            out.captions.append((path, " ".join(run.vocab.decode(ids))))
+        if progress:
+            progress(len(pending))
+        pending.clear()
+
+    for path in files:
+        try:
+            pending.append((path, load_pixels(path, run.encoder.transform)))
+        except DatasetError as exc:
+            out.failures.append((str(path), str(exc).removeprefix(f"{path}: ")))
+            continue
+        if len(pending) == bs:
+            flush()
+    flush()
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _features_for(run: LoadedRun, dataset, images, console=None):
+    """Features of ``images`` from the feature cache: the whole dataset's cache file when a
+    run on that dataset already wrote it (same key as the runner's), else ``images`` only."""
+    from benchmark.features import feature_cache_key, load_or_extract
+    from benchmark.paths import cache_root
+
+    feats = run.config.get("features") or {}
+    cache_dir = feats.get("cache_dir")
+    folder = Path(cache_dir) if cache_dir else cache_root() / "features"
+    identity = run.encoder.cache_identity()
+    whole = folder / f"{identity['encoder']}-{feature_cache_key(identity, dataset.images)}.safetensors"
+    chosen = dataset.images if whole.is_file() else images
+    store = load_or_extract(run.encoder, chosen, cache_dir=cache_dir,
+                            batch_size=int(feats.get("batch_size", 32)), device=run.device,
+                            num_workers=feats.get("num_workers"))
+    store.stats = run.feature_stats
+    return store
+
+
+def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
+                 results_dir: str | Path = "results", console=None):
+    """Score a saved model on split ``split`` of dataset ``dataset_spec`` (``shapes``,
+    ``shapes:N`` or a Karpathy dataset.json): cross-dataset transfer without retraining.
+
+    Features come from the feature cache (:func:`benchmark.features.load_or_extract` with the
+    rebuilt encoder), captions from :func:`benchmark.inference.caption_features` with the run's
+    feature statistics and decoding settings, scores from
+    :func:`benchmark.metrics.score_captions`. Writes a new run record whose ``dataset`` is the
+    evaluated one and whose ``config`` is the source run's with ``config["eval_of"]`` (the
+    source run id) and ``config["eval_split"]``; ``training`` is copied from the source record.
+    Returns ``(record, path)``.
+
+    Raises RecordError when the run has no record (its training block is needed),
+    DatasetError for a bad dataset or split.
+    """
+    from benchmark.config import config_id
+    from benchmark.data import resolve_dataset
+    from benchmark.device import peak_memory
+    from benchmark.fsutil import utc_timestamp
+    from benchmark.inference import caption_features, caption_pixels
+    from benchmark.metrics import score_captions
+    from benchmark.records import (
+        DatasetInfo,
+        RunRecord,
+        environment,
+        git_commit,
+        new_run_id,
+        write_record,
+    )
+    from benchmark.runner import parameter_counts
+    from benchmark.stats import bootstrap_ci, diversity
+
+    source = run.record
+    if source is None:
+        from benchmark.errors import RecordError
+
+        raise RecordError(f"eval --run needs the run record of checkpoint {run.folder} (its "
+                          "training block goes into the new record); pass --results-dir with the "
+                          f"folder holding runs/{run.folder.name}.json")
+    t0 = time.perf_counter()
+    ds = resolve_dataset(dataset_spec)
+    images = ds.split(split)
+    store = _features_for(run, ds, images, console)
+    predictions, captions_per_s = caption_features(run.decoder, store, images, run.vocab,
+                                                   run.decode, run.device)
+    scores = score_captions(predictions, ds.references(split))
+    feats = run.config.get("features") or {}
+    n_tp = int(feats.get("throughput_images", 64) or len(images))
+    _, images_per_s = caption_pixels(run.encoder, run.decoder, images[:n_tp], run.vocab,
+                                     run.decode, run.device,
+                                     batch_size=int(feats.get("batch_size", 32)),
+                                     num_workers=feats.get("num_workers"), stats=run.feature_stats)
+    cfg = {**source.config, "decode": {**source.config.get("decode", {}),
+                                       **{k: getattr(run.decode, k) for k in ("beam_size", "max_len")}},
+           "eval_of": source.run_id, "eval_split": split}
+    cid = config_id({k: v for k, v in cfg.items() if k != "eval_of"})
+    tp = source.throughput or {}
+    by_id = {im.image_id: im for im in images}
+    train_caps = {" ".join(t) for im in ds.split("train") for t in im.tokens}
+    record = RunRecord(
+        run_id=new_run_id(source.arch, source.encoder, source.seed or 0), created=utc_timestamp(),
+        git_commit=git_commit(), arch=source.arch, encoder=source.encoder,
+        encoder_weights=run.encoder.weights_id,
+        pretrained=not run.encoder.weights_id.startswith("random-init"), config=cfg,
+        config_id=cid,
+        dataset=DatasetInfo(ds.name, ds.fingerprint, str(ds.source), ds.split_fingerprints(),
+                            {s: len(ds.split(s)) for s in ("train", "val", "test")}),
+        seed=source.seed, environment=environment(run.device), vocab_size=len(run.vocab),
+        metrics=scores.metrics, metrics_unavailable=scores.unavailable, tokenizer=scores.tokenizer,
+        confidence_intervals=bootstrap_ci(scores.per_image_block(), n_resamples=1000, seed=0),
+        per_image=scores.per_image_block(),
+        diversity=diversity(list(predictions.values()), train_caps),
+        training=source.training,
+        throughput={"train_samples_per_s": tp.get("train_samples_per_s"),
+                    "train_tokens_per_s": tp.get("train_tokens_per_s"),
+                    "inference_images_per_s": images_per_s,
+                    "decoder_captions_per_s": captions_per_s,
+                    "feature_extraction_images_per_s": store.extraction_images_per_s,
+                    "feature_cache_hit": store.cache_hit, "beam_size": run.decode.beam_size},
+        peak_memory=peak_memory(run.device), parameters=parameter_counts(run.encoder, run.decoder),
+        checkpoint=str(run.folder), wall_seconds=time.perf_counter() - t0,
+        predictions=[{"image_id": i, "filename": by_id[i].filename, "caption": c}
+                     for i, c in predictions.items()],
+    )
+    return record, write_record(record, results_dir)
+
+
+def check_split(split: str) -> None:
+    """Raise CapbenchError for a split name other than train/val/test."""
+    if split not in ("train", "val", "test"):
+        raise CapbenchError(f"--split {split!r}: choose train, val or test")

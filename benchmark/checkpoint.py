@@ -1,0 +1,296 @@
+"""Loading a finished run back into memory: encoder, decoder, vocabulary, feature statistics.
+
+A run's checkpoint folder ``<results_dir>/checkpoints/<run_id>/`` (written by
+:func:`benchmark.runner._save_checkpoint`) holds ``decoder.safetensors``,
+``feature_stats.safetensors`` (the z-score statistics of the train split the decoder was
+trained with), ``vocab.json``, ``config.json`` (the resolved config) and, for runs made since
+it existed, ``encoder.json`` (the encoder's :meth:`~architectures.encoders.ImageEncoder.cache_identity`).
+
+:func:`load_run` rebuilds the frozen encoder from ``config.json`` (name, pretrained, weights,
+``encoder_init_seed``) and refuses to go on when the rebuilt encoder is not the one the
+decoder was trained on: its identity (name, weights id, preprocessing) must equal
+``encoder.json``, or for older checkpoints the record's ``encoder`` / ``encoder_weights``.
+A decoder fed another encoder's features still produces fluent captions, just wrong ones,
+so this check is the difference between an error and silently bad numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmark.decoding import DecodeConfig, decode
+from benchmark.errors import CapbenchError, CapbenchWarning, RecordError
+from benchmark.records import RunRecord, find_record, load_records
+from benchmark.vocab import Vocabulary
+
+__all__ = ["CheckpointError", "LoadedRun", "load_run", "resolve_run", "round_like_cache"]
+
+REQUIRED_FILES = ("config.json", "vocab.json", "decoder.safetensors")
+
+
+class CheckpointError(CapbenchError):
+    """A checkpoint folder is missing, incomplete, unreadable, or its encoder cannot be
+    rebuilt identically (the message names the folder, what differs and what to do)."""
+
+
+def round_like_cache(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to float16 and back to float32, as the feature cache stores features
+    (:mod:`benchmark.features` keeps float32 only when a value would overflow float16, i.e.
+    ``|x| >= 60000``; then ``t`` is returned as float32 unchanged).
+
+    A run's test captions come from cached (float16) features; captioning from pixels with the
+    same rounding reproduces them exactly. Any shape; returns float32 of the same shape.
+    """
+    t = t.float()
+    if t.numel() and bool(t.abs().max() < 60000):
+        return t.half().float()
+    return t
+
+
+@dataclass
+class LoadedRun:
+    """A trained run ready to caption pixels.
+
+    ``encoder``: the frozen :class:`~architectures.encoders.ImageEncoder` (eval mode), mapping
+    pixels ``(B, 3, H, W)`` to ``grid (B, N, D)`` and ``pooled (B, P)``. ``decoder``: the
+    :class:`~architectures.decoders.base.CaptionDecoder` in eval mode. ``feature_stats``:
+    ``grid_mean/grid_std (D,)`` and ``pooled_mean/pooled_std (P,)`` (None when the run did not
+    normalise). ``decode``: the run's decoding settings with any override applied.
+    ``record``: the run record when one was found (None for a bare checkpoint folder).
+    """
+
+    run_id: str
+    folder: Path
+    config: dict
+    encoder: torch.nn.Module
+    decoder: torch.nn.Module
+    vocab: Vocabulary
+    feature_stats: dict[str, torch.Tensor] | None
+    decode: DecodeConfig
+    record: RunRecord | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    load_seconds: float = 0.0
+
+    @property
+    def arch(self) -> str:
+        """The decoder's registered name (``attn_lstm``, ``transformer``, ...)."""
+        return self.config["arch"]
+
+    def normalize(self, grid: torch.Tensor, pooled: torch.Tensor):
+        """Z-score raw features with the run's train statistics, exactly as
+        :meth:`benchmark.features.FeatureStore.rows` does: ``grid (B, N, D)``, ``pooled (B, P)``
+        -> float32 tensors of the same shapes. Differentiable (Grad-CAM runs through it)."""
+        grid, pooled = grid.float(), pooled.float()
+        st = self.feature_stats
+        if st is None:
+            return grid, pooled
+        st = {k: v.to(grid.device) for k, v in st.items()}
+        return ((grid - st["grid_mean"]) / st["grid_std"],
+                (pooled - st["pooled_mean"]) / st["pooled_std"])
+
+    @torch.inference_mode()
+    def raw_features(self, pixels: torch.Tensor):
+        """The encoder's features of preprocessed ``pixels (B, 3, H, W)``, rounded like the
+        feature cache (:func:`round_like_cache`): ``(grid (B, N, D), pooled (B, P))`` float32."""
+        grid, pooled = self.encoder(pixels.to(self.device))
+        return round_like_cache(grid), round_like_cache(pooled)
+
+    @torch.inference_mode()
+    def caption_ids(self, grid: torch.Tensor, pooled: torch.Tensor) -> list[list[int]]:
+        """Word ids (no ``<bos>``/``<eos>``) of the run's decoding (:attr:`decode`) of raw
+        features ``grid (B, N, D)``, ``pooled (B, P)`` (normalised here)."""
+        g, p = self.normalize(grid, pooled)
+        v = self.vocab
+        return decode(self.decoder, g, p, self.decode, bos_id=v.bos_id, eos_id=v.eos_id,
+                      pad_id=v.pad_id, unk_id=v.unk_id)
+
+
+def _newest(results_dir: Path) -> RunRecord:
+    records, _ = load_records(results_dir)
+    if not records:
+        raise RecordError(f"--run latest: no run record in {Path(results_dir) / 'runs'} "
+                          "(train one with `capbench run`, or pass --results-dir)")
+    return max(records, key=lambda r: (r.created, r.run_id))
+
+
+def _checkpoint_of(record: RunRecord, results_dir: Path) -> Path:
+    """The record's checkpoint folder; when the stored path is stale (the results folder was
+    moved, or the path was relative to another working directory) the folder is looked for
+    beside the record, then under ``results_dir``."""
+    tried = []
+    candidates = []
+    if record.checkpoint:
+        candidates.append(Path(record.checkpoint))
+    if record.path:
+        candidates.append(Path(record.path).resolve().parent.parent / "checkpoints" / record.run_id)
+    candidates.append(Path(results_dir) / "checkpoints" / record.run_id)
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c
+        tried.append(str(c))
+    if not record.checkpoint:
+        raise CheckpointError(f"run {record.run_id} has no checkpoint (its record stores none); "
+                              "re-run it with `capbench run` to get one")
+    raise CheckpointError(f"the checkpoint of run {record.run_id} is not found (looked in "
+                          f"{', '.join(dict.fromkeys(tried))}); copy its checkpoint folder back "
+                          "or pass the folder itself as --run")
+
+
+def resolve_run(ref: str, results_dir: str | Path = "results") -> tuple[Path, RunRecord | None]:
+    """``(checkpoint folder, record or None)`` for a run reference: ``latest`` (the newest
+    record in ``results_dir``), a checkpoint folder, a record path, or a run id / unique
+    prefix or suffix of one (:func:`benchmark.records.find_record`).
+
+    Raises RecordError when no record or several match, CheckpointError when the record's
+    checkpoint cannot be found.
+    """
+    results_dir = Path(results_dir)
+    p = Path(ref)
+    if p.is_dir() and (p / "config.json").is_file():
+        record = None
+        for runs in (p.resolve().parent.parent / "runs", results_dir / "runs"):
+            if (runs / f"{p.name}.json").is_file():
+                record = find_record(str(runs / f"{p.name}.json"), results_dir)
+                break
+        return p, record
+    if p.is_dir():
+        raise CheckpointError(f"--run {ref}: folder has no config.json; a checkpoint folder "
+                              f"holds {', '.join(REQUIRED_FILES)} (see <results-dir>/checkpoints/)")
+    record = _newest(results_dir) if ref == "latest" else find_record(ref, results_dir)
+    return _checkpoint_of(record, results_dir), record
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read the {what} {path}: {exc}") from exc
+
+
+def _load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # truncated or foreign file
+        raise CheckpointError(f"cannot read the {what} {path}: {exc}; the checkpoint is "
+                              "damaged: re-run the training") from exc
+
+
+def _build_encoder(config: dict, folder: Path, weights_override: str | None):
+    from architectures import ArchitectureError, create_encoder
+
+    weights = weights_override or config.get("weights")
+    try:
+        return create_encoder(config["encoder"],
+                              pretrained=bool(config.get("pretrained")) and not weights,
+                              weights=weights, init_seed=int(config.get("encoder_init_seed", 0)))
+    except ArchitectureError as exc:
+        hint = ("pass --encoder-weights PATH to the same weights file the run used"
+                if weights else "make the pretrained weights available (see `capbench doctor`)")
+        raise CheckpointError(f"cannot rebuild the encoder of checkpoint {folder}: {exc}. The "
+                              f"decoder only works on that encoder's features: {hint}") from exc
+
+
+def _check_identity(encoder, folder: Path, record: RunRecord | None) -> None:
+    """Raise CheckpointError when the rebuilt encoder is not the trained-on one."""
+    have = encoder.cache_identity()
+    saved = folder / "encoder.json"
+    if saved.is_file():
+        want = _read_json(saved, "encoder identity")
+        source = str(saved)
+    elif record is not None:
+        want = {"encoder": record.encoder, "weights": record.encoder_weights}
+        source = f"run record {record.path or record.run_id} (checkpoint predates encoder.json)"
+    else:
+        warnings.warn(f"{folder} has no encoder.json and no run record was found: cannot verify "
+                      f"that the rebuilt encoder ({have['encoder']}, {have['weights']}) is the one "
+                      "the decoder was trained on", CapbenchWarning, stacklevel=3)
+        return
+    diffs = [f"{k}: trained with {want[k]!r}, rebuilt {have.get(k)!r}"
+             for k in ("encoder", "weights", "preprocessing") if k in want and want[k] != have.get(k)]
+    if diffs:
+        what = "; ".join(diffs)
+        hint = ("give the weights file the run was trained with (--encoder-weights PATH)"
+                if any(d.startswith("weights") for d in diffs) else
+                "install the library versions of the run (its record's `environment`), whose "
+                "preprocessing the decoder was trained with")
+        raise CheckpointError(f"the encoder rebuilt for checkpoint {folder} differs from the one "
+                              f"its decoder was trained on ({source}): {what}. Its features would "
+                              f"not match: {hint}")
+
+
+def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | None = None,
+             max_len: int | None = None, encoder_weights: str | None = None,
+             device: str | torch.device = "cpu") -> LoadedRun:
+    """Load run ``ref`` (see :func:`resolve_run`) for inference.
+
+    The encoder is rebuilt from ``config.json`` and checked against ``encoder.json`` (or the
+    record); the decoder is built with ``architectures.create_decoder(arch, len(vocab),
+    encoder.grid_dim, encoder.pooled_dim, config['decoder'])`` and its weights loaded
+    strictly. ``beam_size``/``max_len`` override the run's decoding settings (range-checked).
+    ``encoder_weights`` replaces the run's ``weights`` path (a moved file; its digest must
+    still match). Everything is put in eval mode on ``device``.
+
+    Raises RecordError (no/ambiguous record), CheckpointError (missing or damaged files, an
+    encoder that cannot be rebuilt or differs from the trained-on one, weights that do not
+    fit the decoder) and ConfigError (an override out of range).
+    """
+    import time
+
+    from architectures import ArchitectureError, create_decoder
+    from benchmark.config import check_ranges
+
+    t0 = time.perf_counter()
+    folder, record = resolve_run(ref, results_dir)
+    missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} is incomplete: {', '.join(missing)} missing "
+                              "(a run killed while saving?); re-run the training")
+    config = _read_json(folder / "config.json", "checkpoint config")
+    for key in ("arch", "encoder", "decoder", "decode"):
+        if key not in config:
+            raise CheckpointError(f"{folder / 'config.json'} lacks {key!r}: not a capbench checkpoint")
+    try:
+        vocab = Vocabulary.load(folder / "vocab.json")
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read the vocabulary {folder / 'vocab.json'}: {exc}") from exc
+    stats = None
+    if (folder / "feature_stats.safetensors").is_file():
+        stats = _load_tensors(folder / "feature_stats.safetensors", "feature statistics")
+    elif (config.get("features") or {}).get("normalize", True):
+        raise CheckpointError(f"checkpoint {folder} lacks feature_stats.safetensors although the "
+                              "run normalised its features; the decoder cannot be fed correctly: "
+                              "re-run the training")
+    device = torch.device(device)
+    encoder = _build_encoder(config, folder, encoder_weights)
+    _check_identity(encoder, folder, record)
+    try:
+        decoder = create_decoder(config["arch"], len(vocab), encoder.grid_dim, encoder.pooled_dim,
+                                 config["decoder"])
+    except ArchitectureError as exc:
+        raise CheckpointError(f"cannot build the decoder of checkpoint {folder}: {exc}") from exc
+    state = _load_tensors(folder / "decoder.safetensors", "decoder weights")
+    try:
+        decoder.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"decoder.safetensors in {folder} does not fit a {config['arch']} "
+                              f"decoder for {encoder.name} features and {len(vocab)} words: "
+                              f"{str(exc).splitlines()[0]}") from exc
+    known = {f.name for f in dataclasses.fields(DecodeConfig)}
+    dcfg = DecodeConfig(**{k: v for k, v in config["decode"].items() if k in known})
+    if beam_size is not None:
+        dcfg.beam_size = beam_size
+    if max_len is not None:
+        dcfg.max_len = max_len
+    check_ranges(dcfg, "command line", "decode.")
+    run_id = record.run_id if record is not None else folder.name
+    return LoadedRun(run_id, folder, config, encoder.to(device).eval(),
+                     decoder.to(device).eval(), vocab, stats, dcfg, record, device,
+                     time.perf_counter() - t0)
