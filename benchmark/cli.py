@@ -145,6 +145,7 @@ def report(
     leaderboard_file: Annotated[bool, typer.Option("--leaderboard-file/--no-leaderboard-file", help="also write <results-dir>/LEADERBOARD.md")] = True,
     columns: Annotated[str | None, typer.Option(help="table columns, comma-separated, e.g. B@1,B@4,CIDEr-D,img/s (display names or keys such as Bleu_4, CIDEr, train_tokens_per_s; any case); run, decoder, encoder and CIDEr-D are always shown")] = None,
     wide: Annotated[bool, typer.Option("--wide", help="table: every column (any that do not fit the terminal are named under the table)")] = False,
+    gallery: Annotated[Path | None, typer.Option(help="also write a static HTML gallery here: per dataset/split, each test image's thumbnail, references and every model's caption with its per-image CIDEr-D, worst first")] = None,
 ):
     """Show every run as a leaderboard grouped by dataset and split fingerprint.
 
@@ -173,6 +174,16 @@ def report(
         except OSError as exc:
             err.print(f"[yellow]warning:[/] could not write {results_dir / 'LEADERBOARD.md'} "
                       f"({exc.strerror or exc}); pass --no-leaderboard-file to skip it", highlight=False)
+    if gallery is not None:
+        from benchmark.gallery import write_gallery
+        from benchmark.records import load_records
+
+        records, _ = load_records(results_dir)  # problems were already printed above
+        if records:
+            pages = write_gallery(records, gallery)
+            err.print(f"wrote {len(pages) - 1} gallery page(s) and {gallery / 'index.html'}")
+        else:
+            err.print(f"[yellow]no run records in {results_dir / 'runs'}: no gallery written[/]", highlight=False)
     if format == "table" and output is None:
         render_rich(df, console, columns=cols, wide=wide)
         return
