@@ -215,8 +215,8 @@ def _save_elsewhere(record: RunRecord, trained: _Trained, resolved: dict, result
     return f"{head} No folder could take the record either; its JSON was written to stderr above."
 
 
-def _image_use_stage(dataset: CaptionDataset, encoder, store: FeatureStore, trained: _Trained,
-                     scores, decode_cfg, device) -> dict | None:
+def _image_use_stage(dataset: CaptionDataset, encoder_name: str, store: FeatureStore,
+                     trained: _Trained, scores, decode_cfg, device) -> dict | None:
     """Shuffle test, blind and nearest-neighbour baselines, and the test against blind.
 
     Never costs the run: if this stage fails (e.g. a 1-image test split, which has no
@@ -234,7 +234,7 @@ def _image_use_stage(dataset: CaptionDataset, encoder, store: FeatureStore, trai
         real = {"image_ids": scores.image_ids, "CIDEr": scores.per_image["CIDEr"]}
         shuffle = shuffle_test(trained.decoder, trained.store, dataset.split("test"), trained.vocab,
                                decode_cfg, device, dataset.references("test"), real)
-        return image_use_report(real, baseline_scores(dataset, store, encoder.name), shuffle)
+        return image_use_report(real, baseline_scores(dataset, store, encoder_name), shuffle)
     except (RuntimeError, ValueError, MemoryError, OSError) as exc:
         warnings.warn(f"image-use checks skipped ({type(exc).__name__}: {exc}); the run is "
                       "recorded without them", CapbenchWarning, stacklevel=2)
@@ -262,7 +262,8 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     predictions, captions_per_s = caption_features(trained.decoder, trained.store, test,
                                                    trained.vocab, cfg.decode, device)
     scores = score_captions(predictions, dataset.references("test"))
-    image_use = _image_use_stage(dataset, encoder, store, trained, scores, cfg.decode, device)
+    image_use = _image_use_stage(dataset, resolved["encoder"], store, trained, scores, cfg.decode,
+                                 device)
     sample = test[: cfg.features.throughput_images] if cfg.features.throughput_images else test
     _, images_per_s = caption_pixels(encoder, trained.decoder, sample, trained.vocab, cfg.decode,
                                      device, batch_size=cfg.features.batch_size,
@@ -312,10 +313,11 @@ def run_baselines(cfg: RunConfig, kinds: list[str], *, split: str = "test", k: i
         raise ConfigError("--split train with the nn baseline: every training image would be its "
                           "own nearest neighbour; score nn on val or test")
     dataset = resolve_dataset(cfg.dataset)
-    encoder_name, store = cfg.encoder, None
+    from architectures import resolve_encoder_name
+
+    encoder_name, store = resolve_encoder_name(cfg.encoder), None
     if "nn" in kinds:
-        encoder, store = prepare_features(cfg, dataset, select_device(cfg.device), console)
-        encoder_name = encoder.name
+        _, store = prepare_features(cfg, dataset, select_device(cfg.device), console)
     scores = baseline_scores(dataset, store, encoder_name, k=k, split=split,
                              kinds=tuple(x for x in kinds if x != "nn"))
     return dataset, encoder_name, scores
