@@ -89,7 +89,7 @@ def load_pixels(path: Path, transform) -> torch.Tensor:
             return transform(img.convert("RGB"))
     except UnidentifiedImageError as exc:
         raise DatasetError(f"{path}: not an image file PIL can read") from exc
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated / damaged / unreadable
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # damaged, huge
         why = getattr(exc, "strerror", None) or exc
         raise DatasetError(f"{path}: cannot read the image ({why})") from exc
 
@@ -193,6 +193,8 @@ def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
     t0 = time.perf_counter()
     ds = resolve_dataset(dataset_spec)
     images = ds.split(split)
+    if not images:
+        raise DatasetError(f"{dataset_spec}: split {split!r} has no images")
     store = _features_for(run, ds, images, console)
     predictions, captions_per_s = caption_features(run.decoder, store, images, run.vocab,
                                                    run.decode, run.device)
@@ -216,7 +218,9 @@ def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
         encoder_weights=run.encoder.weights_id,
         pretrained=not run.encoder.weights_id.startswith("random-init"), config=cfg,
         config_id=cid,
-        dataset=DatasetInfo(ds.name, ds.fingerprint, str(ds.source), ds.split_fingerprints(),
+        # a val/train evaluation is its own board group, never ranked with test-split runs
+        dataset=DatasetInfo(ds.name if split == "test" else f"{ds.name} ({split} split)",
+                            ds.fingerprint, str(ds.source), ds.split_fingerprints(),
                             {s: len(ds.split(s)) for s in ("train", "val", "test")}),
         seed=source.seed, environment=environment(run.device), vocab_size=len(run.vocab),
         metrics=scores.metrics, metrics_unavailable=scores.unavailable, tokenizer=scores.tokenizer,
@@ -231,7 +235,7 @@ def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
                     "feature_extraction_images_per_s": store.extraction_images_per_s,
                     "feature_cache_hit": store.cache_hit, "beam_size": run.decode.beam_size},
         peak_memory=peak_memory(run.device), parameters=parameter_counts(run.encoder, run.decoder),
-        checkpoint=str(run.folder), wall_seconds=time.perf_counter() - t0,
+        checkpoint=str(Path(run.folder).resolve()), wall_seconds=time.perf_counter() - t0,
         predictions=[{"image_id": i, "filename": by_id[i].filename, "caption": c}
                      for i, c in predictions.items()],
     )

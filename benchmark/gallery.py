@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from benchmark.data import image_id_key, load_karpathy
 from benchmark.errors import CapbenchError, RecordError, StorageError
 from benchmark.fsutil import atomic_write_text, ensure_writable
@@ -186,7 +188,7 @@ def _build_group(name: str, fp: str, runs: list[RunRecord], out_dir: Path,
             continue
         try:
             row.thumb = "thumbs/" + _make_thumb(Path(src), thumbs)
-        except OSError:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             unreadable += 1
     if unreadable:
         group.notes.append(f"{unreadable} image file(s) could not be read: shown without "
