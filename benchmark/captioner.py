@@ -159,8 +159,9 @@ def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
     rebuilt encoder), captions from :func:`benchmark.inference.caption_features` with the run's
     feature statistics and decoding settings, scores from
     :func:`benchmark.metrics.score_captions`. Writes a new run record whose ``dataset`` is the
-    evaluated one and whose ``config`` is the source run's with ``config["eval_of"]`` (the
-    source run id) and ``config["eval_split"]``; ``training`` is copied from the source record.
+    evaluated one, whose ``evaluation`` is ``{"of": source run id, "split", "trained_on": the
+    source's dataset name}`` and whose ``config`` is the source run's with this evaluation's
+    decoding settings; ``training`` is copied from the source record.
     Returns ``(record, path)``.
 
     Raises RecordError when the run has no record (its training block is needed),
@@ -206,9 +207,10 @@ def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
                                      batch_size=int(feats.get("batch_size", 32)),
                                      num_workers=feats.get("num_workers"), stats=run.feature_stats)
     cfg = {**source.config, "decode": {**source.config.get("decode", {}),
-                                       **{k: getattr(run.decode, k) for k in ("beam_size", "max_len")}},
-           "eval_of": source.run_id, "eval_split": split}
-    cid = config_id({k: v for k, v in cfg.items() if k != "eval_of"})
+                                       **{k: getattr(run.decode, k) for k in ("beam_size", "max_len")}}}
+    evaluation = {"of": source.run_id, "split": split, "trained_on": source.dataset.name}
+    # not the source's config id: an evaluation is never folded with trained runs as a seed
+    cid = config_id({**cfg, "evaluation_split": split})
     tp = source.throughput or {}
     by_id = {im.image_id: im for im in images}
     train_caps = {" ".join(t) for im in ds.split("train") for t in im.tokens}
@@ -236,6 +238,7 @@ def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
                     "feature_cache_hit": store.cache_hit, "beam_size": run.decode.beam_size},
         peak_memory=peak_memory(run.device), parameters=parameter_counts(run.encoder, run.decoder),
         checkpoint=str(Path(run.folder).resolve()), wall_seconds=time.perf_counter() - t0,
+        evaluation=evaluation,
         predictions=[{"image_id": i, "filename": by_id[i].filename, "caption": c}
                      for i, c in predictions.items()],
     )

@@ -116,7 +116,7 @@ def _newest(results_dir: Path) -> RunRecord:
     if not records:
         raise RecordError(f"--run latest: no run record in {Path(results_dir) / 'runs'} "
                           "(train one with `capbench run`, or pass --results-dir)")
-    trained = [r for r in records if "eval_of" not in r.config]  # not eval --run records
+    trained = [r for r in records if r.evaluation is None]  # not eval --run records
     return max(trained or records, key=lambda r: (r.created, r.run_id))
 
 
@@ -131,8 +131,8 @@ def _checkpoint_of(record: RunRecord, results_dir: Path) -> Path:
     if record.path:
         candidates.append(Path(record.path).resolve().parent.parent / "checkpoints" / record.run_id)
     candidates.append(Path(results_dir) / "checkpoints" / record.run_id)
-    if record.config.get("eval_of"):  # an eval --run record points at its trained run's folder
-        candidates.append(Path(results_dir) / "checkpoints" / record.config["eval_of"])
+    if record.evaluation:  # an eval --run record points at its trained run's folder
+        candidates.append(Path(results_dir) / "checkpoints" / str(record.evaluation["of"]))
     for c in candidates:
         if (c / "config.json").is_file():
             return c

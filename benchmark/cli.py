@@ -146,6 +146,8 @@ def report(
     columns: Annotated[str | None, typer.Option(help="table columns, comma-separated, e.g. B@1,B@4,CIDEr-D,img/s (display names or keys such as Bleu_4, CIDEr, train_tokens_per_s; any case); run, decoder, encoder and CIDEr-D are always shown")] = None,
     wide: Annotated[bool, typer.Option("--wide", help="table: every column (any that do not fit the terminal are named under the table)")] = False,
     gallery: Annotated[Path | None, typer.Option(help="also write a static HTML gallery here: per dataset/split, each test image's thumbnail, references and every model's caption with its per-image CIDEr-D, worst first")] = None,
+    gallery_images: Annotated[int | None, typer.Option(min=1, help="gallery: show only the N worst images of each group")] = None,
+    gallery_strips: Annotated[bool, typer.Option("--gallery-strips/--no-gallery-strips", help="gallery: draw each attention decoder's per-word attention under its caption (loads the checkpoints)")] = True,
 ):
     """Show every run as a leaderboard grouped by dataset and split fingerprint.
 
@@ -175,13 +177,18 @@ def report(
             err.print(f"[yellow]warning:[/] could not write {results_dir / 'LEADERBOARD.md'} "
                       f"({exc.strerror or exc}); pass --no-leaderboard-file to skip it", highlight=False)
     if gallery is not None:
-        from benchmark.gallery import write_gallery
+        from benchmark.gallery import AttentionStrips, write_gallery
         from benchmark.records import load_records
 
         records, _ = load_records(results_dir)  # problems were already printed above
         if records:
-            pages = write_gallery(records, gallery)
+            strips = AttentionStrips(results_dir) if gallery_strips else None
+            pages = write_gallery(records, gallery, max_images=gallery_images, strip_maker=strips)
             err.print(f"wrote {len(pages) - 1} gallery page(s) and {gallery / 'index.html'}")
+            if strips is not None:
+                err.print(f"{strips.count} attention strip(s) in {strips.seconds:.1f} s", highlight=False)
+                for run_id, why in strips.problems.items():
+                    err.print(f"[yellow]no attention strips for {run_id}:[/] {why}", highlight=False)
         else:
             err.print(f"[yellow]no run records in {results_dir / 'runs'}: no gallery written[/]", highlight=False)
     if format == "table" and output is None:
@@ -270,7 +277,7 @@ def _evaluate_run(run, dataset, split, format, results_dir, beam_size, max_len, 
                       encoder_weights=str(encoder_weights) if encoder_weights else None)
     record, path = evaluate_run(loaded, dataset, split, results_dir=results_dir, console=console)
     if format == "json":
-        sys.stdout.write(json.dumps({"run_id": record.run_id, "eval_of": loaded.run_id,
+        sys.stdout.write(json.dumps({"run_id": record.run_id, "evaluation": record.evaluation,
                                      "dataset": record.dataset.name, "split": split,
                                      "images": len(record.predictions), "metrics": record.metrics,
                                      "confidence_intervals": record.confidence_intervals,
@@ -394,9 +401,11 @@ def ground(
     seed: Annotated[int, typer.Option(help="seed of the random-point baseline")] = 0,
     format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
     details: Annotated[bool, typer.Option(help="json: also list every scored word")] = False,
+    save: Annotated[bool, typer.Option("--save/--no-save", help="write the figures into the run's record (its `grounding` field, shown on the leaderboard)")] = True,
 ):
     """Pointing game and energy in box of each word naming a shape or colour (shapes dataset):
-    attention, Grad-CAM, and the centre and random baselines."""
+    attention, Grad-CAM, and the centre and random baselines. The figures go into the run's
+    record unless --no-save."""
     import json
 
     from benchmark.captioner import check_split
@@ -411,6 +420,11 @@ def ground(
     loaded = load_run(run, results_dir)
     path = dataset or _run_dataset_path(loaded)
     res = ground_run(loaded, path, split, tolerance=tolerance, seed=seed, layer=layer)
+    saved = None
+    if save and loaded.record is not None and loaded.record.path:
+        from benchmark.records import update_record
+
+        saved = update_record(loaded.record, grounding=res.record_block(seed=seed, layer=layer))
     if format == "json":
         sys.stdout.write(json.dumps(res.to_json(details), indent=1) + "\n")
         return
@@ -431,6 +445,10 @@ def ground(
         console.print(f"[yellow]{m} unavailable:[/] {why}", highlight=False)
     console.print(f"{res.unmatched_words} colour/shape word(s) named nothing in their image (not "
                   f"scored); {res.seconds:.0f} s", highlight=False)
+    if saved:
+        console.print(f"saved to the run record {saved} (field `grounding`)", highlight=False)
+    elif save:
+        console.print("[yellow]not saved:[/] this checkpoint has no run record", highlight=False)
 
 
 def _run_dataset_path(loaded) -> str:

@@ -44,7 +44,7 @@ METHODS = ("attention", "gradcam")
 
 __all__ = ["METHODS", "ExplainError", "Explanation", "crop_geometry", "upsample_map",
            "attention_maps", "transformer_cross_attention", "gradcam_maps", "explain_image",
-           "render_explanation", "open_image"]
+           "render_explanation", "render_strip", "open_image"]
 
 
 class ExplainError(CapbenchError):
@@ -372,3 +372,42 @@ def render_explanation(ex: Explanation, method: str, path: str | Path, *, title:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def render_strip(ex: Explanation, method: str = "attention", *, panel: int = 64,
+                 max_words: int = 16) -> Image.Image:
+    """A compact strip for a gallery row: one ``panel``-pixel square per word (at most
+    ``max_words``), the image with the word's ``method`` heatmap overlaid (jet colormap, each
+    map scaled to its own maximum, alpha 0.5; what the encoder's crop cut away left
+    uncovered) and the word written under it. Returns an RGB PIL image of height
+    ``panel + 14`` pixels; KeyError when ``ex`` has no maps for ``method``."""
+    import matplotlib
+    import numpy as np
+    from PIL import ImageDraw
+
+    words = ex.words[:max_words]
+    maps = ex.maps[method][: len(words)]
+    h, w = ex.grid_hw
+    small = ex.image.convert("RGB").resize((panel, panel), Image.BILINEAR)
+    base = np.asarray(small, dtype=np.float32) / 255.0
+    # the maps over the image, then shrunk to the panel (the crop's geometry is in image pixels)
+    up = upsample_map(maps.view(-1, h, w), ex.geometry, ex.image.size)
+    inside = upsample_map(torch.ones(1, h, w), ex.geometry, ex.image.size) > 0
+    up = F.interpolate(up.unsqueeze(1), size=(panel, panel), mode="bilinear",
+                       align_corners=False).squeeze(1)
+    inside = F.interpolate(inside.float().unsqueeze(1), size=(panel, panel),
+                           mode="nearest").squeeze(1)[0].numpy() > 0
+    cmap = matplotlib.colormaps["jet"]
+    label = 14
+    strip = Image.new("RGB", (max(1, len(words)) * panel, panel + label), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, word in enumerate(words):
+        m = up[i].numpy()
+        peak = m.max()
+        heat = cmap(m / peak if peak > 0 else m)[..., :3]
+        alpha = np.where(inside, 0.5, 0.0)[..., None]
+        mixed = (base * (1 - alpha) + heat * alpha) * 255
+        strip.paste(Image.fromarray(mixed.clip(0, 255).astype(np.uint8)), (i * panel, 0))
+        text = word if draw.textlength(word) <= panel - 2 else word[: max(1, panel // 7)] + "."
+        draw.text((i * panel + panel / 2, panel + 1), text, fill="black", anchor="ma")
+    return strip

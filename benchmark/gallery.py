@@ -7,17 +7,17 @@ rows sorted worst first by the mean per-image CIDEr-D over the group's models. T
 are downscaled copies under ``DIR/thumbs/`` referenced by relative paths, so the folder
 works offline and can be moved or zipped as a whole.
 
-Attention strips are not computed here (that needs the checkpoint and the model loaded; see
-``capbench explain``); precomputed strip images can be passed in and are shown under the
-caption of their run.
+Under the caption of an attention decoder (``attn_lstm``, ``transformer``) a row can show an
+attention strip: one small panel per generated word with its soft-attention map
+(:func:`benchmark.explain.render_strip`). :class:`AttentionStrips` computes them from each
+run's checkpoint, only for the rows the page shows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,10 @@ from benchmark.errors import CapbenchError, RecordError, StorageError
 from benchmark.fsutil import atomic_write_text, ensure_writable
 from benchmark.records import RunRecord
 
-__all__ = ["write_gallery", "THUMB_SIZE"]
+__all__ = ["write_gallery", "AttentionStrips", "THUMB_SIZE"]
+
+#: ``(record, image file) -> strip image or None``: see :class:`AttentionStrips`
+StripMaker = Callable[[RunRecord, Path], "Image.Image | None"]
 
 #: longest side of a thumbnail, in pixels
 THUMB_SIZE = 128
@@ -95,8 +98,6 @@ def _environment():
 def _make_thumb(src: Path, dest_dir: Path) -> str:
     """Downscale ``src`` into ``dest_dir`` (named by a hash of its path); return the file name.
     Raises OSError (or PIL's errors, subclasses of it) when the image cannot be read."""
-    from PIL import Image
-
     name = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:16] + ".png"
     dest = dest_dir / name
     if dest.is_file() and dest.stat().st_mtime >= src.stat().st_mtime:
@@ -120,7 +121,7 @@ def _group_records(records: Iterable[RunRecord]) -> dict[tuple[str, str], list[R
 
 
 def _build_group(name: str, fp: str, runs: list[RunRecord], out_dir: Path,
-                 max_images: int | None, strips: Mapping[tuple[str, str], Path | str]) -> _Group:
+                 max_images: int | None, strip_maker: StripMaker | None) -> _Group:
     models = [_Model(r.run_id, r.arch, r.encoder, _x100(r.metrics.get("CIDEr"))) for r in runs]
     labels = [f"{m.arch} / {m.encoder}" for m in models]
     for m, lab in zip(models, labels, strict=True):  # a run id only where the pair repeats
@@ -171,9 +172,8 @@ def _build_group(name: str, fp: str, runs: list[RunRecord], out_dir: Path,
     rows: list[_Row] = []
     for k, info in images.items():
         cells = []
-        for r, caps, sc in zip(runs, captions, scores, strict=True):
-            strip = strips.get((r.run_id, k))
-            cells.append(_Cell(caps.get(k), sc.get(k), str(strip) if strip else None))
+        for caps, sc in zip(captions, scores, strict=True):
+            cells.append(_Cell(caps.get(k), sc.get(k)))
         vals = [c.cider for c in cells if c.cider is not None]
         rows.append(_Row(k, info["id"], info["filename"], None, info["refs"], cells,
                          sum(vals) / len(vals) if vals else None))
@@ -193,34 +193,89 @@ def _build_group(name: str, fp: str, runs: list[RunRecord], out_dir: Path,
     if unreadable:
         group.notes.append(f"{unreadable} image file(s) could not be read: shown without "
                            "thumbnails")
+    if strip_maker is not None:
+        _add_strips(rows, runs, images, out_dir, strip_maker)
     group.rows = rows
     return group
 
 
-def _copy_strips(strips: Mapping[tuple[object, object], Path | str] | None,
-                 out_dir: Path) -> dict[tuple[str, str], str]:
-    """Copy precomputed attention strips into ``out_dir/attention``; return
-    ``(run_id, image id key) -> relative path``."""
-    out: dict[tuple[str, str], str] = {}
-    if not strips:
-        return out
+def _add_strips(rows: list[_Row], runs: list[RunRecord], images: dict[str, dict],
+                out_dir: Path, strip_maker: StripMaker) -> None:
+    """Ask ``strip_maker`` for a strip per shown (row, run) and save it under
+    ``out_dir/attention/`` (named by a hash of run id and image id)."""
     dest_dir = out_dir / "attention"
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    for (run_id, image_id), src in strips.items():
-        src = Path(src)
-        if not src.is_file():
-            raise CapbenchError(f"attention strip {src} (run {run_id}, image {image_id}) does "
-                                "not exist")
-        key = (str(run_id), image_id_key(image_id))
-        name = hashlib.sha1("\0".join(key).encode()).hexdigest()[:16] + src.suffix.lower()
-        shutil.copyfile(src, dest_dir / name)
-        out[key] = f"attention/{name}"
-    return out
+    for row in rows:
+        src = images[row.key]["path"]
+        if src is None:
+            continue
+        for r, cell in zip(runs, row.cells, strict=True):
+            strip = strip_maker(r, Path(src))
+            if strip is None:
+                continue
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            name = hashlib.sha1(f"{r.run_id}\0{row.key}".encode()).hexdigest()[:16] + ".png"
+            tmp = dest_dir / f".{name}.tmp"
+            strip.save(tmp, format="PNG", optimize=True)
+            tmp.replace(dest_dir / name)
+            cell.strip = f"attention/{name}"
+
+
+class AttentionStrips:
+    """A :data:`StripMaker` that draws each attention decoder's per-word soft attention.
+
+    For a record, the run is loaded once from its checkpoint (searched as ``capbench caption
+    --run`` does, under ``results_dir``); the image is captioned with the run's decoding
+    settings (the caption of the record, see ``capbench caption``) and
+    :func:`benchmark.explain.render_strip` draws the maps. Runs whose decoder has no
+    attention (``rnn``, ``lstm``) get no strip; runs whose checkpoint cannot be loaded get
+    none either, and :attr:`problems` says why (run id -> reason). ``seconds`` is the time
+    spent computing strips.
+    """
+
+    def __init__(self, results_dir: str | Path, *, panel: int = 64):
+        self.results_dir = Path(results_dir)
+        self.panel = panel
+        self.problems: dict[str, str] = {}
+        self.count = 0
+        self.seconds = 0.0
+        self._runs: dict[str, object] = {}
+
+    def _load(self, record: RunRecord):
+        from benchmark.checkpoint import load_run
+
+        if record.run_id not in self._runs:
+            try:
+                run = load_run(record.run_id, self.results_dir)
+            except CapbenchError as exc:
+                self.problems[record.run_id] = str(exc)
+                run = None
+            self._runs[record.run_id] = run
+        return self._runs[record.run_id]
+
+    def __call__(self, record: RunRecord, image: Path):
+        import time
+
+        from benchmark.explain import ExplainError, explain_image, open_image, render_strip
+
+        run = self._load(record)
+        if run is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            ex = explain_image(run, open_image(image), ("attention",))
+        except ExplainError as exc:
+            if "no attention" not in str(exc):
+                self.problems[record.run_id] = str(exc)
+            self._runs[record.run_id] = None  # rnn/lstm: nothing to draw for any image
+            return None
+        strip = render_strip(ex, "attention", panel=self.panel)
+        self.seconds += time.perf_counter() - t0
+        self.count += 1
+        return strip
 
 
 def write_gallery(records: Iterable[RunRecord], out_dir: Path, *, max_images: int | None = None,
-                  attention_strips: Mapping[tuple[object, object], Path | str] | None = None,
-                  ) -> list[Path]:
+                  strip_maker: StripMaker | None = None) -> list[Path]:
     """Write a static HTML gallery of the records' test captions into ``out_dir``.
 
     Records are grouped by (dataset name, split fingerprint); each group gets one page,
@@ -230,16 +285,15 @@ def write_gallery(records: Iterable[RunRecord], out_dir: Path, *, max_images: in
     Rows are sorted worst first by the mean per-image CIDEr-D over the group's runs (images
     no run scored go last); ``max_images`` keeps only the first (worst) that many. Where a
     group's dataset file can no longer be read, its page lists the predicted images without
-    thumbnails or references and says so. ``attention_strips`` maps ``(run_id, image_id)``
-    to a precomputed image (e.g. a PNG strip of per-word attention maps), copied into
-    ``out_dir/attention/`` and shown under that run's caption; none are computed here.
+    thumbnails or references and says so. ``strip_maker(record, image_file)`` (e.g.
+    :class:`AttentionStrips`) is asked for a strip image for every shown row and run; what it
+    returns is saved under ``out_dir/attention/`` and shown under that run's caption.
 
     All text is HTML-escaped (Jinja2 with autoescape). Returns the group pages followed by
     ``index.html``, which links them.
 
     Raises :class:`RecordError` when ``records`` is empty or ``max_images`` is below 1,
-    :class:`StorageError` when ``out_dir`` cannot be created or written, and
-    :class:`CapbenchError` when an attention strip file does not exist.
+    and :class:`StorageError` when ``out_dir`` cannot be created or written.
     """
     records = list(records)
     if not records:
@@ -252,8 +306,7 @@ def write_gallery(records: Iterable[RunRecord], out_dir: Path, *, max_images: in
     written: list[Path] = []
     try:
         (out_dir / "thumbs").mkdir(exist_ok=True)
-        strips = _copy_strips(attention_strips, out_dir)
-        groups = [_build_group(name, fp, runs, out_dir, max_images, strips)
+        groups = [_build_group(name, fp, runs, out_dir, max_images, strip_maker)
                   for (name, fp), runs in sorted(_group_records(records).items())]
         page = env.get_template("gallery.html.j2")
         for g in groups:

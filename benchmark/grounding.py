@@ -175,6 +175,13 @@ class GroundingResult:
             out["details"] = self.details
         return out
 
+    def record_block(self, *, seed: int, layer: int) -> dict:
+        """The run record's ``grounding`` field: :meth:`to_json` without the run id and the
+        per-word details, plus the random baseline's ``seed`` and the transformer ``layer``."""
+        out = self.to_json()
+        out.pop("run_id")
+        return {**out, "random_seed": seed, "layer": layer}
+
 
 def load_objects(path: str | Path, split: str = "test") -> list[dict]:
     """Entries ``{"path", "image_id", "filename", "objects"}`` of ``split`` in a shapes

@@ -26,9 +26,11 @@ from benchmark.fsutil import atomic_write_text, utc_timestamp
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "run_record.schema.json"
+#: fields added after the first records were written: absent from a record while None
+OPTIONAL_FIELDS = ("image_use", "evaluation", "grounding")
 
 __all__ = ["RunRecord", "DatasetInfo", "make_record", "find_record", "new_run_id",
-           "write_record", "load_records", "load_record", "git_commit", "environment",
+           "write_record", "update_record", "load_records", "load_record", "git_commit", "environment",
            "SCHEMA_VERSION", "SCHEMA_PATH"]
 
 
@@ -87,6 +89,12 @@ class RunRecord:
     #: does the model use the image: shuffle test, baselines, test against the strongest blind
     #: baseline (benchmark.image_use); None in records written before it existed
     image_use: dict[str, Any] | None = None
+    #: for a record written by ``capbench eval --run``: ``{"of": source run id, "split":
+    #: evaluated split, "trained_on": source dataset name}``; None for a trained run
+    evaluation: dict[str, Any] | None = None
+    #: pointing game and energy in box on ``shapes`` (:mod:`benchmark.grounding`), written by
+    #: ``capbench ground --save``; None when never measured
+    grounding: dict[str, Any] | None = None
     #: where the record was read from (not stored in the file)
     path: str | None = field(default=None, compare=False, repr=False)
 
@@ -105,8 +113,9 @@ class RunRecord:
         are left out while empty, so a record reads back as it was written."""
         out = dataclasses.asdict(self)
         out.pop("path")
-        if out["image_use"] is None:
-            out.pop("image_use")
+        for key in OPTIONAL_FIELDS:
+            if out[key] is None:
+                out.pop(key)
         return out
 
     @classmethod
@@ -214,6 +223,23 @@ def write_record(record: RunRecord, results_dir: str | Path) -> Path:
     path = Path(results_dir) / "runs" / f"{record.run_id}.json"
     atomic_write_text(path, json.dumps(record.to_dict(), indent=1, default=str))
     record.path = str(path)
+    return path
+
+
+def update_record(record: RunRecord, **fields) -> Path:
+    """Set ``fields`` on ``record`` and rewrite its file (``record.path``) atomically.
+
+    Raises RecordError when the record was not read from a file or a field is unknown."""
+    if not record.path:
+        raise RecordError(f"run {record.run_id}: the record was not read from a file; nothing "
+                          "to update")
+    unknown = set(fields) - {f.name for f in dataclasses.fields(RunRecord)} - {"path"}
+    if unknown:
+        raise RecordError(f"run record has no field {sorted(unknown)[0]!r}")
+    for k, v in fields.items():
+        setattr(record, k, v)
+    path = Path(record.path)
+    atomic_write_text(path, json.dumps(record.to_dict(), indent=1, default=str))
     return path
 
 

@@ -41,6 +41,9 @@ LEGEND = ("scores x100 (pycocoevalcap) ±95% bootstrap CI half-width or ±std ov
           "vs blind = paired-bootstrap p of CIDEr-D against the strongest blind baseline, ✗ = not "
           "significantly better (p >= 0.05 or lower); shuffle Δ = CIDEr-D lost when each test "
           "image gets another image's features (±95% CI half-width; ~0 = the image is ignored); "
+          "point att / GC / ctr = pointing-game hits (%) of the words naming a shape or colour "
+          "on shapes, for attention, Grad-CAM and the centre baseline (`capbench ground`; n/a = "
+          "no attention); "
           "baseline rows: most-freq / consensus = one caption for every image (blind), nn = "
           "nearest-neighbour captions of that encoder; run = MMDD-HHMMSS-tag of the run id")
 COLLAPSED_PCT = 5.0
@@ -51,14 +54,18 @@ IDENTITY = ["dataset", "split", "config_id", "arch", "encoder", "weights", "beam
 #: the terminal table's default columns (display names; ``arch`` is headed "decoder" there);
 #: ``vs blind`` and ``shuffle Δ`` are the first hidden when the terminal is narrow
 COMPACT_COLUMNS = ("run", "arch", "encoder", "B@4", "M", "CIDEr-D", "tok/s", "uniq%",
-                   "vs blind", "shuffle Δ")
-#: columns left out of a group in which no record has them (records older than the feature)
-OPTIONAL_COLUMNS = ("vs blind", "shuffle Δ")
+                   "vs blind", "shuffle Δ", "point att")
+#: the pointing-game columns (``capbench ground --save``), per heatmap method
+POINTING_COLUMNS = {"point att": "attention", "point GC": "gradcam", "point ctr": "centre"}
+#: columns left out of a group in which no record has them (records older than the feature,
+#: runs never grounded)
+OPTIONAL_COLUMNS = ("vs blind", "shuffle Δ", *POINTING_COLUMNS)
 #: columns the terminal table shows whatever the width or the chosen columns
 ALWAYS_SHOWN = ("run", "arch", "encoder", "CIDEr-D")
 #: the order in which the terminal table hides columns that do not fit (first hidden first)
-DROP_ORDER = ("shuffle Δ", "vs blind", "params", "beam", "seed", "seeds", "B@2", "B@3", "cap/s",
-              "B@1", "S", "img/s", "R-L", "weights", "uniq%", "M", "tok/s", "B@4")
+DROP_ORDER = ("point ctr", "point GC", "point att", "shuffle Δ", "vs blind", "params", "beam",
+              "seed", "seeds", "B@2", "B@3", "cap/s", "B@1", "S", "img/s", "R-L", "weights",
+              "uniq%", "M", "tok/s", "B@4")
 #: terminal headers that differ from the display names (markdown keeps ``arch``)
 RICH_HEADERS = {"arch": "decoder"}
 #: the leaderboard (CSV/JSON) key behind each display column; ``render_rich(columns=...)``
@@ -69,6 +76,7 @@ COLUMN_KEYS = {
     **{label: key for key, label in THROUGHPUT_COLUMNS.items()},
     "uniq%": "unique_pct", "params": "decoder_params", "vs blind": "vs_blind_p",
     "shuffle Δ": "shuffle_drop",
+    **{label: f"pointing_{m}" for label, m in POINTING_COLUMNS.items()},
 }
 _MORE_NAMES = {"seed": ("seeds",), "R-L": ("ROUGE-L",),
                **{f"B@{n}": (f"BLEU-{n}",) for n in range(1, 5)}}
@@ -84,6 +92,8 @@ _LEGEND_PARTS = {
                 "significantly better",
     "shuffle Δ": "shuffle Δ CIDEr-D lost with another image's features (~0: image ignored)",
     "run": "run = MMDD-HHMMSS-tag of the run id",
+    "point ": "point att/GC/ctr pointing-game hits % (shapes words) of attention, Grad-CAM, "
+              "the centre baseline",
 }
 
 __all__ = ["leaderboard", "aggregate_seeds", "render_markdown", "render_rich", "render",
@@ -104,6 +114,15 @@ def _image_use_columns(r: RunRecord) -> dict:
             "vs_blind_better": vs.get("better"), "vs_blind_baseline": vs.get("baseline"),
             "shuffle_drop": shuffle.get("drop", math.nan), "shuffle_drop_ci_low": lo,
             "shuffle_drop_ci_high": hi, "shuffle_p": shuffle.get("p", math.nan)}
+
+
+def _grounding_columns(r: RunRecord) -> dict:
+    """Pointing-game fractions of the record's test-split grounding (NaN when never measured,
+    None when measured but the decoder lacks the method)."""
+    g = r.grounding or {}
+    if g.get("split") != "test":
+        return {f"pointing_{m}": math.nan for m in POINTING_COLUMNS.values()}
+    return {f"pointing_{m}": g.get("pointing", {}).get(m) for m in POINTING_COLUMNS.values()}
 
 
 def _baseline_rows(records: list[RunRecord]) -> list[dict]:
@@ -159,7 +178,7 @@ def leaderboard(records: list[RunRecord], *, baselines: bool = True) -> pd.DataF
             row[key] = float(v) if v is not None else math.nan
         row["decoder_params"] = r.parameters.get("decoder_trainable")
         row["unique_pct"] = r.diversity.get("unique_pct", math.nan)
-        rows.append({**row, "kind": "run", **_image_use_columns(r)})
+        rows.append({**row, "kind": "run", **_image_use_columns(r), **_grounding_columns(r)})
     if baselines:
         rows += _baseline_rows(records)
     df = pd.DataFrame(rows)
@@ -232,6 +251,9 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
                                                    "shuffle_drop_ci_high"))
         row["shuffle Δ"] = "-" if pd.isna(d) else f"{100 * d:.1f}" + (
             "" if pd.isna(lo) or pd.isna(hi) else f" ±{100 * (hi - lo) / 2:.1f}")
+        for label, m in POINTING_COLUMNS.items():
+            v = r.get(f"pointing_{m}", math.nan)
+            row[label] = "n/a" if v is None else ("-" if pd.isna(v) else f"{100 * v:.0f}")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -294,7 +316,8 @@ def _legend(shown: list[str], aggregated: bool, baselines: bool = False) -> str:
     rows when there are some."""
     spread = "±std over seeds" if aggregated else "±95% bootstrap CI half-width"
     parts = [f"scores x100 (pycocoevalcap) {spread}"]
-    keys = ["B@" if c.startswith("B@") else c for c in shown]
+    keys = ["B@" if c.startswith("B@") else "point " if c.startswith("point ") else c
+            for c in shown]
     parts += [text for key, text in _LEGEND_PARTS.items() if key in keys]
     if baselines:
         parts.append("baseline rows: most-freq, consensus = one caption for every image (blind); "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -153,15 +152,23 @@ def test_gallery_max_images_and_missing_dataset(tiny_shapes, tmp_path):
     assert "dataset file unavailable" in pages[0].read_text(encoding="utf-8")
 
 
-def test_gallery_attention_strips(tiny_shapes, tmp_path):
+def test_gallery_asks_the_strip_maker_only_for_shown_rows(tiny_shapes, tmp_path):
+    from PIL import Image
+
     records, test = _records(tiny_shapes)
-    strip = tmp_path / "strip.png"
-    shutil.copyfile(test[0].path, strip)
-    pages = write_gallery(records, tmp_path / "g",
-                          attention_strips={("run-b", test[0].image_id): strip})
-    row = next(r for r in _parse(pages[0]).rows if r["key"] == image_id_key(test[0].image_id))
-    assert len(row["imgs"]) == 2
-    assert (pages[0].parent / row["imgs"][1]).is_file()
+    asked = []
+
+    def maker(record, image):
+        asked.append((record.run_id, image.name))
+        return Image.new("RGB", (20, 10), "red") if record.run_id == "run-b" else None
+
+    pages = write_gallery(records, tmp_path / "g", max_images=2, strip_maker=maker)
+    rows = _parse(pages[0]).rows
+    assert len(rows) == 2 and len(asked) == 2 * len(records)  # not for the rows left out
+    for row in rows:
+        assert len(row["imgs"]) == 2  # the thumbnail, then run-b's strip
+        with Image.open(pages[0].parent / row["imgs"][1]) as im:
+            assert im.size == (20, 10)
 
 
 def test_gallery_errors(tiny_shapes, tmp_path):

@@ -138,7 +138,9 @@ def test_eval_run_on_the_same_test_split_reproduces_the_record(tiny_run, tiny_sh
     info = json.loads(out.stdout)
     new = load_record(info["record"])
     jsonschema.validate(json.loads(open(info["record"]).read()), json.loads(SCHEMA_PATH.read_text()))
-    assert new.config["eval_of"] == record.run_id and new.config["eval_split"] == "test"
+    assert new.evaluation == {"of": record.run_id, "split": "test",
+                              "trained_on": record.dataset.name}
+    assert new.config_id != record.config_id  # never folded with the trained run as a seed
     assert new.predictions == record.predictions
     for m in ("Bleu_4", "ROUGE_L", "CIDEr"):
         assert new.metrics[m] == pytest.approx(record.metrics[m], abs=1e-12)
@@ -369,3 +371,58 @@ def test_ground_reports_fractions_for_every_method(tiny_run):
     assert len(res["details"]) == res["words"]
     table = _invoke("ground", "--run", record.run_id, "--results-dir", results)
     assert table.exit_code == 0 and "pointing game" in table.stdout
+
+
+@pytest.mark.slow
+def test_ground_saves_into_the_record_and_the_leaderboard_shows_it(tiny_run, tmp_path):
+    import jsonschema
+
+    from benchmark.records import SCHEMA_PATH, load_record
+    from benchmark.report import leaderboard, render_markdown
+
+    results, record = tiny_run
+    path = results / "runs" / f"{record.run_id}.json"
+    before = path.read_text()
+    out = _invoke("ground", "--run", record.run_id, "--results-dir", results, "--format", "json",
+                  "--tolerance", "5", "--no-save")
+    assert out.exit_code == 0, out.output
+    assert path.read_text() == before  # --no-save leaves the record alone
+    before = {k: v for k, v in json.loads(before).items() if k != "grounding"}
+    out = _invoke("ground", "--run", record.run_id, "--results-dir", results, "--format", "json",
+                  "--tolerance", "5")
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.stdout)
+    data = json.loads(path.read_text())
+    jsonschema.validate(data, json.loads(SCHEMA_PATH.read_text()))
+    g = data["grounding"]
+    assert g["pointing"] == res["pointing"] and g["words"] == res["words"]
+    assert g["tolerance_px"] == 5 and g["split"] == "test" and g["random_seed"] == 0
+    assert {k: v for k, v in data.items() if k != "grounding"} == before  # nothing else changed
+    board = leaderboard([load_record(path)])
+    run_row = board[board["kind"] == "run"].iloc[0]
+    assert run_row["pointing_attention"] == res["pointing"]["attention"]
+    md = render_markdown(board)
+    assert "point att" in md and "point ctr" in md
+    att = res["pointing"]["attention"]
+    assert f"| {100 * att:.0f} |" in md
+
+
+@pytest.mark.slow
+def test_gallery_draws_an_attention_strip_per_word(tiny_run, tmp_path):
+    import re
+
+    results, record = tiny_run
+    out = _invoke("report", "--results-dir", results, "--no-leaderboard-file", "--gallery",
+                  tmp_path / "g", "--gallery-images", 3)
+    assert out.exit_code == 0, out.output
+    assert "3 attention strip(s)" in out.output
+    page = next(p for p in (tmp_path / "g").glob("*.html") if p.name != "index.html")
+    html = page.read_text(encoding="utf-8")
+    strips = re.findall(r'<img class="strip" src="([^"]+)"', html)
+    assert len(strips) == 3
+    captions = {p["caption"] for p in record.predictions}
+    for src in strips:
+        with Image.open(page.parent / src) as im:
+            words, rest = divmod(im.size[0], 64)
+            assert rest == 0 and im.size[1] == 64 + 14
+        assert any(min(len(c.split()), 16) == words for c in captions)  # at most 16 panels
