@@ -91,6 +91,16 @@ class CiderD:
                         for i, c in predictions.items()])
         return float(per.mean()) if len(per) else 0.0, per
 
+    def score_pairs(self, captions: list[str], image_ids: list) -> np.ndarray:
+        """CIDEr-D ``(M,)`` of each ``captions[m]`` against the references of
+        ``image_ids[m]`` (several captions may share an image: the SCST reward of the samples
+        of one image). KeyError for an image outside the reference set; ValueError when the
+        two lists differ in length."""
+        if len(captions) != len(image_ids):
+            raise ValueError(f"{len(captions)} captions but {len(image_ids)} image ids")
+        return np.array([self._score_vector(self._vector(ngram_counts(c, self.n)), self._refs[i])
+                         for c, i in zip(captions, image_ids, strict=True)], dtype=np.float64)
+
     def score_against(self, caption: str, references: list[str]) -> float:
         """CIDEr-D of ``caption`` against an arbitrary list of references, with this scorer's
         document frequencies (e.g. a candidate against the other candidates)."""

@@ -90,6 +90,9 @@ def run(
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="pretrained encoder weights, or a seeded random init")] = None,
     weights: Annotated[Path | None, typer.Option(help="local encoder weights file (.safetensors/.pt/.pth)")] = None,
     results_dir: Annotated[Path | None, typer.Option(help="where run records go (default results/)")] = None,
+    patience: Annotated[int | None, typer.Option(help="early stopping: validations without a new best validation CIDEr-D (0 = off)")] = None,
+    scst_epochs: Annotated[int | None, typer.Option(help="self-critical sequence training epochs after the cross-entropy ones (0 = off)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the newest unfinished run of the same config and seed from its last completed epoch")] = False,
 ):
     """Train a decoder on frozen encoder features, score it on the test split, write a run record."""
     from benchmark.config import load_config
@@ -99,14 +102,15 @@ def run(
         "arch": arch, "encoder": encoder, "dataset": dataset, "train.epochs": epochs,
         "train.batch_size": batch_size, "seed": seed, "decode.beam_size": beam_size,
         "device": device, "pretrained": pretrained, "weights": str(weights) if weights else None,
-        "results_dir": str(results_dir) if results_dir else None,
+        "results_dir": str(results_dir) if results_dir else None, "train.patience": patience,
+        "train.scst_epochs": scst_epochs,
     })
     seed_list = _parse_seeds(seeds) if seeds else [cfg.seed]
 
     def on_start(s: int) -> None:
         console.rule(f"capbench run: {cfg.arch} on {cfg.encoder} ({cfg.dataset}), seed {s}")
 
-    for record, path in run_seeds(cfg, seed_list, console, on_start):
+    for record, path in run_seeds(cfg, seed_list, console, on_start, resume=resume):
         _print_run_summary(record, path)
 
 

@@ -39,6 +39,13 @@ class TrainConfig:
     cosine decay to 0; ``grad_clip`` max global L2 norm (0 = off); ``max_caption_len`` words
     kept per training caption; ``min_word_count`` vocabulary threshold (train split only);
     ``val_every`` validate every N epochs (and after the last).
+
+    ``patience``: early stopping, counted in validations without a new best validation
+    CIDEr-D (0 = off), separately for the cross-entropy and the SCST phase.
+    ``scst_epochs``: epochs of self-critical sequence training after the cross-entropy
+    epochs (Rennie et al. 2017; 0 = cross-entropy only), with ``scst_samples`` sampled
+    captions per image, the "new self-critical" baseline (Luo 2020) and a constant
+    ``scst_lr``.
     """
 
     epochs: int = _r(10, min=1)
@@ -51,6 +58,10 @@ class TrainConfig:
     max_caption_len: int = _r(20, min=1)
     min_word_count: int = _r(2, min=1)
     val_every: int = _r(1, min=1)
+    patience: int = _r(0, min=0)
+    scst_epochs: int = _r(0, min=0)
+    scst_samples: int = _r(5, min=2)
+    scst_lr: float = _r(5e-5, min_exclusive=0.0)
 
 
 @dataclass
@@ -262,4 +273,13 @@ def config_id(resolved: dict) -> str:
     """Hash of a resolved config without seed, device and output folder: runs that differ only
     in seed share it, so the report can aggregate them (mean +- std)."""
     keep = {k: v for k, v in resolved.items() if k not in ("seed", "device", "results_dir", "name")}
+    # settings that are off do not change the run, so they do not change its id either (runs
+    # recorded before these settings existed keep theirs)
+    train = dict(keep.get("train") or {})
+    if not train.get("patience"):
+        train.pop("patience", None)
+    if not train.get("scst_epochs"):
+        for k in ("scst_epochs", "scst_samples", "scst_lr"):
+            train.pop(k, None)
+    keep["train"] = train
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]

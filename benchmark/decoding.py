@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["DecodeConfig", "greedy_decode", "beam_search", "sample_decode", "decode"]
+__all__ = ["DecodeConfig", "greedy_decode", "beam_search", "sample_decode", "decode",
+           "forbid_tokens"]
 
 
 @dataclass
@@ -39,7 +40,7 @@ class DecodeConfig:
     batch_size: int = field(default=64, metadata={"min": 1})
 
 
-def _forbid(logp: torch.Tensor, pad_id: int, bos_id: int, unk_id: int | None = None) -> torch.Tensor:
+def forbid_tokens(logp: torch.Tensor, pad_id: int, bos_id: int, unk_id: int | None = None) -> torch.Tensor:
     """Tokens never generated: ``<pad>``, ``<bos>`` and (if given) ``<unk>``."""
     for i in (pad_id, bos_id) if unk_id is None else (pad_id, bos_id, unk_id):
         logp[..., i] = float("-inf")
@@ -62,7 +63,7 @@ def _autoregressive(decoder, grid, pooled, pick, *, bos_id, eos_id, pad_id, max_
         if t == max_len:
             tokens = torch.full_like(tokens, eos_id)
         else:
-            tokens = pick(_forbid(logits.float(), pad_id, bos_id, unk_id))
+            tokens = pick(forbid_tokens(logits.float(), pad_id, bos_id, unk_id))
         tokens = torch.where(done, torch.full_like(tokens, eos_id), tokens)
         out.append(tokens)
         done |= tokens == eos_id
@@ -106,7 +107,7 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
     for t in range(max_len + 1):
         logits, state = decoder.step(tokens, state)
         V = logits.shape[-1]
-        logp = _forbid(torch.log_softmax(logits.float(), -1), pad_id, bos_id, unk_id).view(B, K, V)
+        logp = forbid_tokens(torch.log_softmax(logits.float(), -1), pad_id, bos_id, unk_id).view(B, K, V)
         if t == max_len:  # close every open beam
             eos = logp[..., eos_id].clone()
             logp = torch.full_like(logp, float("-inf"))

@@ -2,7 +2,8 @@
 
 Each encoder's features are extracted once (and cached) and shared by all its decoders. A
 cell whose record already exists in the results folder (same split fingerprint, config id
-and seed) is skipped, so an interrupted matrix resumes where it stopped. A failing cell is
+and seed) is skipped, and a cell interrupted mid-training continues from its last completed
+epoch (``run_experiment(resume=True)``), so an interrupted matrix resumes where it stopped. A failing cell is
 recorded under ``<results_dir>/failures/`` with its error and the matrix carries on.
 
 A config file may carry a ``matrix:`` section (``archs``, ``encoders``, ``seeds``) beside its
@@ -155,7 +156,7 @@ def run_matrix(base: RunConfig, archs: list[str], encoders: list[str], seeds: li
                 prepared[cell.encoder] = prepare_features(cell.cfg, dataset, device, console)
                 out.feature_seconds[cell.encoder] = time.perf_counter() - f0
             record, _ = run_experiment(cell.cfg, console, dataset=dataset,
-                                       prepared=prepared[cell.encoder])
+                                       prepared=prepared[cell.encoder], resume=True)
             cell.status, cell.run_id = "ok", record.run_id
             _failure_path(results_dir, cell).unlink(missing_ok=True)
         except KeyboardInterrupt:

@@ -44,7 +44,7 @@ from benchmark.train import TrainResult, train_decoder
 from benchmark.vocab import Vocabulary
 
 __all__ = ["prepare_features", "run_experiment", "run_seeds", "parameter_counts", "preflight",
-           "run_baselines"]
+           "run_baselines", "unfinished_state"]
 
 
 def _progress(console: Console | None) -> Progress:
@@ -109,9 +109,24 @@ class _Trained:
     encoder_identity: dict
 
 
+def unfinished_state(results_dir: str | Path, cid: str, seed: int) -> Path | None:
+    """The newest resumable training state of config ``cid`` and ``seed`` under
+    ``<results_dir>/unfinished/<cid>/`` (None when there is none)."""
+    folder = Path(results_dir) / "unfinished" / cid
+    found = sorted(folder.glob(f"*-s{seed}-*.pt")) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def _state_path(results_dir: str | Path, cid: str, run_id: str) -> Path:
+    return Path(results_dir) / "unfinished" / cid / f"{run_id}.pt"
+
+
 def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encoder,
-                 store: FeatureStore, device, console) -> _Trained:
-    """Vocabulary and feature statistics from the train split, then the training loop."""
+                 store: FeatureStore, device, console, *, state_path: Path | None = None,
+                 resume: bool = False) -> _Trained:
+    """Vocabulary and feature statistics from the train split, then the training loop
+    (cross-entropy, then SCST when ``train.scst_epochs`` > 0), saving its state to
+    ``state_path`` after each epoch and continuing from it with ``resume``."""
     seed_everything(cfg.seed)
     store = store.copy()  # this run's own normalisation; a shared (matrix) store stays raw
     train, val = dataset.split("train"), dataset.split("val")
@@ -120,26 +135,34 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
     decoder = create_decoder(resolved["arch"], len(vocab), encoder.grid_dim, encoder.pooled_dim,
                              resolved["decoder"])
     val_refs = ptb_tokenize({im.image_id: list(im.captions) for im in val})
+    train_refs = (ptb_tokenize({im.image_id: list(im.captions) for im in train})
+                  if cfg.train.scst_epochs else None)
     if device.type == "cuda":
         store = store.to(device)
     with _progress(console) as prog:
-        task = prog.add_task(f"train {resolved['arch']}", total=cfg.train.epochs, info="")
+        total = cfg.train.epochs + cfg.train.scst_epochs
+        task = prog.add_task(f"train {resolved['arch']}", total=total, info="")
         shown = {"epoch": 0, "val": "-"}
 
         def callback(event, **info):
             if event == "epoch_start":
-                shown["epoch"] = info["epoch"]
+                shown["epoch"], shown["phase"] = info["epoch"], info["phase"]
+                prog.update(task, completed=info["epoch"] - 1)
             elif event == "step":
-                prog.update(task, info=f"epoch {shown['epoch']}/{cfg.train.epochs}  "
-                            f"loss {info['loss']:.3f}  {info['tokens_per_s']:.0f} tok/s  "
-                            f"val CIDEr-D {shown['val']}")
+                rate = (f"reward {info['reward']:.3f}" if "reward" in info
+                        else f"{info['tokens_per_s']:.0f} tok/s")
+                prog.update(task, info=f"epoch {shown['epoch']}/{total} {shown['phase']}  "
+                            f"loss {info['loss']:.3f}  {rate}  val CIDEr-D {shown['val']}")
             elif event == "epoch_end":
                 if "val_CIDEr" in info:
                     shown["val"] = f"{info['val_CIDEr']:.3f}"
                 prog.advance(task)
 
+        meta = {"config_id": config_id(resolved), "seed": cfg.seed,
+                "split_fingerprint": dataset.fingerprint}
         result = train_decoder(decoder, store, train, val, val_refs, vocab, cfg.train, device,
-                               seed=cfg.seed, callback=callback)
+                               seed=cfg.seed, callback=callback, train_references=train_refs,
+                               state_path=state_path, resume=resume, state_meta=meta)
     decoder.load_state_dict(result.best_state)
     return _Trained(decoder, vocab, store, stats, result, encoder.cache_identity())
 
@@ -243,10 +266,13 @@ def _image_use_stage(dataset: CaptionDataset, encoder_name: str, store: FeatureS
 
 def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                    dataset: CaptionDataset | None = None,
-                   prepared: tuple | None = None) -> tuple[RunRecord, Path]:
+                   prepared: tuple | None = None, resume: bool = False) -> tuple[RunRecord, Path]:
     """Train and evaluate one (encoder, decoder) pair; write and return its run record.
 
     ``dataset``/``prepared`` (encoder, FeatureStore) let a caller (the matrix) share them.
+    The training state is saved after every epoch under ``<results_dir>/unfinished/`` and
+    removed once the record is written; with ``resume``, the newest unfinished run of the
+    same config id and seed continues (keeping its run id) instead of a fresh start.
     Raises CapbenchError / ArchitectureError subclasses for bad input before any work.
     """
     t_start = time.perf_counter()
@@ -256,8 +282,20 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
         torch.cuda.reset_peak_memory_stats(device)
     dataset = dataset or resolve_dataset(cfg.dataset)
     preflight(cfg, dataset, resolved)
+    cid = config_id(resolved)
+    previous = unfinished_state(cfg.results_dir, cid, cfg.seed)
+    if previous is not None and not resume:
+        if console is not None:
+            console.print(f"[yellow]note:[/] an unfinished run of this config and seed is saved at "
+                          f"{previous}; --resume continues it (this run starts afresh)",
+                          highlight=False)
+        previous = None
+    run_id = previous.stem if previous else new_run_id(resolved["arch"], resolved["encoder"],
+                                                        cfg.seed)
+    state_path = _state_path(cfg.results_dir, cid, run_id)
     encoder, store = prepared or prepare_features(cfg, dataset, device, console)
-    trained = _train_stage(cfg, resolved, dataset, encoder, store, device, console)
+    trained = _train_stage(cfg, resolved, dataset, encoder, store, device, console,
+                           state_path=state_path, resume=previous is not None)
     test = dataset.split("test")
     predictions, captions_per_s = caption_features(trained.decoder, trained.store, test,
                                                    trained.vocab, cfg.decode, device)
@@ -269,18 +307,22 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                                      device, batch_size=cfg.features.batch_size,
                                      num_workers=cfg.features.num_workers,
                                      stats=trained.store.stats)
-    run_id = new_run_id(resolved["arch"], resolved["encoder"], cfg.seed)
     ckpt = Path(cfg.results_dir) / "checkpoints" / run_id
     result = trained.result
     record = make_record(
-        run_id=run_id, resolved_config=resolved, config_id=config_id(resolved), dataset=dataset,
+        run_id=run_id, resolved_config=resolved, config_id=cid, dataset=dataset,
         encoder=encoder, scores=scores,
         confidence_intervals=bootstrap_ci(scores.per_image_block(), n_resamples=1000, seed=0),
         diversity=diversity(list(predictions.values()),
                             {" ".join(t) for im in dataset.split("train") for t in im.tokens}),
-        training={"best_epoch": result.best_epoch, "best_val_CIDEr": result.best_val_cider,
-                  "history": result.history, "steps": result.steps,
-                  "train_seconds": result.train_seconds},
+        training={"objective": "xe+scst" if cfg.train.scst_epochs else "xe",
+                  "best_epoch": result.best_epoch, "best_phase": result.best_phase,
+                  "best_val_CIDEr": result.best_val_cider, "history": result.history,
+                  "steps": result.steps, "train_seconds": result.train_seconds,
+                  "stopped_early": result.stopped_early, "resumed_from": result.resumed_from,
+                  **({"scst_seconds": result.scst_seconds,
+                      "scst_captions_per_s": result.scst_captions_per_s}
+                     if cfg.train.scst_epochs else {})},
         throughput={"train_samples_per_s": result.samples_per_s,
                     "train_tokens_per_s": result.tokens_per_s,
                     "inference_images_per_s": images_per_s,
@@ -290,7 +332,14 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
         device=device, parameters=parameter_counts(encoder, trained.decoder),
         vocab_size=len(trained.vocab), checkpoint=str(ckpt),
         wall_seconds=time.perf_counter() - t_start, predictions=predictions, image_use=image_use)
-    return record, _persist(record, trained, resolved, Path(cfg.results_dir))
+    path = _persist(record, trained, resolved, Path(cfg.results_dir))
+    state_path.unlink(missing_ok=True)  # finished: nothing left to resume
+    try:
+        state_path.parent.rmdir()
+        state_path.parent.parent.rmdir()
+    except OSError:  # other unfinished runs are still there
+        pass
+    return record, path
 
 
 def run_baselines(cfg: RunConfig, kinds: list[str], *, split: str = "test", k: int = 5,
@@ -323,8 +372,10 @@ def run_baselines(cfg: RunConfig, kinds: list[str], *, split: str = "test", k: i
     return dataset, encoder_name, scores
 
 
-def run_seeds(cfg: RunConfig, seeds: list[int], console: Console | None = None, on_start=None):
+def run_seeds(cfg: RunConfig, seeds: list[int], console: Console | None = None, on_start=None,
+              resume: bool = False):
     """Run ``cfg`` once per seed, extracting features once; yields ``(record, path)``.
+    With ``resume``, each seed continues its newest unfinished run (see :func:`run_experiment`).
 
     Names, hyperparameters and the dataset are checked before any feature is extracted.
     ``on_start(seed)`` is called before each run.
@@ -337,4 +388,4 @@ def run_seeds(cfg: RunConfig, seeds: list[int], console: Console | None = None, 
         cfg.seed = seed
         if on_start:
             on_start(seed)
-        yield run_experiment(cfg, console, dataset=dataset, prepared=prepared)
+        yield run_experiment(cfg, console, dataset=dataset, prepared=prepared, resume=resume)

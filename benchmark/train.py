@@ -1,39 +1,69 @@
-"""One training loop for every decoder: teacher forcing with masked cross-entropy.
+"""One training loop for every decoder: cross-entropy (XE), then optionally SCST.
 
-AdamW, linear warmup then cosine decay, global-norm gradient clipping, bf16 autocast on
-CUDA, validation every ``val_every`` epochs by greedy decoding scored with CIDEr-D
-(pycocoevalcap, PTB-tokenized references) and the best-scoring weights kept. For decoders
-with soft attention the doubly stochastic penalty of Xu et al. 2015 (eq. 14) is added.
+**XE**: teacher forcing with masked cross-entropy; AdamW, linear warmup then cosine decay,
+global-norm gradient clipping, bf16 autocast on CUDA. For decoders with soft attention the
+doubly stochastic penalty of Xu et al. 2015 (eq. 14) is added.
+
+**SCST** (``train.scst_epochs``; Rennie et al. 2017, "Self-critical Sequence Training for
+Image Captioning", CVPR): starting from the best XE weights, each training image gets
+``scst_samples`` captions sampled from the model; each sample's reward is its CIDEr-D
+against the image's references with document frequencies of the train references computed
+once (:class:`benchmark.cider.CiderD`), and its baseline is the mean reward of the other
+samples of the same image (the "new self-critical" baseline of Luo 2020, "A Better Variant
+of Self-Critical Sequence Training", arXiv:2003.09971). The loss is
+``-sum (r - b) log p(w_t) / tokens``. Dropout is off during SCST, so the log-probabilities
+are exactly those of the policy that sampled (teacher-forcing the samples through
+``forward``); a constant ``scst_lr`` with Adam, as in self-critical.pytorch.
+
+**Validation** every ``val_every`` epochs (and at the end of each phase) by greedy decoding
+scored with CIDEr-D (pycocoevalcap, PTB-tokenized references); the best weights over both
+phases are kept. **Early stopping**: ``patience`` validations without a new best end the
+phase. **Resume**: with a ``state_path``, the complete training state (weights, optimizer,
+scheduler, data-order and sampling generators, the torch/numpy/python RNG states, best
+weights, history, counters) is written atomically after every epoch, and
+``resume=True`` continues from it: an interrupted run ends with exactly the weights of an
+uninterrupted one on CPU.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from benchmark.config import TrainConfig
 from benchmark.data import ImageRecord
-from benchmark.decoding import DecodeConfig
+from benchmark.decoding import DecodeConfig, forbid_tokens, sample_decode
 from benchmark.device import synchronize
 from benchmark.features import FeatureStore
 from benchmark.inference import caption_features
 from benchmark.metrics import cider_d
 from benchmark.vocab import Vocabulary
 
-__all__ = ["TrainResult", "train_decoder", "caption_loss", "caption_pairs"]
+__all__ = ["TrainResult", "train_decoder", "caption_loss", "caption_pairs", "scst_loss",
+           "sequence_log_probs", "new_self_critical_advantage", "TRAIN_STATE_VERSION"]
+
+#: version of the resumable training-state file (:func:`train_decoder` ``state_path``)
+TRAIN_STATE_VERSION = 1
 
 
 @dataclass
 class TrainResult:
     """Outcome of :func:`train_decoder`. Throughput counts training steps only (no validation).
 
-    ``tokens_per_s`` counts target tokens (words + ``<eos>``, no padding) per second.
+    ``tokens_per_s`` counts target tokens (words + ``<eos>``, no padding) per second of XE
+    training; ``scst_captions_per_s`` sampled and scored captions per second of SCST.
+    ``stopped_early``: phase -> epoch at which early stopping ended it. ``resumed_from``:
+    the last completed epoch read from the state file (0 = a fresh start).
     """
 
     best_state: dict
@@ -44,6 +74,11 @@ class TrainResult:
     tokens_per_s: float = 0.0
     train_seconds: float = 0.0
     steps: int = 0
+    best_phase: str = "xe"
+    stopped_early: dict[str, int] = field(default_factory=dict)
+    scst_captions_per_s: float | None = None
+    scst_seconds: float = 0.0
+    resumed_from: int = 0
 
 
 def caption_pairs(images: list[ImageRecord], store: FeatureStore):
@@ -86,82 +121,332 @@ def _schedule(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
     return factor
 
 
+# ------------------------------------------------------------------------------------ SCST
+def sequence_log_probs(decoder, grid, pooled, seqs: list[list[int]], *, bos_id: int,
+                       eos_id: int, pad_id: int, max_len: int):
+    """Teacher-force sampled captions through ``decoder.forward``: returns ``(token_logp
+    (B, L), mask (B, L))``, the log-probability of each emitted token (words, then ``<eos>``
+    unless the caption was cut at ``max_len``) under the same masking as sampling (``<pad>``
+    and ``<bos>`` never emitted). ``grid (B, N, D)``, ``pooled (B, P)``, ``seqs``: B id lists."""
+    B = len(seqs)
+    L = max(len(s) for s in seqs) + 1
+    dev = grid.device
+    inputs = torch.full((B, L), pad_id, dtype=torch.long)
+    targets = torch.full((B, L), pad_id, dtype=torch.long)
+    lengths = torch.empty(B, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        n = len(s)
+        inputs[b, 0] = bos_id
+        if n:
+            inputs[b, 1 : n + 1] = torch.tensor(s)
+            targets[b, :n] = torch.tensor(s)
+        if n < max_len:  # sampled <eos>; at max_len it was forced, not sampled
+            targets[b, n] = eos_id
+        lengths[b] = n + 1
+    inputs, targets = inputs.to(dev), targets.to(dev)
+    logits = decoder(grid, pooled, inputs[:, : int(lengths.max())], lengths.to(dev)).logits
+    logp = torch.log_softmax(forbid_tokens(logits.float(), pad_id, bos_id), -1)
+    targets = targets[:, : logp.shape[1]]
+    mask = targets != pad_id
+    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # <pad> is -inf here
+    return torch.where(mask, token_logp, torch.zeros_like(token_logp)), mask
+
+
+def new_self_critical_advantage(rewards: torch.Tensor) -> torch.Tensor:
+    """``rewards (B, K)`` of K >= 2 samples per image -> ``r - b`` where each sample's
+    baseline ``b`` is the mean reward of the image's other K - 1 samples (Luo 2020).
+    ValueError for K < 2."""
+    K = rewards.shape[1]
+    if K < 2:
+        raise ValueError("the new self-critical baseline needs at least 2 samples per image")
+    baseline = (rewards.sum(1, keepdim=True) - rewards) / (K - 1)
+    return rewards - baseline
+
+
+def scst_loss(token_logp: torch.Tensor, mask: torch.Tensor, advantage: torch.Tensor):
+    """Policy-gradient loss ``-sum_{b,t} A_b log p(w_bt) / sum mask`` (self-critical.pytorch's
+    normalisation by the number of tokens): ``token_logp``/``mask (B, L)``, ``advantage (B,)``."""
+    return -(advantage.unsqueeze(1) * token_logp).sum() / mask.sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------------------ the loop
+@dataclass
+class _Loop:
+    """Everything a resumed run needs beyond the weights (written after every epoch)."""
+
+    epoch: int = 0
+    phase: str = "xe"  # the optimizer's phase
+    history: list = field(default_factory=list)
+    best_state: dict = field(default_factory=dict)
+    best_epoch: int = -1
+    best_val: float = float("-inf")
+    best_phase: str = "xe"
+    since_best: dict = field(default_factory=lambda: {"xe": 0, "scst": 0})
+    stopped: dict = field(default_factory=dict)
+    train_time: float = 0.0
+    n_tokens: int = 0
+    n_samples: int = 0
+    scst_time: float = 0.0
+    scst_captions: int = 0
+
+
+def _rng_states(gens: dict[str, torch.Generator]) -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                      *(float(x) for x in np_state[2:])],
+            "python": random.getstate(),
+            **{f"gen_{k}": g.get_state() for k, g in gens.items()}}
+
+
+def _set_rng_states(states: dict, gens: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+    version, internal, g = states["python"]
+    random.setstate((version, tuple(internal), g))
+    for k, g in gens.items():
+        g.set_state(states[f"gen_{k}"])
+
+
+def _save_state(path: Path, loop: _Loop, decoder, opt, sched, gens, meta: dict) -> None:
+    """Write the training state atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"version": TRAIN_STATE_VERSION, "meta": meta, "loop": dict(loop.__dict__),
+            "decoder": decoder.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "rng": _rng_states(gens)}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def load_train_state(path: Path) -> dict:
+    """Read a training-state file (see :func:`train_decoder`); raises
+    :class:`~benchmark.errors.CapbenchError` naming the file when it is unreadable (e.g.
+    torn by a full disk) or of another version."""
+    from benchmark.errors import CapbenchError
+
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: say which, never a traceback
+        raise CapbenchError(f"cannot read the training state {path}: {exc}. Delete it to start "
+                            "the run afresh") from exc
+    if not isinstance(blob, dict) or blob.get("version") != TRAIN_STATE_VERSION:
+        raise CapbenchError(f"{path} is not a capbench training state of version "
+                            f"{TRAIN_STATE_VERSION}; delete it to start the run afresh")
+    return blob
+
+
+def _validate(decoder, store, val_images, vocab, cfg, device, val_references) -> float:
+    val_decode = DecodeConfig(beam_size=1, max_len=cfg.max_caption_len)
+    preds, _ = caption_features(decoder, store, val_images, vocab, val_decode, device)
+    return cider_d(preds, val_references)
+
+
 def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
                   val_images: list[ImageRecord], val_references: dict, vocab: Vocabulary,
                   cfg: TrainConfig, device: torch.device, *, seed: int = 0,
-                  callback: Callable[..., None] | None = None) -> TrainResult:
-    """Train ``decoder`` on cached features; return the best weights by validation CIDEr-D.
+                  callback: Callable[..., None] | None = None,
+                  train_references: dict | None = None, state_path: str | Path | None = None,
+                  resume: bool = False, state_meta: dict | None = None) -> TrainResult:
+    """Train ``decoder`` on cached features (XE, then ``cfg.scst_epochs`` of SCST); return
+    the best weights by validation CIDEr-D (see the module docstring).
 
-    ``val_references``: ``{image_id: [PTB-tokenized reference, ...]}``. ``callback(event,
-    **info)`` receives ``epoch_start`` (epoch, steps), ``step`` (loss, tokens_per_s) and
-    ``epoch_end`` (epoch, loss, val_cider).
+    ``val_references``/``train_references``: ``{image_id: [PTB-tokenized reference, ...]}``
+    (the train ones are needed only for SCST's reward). ``callback(event, **info)`` receives
+    ``epoch_start`` (epoch, steps, phase), ``step`` (loss, tokens_per_s; reward in SCST) and
+    ``epoch_end`` (epoch, phase, loss, lr, SCST's mean sample ``reward``, val_CIDEr when
+    validated, ``stopped_early`` when patience ran out); these entries form ``history``.
+    ``state_path``: where the resumable state goes after each epoch; with ``resume`` it is
+    read first (its ``meta`` must equal ``state_meta``). Raises ValueError when the train
+    split has no captions or SCST has no train references, CapbenchError for an unreadable
+    or mismatched state file.
     """
+    from benchmark.cider import CiderD
+    from benchmark.errors import CapbenchError
+
     cb = callback or (lambda *a, **k: None)
     decoder.to(device)
     rows, caps = caption_pairs(train_images, store)
     if len(rows) == 0:
         raise ValueError("the train split has no captions")
+    if cfg.scst_epochs and not train_references:
+        raise ValueError("SCST needs the train split's references (train_references)")
     # Encode every training caption once; a batch is then a row gather, not Python work.
     all_inputs, all_targets, all_lengths = vocab.batch(caps, cfg.max_caption_len)
-    gen = torch.Generator().manual_seed(seed)
+    gens = {"order": torch.Generator().manual_seed(seed),
+            "sample": torch.Generator(device=device).manual_seed(seed + 1)}
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    decay, no_decay = [], []
-    for name, p in decoder.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup_frac))
+    phases = ["xe"] * cfg.epochs + ["scst"] * cfg.scst_epochs
+    last_of_phase = {ph: max(i + 1 for i, p in enumerate(phases) if p == ph) for ph in set(phases)}
+
+    def xe_optimizer():
+        decay, no_decay = [], []
+        for name, p in decoder.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
+        o = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        return o, torch.optim.lr_scheduler.LambdaLR(o, _schedule(total, cfg.warmup_frac))
+
+    def scst_optimizer():
+        return torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad],
+                                lr=cfg.scst_lr), None
+
+    loop = _Loop()
+    opt, sched = xe_optimizer()
+    meta = dict(state_meta or {})
+    path = Path(state_path) if state_path else None
+    if resume and path is not None and path.is_file():
+        blob = load_train_state(path)
+        if blob["meta"] != meta:
+            raise CapbenchError(f"{path} belongs to another run ({blob['meta']}); delete it or "
+                                "run without --resume")
+        loop = _Loop(**blob["loop"])
+        decoder.load_state_dict(blob["decoder"])
+        if loop.phase == "scst":
+            opt, sched = scst_optimizer()
+        opt.load_state_dict(blob["optimizer"])
+        if sched is not None and blob["scheduler"] is not None:
+            sched.load_state_dict(blob["scheduler"])
+        _set_rng_states(blob["rng"], gens)
+    resumed_from = loop.epoch
+
+    image_rows = store.row_ids(train_images)
+    image_ids = [im.image_id for im in train_images]
+    cider = CiderD(train_references) if cfg.scst_epochs else None
     use_amp = device.type == "cuda"
-    val_decode = DecodeConfig(beam_size=1, max_len=cfg.max_caption_len)
-    result = TrainResult({}, -1, float("-inf"))
-    train_time, n_tokens, n_samples = 0.0, 0, 0
-    for epoch in range(1, cfg.epochs + 1):
-        decoder.train()
-        perm = torch.randperm(len(rows), generator=gen)
-        cb("epoch_start", epoch=epoch, steps=steps_per_epoch)
-        epoch_loss, epoch_batches = 0.0, 0
-        for s in range(steps_per_epoch):
-            idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            synchronize(device)
-            t0 = time.perf_counter()
-            grid, pooled = store.rows(rows[idx], device)
-            lengths = all_lengths[idx]
-            T = int(lengths.max())
-            inputs = all_inputs[idx, :T].to(device, non_blocking=True)
-            targets = all_targets[idx, :T].to(device, non_blocking=True)
-            with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
-                out = decoder(grid, pooled, inputs, lengths.to(device))
-            loss = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
-                                cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            synchronize(device)
-            train_time += time.perf_counter() - t0
-            n_tokens += int(lengths.sum())
-            n_samples += len(idx)
-            epoch_loss += float(loss.detach())
-            epoch_batches += 1
-            cb("step", loss=float(loss.detach()), tokens_per_s=n_tokens / max(train_time, 1e-9))
-        entry = {"epoch": epoch, "loss": epoch_loss / max(1, epoch_batches),
-                 "lr": sched.get_last_lr()[0]}
-        if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            preds, _ = caption_features(decoder, store, val_images, vocab, val_decode, device)
-            entry["val_CIDEr"] = cider_d(preds, val_references)
-            if entry["val_CIDEr"] > result.best_val_cider:
-                result.best_val_cider = entry["val_CIDEr"]
-                result.best_epoch = epoch
-                result.best_state = copy.deepcopy({k: v.detach().cpu()
-                                                   for k, v in decoder.state_dict().items()})
-        result.history.append(entry)
+    for epoch in range(loop.epoch + 1, len(phases) + 1):
+        phase = phases[epoch - 1]
+        if phase in loop.stopped:
+            loop.epoch = epoch
+            continue
+        if phase == "scst" and loop.phase != "scst":  # SCST starts from the best XE weights
+            if loop.best_state:
+                decoder.load_state_dict(loop.best_state)
+            opt, sched = scst_optimizer()
+            loop.phase = "scst"
+        cb("epoch_start", epoch=epoch, phase=phase,
+           steps=steps_per_epoch if phase == "xe" else math.ceil(len(image_ids) / cfg.batch_size))
+        entry = {"epoch": epoch, "phase": phase}
+        if phase == "xe":
+            entry["loss"] = _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths,
+                                      vocab, cfg, device, opt, sched, gens["order"], loop,
+                                      use_amp, cb)
+        else:
+            entry["loss"], entry["reward"] = _scst_epoch(decoder, store, image_rows, image_ids,
+                                                         cider, vocab, cfg, device, opt, gens,
+                                                         loop, cb)
+        entry["lr"] = opt.param_groups[0]["lr"] if sched is None else sched.get_last_lr()[0]
+        if epoch % cfg.val_every == 0 or epoch == last_of_phase[phase]:
+            entry["val_CIDEr"] = _validate(decoder, store, val_images, vocab, cfg, device,
+                                           val_references)
+            if entry["val_CIDEr"] > loop.best_val:
+                loop.best_val, loop.best_epoch, loop.best_phase = entry["val_CIDEr"], epoch, phase
+                loop.best_state = copy.deepcopy({k: v.detach().cpu()
+                                                 for k, v in decoder.state_dict().items()})
+                loop.since_best[phase] = 0
+            else:
+                loop.since_best[phase] += 1
+                if cfg.patience and loop.since_best[phase] >= cfg.patience:
+                    loop.stopped[phase] = epoch
+                    entry["stopped_early"] = True
+        loop.history.append(entry)
+        loop.epoch = epoch
+        if path is not None:
+            _save_state(path, loop, decoder, opt, sched, gens, meta)
         cb("epoch_end", **entry)
-    result.train_seconds = train_time
-    result.samples_per_s = n_samples / max(train_time, 1e-9)
-    result.tokens_per_s = n_tokens / max(train_time, 1e-9)
+    result = TrainResult(loop.best_state, loop.best_epoch, loop.best_val, loop.history,
+                         best_phase=loop.best_phase, stopped_early=dict(loop.stopped),
+                         resumed_from=resumed_from)
+    result.train_seconds = loop.train_time
+    result.samples_per_s = loop.n_samples / max(loop.train_time, 1e-9)
+    result.tokens_per_s = loop.n_tokens / max(loop.train_time, 1e-9)
     result.steps = total
+    if cfg.scst_epochs:
+        result.scst_seconds = loop.scst_time
+        result.scst_captions_per_s = loop.scst_captions / max(loop.scst_time, 1e-9)
     return result
+
+
+def _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths, vocab, cfg, device,
+              opt, sched, order, loop: _Loop, use_amp: bool, cb) -> float:
+    """One teacher-forced cross-entropy epoch; returns the mean batch loss."""
+    decoder.train()
+    perm = torch.randperm(len(rows), generator=order)
+    epoch_loss, batches = 0.0, 0
+    for s in range(math.ceil(len(rows) / cfg.batch_size)):
+        idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+        synchronize(device)
+        t0 = time.perf_counter()
+        grid, pooled = store.rows(rows[idx], device)
+        lengths = all_lengths[idx]
+        T = int(lengths.max())
+        inputs = all_inputs[idx, :T].to(device, non_blocking=True)
+        targets = all_targets[idx, :T].to(device, non_blocking=True)
+        with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
+            out = decoder(grid, pooled, inputs, lengths.to(device))
+        loss = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
+                            cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        synchronize(device)
+        loop.train_time += time.perf_counter() - t0
+        loop.n_tokens += int(lengths.sum())
+        loop.n_samples += len(idx)
+        epoch_loss += float(loss.detach())
+        batches += 1
+        cb("step", loss=float(loss.detach()), tokens_per_s=loop.n_tokens / max(loop.train_time, 1e-9))
+    return epoch_loss / max(1, batches)
+
+
+def _scst_epoch(decoder, store, image_rows, image_ids, cider, vocab, cfg, device, opt, gens,
+                loop: _Loop, cb) -> float:
+    """One SCST epoch over the training images (``batch_size`` images a step, each with
+    ``scst_samples`` sampled captions); returns the mean batch loss and the mean reward
+    (CIDEr-D of the samples)."""
+    decoder.eval()  # no dropout: the log-probs are those of the policy that sampled
+    K = cfg.scst_samples
+    perm = torch.randperm(len(image_ids), generator=gens["order"])
+    epoch_loss, batches, reward_sum, n_samples = 0.0, 0, 0.0, 0
+    for s in range(math.ceil(len(image_ids) / cfg.batch_size)):
+        idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+        synchronize(device)
+        t0 = time.perf_counter()
+        grid, pooled = store.rows(image_rows[idx], device)
+        grid, pooled = grid.repeat_interleave(K, 0), pooled.repeat_interleave(K, 0)
+        seqs = sample_decode(decoder, grid, pooled, max_len=cfg.max_caption_len,
+                             bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
+                             generator=gens["sample"])
+        texts = [" ".join(vocab.decode(q)) for q in seqs]
+        ids = [image_ids[i] for i in idx.tolist() for _ in range(K)]
+        rewards = torch.from_numpy(cider.score_pairs(texts, ids)).float().view(-1, K)
+        advantage = new_self_critical_advantage(rewards).view(-1).to(device)
+        token_logp, mask = sequence_log_probs(decoder, grid, pooled, seqs, bos_id=vocab.bos_id,
+                                              eos_id=vocab.eos_id, pad_id=vocab.pad_id,
+                                              max_len=cfg.max_caption_len)
+        loss = scst_loss(token_logp, mask, advantage)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
+        opt.step()
+        synchronize(device)
+        loop.scst_time += time.perf_counter() - t0
+        loop.scst_captions += len(seqs)
+        epoch_loss += float(loss.detach())
+        batches += 1
+        reward_sum += float(rewards.sum())
+        n_samples += rewards.numel()
+        cb("step", loss=float(loss.detach()), reward=float(rewards.mean()),
+           tokens_per_s=loop.n_tokens / max(loop.train_time, 1e-9))
+    return epoch_loss / max(1, batches), reward_sum / max(1, n_samples)

@@ -52,6 +52,10 @@ def test_cached_cider_d_equals_pycocoevalcap_on_the_coco_demo():
     everywhere = scorer.score_everywhere(res[ids[0]][0])
     direct = [scorer.score_against(res[ids[0]][0], gts[i]) for i in scorer.image_ids[:200]]
     np.testing.assert_allclose(everywhere[:200], direct, atol=1e-12, rtol=0)
+    # SCST rewards: several captions per image, scored in one call, equal the per-image scores
+    pairs_ids = [i for i in ids[:100] for _ in range(3)]
+    pairs = scorer.score_pairs([res[i][0] for i in pairs_ids], pairs_ids)
+    np.testing.assert_allclose(pairs, np.repeat(ref_each[:100], 3), atol=1e-9, rtol=0)
 
 
 def test_consensus_beats_most_frequent_on_the_train_split(tiny_shapes):
