@@ -97,6 +97,10 @@ def test_scst_raises_the_reward_it_optimises(tiny_shapes, tmp_path):
     # mean sampled CIDEr-D per epoch (140 samples each): measured 0.25 -> 0.38 on this CPU
     assert sum(rewards[-2:]) > 1.2 * sum(rewards[:2]), rewards
     assert record.training["scst_captions_per_s"] > 0
+    from benchmark.report import leaderboard, render_markdown
+
+    md = render_markdown(leaderboard([record], baselines=False))
+    assert "| obj |" in md and "| xe+scst |" in md  # the board says how it was trained
 
 
 _KILLER = textwrap.dedent("""
