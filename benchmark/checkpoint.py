@@ -27,11 +27,14 @@ import torch
 from benchmark.decoding import DecodeConfig, decode
 from benchmark.errors import CapbenchError, CapbenchWarning, RecordError
 from benchmark.records import RunRecord, find_record, load_records
-from benchmark.vocab import Vocabulary
+from benchmark.tokenization import load_tokenizer
+from benchmark.vocab import CaptionTokenizer
 
 __all__ = ["CheckpointError", "LoadedRun", "load_run", "resolve_run", "round_like_cache"]
 
-REQUIRED_FILES = ("config.json", "vocab.json", "decoder.safetensors")
+REQUIRED_FILES = ("config.json", "decoder.safetensors")
+#: one of these holds the caption tokenizer (word vocabulary or Hugging Face tokenizer)
+TOKENIZER_FILES = ("vocab.json", "tokenizer.json")
 
 
 class CheckpointError(CapbenchError):
@@ -70,7 +73,7 @@ class LoadedRun:
     config: dict
     encoder: torch.nn.Module
     decoder: torch.nn.Module
-    vocab: Vocabulary
+    vocab: CaptionTokenizer
     feature_stats: dict[str, torch.Tensor] | None
     decode: DecodeConfig
     record: RunRecord | None = None
@@ -253,6 +256,8 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
     t0 = time.perf_counter()
     folder, record = resolve_run(ref, results_dir)
     missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
     if missing:
         raise CheckpointError(f"checkpoint {folder} is incomplete: {', '.join(missing)} missing "
                               "(a run killed while saving?); re-run the training")
@@ -261,9 +266,9 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
         if key not in config:
             raise CheckpointError(f"{folder / 'config.json'} lacks {key!r}: not a capbench checkpoint")
     try:
-        vocab = Vocabulary.load(folder / "vocab.json")
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read the vocabulary {folder / 'vocab.json'}: {exc}") from exc
+        vocab = load_tokenizer(folder)
+    except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read the tokenizer of checkpoint {folder}: {exc}") from exc
     stats = None
     if (folder / "feature_stats.safetensors").is_file():
         stats = _load_tensors(folder / "feature_stats.safetensors", "feature statistics")

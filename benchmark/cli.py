@@ -92,6 +92,7 @@ def run(
     results_dir: Annotated[Path | None, typer.Option(help="where run records go (default results/)")] = None,
     patience: Annotated[int | None, typer.Option(help="early stopping: validations without a new best validation CIDEr-D (0 = off)")] = None,
     scst_epochs: Annotated[int | None, typer.Option(help="self-critical sequence training epochs after the cross-entropy ones (0 = off)")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="caption tokenizer: word, bpe (byte-level, GPT-2 style), wordpiece (BERT style), or a saved Hugging Face tokenizer folder/name")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the newest unfinished run of the same config and seed from its last completed epoch")] = False,
 ):
     """Train a decoder on frozen encoder features, score it on the test split, write a run record."""
@@ -103,7 +104,7 @@ def run(
         "train.batch_size": batch_size, "seed": seed, "decode.beam_size": beam_size,
         "device": device, "pretrained": pretrained, "weights": str(weights) if weights else None,
         "results_dir": str(results_dir) if results_dir else None, "train.patience": patience,
-        "train.scst_epochs": scst_epochs,
+        "train.scst_epochs": scst_epochs, "tokenizer": tokenizer,
     })
     seed_list = _parse_seeds(seeds) if seeds else [cfg.seed]
 

@@ -80,7 +80,12 @@ class FeatureConfig:
 
 @dataclass
 class RunConfig:
-    """Everything that defines a run; stored in full in its record."""
+    """Everything that defines a run; stored in full in its record.
+
+    ``tokenizer``: ``word`` (the word vocabulary), ``bpe`` or ``wordpiece`` (trained on the
+    train captions to at most ``tokenizer_vocab_size`` entries), or the folder or hub name of
+    a saved Hugging Face tokenizer (see :mod:`benchmark.tokenization`).
+    """
 
     arch: str = "attn_lstm"
     encoder: str = "resnet50"
@@ -91,6 +96,8 @@ class RunConfig:
     seed: int = _r(0, min=0)
     device: str = "auto"
     results_dir: str = "results"
+    tokenizer: str = "word"
+    tokenizer_vocab_size: int = _r(1000, min=8)
     decoder: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
@@ -259,9 +266,11 @@ def resolved_config(cfg: RunConfig) -> dict:
     """
     from architectures import get_entry, validate_decoder
     from benchmark.device import select_device
+    from benchmark.tokenization import check_tokenizer_spec
 
     check_ranges(cfg)
     select_device(cfg.device)
+    check_tokenizer_spec(cfg.tokenizer)
     out = config_to_dict(cfg)
     out["arch"] = get_entry("decoder", cfg.arch).name
     out["encoder"] = get_entry("encoder", cfg.encoder).name
@@ -282,4 +291,7 @@ def config_id(resolved: dict) -> str:
         for k in ("scst_epochs", "scst_samples", "scst_lr"):
             train.pop(k, None)
     keep["train"] = train
+    if keep.get("tokenizer", "word") == "word":
+        keep.pop("tokenizer", None)
+        keep.pop("tokenizer_vocab_size", None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:10]

@@ -315,7 +315,7 @@ def explain_image(run: LoadedRun, image: Image.Image, methods=("attention",), *,
     grid, pooled = run.raw_features(pixels)
     if ids is None:
         ids = run.caption_ids(grid, pooled)[0]
-    ex = Explanation(image, list(ids), run.vocab.decode(ids), grid_shape(grid.shape[1]),
+    ex = Explanation(image, list(ids), run.vocab.pieces(ids), grid_shape(grid.shape[1]),
                      geometry=crop_geometry(run.encoder.transform, image.size))
     for m in methods:
         t0 = time.perf_counter()

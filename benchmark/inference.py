@@ -10,12 +10,12 @@ from benchmark.data import ImageRecord
 from benchmark.decoding import DecodeConfig, decode
 from benchmark.device import synchronize
 from benchmark.features import FeatureStore, extract_features
-from benchmark.vocab import Vocabulary
+from benchmark.vocab import CaptionTokenizer
 
 __all__ = ["caption_features", "caption_pixels"]
 
 
-def caption_features(decoder, store: FeatureStore, images: list[ImageRecord], vocab: Vocabulary,
+def caption_features(decoder, store: FeatureStore, images: list[ImageRecord], vocab: CaptionTokenizer,
                      cfg: DecodeConfig, device: torch.device, generator=None):
     """Captions ``{image_id: text}`` from cached features, and decoder-only captions/s."""
     decoder.eval()
@@ -34,7 +34,7 @@ def caption_features(decoder, store: FeatureStore, images: list[ImageRecord], vo
     return out, len(images) / max(time.perf_counter() - t0, 1e-9)
 
 
-def caption_pixels(encoder, decoder, images: list[ImageRecord], vocab: Vocabulary,
+def caption_pixels(encoder, decoder, images: list[ImageRecord], vocab: CaptionTokenizer,
                    cfg: DecodeConfig, device: torch.device, batch_size: int = 32,
                    num_workers: int | None = None, stats: dict | None = None):
     """End-to-end captioning from image files (decode + preprocess + encoder + decoder).

@@ -42,29 +42,33 @@ LEGEND = ("scores x100 (pycocoevalcap) ±95% bootstrap CI half-width or ±std ov
           "significantly better (p >= 0.05 or lower); shuffle Δ = CIDEr-D lost when each test "
           "image gets another image's features (±95% CI half-width; ~0 = the image is ignored); "
           "obj = training objective (xe = cross-entropy, xe+scst = then self-critical; shown "
-          "when a group mixes them); point att / GC / ctr = pointing-game hits (%) of the "
-          "words naming a shape or colour on shapes, for attention, Grad-CAM and the centre "
-          "baseline (`capbench ground`; n/a = no attention); "
+          "when a group mixes them); tokenizer = caption tokenizer (V = vocabulary size, mean "
+          "tokens per train caption; shown when a group mixes them); point att / GC / ctr = "
+          "pointing-game hits (%) of the words naming a shape or colour on shapes, for "
+          "attention, Grad-CAM and the centre baseline (`capbench ground`; n/a = no "
+          "attention); "
           "baseline rows: most-freq / consensus = one caption for every image (blind), nn = "
           "nearest-neighbour captions of that encoder; run = MMDD-HHMMSS-tag of the run id")
 COLLAPSED_PCT = 5.0
 #: decoder-column names of the baseline reference rows (short, so the compact view fits)
 BASELINE_NAMES = {"most-frequent": "most-freq", "consensus": "consensus", "nn": "nn"}
-IDENTITY = ["dataset", "split", "config_id", "arch", "encoder", "weights", "beam", "objective"]
+IDENTITY = ["dataset", "split", "config_id", "arch", "encoder", "weights", "beam", "objective",
+            "tokenizer"]
 
 #: the terminal table's default columns (display names; ``arch`` is headed "decoder" there);
 #: ``vs blind`` and ``shuffle Δ`` are the first hidden when the terminal is narrow
-COMPACT_COLUMNS = ("run", "arch", "encoder", "obj", "B@4", "M", "CIDEr-D", "tok/s", "uniq%",
+COMPACT_COLUMNS = ("run", "arch", "encoder", "obj", "tokenizer", "B@4", "M", "CIDEr-D", "tok/s", "uniq%",
                    "vs blind", "shuffle Δ", "point att")
 #: the pointing-game columns (``capbench ground --save``), per heatmap method
 POINTING_COLUMNS = {"point att": "attention", "point GC": "gradcam", "point ctr": "centre"}
 #: columns left out of a group in which no record has them (records older than the feature,
 #: runs never grounded; ``obj`` when every run is cross-entropy only)
-OPTIONAL_COLUMNS = ("obj", "vs blind", "shuffle Δ", *POINTING_COLUMNS)
+OPTIONAL_COLUMNS = ("obj", "tokenizer", "vs blind", "shuffle Δ", *POINTING_COLUMNS)
 #: columns the terminal table shows whatever the width or the chosen columns
 ALWAYS_SHOWN = ("run", "arch", "encoder", "CIDEr-D")
 #: the order in which the terminal table hides columns that do not fit (first hidden first)
-DROP_ORDER = ("point ctr", "point GC", "point att", "shuffle Δ", "vs blind", "params", "obj",
+DROP_ORDER = ("point ctr", "point GC", "point att", "shuffle Δ", "vs blind", "params",
+              "tokenizer", "obj",
               "beam",
               "seed", "seeds", "B@2", "B@3", "cap/s", "B@1", "S", "img/s", "R-L", "weights",
               "uniq%", "M", "tok/s", "B@4")
@@ -74,7 +78,7 @@ RICH_HEADERS = {"arch": "decoder"}
 #: takes either name, the terminal header (``decoder``) or a metric's long name (``BLEU-4``)
 COLUMN_KEYS = {
     "run": "run_id", "arch": "arch", "encoder": "encoder", "weights": "weights", "seed": "seed",
-    "beam": "beam", "obj": "objective", **{SHORT[m]: m for m in METRIC_COLUMNS},
+    "beam": "beam", "obj": "objective", "tokenizer": "tokenizer", **{SHORT[m]: m for m in METRIC_COLUMNS},
     **{label: key for key, label in THROUGHPUT_COLUMNS.items()},
     "uniq%": "unique_pct", "params": "decoder_params", "vs blind": "vs_blind_p",
     "shuffle Δ": "shuffle_drop",
@@ -95,6 +99,7 @@ _LEGEND_PARTS = {
     "shuffle Δ": "shuffle Δ CIDEr-D lost with another image's features (~0: image ignored)",
     "run": "run = MMDD-HHMMSS-tag of the run id",
     "obj": "obj training objective: xe = cross-entropy, xe+scst = then self-critical",
+    "tokenizer": "tokenizer: kind (V = vocabulary size, mean tokens per train caption)",
     "point ": "point att/GC/ctr pointing-game hits % (shapes words) of attention, Grad-CAM, "
               "the centre baseline",
 }
@@ -128,6 +133,15 @@ def _grounding_columns(r: RunRecord) -> dict:
     return {f"pointing_{m}": g.get("pointing", {}).get(m) for m in POINTING_COLUMNS.values()}
 
 
+def _tokenizer_cell(r: RunRecord) -> str:
+    """``kind (V=size, tokens/caption)`` of the record's caption tokenizer (``word (V=n)``
+    for records older than subword tokenizers)."""
+    tok = (r.training or {}).get("tokenizer") or {"kind": "word", "vocab_size": r.vocab_size}
+    mean = tok.get("mean_tokens_per_caption")
+    return (f"{tok.get('kind', 'word')} (V={tok.get('vocab_size')}"
+            + (f", {mean:.1f}/cap)" if mean is not None else ")"))
+
+
 def _baseline_rows(records: list[RunRecord]) -> list[dict]:
     """Reference rows from the records' ``image_use.baselines``: each blind baseline once per
     dataset/split, and the nearest-neighbour baseline once per encoder."""
@@ -143,7 +157,7 @@ def _baseline_rows(records: list[RunRecord]) -> list[dict]:
             row = {"dataset": r.dataset.name, "split": r.split_fingerprint, "kind": "baseline",
                    "run_id": f"baseline:{kind}" + (f":{encoder}" if encoder else ""),
                    "config_id": f"baseline:{kind}:{encoder}", "seed": None, "beam": None,
-                   "objective": "-",
+                   "objective": "-", "tokenizer": "-",
                    "arch": BASELINE_NAMES.get(kind, kind), "encoder": encoder or "-",
                    "weights": ("pre" if r.pretrained else "rand") if encoder else "-",
                    "decoder_params": None, "unique_pct": math.nan}
@@ -172,6 +186,7 @@ def leaderboard(records: list[RunRecord], *, baselines: bool = True) -> pd.DataF
             "seed": r.seed,
             "beam": r.beam_size,
             "objective": (r.training or {}).get("objective", "xe"),
+            "tokenizer": _tokenizer_cell(r),
         }
         for m in METRIC_COLUMNS:
             v = r.metrics.get(m)
@@ -242,6 +257,7 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
             row["seed"] = "-" if pd.isna(r["seed"]) else int(r["seed"])
         row["beam"] = "-" if pd.isna(r["beam"]) else int(r["beam"])
         row["obj"] = r.get("objective", "xe")
+        row["tokenizer"] = r.get("tokenizer", "word")
         for m in METRIC_COLUMNS:
             row[SHORT[m]] = _cell(r, m)
         for key, label in THROUGHPUT_COLUMNS.items():
@@ -271,6 +287,9 @@ def _groups(df: pd.DataFrame):
         empty = [c for c in OPTIONAL_COLUMNS if c in g.columns and (g[c] == "-").all()]
         if "obj" in g.columns and g["obj"].isin(["xe", "-"]).all():
             empty.append("obj")  # every row trained with cross-entropy only: nothing to tell
+        if "tokenizer" in g.columns and g["tokenizer"].map(
+                lambda t: t == "-" or str(t).startswith("word")).all():
+            empty.append("tokenizer")  # word vocabularies only
         yield f"{name} (split {split})", g.drop(columns=["dataset", "split", *empty])
 
 

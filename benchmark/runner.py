@@ -40,8 +40,9 @@ from benchmark.metrics import ptb_tokenize, score_captions
 from benchmark.paths import cache_root
 from benchmark.records import RunRecord, make_record, new_run_id, write_record
 from benchmark.stats import bootstrap_ci, diversity
+from benchmark.tokenization import build_tokenizer, mean_tokens_per_caption
 from benchmark.train import TrainResult, train_decoder
-from benchmark.vocab import Vocabulary
+from benchmark.vocab import CaptionTokenizer
 
 __all__ = ["prepare_features", "run_experiment", "run_seeds", "parameter_counts", "preflight",
            "run_baselines", "unfinished_state"]
@@ -62,7 +63,8 @@ def preflight(cfg: RunConfig, dataset: CaptionDataset, resolved: dict) -> None:
 
     words = {w for im in dataset.split("train") for t in im.tokens for w in t}
     with torch.device("meta"):  # parameter count at the largest possible vocabulary
-        dec = create_decoder(resolved["arch"], len(words) + 4, 2048, 2048, resolved["decoder"])
+        dec = create_decoder(resolved["arch"], max(len(words) + 4, cfg.tokenizer_vocab_size),
+                             2048, 2048, resolved["decoder"])
     need = 4 * sum(p.numel() for p in dec.parameters()) + 4096 * len(dataset.images) + 2**20
     hint = "Pass --results-dir with a writable folder (or set results_dir in the config)."
     root = Path(cfg.results_dir)
@@ -102,7 +104,7 @@ class _Trained:
     """What the training stage hands to evaluation."""
 
     decoder: torch.nn.Module
-    vocab: Vocabulary
+    vocab: CaptionTokenizer
     store: FeatureStore
     feature_stats: dict | None
     result: TrainResult
@@ -124,13 +126,15 @@ def _state_path(results_dir: str | Path, cid: str, run_id: str) -> Path:
 def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encoder,
                  store: FeatureStore, device, console, *, state_path: Path | None = None,
                  resume: bool = False) -> _Trained:
-    """Vocabulary and feature statistics from the train split, then the training loop
+    """Caption tokenizer and feature statistics from the train split, then the training loop
     (cross-entropy, then SCST when ``train.scst_epochs`` > 0), saving its state to
     ``state_path`` after each epoch and continuing from it with ``resume``."""
     seed_everything(cfg.seed)
     store = store.copy()  # this run's own normalisation; a shared (matrix) store stays raw
     train, val = dataset.split("train"), dataset.split("val")
-    vocab = Vocabulary.build((t for im in train for t in im.tokens), cfg.train.min_word_count)
+    vocab = build_tokenizer(cfg.tokenizer, (t for im in train for t in im.tokens),
+                            min_count=cfg.train.min_word_count,
+                            vocab_size=cfg.tokenizer_vocab_size)
     stats = store.standardize(store.row_ids(train)) if cfg.features.normalize else None
     decoder = create_decoder(resolved["arch"], len(vocab), encoder.grid_dim, encoder.pooled_dim,
                              resolved["decoder"])
@@ -177,7 +181,7 @@ def _save_checkpoint(folder: Path, trained: _Trained, resolved: dict) -> None:
     if trained.feature_stats:
         save_file({k: v.cpu().contiguous() for k, v in trained.feature_stats.items()},
                   folder / "feature_stats.safetensors")
-    trained.vocab.save(folder / "vocab.json")
+    trained.vocab.save_to(folder)
     (folder / "config.json").write_text(json.dumps(resolved, indent=1))
 
 
@@ -320,6 +324,10 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                   "best_val_CIDEr": result.best_val_cider, "history": result.history,
                   "steps": result.steps, "train_seconds": result.train_seconds,
                   "stopped_early": result.stopped_early, "resumed_from": result.resumed_from,
+                  "tokenizer": {"kind": trained.vocab.kind, "vocab_size": len(trained.vocab),
+                                "mean_tokens_per_caption": mean_tokens_per_caption(
+                                    trained.vocab, (t for im in dataset.split("train")
+                                                    for t in im.tokens))},
                   **({"scst_seconds": result.scst_seconds,
                       "scst_captions_per_s": result.scst_captions_per_s}
                      if cfg.train.scst_epochs else {})},

@@ -47,7 +47,7 @@ from benchmark.device import synchronize
 from benchmark.features import FeatureStore
 from benchmark.inference import caption_features
 from benchmark.metrics import cider_d
-from benchmark.vocab import Vocabulary
+from benchmark.vocab import CaptionTokenizer
 
 __all__ = ["TrainResult", "train_decoder", "caption_loss", "caption_pairs", "scst_loss",
            "sequence_log_probs", "new_self_critical_advantage", "TRAIN_STATE_VERSION"]
@@ -248,7 +248,7 @@ def _validate(decoder, store, val_images, vocab, cfg, device, val_references) ->
 
 
 def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
-                  val_images: list[ImageRecord], val_references: dict, vocab: Vocabulary,
+                  val_images: list[ImageRecord], val_references: dict, vocab: CaptionTokenizer,
                   cfg: TrainConfig, device: torch.device, *, seed: int = 0,
                   callback: Callable[..., None] | None = None,
                   train_references: dict | None = None, state_path: str | Path | None = None,

@@ -1,0 +1,170 @@
+"""Subword caption tokenizers through Hugging Face ``tokenizers`` and ``transformers``.
+
+``tokenizer: word | bpe | wordpiece | PATH`` (config key, ``--tokenizer``):
+
+* ``word``: :class:`benchmark.vocab.Vocabulary`, the word-level vocabulary (the default;
+  exactly the results capbench gave before subword tokenizers existed);
+* ``bpe``: byte-level BPE as in GPT-2 (Radford et al. 2019; Sennrich et al. 2016), trained
+  with ``tokenizers.trainers.BpeTrainer`` on the train split's captions only;
+* ``wordpiece``: WordPiece as in BERT (Devlin et al. 2019; Schuster & Nakajima 2012),
+  ``tokenizers.trainers.WordPieceTrainer`` on the train captions only;
+* ``PATH``: any saved Hugging Face tokenizer (a folder with ``tokenizer.json``, or a hub name
+  such as ``bert-base-uncased`` for a user with internet), loaded with
+  ``transformers.PreTrainedTokenizerFast.from_pretrained``.
+
+Subword tokenizers are trained on the same normalised text the word vocabulary sees (each
+caption's word tokens joined by spaces), are wrapped as
+``transformers.PreTrainedTokenizerFast`` and are saved in the checkpoint folder as
+``tokenizer.json``. Generated ids are decoded to text before scoring, so every tokenizer is
+scored by the same PTB tokenizer and metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from benchmark.errors import ConfigError
+from benchmark.vocab import BOS, EOS, PAD, SPECIALS, UNK, CaptionTokenizer, Vocabulary
+
+__all__ = ["SubwordTokenizer", "build_tokenizer", "load_tokenizer", "check_tokenizer_spec",
+           "TRAINED_KINDS", "mean_tokens_per_caption"]
+
+#: tokenizers capbench trains itself on the train split
+TRAINED_KINDS = ("bpe", "wordpiece")
+
+
+class SubwordTokenizer(CaptionTokenizer):
+    """A ``transformers.PreTrainedTokenizerFast`` behind the :class:`CaptionTokenizer`
+    interface. ``kind``: ``bpe``, ``wordpiece`` or the path/name it was loaded from.
+
+    Raises ConfigError when the tokenizer has no pad, begin/end (or BERT's ``[CLS]``/
+    ``[SEP]``) and unknown token.
+    """
+
+    def __init__(self, hf, kind: str) -> None:
+        self.hf = hf
+        self.kind = kind
+        ids = {"pad": hf.pad_token_id, "bos": hf.bos_token_id if hf.bos_token_id is not None
+               else hf.cls_token_id, "eos": hf.eos_token_id if hf.eos_token_id is not None
+               else hf.sep_token_id, "unk": hf.unk_token_id}
+        missing = [k for k, v in ids.items() if v is None]
+        if missing:
+            raise ConfigError(f"tokenizer {kind!r} has no {', '.join(missing)} token; capbench needs "
+                              "pad, begin (bos or cls), end (eos or sep) and unknown tokens")
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = (ids[k] for k in ("pad", "bos", "eos", "unk"))
+        self._special = {self.pad_id, self.bos_id, self.eos_id}
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def encode(self, tokens: Sequence[str], max_len: int) -> list[int]:
+        ids = self.hf.encode(" ".join(tokens), add_special_tokens=False)[:max_len]
+        return [self.bos_id, *ids, self.eos_id]
+
+    def _until_eos(self, ids: Iterable[int]) -> list[int]:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i not in self._special:
+                out.append(i)
+        return out
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        return self.hf.decode(self._until_eos(ids), skip_special_tokens=False,
+                              clean_up_tokenization_spaces=False).split()
+
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        """Each id's piece, without the byte-level space mark (``Ġ``); WordPiece
+        continuations keep their ``##``."""
+        return [p.replace("Ġ", "") or "␣" for p in self.hf.convert_ids_to_tokens(self._until_eos(ids))]
+
+    def save_to(self, folder: str | Path) -> None:
+        """``tokenizer.json`` (and ``tokenizer_config.json``) in the checkpoint folder."""
+        self.hf.save_pretrained(str(folder))
+
+
+def _train(kind: str, texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token=UNK))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
+                                            show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS,
+                                   eos_token=EOS, unk_token=UNK)
+
+
+def _from_pretrained(spec: str):
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(spec)
+    except (OSError, ValueError) as exc:
+        local = Path(spec).exists()
+        raise ConfigError(
+            f"tokenizer {spec!r}: " + (f"cannot load a Hugging Face tokenizer from this folder "
+                                       f"({exc}); it needs tokenizer.json"
+                                       if local else
+                                       "not word, bpe or wordpiece, not a folder, and not "
+                                       f"downloadable ({type(exc).__name__}); offline, pass the "
+                                       "folder of a saved tokenizer")) from exc
+
+
+def check_tokenizer_spec(spec: str) -> None:
+    """Fail before any work for a tokenizer that cannot be had: ``word``/``bpe``/``wordpiece``
+    always can; a PATH or hub name is loaded once (ConfigError saying why not)."""
+    if spec not in ("word", *TRAINED_KINDS):
+        SubwordTokenizer(_from_pretrained(spec), spec)
+
+
+def build_tokenizer(spec: str, captions: Iterable[Sequence[str]], *, min_count: int = 1,
+                    vocab_size: int = 1000) -> CaptionTokenizer:
+    """The caption tokenizer of a run from its train captions (word-token lists): the word
+    vocabulary (``min_count``), a BPE or WordPiece tokenizer trained to at most
+    ``vocab_size`` entries, or the saved tokenizer ``spec`` (not trained). Raises
+    ConfigError for a tokenizer that cannot be loaded or lacks special tokens."""
+    captions = list(captions)
+    if spec == "word":
+        return Vocabulary.build(captions, min_count)
+    if spec in TRAINED_KINDS:
+        return SubwordTokenizer(_train(spec, [" ".join(c) for c in captions], vocab_size), spec)
+    return SubwordTokenizer(_from_pretrained(spec), spec)
+
+
+def load_tokenizer(folder: str | Path) -> CaptionTokenizer:
+    """The tokenizer saved in a checkpoint folder: ``tokenizer.json`` (subword) or
+    ``vocab.json`` (word). Raises FileNotFoundError when neither exists."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        import json
+
+        from transformers import PreTrainedTokenizerFast
+
+        kind = json.loads((folder / "config.json").read_text()).get("tokenizer", "subword") \
+            if (folder / "config.json").is_file() else "subword"
+        return SubwordTokenizer(PreTrainedTokenizerFast.from_pretrained(str(folder)), kind)
+    if (folder / "vocab.json").is_file():
+        return Vocabulary.load(folder / "vocab.json")
+    raise FileNotFoundError(f"{folder} has neither tokenizer.json nor vocab.json")
+
+
+def mean_tokens_per_caption(tokenizer: CaptionTokenizer, captions: Iterable[Sequence[str]],
+                            max_len: int = 10**6) -> float:
+    """Mean number of tokens (without ``<bos>``/``<eos>``) of the captions."""
+    lengths = [len(tokenizer.encode(c, max_len)) - 2 for c in captions]
+    return sum(lengths) / max(1, len(lengths))
