@@ -518,7 +518,7 @@ def doctor():
 def matrix(
     archs: Annotated[str | None, typer.Option(help="decoders, comma-separated (default: the config's matrix or all registered)")] = None,
     encoders: Annotated[str | None, typer.Option(help="encoders, comma-separated (default: the config's matrix or the full-size ones)")] = None,
-    config: Annotated[str | None, typer.Option(help="preset or YAML; its optional `matrix:` section gives archs/encoders/seeds")] = None,
+    config: Annotated[str | None, typer.Option(help="preset or YAML; its optional `matrix:` section gives archs/encoders/seeds/variants")] = None,
     seeds: Annotated[str | None, typer.Option(help="seeds, e.g. 0,1,2")] = None,
     dataset: Annotated[str | None, typer.Option(help="'shapes' or a Karpathy dataset.json")] = None,
     epochs: Annotated[int | None, typer.Option(help="training epochs per cell")] = None,
@@ -544,10 +544,11 @@ def matrix(
         counter["n"] += 1
         colour = {"ok": "green", "done": "cyan", "failed": "red"}[cell.status]
         extra = f"  {cell.error}" if cell.error else f"  {cell.seconds:.0f} s" if cell.seconds else ""
-        console.print(f"[bold]matrix {counter['n']}/{plan.size}[/] {cell.arch} x {cell.encoder} seed "
-                      f"{cell.seed}: [{colour}]{cell.status}[/]{extra}", highlight=False)
+        variant = f" [{cell.variant}]" if cell.variant else ""
+        console.print(f"[bold]matrix {counter['n']}/{plan.size}[/] {cell.arch} x {cell.encoder}{variant} "
+                      f"seed {cell.seed}: [{colour}]{cell.status}[/]{extra}", highlight=False)
 
-    result = run_matrix(cfg, plan.archs, plan.encoders, plan.seeds, console, on_cell)
+    result = run_matrix(cfg, plan.archs, plan.encoders, plan.seeds, console, on_cell, plan.variants)
     records, _ = load_records(cfg.results_dir)
     ids = {c.run_id for c in result.cells if c.run_id}
     render_rich(leaderboard([r for r in records if r.run_id in ids]), console)

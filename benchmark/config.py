@@ -22,6 +22,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 __all__ = ["RunConfig", "TrainConfig", "FeatureConfig", "load_config", "config_to_dict",
            "CONFIG_DIR", "resolve_config_path", "read_config_file", "resolved_config", "config_id",
+           "apply_overrides",
            "check_ranges"]
 
 
@@ -237,8 +238,15 @@ def load_config(config: str | None = None, overrides: dict | None = None) -> Run
         path, data = read_config_file(config)
         data.pop("matrix", None)  # matrix presets may share a file with run settings
         _apply(cfg, data, str(path))
+    return apply_overrides(cfg, overrides or {}, "command line")
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict, source: str) -> RunConfig:
+    """Set dotted keys (``{"train.epochs": 3, "tokenizer": "bpe"}``; None values ignored) on
+    ``cfg`` in place and return it. Raises ConfigError naming ``source`` and the key for an
+    unknown key, a wrong type or a value out of range."""
     nested: dict = {}
-    for key, value in (overrides or {}).items():
+    for key, value in overrides.items():
         if value is None:
             continue
         head, _, tail = key.partition(".")
@@ -246,7 +254,7 @@ def load_config(config: str | None = None, overrides: dict | None = None) -> Run
             nested.setdefault(head, {})[tail] = value
         else:
             nested[key] = value
-    _apply(cfg, nested, "command line")
+    _apply(cfg, nested, source)
     return cfg
 
 

@@ -6,8 +6,11 @@ and seed) is skipped, and a cell interrupted mid-training continues from its las
 epoch (``run_experiment(resume=True)``), so an interrupted matrix resumes where it stopped. A failing cell is
 recorded under ``<results_dir>/failures/`` with its error and the matrix carries on.
 
-A config file may carry a ``matrix:`` section (``archs``, ``encoders``, ``seeds``) beside its
-run settings; :func:`matrix_plan` merges it with the command line.
+A config file may carry a ``matrix:`` section (``archs``, ``encoders``, ``seeds`` and
+``variants``) beside its run settings; :func:`matrix_plan` merges it with the command line.
+``variants`` names settings to compare like decoders or encoders, each a mapping of dotted
+config keys, e.g. ``{xe: {}, xe+scst: {train.scst_epochs: 5}, bpe: {tokenizer: bpe}}``:
+every (decoder, encoder, seed) cell runs once per variant.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from architectures import list_decoders, list_encoders
-from benchmark.config import RunConfig, config_id, read_config_file, resolved_config
+from benchmark.config import (
+    RunConfig,
+    apply_overrides,
+    config_id,
+    read_config_file,
+    resolved_config,
+)
 from benchmark.data import resolve_dataset
 from benchmark.device import select_device
 from benchmark.errors import ConfigError
@@ -33,15 +42,17 @@ __all__ = ["Cell", "MatrixResult", "MatrixPlan", "matrix_plan", "plan_cells", "r
 
 @dataclass
 class MatrixPlan:
-    """Which decoders, encoders and seeds a matrix runs."""
+    """Which decoders, encoders, seeds and variants (name -> dotted config overrides) a
+    matrix runs."""
 
     archs: list[str]
     encoders: list[str]
     seeds: list[int]
+    variants: dict[str, dict] = field(default_factory=lambda: {"": {}})
 
     @property
     def size(self) -> int:
-        return len(self.archs) * len(self.encoders) * len(self.seeds)
+        return len(self.archs) * len(self.encoders) * len(self.seeds) * len(self.variants)
 
 
 def _names(value, where: str) -> list:
@@ -62,17 +73,35 @@ def matrix_plan(config: str | None, archs: list[str] | None, encoders: list[str]
         spec = data.get("matrix") or {}
         if not isinstance(spec, dict):
             raise ConfigError(f"{path}: matrix: expected a mapping with archs/encoders/seeds")
-        unknown = set(spec) - {"archs", "encoders", "seeds"}
+        unknown = set(spec) - {"archs", "encoders", "seeds", "variants"}
         if unknown:
             raise ConfigError(f"{path}: matrix.{sorted(unknown)[0]}: unknown key; valid keys are "
-                              "archs, encoders, seeds")
+                              "archs, encoders, seeds, variants")
         where = f"{path}: matrix"
+        variants = _variants(spec.pop("variants", None), f"{where}.variants")
         spec = {k: _names(v, f"{where}.{k}") for k, v in spec.items()}
+        spec["variants"] = variants
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in spec.get("seeds", [])):
             raise ConfigError(f"{where}.seeds: give integers, e.g. [0, 1, 2]")
     return MatrixPlan(archs or spec.get("archs") or list_decoders(),
                       encoders or spec.get("encoders") or list_encoders(ci=False),
-                      seeds or spec.get("seeds") or [default_seed])
+                      seeds or spec.get("seeds") or [default_seed],
+                      spec.get("variants") or {"": {}})
+
+
+def _variants(value, where: str) -> dict[str, dict] | None:
+    """``{name: {dotted key: value}}``; each is checked against the config when the cells are
+    planned. Raises ConfigError for anything else."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{where}: give a mapping of variant names to config overrides, e.g. "
+                          "{xe: {}, xe+scst: {train.scst_epochs: 5}}")
+    for name, over in value.items():
+        if not isinstance(over, dict) and over is not None:
+            raise ConfigError(f"{where}.{name}: expected a mapping of dotted config keys "
+                              "(e.g. {tokenizer: bpe}), or {} for the base settings")
+    return {str(k): dict(v or {}) for k, v in value.items()}
 
 
 @dataclass
@@ -84,6 +113,7 @@ class Cell:
     seed: int
     cfg: RunConfig
     config_id: str
+    variant: str = ""
     status: str = "pending"  # pending, done (skipped), ok, failed
     run_id: str | None = None
     error: str | None = None
@@ -105,20 +135,22 @@ class MatrixResult:
 
 
 def plan_cells(base: RunConfig, archs: list[str], encoders: list[str],
-               seeds: list[int]) -> list[Cell]:
+               seeds: list[int], variants: dict[str, dict] | None = None) -> list[Cell]:
     """The cells in run order: encoder-major so that each encoder's features load once.
 
-    Every cell's config is resolved here, so a bad name or hyperparameter fails before any
-    cell runs."""
+    Every cell's config is resolved here, so a bad name, hyperparameter or variant setting
+    fails before any cell runs."""
     cells = []
     for enc in encoders:
         for arch in archs:
-            for seed in seeds:
-                cfg = copy.deepcopy(base)
-                cfg.arch, cfg.encoder, cfg.seed = arch, enc, seed
-                resolved = resolved_config(cfg)
-                cells.append(Cell(resolved["arch"], resolved["encoder"], seed, cfg,
-                                  config_id(resolved)))
+            for name, overrides in (variants or {"": {}}).items():
+                for seed in seeds:
+                    cfg = copy.deepcopy(base)
+                    apply_overrides(cfg, overrides, f"matrix variant {name!r}")
+                    cfg.arch, cfg.encoder, cfg.seed = arch, enc, seed
+                    resolved = resolved_config(cfg)
+                    cells.append(Cell(resolved["arch"], resolved["encoder"], seed, cfg,
+                                      config_id(resolved), name))
     return cells
 
 
@@ -127,10 +159,10 @@ def _failure_path(results_dir: Path, cell: Cell) -> Path:
 
 
 def run_matrix(base: RunConfig, archs: list[str], encoders: list[str], seeds: list[int],
-               console=None, on_cell=None) -> MatrixResult:
+               console=None, on_cell=None, variants: dict[str, dict] | None = None) -> MatrixResult:
     """Run every pending cell; ``on_cell(cell)`` is called after each one finishes."""
     t0 = time.perf_counter()
-    cells = plan_cells(base, archs, encoders, seeds)
+    cells = plan_cells(base, archs, encoders, seeds, variants)
     dataset = resolve_dataset(base.dataset)
     fingerprint = dataset.fingerprint
     results_dir = Path(base.results_dir)
@@ -165,6 +197,7 @@ def run_matrix(base: RunConfig, archs: list[str], encoders: list[str], seeds: li
             cell.status, cell.error = "failed", f"{type(exc).__name__}: {exc}"
             atomic_write_text(_failure_path(results_dir, cell), json.dumps(
                 {"arch": cell.arch, "encoder": cell.encoder, "seed": cell.seed,
+                 "variant": cell.variant,
                  "config_id": cell.config_id, "error": cell.error,
                  "traceback": traceback.format_exc(), "time": utc_timestamp()}, indent=1))
         cell.seconds = time.perf_counter() - start

@@ -96,3 +96,30 @@ def test_bad_shapes_spec(spec, message):
 
     with pytest.raises(ConfigError, match=message):
         resolve_dataset(spec)
+
+
+def test_matrix_variants_multiply_the_cells_and_bad_ones_fail_before_any_run(tmp_path):
+    from benchmark.errors import ConfigError
+    from benchmark.matrix import matrix_plan, plan_cells
+
+    cfg_file = tmp_path / "m.yaml"
+    cfg_file.write_text("matrix:\n  archs: [lstm, transformer]\n  encoders: [resnet18]\n"
+                        "  variants:\n    xe: {}\n    xe+scst: {train.scst_epochs: 2}\n"
+                        "    bpe: {tokenizer: bpe, tokenizer_vocab_size: 400}\n")
+    plan = matrix_plan(str(cfg_file), None, None, None, 0)
+    assert plan.size == 2 * 1 * 1 * 3 and list(plan.variants) == ["xe", "xe+scst", "bpe"]
+    cells = plan_cells(load_config(str(cfg_file)), plan.archs, plan.encoders, plan.seeds,
+                       plan.variants)
+    assert [(c.arch, c.variant) for c in cells][:3] == [("lstm", "xe"), ("lstm", "xe+scst"),
+                                                        ("lstm", "bpe")]
+    assert len({c.config_id for c in cells}) == 6  # every cell its own config
+    assert cells[1].cfg.train.scst_epochs == 2 and cells[0].cfg.train.scst_epochs == 0
+    assert cells[2].cfg.tokenizer == "bpe" and cells[0].cfg.tokenizer == "word"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("matrix:\n  variants:\n    oops: {train.epochz: 2}\n")
+    plan = matrix_plan(str(bad), ["lstm"], ["resnet18"], None, 0)
+    with pytest.raises(ConfigError, match="matrix variant 'oops'.*epochz"):
+        plan_cells(load_config(str(bad)), plan.archs, plan.encoders, plan.seeds, plan.variants)
+    bad.write_text("matrix:\n  variants: [xe, scst]\n")
+    with pytest.raises(ConfigError, match="variants"):
+        matrix_plan(str(bad), None, None, None, 0)
