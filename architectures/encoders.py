@@ -118,16 +118,91 @@ class ImageEncoder(nn.Module):
         self.pooled_dim = pooled_dim
         self.weights_id = weights_id
         self.frozen = frozen
+        self.trainable = "none"
+        self.finetuned = "none"  # which part a loaded fine-tuned state replaced
 
     def freeze(self) -> ImageEncoder:
         """Stop gradients through the backbone and put it in eval mode (default)."""
         self.frozen = True
+        self.trainable = "none"
         for p in self.parameters():
             p.requires_grad_(False)
         return self.eval()
 
-    def train(self, mode: bool = True) -> ImageEncoder:  # frozen encoders stay in eval mode
-        return super().train(mode and not self.frozen)
+    def last_stage(self) -> tuple[list[nn.Module], list[nn.Parameter]]:
+        """The modules (and loose parameters) of the last stage: what ``trainable="last"``
+        unfreezes (ResNet: ``layer4``; ViT: the last block and the final norm; CLIP: the last
+        residual block, ``ln_post`` and the projection)."""
+        raise NotImplementedError
+
+    def set_trainable(self, which: str) -> int:
+        """Fine-tune ``none``, the ``last`` stage or ``all`` of the backbone; returns the number
+        of trainable parameters. Frozen parts stay in eval mode (batch-norm statistics
+        included) while training. ValueError for another value."""
+        if which not in ("none", "last", "all"):
+            raise ValueError(f"encoder trainable {which!r}: choose none, last or all")
+        self.freeze()
+        if which == "none":
+            return 0
+        modules, params = self.last_stage() if which == "last" else ([self], [])
+        for m in modules:
+            for p in m.parameters():
+                p.requires_grad_(True)
+        for p in params:
+            p.requires_grad_(True)
+        self.frozen, self.trainable = False, which
+        self._trainable_modules = modules
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers of the fine-tuned part (what a checkpoint must store on top
+        of the base weights); empty for a frozen encoder."""
+        if self.trainable == "none":
+            return {}
+        if self.trainable == "all":
+            return {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        names = {id(t) for m in self._trainable_modules for t in (*m.parameters(), *m.buffers())}
+        names |= {id(p) for p in self.parameters() if p.requires_grad}
+        named = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        return {k: v.detach().cpu() for k, v in named.items() if id(v) in names}
+
+    def apply_finetuned(self, state: dict[str, torch.Tensor], which: str) -> ImageEncoder:
+        """Load a fine-tuned part (:meth:`trainable_state` of a fine-tuned copy) on top of the
+        base weights, freeze, and give the encoder its own identity
+        ``<base weights>+finetuned-<which>:<sha256 of the state>`` (so it never shares a
+        feature-cache entry or a checkpoint check with the base). Raises RuntimeError when
+        ``state`` names parameters this encoder lacks."""
+        missing_in_model = set(state) - set(self.state_dict())
+        if missing_in_model:
+            raise RuntimeError(f"fine-tuned state has keys {sorted(missing_in_model)[:3]} that "
+                               f"{self.name} lacks")
+        self.load_state_dict(state, strict=False)
+        h = hashlib.sha256()
+        for k in sorted(state):
+            h.update(k.encode())
+            h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+        base = self.weights_id.split("+finetuned-")[0]
+        self.freeze()
+        self.weights_id = f"{base}+finetuned-{which}:{h.hexdigest()[:16]}"
+        self.finetuned = which
+        return self
+
+    def train_transform(self) -> Callable:
+        """Training-time preprocessing from the backbone's own library (random resized crop,
+        no horizontal flip: captions say left and right)."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        """Frozen encoders stay in eval mode; with ``trainable="last"`` only the last stage
+        trains (the frozen stages keep their batch-norm statistics)."""
+        if self.frozen or not mode:
+            return super().train(False)
+        if self.trainable == "last":
+            super().train(False)
+            for m in self._trainable_modules:
+                m.train(True)
+            return self
+        return super().train(True)
 
     def forward_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -185,6 +260,19 @@ class TorchvisionResNet(ImageEncoder):
         self.body = nn.Sequential(*list(net.children())[:-2])  # drop avgpool + fc
         self.freeze()
 
+    def last_stage(self):
+        return [self.body[-1]], []
+
+    def train_transform(self):
+        """torchvision's classification training recipe without the flip:
+        ``RandomResizedCrop`` to the eval crop size, then the eval normalisation."""
+        from torchvision import transforms as T
+
+        ev = self.transform
+        return T.Compose([T.RandomResizedCrop(ev.crop_size[0], interpolation=ev.interpolation),
+                          T.PILToTensor(), T.ConvertImageDtype(torch.float),
+                          T.Normalize(ev.mean, ev.std)])
+
     def forward_features(self, pixels):
         fmap = self.body(pixels)  # (B, D, h, w)
         grid = fmap.flatten(2).transpose(1, 2)  # (B, h*w, D)
@@ -236,7 +324,19 @@ class TimmViT(ImageEncoder):
         super().__init__(arch, transform, net.embed_dim, grid_size, net.embed_dim, weights_id)
         self.net = net
         self.num_prefix_tokens = n_prefix
+        self._data_config = resolve_model_data_config(net)
         self.freeze()
+
+    def last_stage(self):
+        return [self.net.blocks[-1], self.net.norm], []
+
+    def train_transform(self):
+        """timm's training transform (``is_training=True``) with ``hflip=0`` and no colour
+        jitter (captions name colours)."""
+        from timm.data import create_transform
+
+        return create_transform(**self._data_config, is_training=True, hflip=0.0,
+                                color_jitter=0.0)
 
     def forward_features(self, pixels):
         tokens = self.net.forward_features(pixels)  # (B, prefix + N, D), final norm applied
@@ -268,7 +368,8 @@ class OpenCLIPVisual(ImageEncoder):
         torch.manual_seed(seed)
         source = weights or (tag if pretrained else None)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source)
+            model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=source)
         except Exception as exc:
             if weights:
                 raise EncoderWeightsError(f"cannot load {weights} into {arch}: {exc}") from exc
@@ -286,7 +387,16 @@ class OpenCLIPVisual(ImageEncoder):
         pooled_dim = visual.output_dim
         super().__init__(f"clip_{arch}", preprocess, width, grid_size, pooled_dim, weights_id)
         self.visual = visual
+        self._preprocess_train = preprocess_train
         self.freeze()
+
+    def last_stage(self):
+        v = self.visual
+        return [v.transformer.resblocks[-1], v.ln_post], [v.proj] if v.proj is not None else []
+
+    def train_transform(self):
+        """open_clip's own training preprocess (random resized crop; it has no flip)."""
+        return self._preprocess_train
 
     def forward_features(self, pixels):
         pooled, tokens = self.visual(pixels)  # (B, E), (B, N, width)

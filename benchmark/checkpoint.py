@@ -278,6 +278,13 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
                               "re-run the training")
     device = torch.device(device)
     encoder = _build_encoder(config, folder, encoder_weights)
+    finetuned = folder / "encoder_finetuned.safetensors"
+    if finetuned.is_file():  # a fine-tuned run: its encoder part on top of the base weights
+        try:
+            encoder.apply_finetuned(_load_tensors(finetuned, "fine-tuned encoder weights"),
+                                    str(config.get("encoder_trainable", "last")))
+        except RuntimeError as exc:
+            raise CheckpointError(f"{finetuned} does not fit encoder {encoder.name}: {exc}") from exc
     _check_identity(encoder, folder, record)
     try:
         decoder = create_decoder(config["arch"], len(vocab), encoder.grid_dim, encoder.pooled_dim,

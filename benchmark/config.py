@@ -86,6 +86,8 @@ class RunConfig:
     ``tokenizer``: ``word`` (the word vocabulary), ``bpe`` or ``wordpiece`` (trained on the
     train captions to at most ``tokenizer_vocab_size`` entries), or the folder or hub name of
     a saved Hugging Face tokenizer (see :mod:`benchmark.tokenization`).
+    ``encoder_trainable``: fine-tune ``none`` of the encoder (frozen features from the cache),
+    its ``last`` stage or ``all`` of it, with AdamW at ``encoder_lr`` (cross-entropy only).
     """
 
     arch: str = "attn_lstm"
@@ -99,6 +101,8 @@ class RunConfig:
     results_dir: str = "results"
     tokenizer: str = "word"
     tokenizer_vocab_size: int = _r(1000, min=8)
+    encoder_trainable: str = _r("none", choices=("none", "last", "all"))
+    encoder_lr: float = _r(1e-4, min_exclusive=0.0)
     decoder: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
@@ -279,6 +283,10 @@ def resolved_config(cfg: RunConfig) -> dict:
     check_ranges(cfg)
     select_device(cfg.device)
     check_tokenizer_spec(cfg.tokenizer)
+    if cfg.encoder_trainable != "none" and cfg.train.scst_epochs:
+        raise ConfigError(f"encoder_trainable = {cfg.encoder_trainable!r} with train.scst_epochs = "
+                          f"{cfg.train.scst_epochs}: SCST trains the decoder on frozen features; "
+                          "fine-tune the encoder with cross-entropy only (train.scst_epochs: 0)")
     out = config_to_dict(cfg)
     out["arch"] = get_entry("decoder", cfg.arch).name
     out["encoder"] = get_entry("encoder", cfg.encoder).name
@@ -299,6 +307,9 @@ def config_id(resolved: dict) -> str:
         for k in ("scst_epochs", "scst_samples", "scst_lr"):
             train.pop(k, None)
     keep["train"] = train
+    if keep.get("encoder_trainable", "none") == "none":
+        keep.pop("encoder_trainable", None)
+        keep.pop("encoder_lr", None)
     if keep.get("tokenizer", "word") == "word":
         keep.pop("tokenizer", None)
         keep.pop("tokenizer_vocab_size", None)

@@ -168,7 +168,9 @@ def extract_features(encoder, images: list[ImageRecord], *, batch_size: int = 32
     return torch.cat(grids), torch.cat(pooleds), len(images) / max(elapsed, 1e-9)
 
 
-def _storage(t: torch.Tensor) -> torch.Tensor:
+def storage_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the feature cache stores it: float16, or float32 when a value would overflow
+    float16 (``|x| >= 60000``); contiguous."""
     finite16 = t.abs().max() < 60000 if t.numel() else True
     return t.half().contiguous() if finite16 else t.float().contiguous()
 
@@ -209,7 +211,7 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
     remove_stale_temps(folder)
     grid, pooled, ips = extract_features(encoder, images, batch_size=batch_size, device=device,
                                          num_workers=num_workers, progress=progress)
-    grid, pooled = _storage(grid), _storage(pooled)
+    grid, pooled = storage_precision(grid), storage_precision(pooled)
     meta = {"image_ids": json.dumps(ids), "identity": json.dumps(identity), "key": key}
     try:
         atomic_write(path, lambda tmp: save_file({"grid": grid, "pooled": pooled}, tmp, metadata=meta))

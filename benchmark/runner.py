@@ -6,6 +6,7 @@ call into the module that owns the concept (features, train, inference, metrics,
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -41,7 +42,7 @@ from benchmark.paths import cache_root
 from benchmark.records import RunRecord, make_record, new_run_id, write_record
 from benchmark.stats import bootstrap_ci, diversity
 from benchmark.tokenization import build_tokenizer, mean_tokens_per_caption
-from benchmark.train import TrainResult, train_decoder
+from benchmark.train import FineTune, TrainResult, train_decoder
 from benchmark.vocab import CaptionTokenizer
 
 __all__ = ["prepare_features", "run_experiment", "run_seeds", "parameter_counts", "preflight",
@@ -89,10 +90,13 @@ def prepare_features(cfg: RunConfig, dataset: CaptionDataset, device, console=No
     return encoder, store
 
 
-def parameter_counts(encoder, decoder) -> dict:
-    """Total and trainable parameters of the encoder, the decoder and both."""
+def parameter_counts(encoder, decoder, encoder_trained: int | None = None) -> dict:
+    """Total and trainable parameters of the encoder, the decoder and both;
+    ``encoder_trained``: the encoder parameters training updated (when fine-tuned; the
+    encoder is frozen again afterwards), else those that require grad now."""
     enc_total = sum(p.numel() for p in encoder.parameters())
-    enc_train = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    enc_train = encoder_trained if encoder_trained is not None else \
+        sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     dec_total = sum(p.numel() for p in decoder.parameters())
     return {"decoder_trainable": decoder.num_parameters(), "decoder_total": dec_total,
             "encoder_total": enc_total, "encoder_trainable": enc_train,
@@ -104,6 +108,8 @@ class _Trained:
     """What the training stage hands to evaluation."""
 
     decoder: torch.nn.Module
+    encoder: torch.nn.Module  # the run's own copy when fine-tuned, else the shared one
+    encoder_trainable: int  # parameters of the encoder that training updated
     vocab: CaptionTokenizer
     store: FeatureStore
     feature_stats: dict | None
@@ -141,6 +147,16 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
     val_refs = ptb_tokenize({im.image_id: list(im.captions) for im in val})
     train_refs = (ptb_tokenize({im.image_id: list(im.captions) for im in train})
                   if cfg.train.scst_epochs else None)
+    finetune, n_trainable = None, 0
+    if cfg.encoder_trainable != "none":  # a copy: a matrix shares the frozen encoder
+        from benchmark.features import default_num_workers
+
+        encoder = copy.deepcopy(encoder)
+        n_trainable = encoder.set_trainable(cfg.encoder_trainable)
+        workers = cfg.features.num_workers
+        finetune = FineTune(encoder, stats, cfg.encoder_lr,
+                            default_num_workers() if workers is None else workers,
+                            cfg.features.batch_size)
     if device.type == "cuda":
         store = store.to(device)
     with _progress(console) as prog:
@@ -166,9 +182,14 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
                 "split_fingerprint": dataset.fingerprint}
         result = train_decoder(decoder, store, train, val, val_refs, vocab, cfg.train, device,
                                seed=cfg.seed, callback=callback, train_references=train_refs,
-                               state_path=state_path, resume=resume, state_meta=meta)
+                               state_path=state_path, resume=resume, state_meta=meta,
+                               finetune=finetune)
     decoder.load_state_dict(result.best_state)
-    return _Trained(decoder, vocab, store, stats, result, encoder.cache_identity())
+    if finetune is not None:  # the best encoder, and every image's features under it
+        encoder.apply_finetuned(result.best_encoder_state, cfg.encoder_trainable)
+        store = finetune.store(dataset.images, device)
+    return _Trained(decoder, encoder, n_trainable, vocab, store, stats, result,
+                    encoder.cache_identity())
 
 
 def _save_checkpoint(folder: Path, trained: _Trained, resolved: dict) -> None:
@@ -178,6 +199,9 @@ def _save_checkpoint(folder: Path, trained: _Trained, resolved: dict) -> None:
     (folder / "encoder.json").write_text(json.dumps(trained.encoder_identity, indent=1))
     save_file({k: v.contiguous() for k, v in trained.result.best_state.items()},
               folder / "decoder.safetensors")
+    if trained.result.best_encoder_state:  # the fine-tuned part, on top of the base weights
+        save_file({k: v.contiguous() for k, v in trained.result.best_encoder_state.items()},
+                  folder / "encoder_finetuned.safetensors")
     if trained.feature_stats:
         save_file({k: v.cpu().contiguous() for k, v in trained.feature_stats.items()},
                   folder / "feature_stats.safetensors")
@@ -307,7 +331,8 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     image_use = _image_use_stage(dataset, resolved["encoder"], store, trained, scores, cfg.decode,
                                  device)
     sample = test[: cfg.features.throughput_images] if cfg.features.throughput_images else test
-    _, images_per_s = caption_pixels(encoder, trained.decoder, sample, trained.vocab, cfg.decode,
+    _, images_per_s = caption_pixels(trained.encoder, trained.decoder, sample, trained.vocab,
+                                     cfg.decode,
                                      device, batch_size=cfg.features.batch_size,
                                      num_workers=cfg.features.num_workers,
                                      stats=trained.store.stats)
@@ -315,7 +340,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     result = trained.result
     record = make_record(
         run_id=run_id, resolved_config=resolved, config_id=cid, dataset=dataset,
-        encoder=encoder, scores=scores,
+        encoder=trained.encoder, scores=scores,
         confidence_intervals=bootstrap_ci(scores.per_image_block(), n_resamples=1000, seed=0),
         diversity=diversity(list(predictions.values()),
                             {" ".join(t) for im in dataset.split("train") for t in im.tokens}),
@@ -324,6 +349,10 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                   "best_val_CIDEr": result.best_val_cider, "history": result.history,
                   "steps": result.steps, "train_seconds": result.train_seconds,
                   "stopped_early": result.stopped_early, "resumed_from": result.resumed_from,
+                  "encoder": {"trainable": cfg.encoder_trainable,
+                              "trainable_parameters": trained.encoder_trainable,
+                              **({"encoder_lr": cfg.encoder_lr}
+                                 if cfg.encoder_trainable != "none" else {})},
                   "tokenizer": {"kind": trained.vocab.kind, "vocab_size": len(trained.vocab),
                                 "mean_tokens_per_caption": mean_tokens_per_caption(
                                     trained.vocab, (t for im in dataset.split("train")
@@ -337,7 +366,8 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                     "decoder_captions_per_s": captions_per_s,
                     "feature_extraction_images_per_s": store.extraction_images_per_s,
                     "feature_cache_hit": store.cache_hit, "beam_size": cfg.decode.beam_size},
-        device=device, parameters=parameter_counts(encoder, trained.decoder),
+        device=device, parameters=parameter_counts(trained.encoder, trained.decoder,
+                                                   trained.encoder_trainable),
         vocab_size=len(trained.vocab), checkpoint=str(ckpt),
         wall_seconds=time.perf_counter() - t_start, predictions=predictions, image_use=image_use)
     path = _persist(record, trained, resolved, Path(cfg.results_dir))

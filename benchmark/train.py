@@ -15,6 +15,12 @@ of Self-Critical Sequence Training", arXiv:2003.09971). The loss is
 are exactly those of the policy that sampled (teacher-forcing the samples through
 ``forward``); a constant ``scst_lr`` with Adam, as in self-critical.pytorch.
 
+**Encoder fine-tuning** (a :class:`FineTune` argument; XE only): images are read through a
+DataLoader with the encoder's training transform, each image once per epoch with all its
+captions (as self-critical.pytorch's ``seq_per_img``), and the encoder's trainable part is
+updated with its own learning rate; features are z-scored with the fixed statistics of the
+frozen features. Validation re-encodes the val images with the current encoder.
+
 **Validation** every ``val_every`` epochs (and at the end of each phase) by greedy decoding
 scored with CIDEr-D (pycocoevalcap, PTB-tokenized references); the best weights over both
 phases are kept. **Early stopping**: ``patience`` validations without a new best end the
@@ -49,7 +55,7 @@ from benchmark.inference import caption_features
 from benchmark.metrics import cider_d
 from benchmark.vocab import CaptionTokenizer
 
-__all__ = ["TrainResult", "train_decoder", "caption_loss", "caption_pairs", "scst_loss",
+__all__ = ["TrainResult", "FineTune", "train_decoder", "caption_loss", "caption_pairs", "scst_loss",
            "sequence_log_probs", "new_self_critical_advantage", "TRAIN_STATE_VERSION"]
 
 #: version of the resumable training-state file (:func:`train_decoder` ``state_path``)
@@ -79,6 +85,38 @@ class TrainResult:
     scst_captions_per_s: float | None = None
     scst_seconds: float = 0.0
     resumed_from: int = 0
+    best_encoder_state: dict = field(default_factory=dict)
+
+
+@dataclass
+class FineTune:
+    """What :func:`train_decoder` needs to fine-tune the encoder: the ``encoder`` (after
+    ``set_trainable``), the z-score ``stats`` of the frozen features (or None), the encoder's
+    learning rate, and the DataLoader's workers and extraction batch size."""
+
+    encoder: torch.nn.Module
+    stats: dict | None
+    encoder_lr: float
+    num_workers: int = 0
+    batch_size: int = 32
+
+    def normalize(self, grid: torch.Tensor, pooled: torch.Tensor):
+        """Live features ``(B, N, D)``, ``(B, P)`` z-scored like the cached ones."""
+        if self.stats is None:
+            return grid, pooled
+        st = {k: v.to(grid.device) for k, v in self.stats.items()}
+        return ((grid - st["grid_mean"]) / st["grid_std"],
+                (pooled - st["pooled_mean"]) / st["pooled_std"])
+
+    def store(self, images: list[ImageRecord], device) -> FeatureStore:
+        """The images' features under the current encoder (eval transform), in memory and
+        stored at the feature cache's precision, normalised with :attr:`stats`."""
+        from benchmark.features import extract_features, storage_precision
+
+        grid, pooled, _ = extract_features(self.encoder, images, batch_size=self.batch_size,
+                                           device=device, num_workers=self.num_workers)
+        return FeatureStore(storage_precision(grid), storage_precision(pooled),
+                            [im.image_id for im in images], "fine-tuned", stats=self.stats)
 
 
 def caption_pairs(images: list[ImageRecord], store: FeatureStore):
@@ -181,6 +219,7 @@ class _Loop:
     best_epoch: int = -1
     best_val: float = float("-inf")
     best_phase: str = "xe"
+    best_encoder: dict = field(default_factory=dict)
     since_best: dict = field(default_factory=lambda: {"xe": 0, "scst": 0})
     stopped: dict = field(default_factory=dict)
     train_time: float = 0.0
@@ -212,11 +251,13 @@ def _set_rng_states(states: dict, gens: dict[str, torch.Generator]) -> None:
         g.set_state(states[f"gen_{k}"])
 
 
-def _save_state(path: Path, loop: _Loop, decoder, opt, sched, gens, meta: dict) -> None:
+def _save_state(path: Path, loop: _Loop, decoder, opt, sched, gens, meta: dict,
+                encoder=None) -> None:
     """Write the training state atomically (temp file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"version": TRAIN_STATE_VERSION, "meta": meta, "loop": dict(loop.__dict__),
             "decoder": decoder.state_dict(), "optimizer": opt.state_dict(),
+            "encoder": encoder.trainable_state() if encoder is not None else {},
             "scheduler": sched.state_dict() if sched is not None else None,
             "rng": _rng_states(gens)}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -241,8 +282,11 @@ def load_train_state(path: Path) -> dict:
     return blob
 
 
-def _validate(decoder, store, val_images, vocab, cfg, device, val_references) -> float:
+def _validate(decoder, store, val_images, vocab, cfg, device, val_references,
+              finetune: FineTune | None = None) -> float:
     val_decode = DecodeConfig(beam_size=1, max_len=cfg.max_caption_len)
+    if finetune is not None:  # the encoder changed: encode the val images again
+        store = finetune.store(val_images, device)
     preds, _ = caption_features(decoder, store, val_images, vocab, val_decode, device)
     return cider_d(preds, val_references)
 
@@ -252,7 +296,8 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
                   cfg: TrainConfig, device: torch.device, *, seed: int = 0,
                   callback: Callable[..., None] | None = None,
                   train_references: dict | None = None, state_path: str | Path | None = None,
-                  resume: bool = False, state_meta: dict | None = None) -> TrainResult:
+                  resume: bool = False, state_meta: dict | None = None,
+                  finetune: FineTune | None = None) -> TrainResult:
     """Train ``decoder`` on cached features (XE, then ``cfg.scst_epochs`` of SCST); return
     the best weights by validation CIDEr-D (see the module docstring).
 
@@ -262,8 +307,9 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
     ``epoch_end`` (epoch, phase, loss, lr, SCST's mean sample ``reward``, val_CIDEr when
     validated, ``stopped_early`` when patience ran out); these entries form ``history``.
     ``state_path``: where the resumable state goes after each epoch; with ``resume`` it is
-    read first (its ``meta`` must equal ``state_meta``). Raises ValueError when the train
-    split has no captions or SCST has no train references, CapbenchError for an unreadable
+    read first (its ``meta`` must equal ``state_meta``). ``finetune``: train the encoder too
+    (see :class:`FineTune`). Raises ValueError when the train split has no captions, SCST
+    has no train references or is combined with fine-tuning, CapbenchError for an unreadable
     or mismatched state file.
     """
     from benchmark.cider import CiderD
@@ -276,6 +322,9 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         raise ValueError("the train split has no captions")
     if cfg.scst_epochs and not train_references:
         raise ValueError("SCST needs the train split's references (train_references)")
+    if cfg.scst_epochs and finetune is not None:
+        raise ValueError("SCST trains the decoder on frozen features; fine-tune with XE only")
+    encoder = finetune.encoder.to(device) if finetune is not None else None
     # Encode every training caption once; a batch is then a row gather, not Python work.
     all_inputs, all_targets, all_lengths = vocab.batch(caps, cfg.max_caption_len)
     gens = {"order": torch.Generator().manual_seed(seed),
@@ -290,8 +339,12 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         for name, p in decoder.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
-        o = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if encoder is not None:  # the same schedule, scaled to the encoder's own rate
+            groups.append({"params": [p for p in encoder.parameters() if p.requires_grad],
+                           "weight_decay": cfg.weight_decay, "lr": finetune.encoder_lr})
+        o = torch.optim.AdamW(groups, lr=cfg.lr)
         return o, torch.optim.lr_scheduler.LambdaLR(o, _schedule(total, cfg.warmup_frac))
 
     def scst_optimizer():
@@ -309,6 +362,8 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
                                 "run without --resume")
         loop = _Loop(**blob["loop"])
         decoder.load_state_dict(blob["decoder"])
+        if encoder is not None:
+            encoder.load_state_dict(blob["encoder"], strict=False)
         if loop.phase == "scst":
             opt, sched = scst_optimizer()
         opt.load_state_dict(blob["optimizer"])
@@ -334,7 +389,12 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         cb("epoch_start", epoch=epoch, phase=phase,
            steps=steps_per_epoch if phase == "xe" else math.ceil(len(image_ids) / cfg.batch_size))
         entry = {"epoch": epoch, "phase": phase}
-        if phase == "xe":
+        if phase == "xe" and finetune is not None:
+            entry["loss"] = _xe_epoch_finetune(decoder, finetune, train_images, rows,
+                                               all_inputs, all_targets, all_lengths, vocab, cfg,
+                                               device, opt, sched, gens["order"], loop, use_amp,
+                                               cb)
+        elif phase == "xe":
             entry["loss"] = _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths,
                                       vocab, cfg, device, opt, sched, gens["order"], loop,
                                       use_amp, cb)
@@ -345,11 +405,13 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         entry["lr"] = opt.param_groups[0]["lr"] if sched is None else sched.get_last_lr()[0]
         if epoch % cfg.val_every == 0 or epoch == last_of_phase[phase]:
             entry["val_CIDEr"] = _validate(decoder, store, val_images, vocab, cfg, device,
-                                           val_references)
+                                           val_references, finetune)
             if entry["val_CIDEr"] > loop.best_val:
                 loop.best_val, loop.best_epoch, loop.best_phase = entry["val_CIDEr"], epoch, phase
                 loop.best_state = copy.deepcopy({k: v.detach().cpu()
                                                  for k, v in decoder.state_dict().items()})
+                if encoder is not None:
+                    loop.best_encoder = encoder.trainable_state()
                 loop.since_best[phase] = 0
             else:
                 loop.since_best[phase] += 1
@@ -359,11 +421,11 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         loop.history.append(entry)
         loop.epoch = epoch
         if path is not None:
-            _save_state(path, loop, decoder, opt, sched, gens, meta)
+            _save_state(path, loop, decoder, opt, sched, gens, meta, encoder)
         cb("epoch_end", **entry)
     result = TrainResult(loop.best_state, loop.best_epoch, loop.best_val, loop.history,
                          best_phase=loop.best_phase, stopped_early=dict(loop.stopped),
-                         resumed_from=resumed_from)
+                         resumed_from=resumed_from, best_encoder_state=loop.best_encoder)
     result.train_seconds = loop.train_time
     result.samples_per_s = loop.n_samples / max(loop.train_time, 1e-9)
     result.tokens_per_s = loop.n_tokens / max(loop.train_time, 1e-9)
@@ -397,6 +459,63 @@ def _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths, vocab,
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        synchronize(device)
+        loop.train_time += time.perf_counter() - t0
+        loop.n_tokens += int(lengths.sum())
+        loop.n_samples += len(idx)
+        epoch_loss += float(loss.detach())
+        batches += 1
+        cb("step", loss=float(loss.detach()), tokens_per_s=loop.n_tokens / max(loop.train_time, 1e-9))
+    return epoch_loss / max(1, batches)
+
+
+def _xe_epoch_finetune(decoder, ft: FineTune, train_images, rows, all_inputs, all_targets,
+                       all_lengths, vocab, cfg, device, opt, sched, order, loop: _Loop,
+                       use_amp: bool, cb) -> float:
+    """One cross-entropy epoch through the live encoder: each training image once (training
+    transform, shuffled), with all its captions; about ``batch_size`` captions a step."""
+    from torch.utils.data import DataLoader
+
+    from benchmark.features import ImageFolderDataset
+
+    # caption_pairs lists each image's captions contiguously, in train_images order
+    imgs, pairs, start = [], [], 0
+    for im in train_images:
+        if im.tokens:
+            imgs.append(im)
+            pairs.append(torch.arange(start, start + len(im.tokens)))
+        start += len(im.tokens)
+    ipb = max(1, round(cfg.batch_size * len(imgs) / max(1, start)))  # images per step
+    perm = torch.randperm(len(imgs), generator=order)
+    ds = ImageFolderDataset([imgs[i] for i in perm.tolist()], ft.encoder.train_transform())
+    loader = DataLoader(ds, batch_size=ipb, num_workers=ft.num_workers,
+                        pin_memory=device.type == "cuda")
+    decoder.train()
+    ft.encoder.train()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    epoch_loss, batches = 0.0, 0
+    for b, pixels in enumerate(loader):
+        synchronize(device)
+        t0 = time.perf_counter()
+        chosen = perm[b * ipb : (b + 1) * ipb].tolist()
+        idx = torch.cat([pairs[i] for i in chosen])
+        counts = torch.tensor([len(pairs[i]) for i in chosen], device=device)
+        with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
+            grid, pooled = ft.normalize(*ft.encoder(pixels.to(device, non_blocking=True)))
+            grid, pooled = grid.repeat_interleave(counts, 0), pooled.repeat_interleave(counts, 0)
+            lengths = all_lengths[idx]
+            T = int(lengths.max())
+            inputs = all_inputs[idx, :T].to(device, non_blocking=True)
+            targets = all_targets[idx, :T].to(device, non_blocking=True)
+            out = decoder(grid.float(), pooled.float(), inputs, lengths.to(device))
+        loss = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
+                            cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
         synchronize(device)

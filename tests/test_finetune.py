@@ -1,0 +1,85 @@
+"""Encoder fine-tuning: which parameters train, the loss falls and the encoder changes, the
+frozen path and its feature cache stay untouched, and the saved model captions as recorded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from architectures import create_encoder
+from benchmark.cli import app
+from benchmark.errors import ConfigError
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
+def test_last_unfreezes_only_the_last_stage_and_frozen_batchnorm_stays_in_eval(name):
+    enc = create_encoder(name, pretrained=False)
+    modules, loose = enc.last_stage()
+    want = sum(p.numel() for m in modules for p in m.parameters()) + sum(p.numel() for p in loose)
+    assert enc.set_trainable("last") == want < sum(p.numel() for p in enc.parameters())
+    enc.train()
+    inside = {id(m) for top in modules for m in top.modules()}
+    for m in enc.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.training == (id(m) in inside)
+    for p in enc.parameters():
+        assert p.requires_grad == any(p is q for m in modules for q in m.parameters())
+    assert enc.set_trainable("all") == sum(p.numel() for p in enc.parameters())
+    assert enc.set_trainable("none") == 0 and not enc.training
+
+
+def test_scst_with_a_trainable_encoder_is_refused_up_front():
+    from benchmark.config import load_config, resolved_config
+
+    cfg = load_config("tiny", {"encoder_trainable": "last", "train.scst_epochs": 2})
+    with pytest.raises(ConfigError, match="cross-entropy only"):
+        resolved_config(cfg)
+    with pytest.raises(ConfigError, match="encoder_trainable"):
+        load_config("tiny", {"encoder_trainable": "some"})
+
+
+@pytest.mark.slow
+def test_fine_tuning_trains_the_last_stage_and_leaves_the_frozen_path_alone(tiny_shapes, tmp_path):
+    from benchmark.config import load_config
+    from benchmark.data import resolve_dataset
+    from benchmark.runner import prepare_features, run_experiment
+
+    cache = tmp_path / "cache"
+    cfg = load_config("tiny", {"dataset": str(tiny_shapes), "train.epochs": 3,
+                               "encoder_trainable": "last", "encoder_lr": 1e-3,
+                               "features.cache_dir": str(cache), "results_dir": str(tmp_path)})
+    dataset = resolve_dataset(cfg.dataset)
+    shared, store = prepare_features(cfg, dataset, torch.device("cpu"))
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    cached = sorted(p.name for p in cache.rglob("*.safetensors"))
+    grid = store.grid.clone()
+    record, _ = run_experiment(cfg, dataset=dataset, prepared=(shared, store))
+    # the shared (frozen) encoder, its features and the cache are as they were
+    assert all(torch.equal(before[k], v) for k, v in shared.state_dict().items())
+    assert not any(p.requires_grad for p in shared.parameters())
+    assert torch.equal(store.grid, grid) and store.stats is None
+    assert sorted(p.name for p in cache.rglob("*.safetensors")) == cached
+    # the run's own encoder trained its last stage only, and the loss fell
+    losses = [h["loss"] for h in record.training["history"]]
+    assert losses[-1] < losses[0]
+    assert record.training["encoder"]["trainable"] == "last"
+    assert record.parameters["encoder_trainable"] == record.training["encoder"][
+        "trainable_parameters"] > 0
+    assert "+finetuned-last:" in record.encoder_weights
+    from safetensors.torch import load_file
+
+    tuned = load_file(f"{record.checkpoint}/encoder_finetuned.safetensors")
+    assert tuned and all(k.startswith("body.7.") for k in tuned)  # ResNet layer4 only
+    assert any(not torch.equal(before[k], v) for k, v in tuned.items())
+    # the checkpoint rebuilds the fine-tuned encoder: captions equal the record's
+    files = [tiny_shapes.parent / "images" / p["filename"] for p in record.predictions]
+    out = runner.invoke(app, ["caption", *map(str, files), "--run", record.run_id,
+                              "--results-dir", str(tmp_path), "--format", "json"])
+    assert out.exit_code == 0, out.output
+    got = {c["file_name"]: c["caption"] for c in json.loads(out.stdout)}
+    assert got == {p["filename"]: p["caption"] for p in record.predictions}
