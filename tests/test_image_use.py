@@ -192,4 +192,8 @@ def test_committed_coco_mini_runs_are_tested_against_blind():
         assert v["baseline"] == "consensus" and v["ci"][0] <= v["delta"] <= v["ci"][1]
         blind = baselines["consensus"]["metrics"]["CIDEr"]
         assert v["delta"] == pytest.approx(record.metrics["CIDEr"] - blind)
+        # the verdict the run wrote into its record is the one the post-hoc test reaches
+        mine = record.image_use["vs_blind"]
+        assert mine["baseline"] == "consensus" and mine["better"] == v["better"]
+        assert mine["p"] == v["p"] and mine["delta"] == pytest.approx(v["delta"], abs=1e-12)
     assert not any(v["better"] for _, v in verdicts)
