@@ -92,10 +92,13 @@ def run(
     results_dir: Annotated[Path | None, typer.Option(help="where run records go (default results/)")] = None,
     patience: Annotated[int | None, typer.Option(help="early stopping: validations without a new best validation CIDEr-D (0 = off)")] = None,
     scst_epochs: Annotated[int | None, typer.Option(help="self-critical sequence training epochs after the cross-entropy ones (0 = off)")] = None,
+    finetune_encoder: Annotated[str | None, typer.Option(help="fine-tune the encoder: none, last (its last stage) or all; images are read past the feature cache")] = None,
+    encoder_lr: Annotated[float | None, typer.Option(help="learning rate of the fine-tuned encoder part")] = None,
     tokenizer: Annotated[str | None, typer.Option(help="caption tokenizer: word, bpe (byte-level, GPT-2 style), wordpiece (BERT style), or a saved Hugging Face tokenizer folder/name")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the newest unfinished run of the same config and seed from its last completed epoch")] = False,
 ):
-    """Train a decoder on frozen encoder features, score it on the test split, write a run record."""
+    """Train a decoder (on frozen encoder features, or fine-tuning the encoder), score it on the
+    test split, write a run record."""
     from benchmark.config import load_config
     from benchmark.runner import run_seeds
 
@@ -105,6 +108,7 @@ def run(
         "device": device, "pretrained": pretrained, "weights": str(weights) if weights else None,
         "results_dir": str(results_dir) if results_dir else None, "train.patience": patience,
         "train.scst_epochs": scst_epochs, "tokenizer": tokenizer,
+        "encoder_trainable": finetune_encoder, "encoder_lr": encoder_lr,
     })
     seed_list = _parse_seeds(seeds) if seeds else [cfg.seed]
 
@@ -146,7 +150,7 @@ def report(
     format: Annotated[str, typer.Option("--format", help="table, markdown, csv or json")] = "table",
     output: Annotated[Path | None, typer.Option(help="write to this file instead of the terminal")] = None,
     aggregate: Annotated[bool, typer.Option(help="fold runs that differ only in seed into mean ± std rows")] = False,
-    plot: Annotated[Path | None, typer.Option(help="write PNG plots here (quality vs throughput with Pareto front, per-metric bars)")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write PNG plots here (quality vs throughput with Pareto front, per-metric bars, training curves of loss and validation CIDEr-D per epoch)")] = None,
     leaderboard_file: Annotated[bool, typer.Option("--leaderboard-file/--no-leaderboard-file", help="also write <results-dir>/LEADERBOARD.md")] = True,
     columns: Annotated[str | None, typer.Option(help="table columns, comma-separated, e.g. B@1,B@4,CIDEr-D,img/s (display names or keys such as Bleu_4, CIDEr, train_tokens_per_s; any case); run, decoder, encoder and CIDEr-D are always shown")] = None,
     wide: Annotated[bool, typer.Option("--wide", help="table: every column (any that do not fit the terminal are named under the table)")] = False,
@@ -168,10 +172,11 @@ def report(
     for p in problems:
         err.print(f"[yellow]skipped:[/] {p}", highlight=False)
     if plot is not None and not runs.empty:
-        from benchmark.plots import write_plots
+        from benchmark.plots import write_plots, write_training_curves
+        from benchmark.records import load_records
 
         try:
-            for p in write_plots(runs, plot):
+            for p in [*write_plots(runs, plot), *write_training_curves(load_records(results_dir)[0], plot)]:
                 err.print(f"wrote {p}")
         except OSError as exc:
             _fail(f"cannot write the plots to --plot {plot}: {exc.strerror or exc}")

@@ -154,3 +154,62 @@ def write_plots(df: pd.DataFrame, folder: str | Path) -> list[Path]:
         out.append(plot_quality_vs_throughput(g, title, folder / f"{stem}-quality-vs-throughput.png"))
         out.append(plot_metric_bars(g, title, folder / f"{stem}-metrics.png"))
     return out
+
+
+def training_curves_figure(records, title: str):
+    """A figure of training loss and validation CIDEr-D (x100) per epoch, one line per run
+    (labelled ``decoder / encoder``), from the records' ``training.history``; SCST epochs are
+    marked with squares. None when no record has a history."""
+    runs = [r for r in records if (r.training or {}).get("history")]
+    if not runs:
+        return None
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in sorted(runs, key=lambda r: (r.arch, r.encoder, r.run_id)):
+        hist = r.training["history"]
+        obj = (r.training or {}).get("objective", "xe")
+        label = f"{r.arch} / {r.encoder}" + ("" if obj == "xe" else f" ({obj})")
+        xe = [h for h in hist if h.get("phase", "xe") == "xe"]
+        line, = ax_loss.plot([h["epoch"] for h in xe], [h["loss"] for h in xe], marker="o",
+                             ms=3, label=label)
+        val = [h for h in hist if "val_CIDEr" in h]
+        ax_val.plot([h["epoch"] for h in val], [100 * h["val_CIDEr"] for h in val], marker="o",
+                    ms=3, color=line.get_color(), label=label)
+        scst = [h for h in val if h.get("phase") == "scst"]
+        if scst:
+            ax_val.plot([h["epoch"] for h in scst], [100 * h["val_CIDEr"] for h in scst], "s",
+                        ms=5, color=line.get_color())
+    ax_loss.set(xlabel="epoch", ylabel="training loss (cross-entropy)", title="loss")
+    ax_val.set(xlabel="epoch", ylabel="validation CIDEr-D (greedy, x100)",
+               title="validation CIDEr-D (squares: SCST epochs)")
+    ax_val.legend(fontsize=7, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(records, title: str, path: Path) -> Path | None:
+    """:func:`training_curves_figure` saved as a PNG at ``path`` (None: no history)."""
+    fig = training_curves_figure(records, title)
+    if fig is None:
+        return None
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_training_curves(records, folder: str | Path) -> list[Path]:
+    """One training-curve PNG per dataset/split group of run records; returns the files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r.dataset.name, r.split_fingerprint), []).append(r)
+    out = []
+    for (name, split), runs in sorted(groups.items()):
+        p = plot_training_curves(runs, f"{name} (split {split})",
+                                 folder / f"{_slug(f'{name}-{split}')}-training.png")
+        if p is not None:
+            out.append(p)
+    return out

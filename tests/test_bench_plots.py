@@ -87,3 +87,37 @@ def test_flop_accounting_and_utilisation():
     assert util["peak_fp32_gflops"] == 100.0
     assert util["train_util"] == pytest.approx(row["train_gflops"] / 100.0)
     assert util["beam3_util"] == pytest.approx(row["beam3_gflops"] / 100.0)
+
+
+def test_training_curves_plot_each_runs_history():
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from benchmark.plots import training_curves_figure
+    from benchmark.records import load_records
+
+    records, _ = load_records(Path(__file__).resolve().parents[1] / "results" / "coco-mini")
+    fig = training_curves_figure(records, "coco-mini")
+    loss_ax, val_ax = fig.axes
+    by_label = {ln.get_label(): ln for ln in val_ax.get_lines()}
+    for r in records:
+        line = by_label[f"{r.arch} / {r.encoder}"]
+        hist = r.training["history"]
+        assert list(line.get_xdata()) == [h["epoch"] for h in hist]
+        np.testing.assert_allclose(line.get_ydata(), [100 * h["val_CIDEr"] for h in hist])
+    assert len(loss_ax.get_lines()) == len(records)
+    plt.close(fig)
+
+
+def test_report_plot_writes_training_curves(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "results" / "coco-mini" / "runs"
+    shutil.copytree(src, tmp_path / "runs")
+    out = CliRunner().invoke(app, ["report", "--results-dir", str(tmp_path), "--plot",
+                                   str(tmp_path / "plots"), "--no-leaderboard-file"])
+    assert out.exit_code == 0, out.output
+    curves = list((tmp_path / "plots").glob("*-training.png"))
+    assert len(curves) == 1 and curves[0].read_bytes()[:4] == b"\x89PNG"
