@@ -95,6 +95,7 @@ def run(
     finetune_encoder: Annotated[str | None, typer.Option(help="fine-tune the encoder: none, last (its last stage) or all; images are read past the feature cache")] = None,
     encoder_lr: Annotated[float | None, typer.Option(help="learning rate of the fine-tuned encoder part")] = None,
     tokenizer: Annotated[str | None, typer.Option(help="caption tokenizer: word, bpe (byte-level, GPT-2 style), wordpiece (BERT style), or a saved Hugging Face tokenizer folder/name")] = None,
+    log: Annotated[str | None, typer.Option("--log", help="also log each epoch to tensorboard (<results-dir>/tensorboard/) or wandb (offline without a key), or none")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the newest unfinished run of the same config and seed from its last completed epoch")] = False,
 ):
     """Train a decoder (on frozen encoder features, or fine-tuning the encoder), score it on the
@@ -108,7 +109,7 @@ def run(
         "device": device, "pretrained": pretrained, "weights": str(weights) if weights else None,
         "results_dir": str(results_dir) if results_dir else None, "train.patience": patience,
         "train.scst_epochs": scst_epochs, "tokenizer": tokenizer,
-        "encoder_trainable": finetune_encoder, "encoder_lr": encoder_lr,
+        "encoder_trainable": finetune_encoder, "encoder_lr": encoder_lr, "log": log,
     })
     seed_list = _parse_seeds(seeds) if seeds else [cfg.seed]
 

@@ -86,8 +86,10 @@ class RunConfig:
     ``tokenizer``: ``word`` (the word vocabulary), ``bpe`` or ``wordpiece`` (trained on the
     train captions to at most ``tokenizer_vocab_size`` entries), or the folder or hub name of
     a saved Hugging Face tokenizer (see :mod:`benchmark.tokenization`).
-    ``encoder_trainable``: fine-tune ``none`` of the encoder (frozen features from the cache),
-    its ``last`` stage or ``all`` of it, with AdamW at ``encoder_lr`` (cross-entropy only).
+    ``log``: where each epoch's figures also go (``none``, ``tensorboard``, ``wandb``; see
+    :mod:`benchmark.tracking`). ``encoder_trainable``: fine-tune ``none`` of the encoder
+    (frozen features from the cache), its ``last`` stage or ``all`` of it, with AdamW at
+    ``encoder_lr`` (cross-entropy only).
     """
 
     arch: str = "attn_lstm"
@@ -101,6 +103,7 @@ class RunConfig:
     results_dir: str = "results"
     tokenizer: str = "word"
     tokenizer_vocab_size: int = _r(1000, min=8)
+    log: str = _r("none", choices=("none", "tensorboard", "wandb"))
     encoder_trainable: str = _r("none", choices=("none", "last", "all"))
     encoder_lr: float = _r(1e-4, min_exclusive=0.0)
     decoder: dict[str, Any] = field(default_factory=dict)
@@ -282,7 +285,10 @@ def resolved_config(cfg: RunConfig) -> dict:
 
     check_ranges(cfg)
     select_device(cfg.device)
+    from benchmark.tracking import check_tracker
+
     check_tokenizer_spec(cfg.tokenizer)
+    check_tracker(cfg.log)
     if cfg.encoder_trainable != "none" and cfg.train.scst_epochs:
         raise ConfigError(f"encoder_trainable = {cfg.encoder_trainable!r} with train.scst_epochs = "
                           f"{cfg.train.scst_epochs}: SCST trains the decoder on frozen features; "
@@ -297,7 +303,8 @@ def resolved_config(cfg: RunConfig) -> dict:
 def config_id(resolved: dict) -> str:
     """Hash of a resolved config without seed, device and output folder: runs that differ only
     in seed share it, so the report can aggregate them (mean +- std)."""
-    keep = {k: v for k, v in resolved.items() if k not in ("seed", "device", "results_dir", "name")}
+    keep = {k: v for k, v in resolved.items()
+            if k not in ("seed", "device", "results_dir", "name", "log")}
     # settings that are off do not change the run, so they do not change its id either (runs
     # recorded before these settings existed keep theirs)
     train = dict(keep.get("train") or {})

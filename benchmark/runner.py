@@ -42,6 +42,7 @@ from benchmark.paths import cache_root
 from benchmark.records import RunRecord, make_record, new_run_id, write_record
 from benchmark.stats import bootstrap_ci, diversity
 from benchmark.tokenization import build_tokenizer, mean_tokens_per_caption
+from benchmark.tracking import open_tracker
 from benchmark.train import FineTune, TrainResult, train_decoder
 from benchmark.vocab import CaptionTokenizer
 
@@ -131,7 +132,7 @@ def _state_path(results_dir: str | Path, cid: str, run_id: str) -> Path:
 
 def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encoder,
                  store: FeatureStore, device, console, *, state_path: Path | None = None,
-                 resume: bool = False) -> _Trained:
+                 resume: bool = False, run_id: str = "run") -> _Trained:
     """Caption tokenizer and feature statistics from the train split, then the training loop
     (cross-entropy, then SCST when ``train.scst_epochs`` > 0), saving its state to
     ``state_path`` after each epoch and continuing from it with ``resume``."""
@@ -169,6 +170,7 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
                 shown["epoch"], shown["phase"] = info["epoch"], info["phase"]
                 prog.update(task, completed=info["epoch"] - 1)
             elif event == "step":
+                shown["tokens_per_s"] = info["tokens_per_s"]
                 rate = (f"reward {info['reward']:.3f}" if "reward" in info
                         else f"{info['tokens_per_s']:.0f} tok/s")
                 prog.update(task, info=f"epoch {shown['epoch']}/{total} {shown['phase']}  "
@@ -177,13 +179,23 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
                 if "val_CIDEr" in info:
                     shown["val"] = f"{info['val_CIDEr']:.3f}"
                 prog.advance(task)
+                names = {"loss": "train/loss", "lr": "train/lr", "val_CIDEr": "val/CIDEr-D",
+                         "reward": "scst/reward"}
+                values = {names[k]: float(v) for k, v in info.items() if k in names}
+                if info["phase"] == "xe" and "tokens_per_s" in shown:
+                    values["train/tokens_per_s"] = float(shown["tokens_per_s"])
+                tracker.log(values, info["epoch"])
 
         meta = {"config_id": config_id(resolved), "seed": cfg.seed,
                 "split_fingerprint": dataset.fingerprint}
-        result = train_decoder(decoder, store, train, val, val_refs, vocab, cfg.train, device,
-                               seed=cfg.seed, callback=callback, train_references=train_refs,
-                               state_path=state_path, resume=resume, state_meta=meta,
-                               finetune=finetune)
+        tracker = open_tracker(cfg.log, cfg.results_dir, run_id, resolved)
+        try:
+            result = train_decoder(decoder, store, train, val, val_refs, vocab, cfg.train,
+                                   device, seed=cfg.seed, callback=callback,
+                                   train_references=train_refs, state_path=state_path,
+                                   resume=resume, state_meta=meta, finetune=finetune)
+        finally:
+            tracker.close()
     decoder.load_state_dict(result.best_state)
     if finetune is not None:  # the best encoder, and every image's features under it
         encoder.apply_finetuned(result.best_encoder_state, cfg.encoder_trainable)
@@ -323,7 +335,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     state_path = _state_path(cfg.results_dir, cid, run_id)
     encoder, store = prepared or prepare_features(cfg, dataset, device, console)
     trained = _train_stage(cfg, resolved, dataset, encoder, store, device, console,
-                           state_path=state_path, resume=previous is not None)
+                           state_path=state_path, resume=previous is not None, run_id=run_id)
     test = dataset.split("test")
     predictions, captions_per_s = caption_features(trained.decoder, trained.store, test,
                                                    trained.vocab, cfg.decode, device)
