@@ -159,12 +159,12 @@ class ImageEncoder(nn.Module):
         of the base weights); empty for a frozen encoder."""
         if self.trainable == "none":
             return {}
-        if self.trainable == "all":
-            return {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        if self.trainable == "all":  # copies: .cpu() of a CPU tensor is the live tensor
+            return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
         names = {id(t) for m in self._trainable_modules for t in (*m.parameters(), *m.buffers())}
         names |= {id(p) for p in self.parameters() if p.requires_grad}
         named = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        return {k: v.detach().cpu() for k, v in named.items() if id(v) in names}
+        return {k: v.detach().cpu().clone() for k, v in named.items() if id(v) in names}
 
     def apply_finetuned(self, state: dict[str, torch.Tensor], which: str) -> ImageEncoder:
         """Load a fine-tuned part (:meth:`trainable_state` of a fine-tuned copy) on top of the

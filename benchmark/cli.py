@@ -177,7 +177,8 @@ def report(
         from benchmark.records import load_records
 
         try:
-            for p in [*write_plots(runs, plot), *write_training_curves(load_records(results_dir)[0], plot)]:
+            trained = [r for r in load_records(results_dir)[0] if r.evaluation is None]  # not eval --run copies
+            for p in [*write_plots(runs, plot), *write_training_curves(trained, plot)]:
                 err.print(f"wrote {p}")
         except OSError as exc:
             _fail(f"cannot write the plots to --plot {plot}: {exc.strerror or exc}")

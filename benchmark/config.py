@@ -37,8 +37,9 @@ class TrainConfig:
     """Harness settings shared by every decoder (teacher forcing, masked cross-entropy).
 
     ``lr`` peak AdamW learning rate; linear warmup over ``warmup_frac`` of the steps, then
-    cosine decay to 0; ``grad_clip`` max global L2 norm (0 = off); ``max_caption_len`` words
-    kept per training caption; ``min_word_count`` vocabulary threshold (train split only);
+    cosine decay to 0; ``grad_clip`` max global L2 norm (0 = off); ``max_caption_len`` tokens
+    of the run's tokenizer kept per training caption (words for the word vocabulary);
+    ``min_word_count`` vocabulary threshold (train split only);
     ``val_every`` validate every N epochs (and after the last).
 
     ``patience``: early stopping, counted in validations without a new best validation

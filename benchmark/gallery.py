@@ -262,7 +262,12 @@ class AttentionStrips:
             return None
         t0 = time.perf_counter()
         try:
-            ex = explain_image(run, open_image(image), ("attention",))
+            picture = open_image(image)
+        except CapbenchError as exc:  # an unreadable file: no strip for it, the page goes on
+            self.problems.setdefault(record.run_id, str(exc))
+            return None
+        try:
+            ex = explain_image(run, picture, ("attention",))
         except ExplainError as exc:
             if "no attention" not in str(exc):
                 self.problems[record.run_id] = str(exc)

@@ -16,6 +16,7 @@ every (decoder, encoder, seed) cell runs once per variant.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 import traceback
@@ -144,6 +145,12 @@ def plan_cells(base: RunConfig, archs: list[str], encoders: list[str],
     for enc in encoders:
         for arch in archs:
             for name, overrides in (variants or {"": {}}).items():
+                fixed = sorted({k.split(".")[0] for k in overrides} & _MATRIX_OWNED)
+                if fixed:
+                    raise ConfigError(f"matrix variant {name!r}: {fixed[0]!r} is set by the matrix "
+                                      "itself (archs, encoders, seeds, the dataset, device and "
+                                      "results folder are shared by every cell); vary it with "
+                                      "another matrix")
                 for seed in seeds:
                     cfg = copy.deepcopy(base)
                     apply_overrides(cfg, overrides, f"matrix variant {name!r}")
@@ -152,6 +159,16 @@ def plan_cells(base: RunConfig, archs: list[str], encoders: list[str],
                     cells.append(Cell(resolved["arch"], resolved["encoder"], seed, cfg,
                                       config_id(resolved), name))
     return cells
+
+
+#: settings a variant may not change: the matrix sets them for every cell
+_MATRIX_OWNED = {"arch", "encoder", "seed", "dataset", "device", "results_dir"}
+
+
+def _feature_key(cfg: RunConfig) -> str:
+    """What decides a cell's frozen features: cells with equal keys share one extraction."""
+    return json.dumps([cfg.encoder, cfg.pretrained, cfg.weights, cfg.encoder_init_seed,
+                       dataclasses.asdict(cfg.features)], sort_keys=True, default=str)
 
 
 def _failure_path(results_dir: Path, cell: Cell) -> Path:
@@ -183,12 +200,14 @@ def run_matrix(base: RunConfig, archs: list[str], encoders: list[str], seeds: li
             continue
         start = time.perf_counter()
         try:
-            if cell.encoder not in prepared:
+            fkey = _feature_key(cell.cfg)
+            if fkey not in prepared:
                 f0 = time.perf_counter()
-                prepared[cell.encoder] = prepare_features(cell.cfg, dataset, device, console)
-                out.feature_seconds[cell.encoder] = time.perf_counter() - f0
+                prepared[fkey] = prepare_features(cell.cfg, dataset, device, console)
+                out.feature_seconds[cell.encoder] = (out.feature_seconds.get(cell.encoder, 0.0)
+                                                     + time.perf_counter() - f0)
             record, _ = run_experiment(cell.cfg, console, dataset=dataset,
-                                       prepared=prepared[cell.encoder], resume=True)
+                                       prepared=prepared[fkey], resume=True)
             cell.status, cell.run_id = "ok", record.run_id
             _failure_path(results_dir, cell).unlink(missing_ok=True)
         except KeyboardInterrupt:

@@ -136,6 +136,11 @@ class RunRecord:
             raise RecordError(f"{source}: field 'dataset' needs 'name' and 'split_fingerprint'")
         names = {f.name for f in dataclasses.fields(cls)} - {"path", "dataset"}
         kwargs = {k: v for k, v in data.items() if k in names}
+        cfg = kwargs.get("config") or {}
+        if kwargs.get("evaluation") is None and isinstance(cfg, dict) and cfg.get("eval_of"):
+            # an `eval --run` record written before the evaluation field existed
+            kwargs["evaluation"] = {"of": cfg["eval_of"], "split": cfg.get("eval_split", "test"),
+                                    "trained_on": ""}
         info = DatasetInfo(**{k: v for k, v in ds.items()
                               if k in {f.name for f in dataclasses.fields(DatasetInfo)}})
         return cls(dataset=info, **kwargs)

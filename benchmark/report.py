@@ -53,7 +53,7 @@ COLLAPSED_PCT = 5.0
 #: decoder-column names of the baseline reference rows (short, so the compact view fits)
 BASELINE_NAMES = {"most-frequent": "most-freq", "consensus": "consensus", "nn": "nn"}
 IDENTITY = ["dataset", "split", "config_id", "arch", "encoder", "weights", "beam", "objective",
-            "tokenizer"]
+            "tokenizer_id"]
 
 #: the terminal table's default columns (display names; ``arch`` is headed "decoder" there);
 #: ``vs blind`` and ``shuffle Δ`` are the first hidden when the terminal is narrow
@@ -125,12 +125,21 @@ def _image_use_columns(r: RunRecord) -> dict:
 
 
 def _grounding_columns(r: RunRecord) -> dict:
-    """Pointing-game fractions of the record's test-split grounding (NaN when never measured,
-    None when measured but the decoder lacks the method)."""
+    """Pointing-game fractions of the record's test-split grounding (NaN when never measured
+    or when the decoder lacks the method; ``pointing_measured`` tells the two apart)."""
     g = r.grounding or {}
     if g.get("split") != "test":
-        return {f"pointing_{m}": math.nan for m in POINTING_COLUMNS.values()}
-    return {f"pointing_{m}": g.get("pointing", {}).get(m) for m in POINTING_COLUMNS.values()}
+        return {"pointing_measured": False,
+                **{f"pointing_{m}": math.nan for m in POINTING_COLUMNS.values()}}
+    return {"pointing_measured": True,
+            **{f"pointing_{m}": g.get("pointing", {}).get(m) for m in POINTING_COLUMNS.values()}}
+
+
+def _tokenizer_id(r: RunRecord) -> str:
+    """``kind:vocabulary size``: what identifies a run's tokenizer (records older than the
+    subword tokenizers, which lack the mean tokens per caption, share it with new ones)."""
+    tok = (r.training or {}).get("tokenizer") or {}
+    return f"{tok.get('kind', 'word')}:{tok.get('vocab_size', r.vocab_size)}"
 
 
 def _tokenizer_cell(r: RunRecord) -> str:
@@ -157,7 +166,7 @@ def _baseline_rows(records: list[RunRecord]) -> list[dict]:
             row = {"dataset": r.dataset.name, "split": r.split_fingerprint, "kind": "baseline",
                    "run_id": f"baseline:{kind}" + (f":{encoder}" if encoder else ""),
                    "config_id": f"baseline:{kind}:{encoder}", "seed": None, "beam": None,
-                   "objective": "-", "tokenizer": "-",
+                   "objective": "-", "tokenizer": "-", "tokenizer_id": "-",
                    "arch": BASELINE_NAMES.get(kind, kind), "encoder": encoder or "-",
                    "weights": ("pre" if r.pretrained else "rand") if encoder else "-",
                    "decoder_params": None, "unique_pct": math.nan}
@@ -187,6 +196,7 @@ def leaderboard(records: list[RunRecord], *, baselines: bool = True) -> pd.DataF
             "beam": r.beam_size,
             "objective": (r.training or {}).get("objective", "xe"),
             "tokenizer": _tokenizer_cell(r),
+            "tokenizer_id": _tokenizer_id(r),
         }
         for m in METRIC_COLUMNS:
             v = r.metrics.get(m)
@@ -257,7 +267,8 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
             row["seed"] = "-" if pd.isna(r["seed"]) else int(r["seed"])
         row["beam"] = "-" if pd.isna(r["beam"]) else int(r["beam"])
         row["obj"] = r.get("objective", "xe")
-        row["tokenizer"] = r.get("tokenizer", "word")
+        tok = r.get("tokenizer")
+        row["tokenizer"] = tok if isinstance(tok, str) else str(r.get("tokenizer_id", "word"))
         for m in METRIC_COLUMNS:
             row[SHORT[m]] = _cell(r, m)
         for key, label in THROUGHPUT_COLUMNS.items():
@@ -275,7 +286,10 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
             "" if pd.isna(lo) or pd.isna(hi) else f" ±{100 * (hi - lo) / 2:.1f}")
         for label, m in POINTING_COLUMNS.items():
             v = r.get(f"pointing_{m}", math.nan)
-            row[label] = "n/a" if v is None else ("-" if pd.isna(v) else f"{100 * v:.0f}")
+            if v is None or pd.isna(v):  # measured without this method (no attention): n/a
+                row[label] = "n/a" if r.get("pointing_measured") is True else "-"
+            else:
+                row[label] = f"{100 * v:.0f}"
         rows.append(row)
     return pd.DataFrame(rows)
 

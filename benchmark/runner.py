@@ -187,7 +187,7 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
                 tracker.log(values, info["epoch"])
 
         meta = {"config_id": config_id(resolved), "seed": cfg.seed,
-                "split_fingerprint": dataset.fingerprint}
+                "split_fingerprint": dataset.fingerprint, "device": device.type}
         tracker = open_tracker(cfg.log, cfg.results_dir, run_id, resolved)
         try:
             result = train_decoder(decoder, store, train, val, val_refs, vocab, cfg.train,

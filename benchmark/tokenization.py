@@ -52,6 +52,10 @@ class SubwordTokenizer(CaptionTokenizer):
         if missing:
             raise ConfigError(f"tokenizer {kind!r} has no {', '.join(missing)} token; capbench needs "
                               "pad, begin (bos or cls), end (eos or sep) and unknown tokens")
+        if len({ids["pad"], ids["bos"], ids["eos"]}) < 3:
+            raise ConfigError(f"tokenizer {kind!r} uses one id for two of pad ({ids['pad']}), "
+                              f"begin ({ids['bos']}) and end ({ids['eos']}); capbench masks pad "
+                              "and learns to emit end, so they must differ")
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = (ids[k] for k in ("pad", "bos", "eos", "unk"))
         self._special = {self.pad_id, self.bos_id, self.eos_id}
 
@@ -114,7 +118,7 @@ def _from_pretrained(spec: str):
 
     try:
         return PreTrainedTokenizerFast.from_pretrained(spec)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # missing, offline, or a damaged tokenizer.json: say which
         local = Path(spec).exists()
         raise ConfigError(
             f"tokenizer {spec!r}: " + (f"cannot load a Hugging Face tokenizer from this folder "
@@ -136,7 +140,8 @@ def build_tokenizer(spec: str, captions: Iterable[Sequence[str]], *, min_count: 
                     vocab_size: int = 1000) -> CaptionTokenizer:
     """The caption tokenizer of a run from its train captions (word-token lists): the word
     vocabulary (``min_count``), a BPE or WordPiece tokenizer trained to at most
-    ``vocab_size`` entries, or the saved tokenizer ``spec`` (not trained). Raises
+    ``vocab_size`` entries (byte-level BPE always holds its 256 bytes and 4 special tokens,
+    so it has at least 260), or the saved tokenizer ``spec`` (not trained). Raises
     ConfigError for a tokenizer that cannot be loaded or lacks special tokens."""
     captions = list(captions)
     if spec == "word":

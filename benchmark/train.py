@@ -13,7 +13,10 @@ samples of the same image (the "new self-critical" baseline of Luo 2020, "A Bett
 of Self-Critical Sequence Training", arXiv:2003.09971). The loss is
 ``-sum (r - b) log p(w_t) / tokens``. Dropout is off during SCST, so the log-probabilities
 are exactly those of the policy that sampled (teacher-forcing the samples through
-``forward``); a constant ``scst_lr`` with Adam, as in self-critical.pytorch.
+``forward``); a constant ``scst_lr`` with Adam, as in self-critical.pytorch. The sampled
+captions are scored as the decoder writes them (lower-cased word tokens joined by spaces),
+without the PTB tokenizer that validation and test scoring run: a Java call per step would
+dominate the loop.
 
 **Encoder fine-tuning** (a :class:`FineTune` argument; XE only): images are read through a
 DataLoader with the encoder's training transform, each image once per epoch with all its
@@ -33,6 +36,7 @@ uninterrupted one on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -227,6 +231,7 @@ class _Loop:
     n_samples: int = 0
     scst_time: float = 0.0
     scst_captions: int = 0
+    updates: int = 0  # optimizer steps taken, both phases
 
 
 def _rng_states(gens: dict[str, torch.Generator]) -> dict:
@@ -330,6 +335,10 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
     gens = {"order": torch.Generator().manual_seed(seed),
             "sample": torch.Generator(device=device).manual_seed(seed + 1)}
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    if finetune is not None:  # one step per `images per step` images, all their captions
+        n_images = sum(1 for im in train_images if im.tokens)
+        steps_per_epoch = math.ceil(n_images / _images_per_step(cfg.batch_size, n_images,
+                                                                 len(rows)))
     total = steps_per_epoch * cfg.epochs
     phases = ["xe"] * cfg.epochs + ["scst"] * cfg.scst_epochs
     last_of_phase = {ph: max(i + 1 for i, p in enumerate(phases) if p == ph) for ph in set(phases)}
@@ -361,15 +370,19 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
             raise CapbenchError(f"{path} belongs to another run ({blob['meta']}); delete it or "
                                 "run without --resume")
         loop = _Loop(**blob["loop"])
-        decoder.load_state_dict(blob["decoder"])
-        if encoder is not None:
-            encoder.load_state_dict(blob["encoder"], strict=False)
-        if loop.phase == "scst":
-            opt, sched = scst_optimizer()
-        opt.load_state_dict(blob["optimizer"])
-        if sched is not None and blob["scheduler"] is not None:
-            sched.load_state_dict(blob["scheduler"])
-        _set_rng_states(blob["rng"], gens)
+        try:
+            decoder.load_state_dict(blob["decoder"])
+            if encoder is not None:
+                encoder.load_state_dict(blob["encoder"], strict=False)
+            if loop.phase == "scst":
+                opt, sched = scst_optimizer()
+            opt.load_state_dict(blob["optimizer"])
+            if sched is not None and blob["scheduler"] is not None:
+                sched.load_state_dict(blob["scheduler"])
+            _set_rng_states(blob["rng"], gens)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise CapbenchError(f"cannot continue from {path}: {exc}. Resume on the device the "
+                                "run started on, or delete the file to start afresh") from exc
     resumed_from = loop.epoch
 
     image_rows = store.row_ids(train_images)
@@ -390,10 +403,9 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
            steps=steps_per_epoch if phase == "xe" else math.ceil(len(image_ids) / cfg.batch_size))
         entry = {"epoch": epoch, "phase": phase}
         if phase == "xe" and finetune is not None:
-            entry["loss"] = _xe_epoch_finetune(decoder, finetune, train_images, rows,
-                                               all_inputs, all_targets, all_lengths, vocab, cfg,
-                                               device, opt, sched, gens["order"], loop, use_amp,
-                                               cb)
+            entry["loss"] = _xe_epoch_finetune(decoder, finetune, train_images, all_inputs,
+                                               all_targets, all_lengths, vocab, cfg, device,
+                                               opt, sched, gens["order"], loop, use_amp, cb)
         elif phase == "xe":
             entry["loss"] = _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths,
                                       vocab, cfg, device, opt, sched, gens["order"], loop,
@@ -415,7 +427,8 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
                 loop.since_best[phase] = 0
             else:
                 loop.since_best[phase] += 1
-                if cfg.patience and loop.since_best[phase] >= cfg.patience:
+                if (cfg.patience and loop.since_best[phase] >= cfg.patience
+                        and epoch < last_of_phase[phase]):
                     loop.stopped[phase] = epoch
                     entry["stopped_early"] = True
         loop.history.append(entry)
@@ -429,7 +442,7 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
     result.train_seconds = loop.train_time
     result.samples_per_s = loop.n_samples / max(loop.train_time, 1e-9)
     result.tokens_per_s = loop.n_tokens / max(loop.train_time, 1e-9)
-    result.steps = total
+    result.steps = loop.updates
     if cfg.scst_epochs:
         result.scst_seconds = loop.scst_time
         result.scst_captions_per_s = loop.scst_captions / max(loop.scst_time, 1e-9)
@@ -461,6 +474,7 @@ def _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths, vocab,
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
+        loop.updates += 1
         synchronize(device)
         loop.train_time += time.perf_counter() - t0
         loop.n_tokens += int(lengths.sum())
@@ -471,7 +485,12 @@ def _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths, vocab,
     return epoch_loss / max(1, batches)
 
 
-def _xe_epoch_finetune(decoder, ft: FineTune, train_images, rows, all_inputs, all_targets,
+def _images_per_step(batch_size: int, n_images: int, n_pairs: int) -> int:
+    """Images per fine-tuning step so that a step holds about ``batch_size`` captions."""
+    return max(1, round(batch_size * n_images / max(1, n_pairs)))
+
+
+def _xe_epoch_finetune(decoder, ft: FineTune, train_images, all_inputs, all_targets,
                        all_lengths, vocab, cfg, device, opt, sched, order, loop: _Loop,
                        use_amp: bool, cb) -> float:
     """One cross-entropy epoch through the live encoder: each training image once (training
@@ -487,7 +506,7 @@ def _xe_epoch_finetune(decoder, ft: FineTune, train_images, rows, all_inputs, al
             imgs.append(im)
             pairs.append(torch.arange(start, start + len(im.tokens)))
         start += len(im.tokens)
-    ipb = max(1, round(cfg.batch_size * len(imgs) / max(1, start)))  # images per step
+    ipb = _images_per_step(cfg.batch_size, len(imgs), start)
     perm = torch.randperm(len(imgs), generator=order)
     ds = ImageFolderDataset([imgs[i] for i in perm.tolist()], ft.encoder.train_transform())
     loader = DataLoader(ds, batch_size=ipb, num_workers=ft.num_workers,
@@ -518,6 +537,7 @@ def _xe_epoch_finetune(decoder, ft: FineTune, train_images, rows, all_inputs, al
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
+        loop.updates += 1
         synchronize(device)
         loop.train_time += time.perf_counter() - t0
         loop.n_tokens += int(lengths.sum())
@@ -528,12 +548,37 @@ def _xe_epoch_finetune(decoder, ft: FineTune, train_images, rows, all_inputs, al
     return epoch_loss / max(1, batches)
 
 
+@contextlib.contextmanager
+def _without_dropout(decoder):
+    """Training mode with every dropout off: the policy that samples is the one whose
+    log-probabilities are differentiated, and cuDNN's RNN backward (which refuses eval mode)
+    still runs on CUDA."""
+    decoder.train()
+    rnn_dropout = {}
+    for m in decoder.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.eval()
+        elif isinstance(m, torch.nn.RNNBase):
+            rnn_dropout[m], m.dropout = m.dropout, 0.0
+    try:
+        yield decoder
+    finally:
+        for m, p in rnn_dropout.items():
+            m.dropout = p
+
+
 def _scst_epoch(decoder, store, image_rows, image_ids, cider, vocab, cfg, device, opt, gens,
-                loop: _Loop, cb) -> float:
+                loop: _Loop, cb) -> tuple[float, float]:
     """One SCST epoch over the training images (``batch_size`` images a step, each with
     ``scst_samples`` sampled captions); returns the mean batch loss and the mean reward
     (CIDEr-D of the samples)."""
-    decoder.eval()  # no dropout: the log-probs are those of the policy that sampled
+    with _without_dropout(decoder):
+        return _scst_steps(decoder, store, image_rows, image_ids, cider, vocab, cfg, device,
+                           opt, gens, loop, cb)
+
+
+def _scst_steps(decoder, store, image_rows, image_ids, cider, vocab, cfg, device, opt, gens,
+                loop: _Loop, cb) -> tuple[float, float]:
     K = cfg.scst_samples
     perm = torch.randperm(len(image_ids), generator=gens["order"])
     epoch_loss, batches, reward_sum, n_samples = 0.0, 0, 0.0, 0
@@ -559,6 +604,7 @@ def _scst_epoch(decoder, store, image_rows, image_ids, cider, vocab, cfg, device
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
         opt.step()
+        loop.updates += 1
         synchronize(device)
         loop.scst_time += time.perf_counter() - t0
         loop.scst_captions += len(seqs)

@@ -120,6 +120,10 @@ def test_matrix_variants_multiply_the_cells_and_bad_ones_fail_before_any_run(tmp
     plan = matrix_plan(str(bad), ["lstm"], ["resnet18"], None, 0)
     with pytest.raises(ConfigError, match="matrix variant 'oops'.*epochz"):
         plan_cells(load_config(str(bad)), plan.archs, plan.encoders, plan.seeds, plan.variants)
+    bad.write_text("matrix:\n  variants:\n    other: {encoder: vit_tiny}\n")
+    plan = matrix_plan(str(bad), ["lstm"], ["resnet18"], None, 0)
+    with pytest.raises(ConfigError, match="set by the matrix itself"):
+        plan_cells(load_config(str(bad)), plan.archs, plan.encoders, plan.seeds, plan.variants)
     bad.write_text("matrix:\n  variants: [xe, scst]\n")
     with pytest.raises(ConfigError, match="variants"):
         matrix_plan(str(bad), None, None, None, 0)

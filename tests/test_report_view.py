@@ -238,3 +238,25 @@ def test_large_throughputs_get_thousands_separators(board):
     finally:
         plt.close(fig)
     assert "10,000" in labels and not any("10^" in t or "$" in t for t in labels), labels
+
+
+def test_pointing_columns_say_na_for_a_decoder_without_attention_and_dash_when_unmeasured():
+    from benchmark.records import RunRecord
+    from benchmark.report import leaderboard, render_markdown
+
+    def rec(run_id, arch, grounding):
+        return RunRecord.from_dict({
+            "run_id": run_id, "arch": arch, "encoder": "resnet50",
+            "dataset": {"name": "shapes", "split_fingerprint": "abc"},
+            "metrics": {"CIDEr": 1.0}, **({"grounding": grounding} if grounding else {})})
+
+    g = {"split": "test", "pointing": {"attention": None, "gradcam": 0.42, "centre": 0.1,
+                                       "random": 0.2}}
+    board = leaderboard([rec("20261122-000000-lstm-resnet50-s0-aaaa", "lstm", g),
+                         rec("20261122-000001-rnn-resnet50-s0-bbbb", "rnn", None)],
+                        baselines=False)
+    rows = [ln for ln in render_markdown(board).splitlines() if ln.startswith("| 1122-")]
+    lstm = next(r for r in rows if "| lstm |" in r)
+    rnn = next(r for r in rows if "| rnn |" in r)
+    assert "| n/a | 42 | 10 |" in lstm  # point att / GC / ctr
+    assert rnn.rstrip().endswith("| - | - | - |")
