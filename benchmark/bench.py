@@ -265,3 +265,55 @@ def table_columns(columns) -> list[str]:
     return [c for c in columns if c in ("arch", "encoder", "params", "input", "grid")
             or c.endswith("per_s") or c.startswith("latency") or "gflop" in c
             or c.endswith("_util") or c == "peak_memory_mb"]
+
+
+def bench_reward(dataset_spec: str, *, batches: int = 20, images: int = 32, samples: int = 5,
+                 rounds: int = 3, seed: int = 0) -> dict:
+    """Throughput of the SCST reward: CIDEr-D of ``batches`` x ``images`` x ``samples``
+    candidate captions (train references of other images, a fixed-seed draw) against their
+    images' train references, scored by :class:`benchmark.cider.CiderD` (document frequencies
+    of the whole train split, computed once) and by pycocoevalcap's ``Cider`` (which recounts
+    the batch's references and document frequencies on every call), in ``rounds`` alternating
+    rounds. Returns captions/s (median over rounds) of each, and CiderD's one-off build time.
+    Raises DatasetError for a bad dataset or a train split with fewer than ``images`` images.
+    """
+    import random
+
+    from pycocoevalcap.cider.cider import Cider
+
+    from benchmark.cider import CiderD
+    from benchmark.data import resolve_dataset
+    from benchmark.errors import DatasetError
+    from benchmark.metrics import ptb_tokenize
+
+    train = resolve_dataset(dataset_spec).split("train")
+    if len(train) < images:
+        raise DatasetError(f"{dataset_spec}: the train split has {len(train)} images; the reward "
+                           f"benchmark draws {images} per batch")
+    refs = ptb_tokenize({im.image_id: list(im.captions) for im in train})
+    ids, pool = list(refs), [c for v in refs.values() for c in v]
+    rng = random.Random(seed)
+    work = []
+    for _ in range(batches):
+        chosen = rng.sample(ids, images)
+        work.append(([i for i in chosen for _ in range(samples)],
+                     [rng.choice(pool) for _ in range(images * samples)]))
+    t0 = time.perf_counter()
+    scorer = CiderD(refs)
+    build = time.perf_counter() - t0
+    n = batches * images * samples
+    rates: dict[str, list[float]] = {"capbench_CiderD": [], "pycocoevalcap_Cider": []}
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for img_ids, caps in work:
+            scorer.score_pairs(caps, img_ids)
+        rates["capbench_CiderD"].append(n / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for img_ids, caps in work:
+            keys = [f"{i}#{k}" for k, i in enumerate(img_ids)]
+            Cider().compute_score({k: refs[i] for k, i in zip(keys, img_ids, strict=True)},
+                                  {k: [c] for k, c in zip(keys, caps, strict=True)})
+        rates["pycocoevalcap_Cider"].append(n / (time.perf_counter() - t0))
+    out = {k: float(statistics.median(v)) for k, v in rates.items()}
+    return {"captions": n, "train_images": len(train), "references": len(pool),
+            "ciderd_build_s": build, **{f"{k}_captions_per_s": v for k, v in out.items()}}

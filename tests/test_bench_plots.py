@@ -121,3 +121,13 @@ def test_report_plot_writes_training_curves(tmp_path):
     assert out.exit_code == 0, out.output
     curves = list((tmp_path / "plots").glob("*-training.png"))
     assert len(curves) == 1 and curves[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_reward_times_both_cider_implementations(tiny_shapes):
+    out = CliRunner().invoke(app, ["bench", "--reward", "shapes:200", "--format", "json"])
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.stdout)
+    assert res["captions"] == 20 * 32 * 5 and res["train_images"] == 140
+    assert res["capbench_CiderD_captions_per_s"] > 0 and res["pycocoevalcap_Cider_captions_per_s"] > 0
+    small = CliRunner().invoke(app, ["bench", "--reward", str(tiny_shapes)])
+    assert small.exit_code != 0 and "28 images" in small.output and "Traceback" not in small.output
