@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from benchmark.errors import CapbenchError
@@ -551,7 +552,7 @@ def matrix(
         counter["n"] += 1
         colour = {"ok": "green", "done": "cyan", "failed": "red"}[cell.status]
         extra = f"  {cell.error}" if cell.error else f"  {cell.seconds:.0f} s" if cell.seconds else ""
-        variant = f" [{cell.variant}]" if cell.variant else ""
+        variant = escape(f" [{cell.variant}]") if cell.variant else ""  # not a rich style tag
         console.print(f"[bold]matrix {counter['n']}/{plan.size}[/] {cell.arch} x {cell.encoder}{variant} "
                       f"seed {cell.seed}: [{colour}]{cell.status}[/]{extra}", highlight=False)
 
