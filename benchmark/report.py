@@ -41,7 +41,8 @@ LEGEND = ("scores x100 (pycocoevalcap) ±95% bootstrap CI half-width or ±std ov
           "vs blind = paired-bootstrap p of CIDEr-D against the strongest blind baseline, ✗ = not "
           "significantly better (p >= 0.05 or lower); shuffle Δ = CIDEr-D lost when each test "
           "image gets another image's features (±95% CI half-width; ~0 = the image is ignored); "
-          "obj = training objective (xe = cross-entropy, xe+scst = then self-critical; shown "
+          "tuned = encoder frozen or fine-tuned (last stage / all; shown when a group mixes "
+          "them); obj = training objective (xe = cross-entropy, xe+scst = then self-critical; shown "
           "when a group mixes them); tokenizer = caption tokenizer (V = vocabulary size, mean "
           "tokens per train caption; shown when a group mixes them); point att / GC / ctr = "
           "pointing-game hits (%) of the words naming a shape or colour on shapes, for "
@@ -53,22 +54,22 @@ COLLAPSED_PCT = 5.0
 #: decoder-column names of the baseline reference rows (short, so the compact view fits)
 BASELINE_NAMES = {"most-frequent": "most-freq", "consensus": "consensus", "nn": "nn"}
 IDENTITY = ["dataset", "split", "config_id", "arch", "encoder", "weights", "beam", "objective",
-            "tokenizer_id"]
+            "tokenizer_id", "tuned"]
 
 #: the terminal table's default columns (display names; ``arch`` is headed "decoder" there);
 #: ``vs blind`` and ``shuffle Δ`` are the first hidden when the terminal is narrow
-COMPACT_COLUMNS = ("run", "arch", "encoder", "obj", "tokenizer", "B@4", "M", "CIDEr-D", "tok/s", "uniq%",
-                   "vs blind", "shuffle Δ", "point att")
+COMPACT_COLUMNS = ("run", "arch", "encoder", "tuned", "obj", "tokenizer", "B@4", "M", "CIDEr-D",
+                   "tok/s", "uniq%", "vs blind", "shuffle Δ", "point att")
 #: the pointing-game columns (``capbench ground --save``), per heatmap method
 POINTING_COLUMNS = {"point att": "attention", "point GC": "gradcam", "point ctr": "centre"}
 #: columns left out of a group in which no record has them (records older than the feature,
 #: runs never grounded; ``obj`` when every run is cross-entropy only)
-OPTIONAL_COLUMNS = ("obj", "tokenizer", "vs blind", "shuffle Δ", *POINTING_COLUMNS)
+OPTIONAL_COLUMNS = ("tuned", "obj", "tokenizer", "vs blind", "shuffle Δ", *POINTING_COLUMNS)
 #: columns the terminal table shows whatever the width or the chosen columns
 ALWAYS_SHOWN = ("run", "arch", "encoder", "CIDEr-D")
 #: the order in which the terminal table hides columns that do not fit (first hidden first)
 DROP_ORDER = ("point ctr", "point GC", "point att", "shuffle Δ", "vs blind", "params",
-              "tokenizer", "obj",
+              "tokenizer", "obj", "tuned",
               "beam",
               "seed", "seeds", "B@2", "B@3", "cap/s", "B@1", "S", "img/s", "R-L", "weights",
               "uniq%", "M", "tok/s", "B@4")
@@ -78,7 +79,8 @@ RICH_HEADERS = {"arch": "decoder"}
 #: takes either name, the terminal header (``decoder``) or a metric's long name (``BLEU-4``)
 COLUMN_KEYS = {
     "run": "run_id", "arch": "arch", "encoder": "encoder", "weights": "weights", "seed": "seed",
-    "beam": "beam", "obj": "objective", "tokenizer": "tokenizer", **{SHORT[m]: m for m in METRIC_COLUMNS},
+    "beam": "beam", "obj": "objective", "tokenizer": "tokenizer", "tuned": "tuned",
+    **{SHORT[m]: m for m in METRIC_COLUMNS},
     **{label: key for key, label in THROUGHPUT_COLUMNS.items()},
     "uniq%": "unique_pct", "params": "decoder_params", "vs blind": "vs_blind_p",
     "shuffle Δ": "shuffle_drop",
@@ -99,6 +101,7 @@ _LEGEND_PARTS = {
     "shuffle Δ": "shuffle Δ CIDEr-D lost with another image's features (~0: image ignored)",
     "run": "run = MMDD-HHMMSS-tag of the run id",
     "obj": "obj training objective: xe = cross-entropy, xe+scst = then self-critical",
+    "tuned": "tuned: encoder frozen, or its last stage / all of it fine-tuned",
     "tokenizer": "tokenizer: kind (V = vocabulary size, mean tokens per train caption)",
     "point ": "point att/GC/ctr pointing-game hits % (shapes words) of attention, Grad-CAM, "
               "the centre baseline",
@@ -158,15 +161,16 @@ def _baseline_rows(records: list[RunRecord]) -> list[dict]:
     for r in records:
         for kind, b in ((r.image_use or {}).get("baselines") or {}).items():
             encoder = b.get("encoder") if kind == "nn" else None
-            key = (r.dataset.name, r.split_fingerprint, kind, encoder,
-                   r.encoder_weights if encoder else None)
+            # nn uses the frozen features: a fine-tuned run shares its base encoder's row
+            base = r.encoder_weights.split("+finetuned-")[0]
+            key = (r.dataset.name, r.split_fingerprint, kind, encoder, base if encoder else None)
             if key in seen:
                 continue
             seen.add(key)
             row = {"dataset": r.dataset.name, "split": r.split_fingerprint, "kind": "baseline",
                    "run_id": f"baseline:{kind}" + (f":{encoder}" if encoder else ""),
                    "config_id": f"baseline:{kind}:{encoder}", "seed": None, "beam": None,
-                   "objective": "-", "tokenizer": "-", "tokenizer_id": "-",
+                   "objective": "-", "tokenizer": "-", "tokenizer_id": "-", "tuned": "-",
                    "arch": BASELINE_NAMES.get(kind, kind), "encoder": encoder or "-",
                    "weights": ("pre" if r.pretrained else "rand") if encoder else "-",
                    "decoder_params": None, "unique_pct": math.nan}
@@ -197,6 +201,7 @@ def leaderboard(records: list[RunRecord], *, baselines: bool = True) -> pd.DataF
             "objective": (r.training or {}).get("objective", "xe"),
             "tokenizer": _tokenizer_cell(r),
             "tokenizer_id": _tokenizer_id(r),
+            "tuned": ((r.training or {}).get("encoder") or {}).get("trainable", "none"),
         }
         for m in METRIC_COLUMNS:
             v = r.metrics.get(m)
@@ -267,6 +272,8 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
             row["seed"] = "-" if pd.isna(r["seed"]) else int(r["seed"])
         row["beam"] = "-" if pd.isna(r["beam"]) else int(r["beam"])
         row["obj"] = r.get("objective", "xe")
+        tuned = r.get("tuned", "none")
+        row["tuned"] = {"none": "frozen"}.get(tuned, tuned)
         tok = r.get("tokenizer")
         row["tokenizer"] = tok if isinstance(tok, str) else str(r.get("tokenizer_id", "word"))
         for m in METRIC_COLUMNS:
@@ -299,6 +306,8 @@ def _groups(df: pd.DataFrame):
     has (records older than the figure) are left out rather than shown as all ``-``."""
     for (name, split), g in df.groupby(["dataset", "split"], sort=True):
         empty = [c for c in OPTIONAL_COLUMNS if c in g.columns and (g[c] == "-").all()]
+        if "tuned" in g.columns and g["tuned"].isin(["frozen", "-"]).all():
+            empty.append("tuned")  # every encoder frozen: nothing to tell
         if "obj" in g.columns and g["obj"].isin(["xe", "-"]).all():
             empty.append("obj")  # every row trained with cross-entropy only: nothing to tell
         if "tokenizer" in g.columns and g["tokenizer"].map(

@@ -260,3 +260,24 @@ def test_pointing_columns_say_na_for_a_decoder_without_attention_and_dash_when_u
     rnn = next(r for r in rows if "| rnn |" in r)
     assert "| n/a | 42 | 10 |" in lstm  # point att / GC / ctr
     assert rnn.rstrip().endswith("| - | - | - |")
+
+
+def test_a_fine_tuned_run_shares_its_base_encoders_nn_baseline_row():
+    from benchmark.records import RunRecord
+    from benchmark.report import leaderboard
+
+    use = {"baselines": {"nn": {"encoder": "clip_vit_b32", "detail": "k=5",
+                                "metrics": {"CIDEr": 2.0}}}}
+
+    def rec(run_id, weights, trainable):
+        return RunRecord.from_dict({
+            "run_id": run_id, "arch": "lstm", "encoder": "clip_vit_b32",
+            "encoder_weights": weights, "dataset": {"name": "shapes", "split_fingerprint": "abc"},
+            "metrics": {"CIDEr": 1.0}, "image_use": use,
+            "training": {"encoder": {"trainable": trainable}}})
+
+    board = leaderboard([rec("20261122-000000-lstm-c-s0-aaaa", "random-init:seed=0", "none"),
+                         rec("20261122-000001-lstm-c-s0-bbbb",
+                             "random-init:seed=0+finetuned-last:0123456789abcdef", "last")])
+    assert (board["kind"] == "baseline").sum() == 1
+    assert sorted(board.loc[board["kind"] == "run", "tuned"]) == ["last", "none"]
