@@ -453,6 +453,7 @@ def _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths, vocab,
               opt, sched, order, loop: _Loop, use_amp: bool, cb) -> float:
     """One teacher-forced cross-entropy epoch; returns the mean batch loss."""
     decoder.train()
+    params = list(decoder.parameters())
     perm = torch.randperm(len(rows), generator=order)
     epoch_loss, batches = 0.0, 0
     for s in range(math.ceil(len(rows) / cfg.batch_size)):
@@ -468,21 +469,30 @@ def _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths, vocab,
             out = decoder(grid, pooled, inputs, lengths.to(device))
         loss = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
                             cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        loop.updates += 1
-        synchronize(device)
-        loop.train_time += time.perf_counter() - t0
-        loop.n_tokens += int(lengths.sum())
-        loop.n_samples += len(idx)
-        epoch_loss += float(loss.detach())
+        epoch_loss += _xe_update(loss, params, lengths, len(idx), cfg, opt, sched, device, loop,
+                                 t0, cb)
         batches += 1
-        cb("step", loss=float(loss.detach()), tokens_per_s=loop.n_tokens / max(loop.train_time, 1e-9))
     return epoch_loss / max(1, batches)
+
+
+def _xe_update(loss, params, lengths, n_pairs: int, cfg, opt, sched, device, loop: _Loop,
+               t0: float, cb) -> float:
+    """Backward, clip, optimizer and scheduler step, and the step's bookkeeping; returns the
+    loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    sched.step()
+    loop.updates += 1
+    synchronize(device)
+    loop.train_time += time.perf_counter() - t0
+    loop.n_tokens += int(lengths.sum())
+    loop.n_samples += n_pairs
+    value = float(loss.detach())
+    cb("step", loss=value, tokens_per_s=loop.n_tokens / max(loop.train_time, 1e-9))
+    return value
 
 
 def _images_per_step(batch_size: int, n_images: int, n_pairs: int) -> int:
@@ -531,20 +541,9 @@ def _xe_epoch_finetune(decoder, ft: FineTune, train_images, all_inputs, all_targ
             out = decoder(grid.float(), pooled.float(), inputs, lengths.to(device))
         loss = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
                             cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        loop.updates += 1
-        synchronize(device)
-        loop.train_time += time.perf_counter() - t0
-        loop.n_tokens += int(lengths.sum())
-        loop.n_samples += len(idx)
-        epoch_loss += float(loss.detach())
+        epoch_loss += _xe_update(loss, params, lengths, len(idx), cfg, opt, sched, device, loop,
+                                 t0, cb)
         batches += 1
-        cb("step", loss=float(loss.detach()), tokens_per_s=loop.n_tokens / max(loop.train_time, 1e-9))
     return epoch_loss / max(1, batches)
 
 
