@@ -461,10 +461,8 @@ def _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths, vocab,
         synchronize(device)
         t0 = time.perf_counter()
         grid, pooled = store.rows(rows[idx], device)
-        lengths = all_lengths[idx]
-        T = int(lengths.max())
-        inputs = all_inputs[idx, :T].to(device, non_blocking=True)
-        targets = all_targets[idx, :T].to(device, non_blocking=True)
+        inputs, targets, lengths = _teacher_batch(idx, all_inputs, all_targets, all_lengths,
+                                                  device)
         with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
             out = decoder(grid, pooled, inputs, lengths.to(device))
         loss = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
@@ -473,6 +471,15 @@ def _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths, vocab,
                                  t0, cb)
         batches += 1
     return epoch_loss / max(1, batches)
+
+
+def _teacher_batch(idx, all_inputs, all_targets, all_lengths, device):
+    """Caption pairs ``idx`` of the pre-encoded captions: ``inputs``/``targets (B, T)`` on
+    ``device``, cut to the batch's longest caption T, and ``lengths (B,)`` on the CPU."""
+    lengths = all_lengths[idx]
+    T = int(lengths.max())
+    return (all_inputs[idx, :T].to(device, non_blocking=True),
+            all_targets[idx, :T].to(device, non_blocking=True), lengths)
 
 
 def _xe_update(loss, params, lengths, n_pairs: int, cfg, opt, sched, device, loop: _Loop,
@@ -534,10 +541,8 @@ def _xe_epoch_finetune(decoder, ft: FineTune, train_images, all_inputs, all_targ
         with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
             grid, pooled = ft.normalize(*ft.encoder(pixels.to(device, non_blocking=True)))
             grid, pooled = grid.repeat_interleave(counts, 0), pooled.repeat_interleave(counts, 0)
-            lengths = all_lengths[idx]
-            T = int(lengths.max())
-            inputs = all_inputs[idx, :T].to(device, non_blocking=True)
-            targets = all_targets[idx, :T].to(device, non_blocking=True)
+            inputs, targets, lengths = _teacher_batch(idx, all_inputs, all_targets, all_lengths,
+                                                      device)
             out = decoder(grid.float(), pooled.float(), inputs, lengths.to(device))
         loss = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
                             cfg.label_smoothing)

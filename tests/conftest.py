@@ -31,3 +31,19 @@ def tiny_shapes(tmp_path_factory) -> Path:
 def needs(path: Path):
     """Skip cleanly where ../shared/data is absent."""
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not found (shared data absent)")
+
+
+def captions_of(record, images: Path, results_dir: Path) -> dict[str, str]:
+    """``capbench caption`` of a run's test images (files under ``images``) through its saved
+    checkpoint: ``{file name: caption}``; fails the test when the command fails."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from benchmark.cli import app
+
+    files = [str(images / p["filename"]) for p in record.predictions]
+    out = CliRunner().invoke(app, ["caption", *files, "--run", record.run_id, "--results-dir",
+                                   str(results_dir), "--format", "json"])
+    assert out.exit_code == 0, out.output
+    return {c["file_name"]: c["caption"] for c in json.loads(out.stdout)}

@@ -3,17 +3,12 @@ frozen path and its feature cache stay untouched, and the saved model captions a
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from architectures import create_encoder
-from benchmark.cli import app
 from benchmark.errors import ConfigError
-
-runner = CliRunner()
+from tests.conftest import captions_of
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
@@ -77,9 +72,5 @@ def test_fine_tuning_trains_the_last_stage_and_leaves_the_frozen_path_alone(tiny
     assert tuned and all(k.startswith("body.7.") for k in tuned)  # ResNet layer4 only
     assert any(not torch.equal(before[k], v) for k, v in tuned.items())
     # the checkpoint rebuilds the fine-tuned encoder: captions equal the record's
-    files = [tiny_shapes.parent / "images" / p["filename"] for p in record.predictions]
-    out = runner.invoke(app, ["caption", *map(str, files), "--run", record.run_id,
-                              "--results-dir", str(tmp_path), "--format", "json"])
-    assert out.exit_code == 0, out.output
-    got = {c["file_name"]: c["caption"] for c in json.loads(out.stdout)}
+    got = captions_of(record, tiny_shapes.parent / "images", tmp_path)
     assert got == {p["filename"]: p["caption"] for p in record.predictions}

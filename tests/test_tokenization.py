@@ -13,6 +13,7 @@ from benchmark.data import load_karpathy
 from benchmark.errors import ConfigError
 from benchmark.tokenization import build_tokenizer, load_tokenizer, mean_tokens_per_caption
 from benchmark.vocab import Vocabulary
+from tests.conftest import captions_of
 
 runner = CliRunner()
 
@@ -89,9 +90,5 @@ def test_a_subword_run_learns_from_train_only_and_captions_reproduce(tiny_shapes
     info = record.training["tokenizer"]
     assert info["kind"] == kind and info["vocab_size"] == len(tok) == record.vocab_size
     assert info["mean_tokens_per_caption"] >= 1
-    files = [tiny_shapes.parent / "images" / p["filename"] for p in record.predictions]
-    out = runner.invoke(app, ["caption", *map(str, files), "--run", record.run_id,
-                              "--results-dir", str(tmp_path), "--format", "json"])
-    assert out.exit_code == 0, out.output
-    got = {c["file_name"]: c["caption"] for c in json.loads(out.stdout)}
+    got = captions_of(record, tiny_shapes.parent / "images", tmp_path)
     assert got == {p["filename"]: p["caption"] for p in record.predictions}
