@@ -11,6 +11,11 @@ A config file may carry a ``matrix:`` section (``archs``, ``encoders``, ``seeds`
 ``variants`` names settings to compare like decoders or encoders, each a mapping of dotted
 config keys, e.g. ``{xe: {}, xe+scst: {train.scst_epochs: 5}, bpe: {tokenizer: bpe}}``:
 every (decoder, encoder, seed) cell runs once per variant.
+
+``--shard i/N`` (:func:`parse_shard`, :func:`shard_cells`) splits one matrix across N
+machines: each runs the cells of its shard only, into its own results folder (or a shared
+one), and ``capbench report --results-dir A --results-dir B ...`` merges the folders into one
+leaderboard. The split depends on the plan alone (see :func:`shard_cells`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import dataclasses
 import json
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +44,8 @@ from benchmark.fsutil import atomic_write_text, ensure_writable, utc_timestamp
 from benchmark.records import load_records
 from benchmark.runner import preflight, prepare_features, run_experiment
 
-__all__ = ["Cell", "MatrixResult", "MatrixPlan", "matrix_plan", "plan_cells", "run_matrix"]
+__all__ = ["Cell", "MatrixResult", "MatrixPlan", "Shard", "matrix_plan", "parse_shard", "plan_cells",
+           "run_matrix", "shard_cells"]
 
 
 @dataclass
@@ -121,14 +128,79 @@ class Cell:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (1-based: ``1 <= index <= count``), as ``--shard i/N``."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def parse_shard(text: str) -> Shard:
+    """``"i/N"`` -> :class:`Shard`; raises ConfigError naming the flag and the valid form for
+    anything but two integers with ``N >= 1`` and ``1 <= i <= N`` (``0/2``, ``3/2``, ``a/b``,
+    ``1/0``)."""
+    how = "give i/N (this machine's shard i of N, 1 <= i <= N), e.g. --shard 1/4"
+    parts = str(text).strip().split("/")
+    try:
+        if len(parts) != 2:
+            raise ValueError(text)
+        index, count = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: {how}") from None
+    if count < 1:
+        raise ConfigError(f"--shard {text!r}: the number of shards N must be at least 1; {how}")
+    if not 1 <= index <= count:
+        raise ConfigError(f"--shard {text!r}: no shard {index}; shards are numbered 1 to {count}; "
+                          f"{how}")
+    return Shard(index, count)
+
+
+def _shard_unit(cell: Cell) -> tuple[str, str, str]:
+    """What moves between shards as a whole: one (encoder, decoder, variant) with all its
+    seeds."""
+    return (cell.encoder, cell.arch, cell.variant)
+
+
+def shard_cells(cells: list[Cell], shard: Shard | None) -> list[Cell]:
+    """The cells of ``shard`` among the planned ``cells``, in their plan (run) order; all of
+    them for ``shard=None``.
+
+    The unit of the split is an (encoder, decoder, variant) with **all its seeds**, so a
+    config's seeds run on one machine and are aggregated from one folder. The units are
+    sorted by their canonical names (encoder, decoder, variant name) and cut into ``N``
+    contiguous blocks of near-equal size (block ``i`` holds units ``(i-1)*U//N`` to
+    ``i*U//N - 1`` of ``U``): encoder-major, so an encoder's cells stay together and most
+    shards extract only one or two encoders' features. Every cell lies in exactly one shard.
+
+    The split depends only on the plan's names: not on the machine, on the records already
+    written (those are skipped later, by each shard), on the order the decoders/encoders/
+    variants were listed in, nor on the seeds (adding a seed keeps every unit on its
+    shard). Every shard must be given the same matrix (config and flags); adding a decoder,
+    encoder or variant moves the block boundaries. With more shards than units, some shards
+    get none."""
+    if shard is None:
+        return list(cells)
+    units = sorted({_shard_unit(c) for c in cells})
+    mine = set(units[(shard.index - 1) * len(units) // shard.count:
+                     shard.index * len(units) // shard.count])
+    return [c for c in cells if _shard_unit(c) in mine]
+
+
 @dataclass
 class MatrixResult:
-    """All cells with their outcome, the split fingerprint and per-encoder feature times."""
+    """The cells run (those of ``shard``, or all) with their outcome, the split fingerprint
+    and per-encoder feature times; ``planned`` counts the whole matrix's cells."""
 
     cells: list[Cell]
     split_fingerprint: str
     feature_seconds: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    shard: Shard | None = None
+    planned: int = 0
 
     def count(self, status: str) -> int:
         """Number of cells with ``status`` (ok, done, failed)."""
@@ -176,20 +248,31 @@ def _failure_path(results_dir: Path, cell: Cell) -> Path:
 
 
 def run_matrix(base: RunConfig, archs: list[str], encoders: list[str], seeds: list[int],
-               console=None, on_cell=None, variants: dict[str, dict] | None = None) -> MatrixResult:
-    """Run every pending cell; ``on_cell(cell)`` is called after each one finishes."""
+               console=None, on_cell=None, variants: dict[str, dict] | None = None, *,
+               shard: Shard | None = None,
+               on_plan: Callable[[list[Cell], int], None] | None = None) -> MatrixResult:
+    """Run every pending cell (of ``shard`` only, when given: :func:`shard_cells`).
+
+    ``on_plan(cells, planned)`` is called once the cells are planned, before any work, with
+    the cells this call runs and the whole matrix's cell count; ``on_cell(cell)`` after each
+    cell finishes."""
     t0 = time.perf_counter()
-    cells = plan_cells(base, archs, encoders, seeds, variants)
+    planned = plan_cells(base, archs, encoders, seeds, variants)
+    cells = shard_cells(planned, shard)
+    if on_plan:
+        on_plan(cells, len(planned))
     dataset = resolve_dataset(base.dataset)
     fingerprint = dataset.fingerprint
     results_dir = Path(base.results_dir)
     records, _ = load_records(results_dir)
     done = {(r.split_fingerprint, r.config_id, r.seed): r.run_id for r in records}
-    out = MatrixResult(cells, fingerprint)
+    out = MatrixResult(cells, fingerprint, shard=shard, planned=len(planned))
     device = select_device(base.device)
     if cells:  # the results folder must take records before any extraction starts
         preflight(cells[0].cfg, dataset, resolved_config(cells[0].cfg))
         ensure_writable(results_dir / "failures", what="results folder")
+    else:  # a shard with no cells: its (empty) folder still exists for `report --results-dir`
+        ensure_writable(results_dir / "runs", what="results folder")
     prepared: dict[str, tuple] = {}
     for cell in cells:
         key = (fingerprint, cell.config_id, cell.seed)

@@ -10,12 +10,17 @@ In a terminal (:func:`render_rich`) the board is compact by default (run, decode
 BLEU-4, METEOR, CIDEr-D, tokens/s, uniq%), ``wide`` shows every column and ``columns`` picks
 some. A number is never cut: when a table is wider than the console, whole columns are hidden
 by a fixed priority (:data:`DROP_ORDER`) and the table's footer names them.
+
+Several results folders (e.g. those the shards of ``capbench matrix --shard i/N`` wrote) form
+one board: :func:`load_records_from` merges their records, counting a record found in two
+folders once and refusing a run id whose records differ.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -108,8 +113,8 @@ _LEGEND_PARTS = {
 }
 
 __all__ = ["leaderboard", "aggregate_seeds", "render_markdown", "render_rich", "render",
-           "write_leaderboard_file", "load_board", "resolve_columns", "ColumnError", "METRIC_COLUMNS",
-           "COMPACT_COLUMNS"]
+           "write_leaderboard_file", "load_board", "load_records_from", "resolve_columns", "ColumnError",
+           "METRIC_COLUMNS", "COMPACT_COLUMNS"]
 
 
 class ColumnError(CapbenchError, ValueError):
@@ -468,23 +473,68 @@ def render(df: pd.DataFrame, fmt: str) -> str:
     raise ValueError(f"unknown format {fmt!r}")
 
 
-def load_board(results_dir: str | Path, aggregate: bool = False):
-    """``(board, per-run board, problems)`` for the records under ``<results_dir>/runs``:
-    ``board`` is seed-aggregated when ``aggregate``; ``problems`` names each unreadable
-    record and why. Raises RecordError when ``results_dir`` does not exist."""
+def _folders(results_dir: str | Path | Sequence[str | Path]) -> list[Path]:
+    """One folder or several as a list of paths (each named folder once, in the given order)."""
+    if isinstance(results_dir, (str, Path)):
+        return [Path(results_dir)]
+    return list(dict.fromkeys(Path(d) for d in results_dir))
+
+
+def _content(record: RunRecord) -> str:
+    """The record's stored content, canonical (where it was read from left out)."""
+    return json.dumps(record.to_dict(), sort_keys=True, default=str)
+
+
+def load_records_from(results_dirs: str | Path | Sequence[str | Path]):
+    """``(records, problems)`` of every record under ``<folder>/runs`` of one folder or
+    several (in the given order; a folder named twice is read once).
+
+    A run id met in two folders counts once when both records hold the same content (a
+    folder copied twice, a shared file system); records of one folder are kept as they are.
+    Raises RecordError when a folder does not exist (naming it), and when one run id has
+    records of different content in two folders (naming both files)."""
     from benchmark.errors import RecordError
     from benchmark.records import load_records
 
-    if not Path(results_dir).is_dir():
-        raise RecordError(f"--results-dir {results_dir} does not exist (runs are written to "
-                          "<results-dir>/runs/)")
-    records, problems = load_records(results_dir)
+    folders = _folders(results_dirs)
+    if not folders:
+        raise RecordError("no --results-dir given")
+    for folder in folders:
+        if not folder.is_dir():
+            raise RecordError(f"--results-dir {folder} does not exist (runs are written to "
+                              "<results-dir>/runs/)")
+    records, problems = [], []
+    seen: dict[str, tuple[Path, RunRecord]] = {}
+    for folder in folders:
+        found, trouble = load_records(folder)
+        problems += trouble
+        for r in found:
+            first = seen.get(r.run_id)
+            if first is None or first[0] == folder:
+                seen.setdefault(r.run_id, (folder, r))
+                records.append(r)
+            elif _content(first[1]) != _content(r):
+                raise RecordError(f"run {r.run_id} has two different records: {first[1].path} and "
+                                  f"{r.path}; keep one of them (or pass only one of their folders)")
+    return records, problems
+
+
+def load_board(results_dir: str | Path | Sequence[str | Path], aggregate: bool = False):
+    """``(board, per-run board, problems)`` for the records under ``<results_dir>/runs``, or
+    under each of several folders merged (:func:`load_records_from`): ``board`` is
+    seed-aggregated when ``aggregate``; ``problems`` names each unreadable record and why.
+    Raises RecordError when a folder does not exist or two folders disagree on a run."""
+    records, problems = load_records_from(results_dir)
     runs = leaderboard(records)
     return (aggregate_seeds(runs) if aggregate else runs), runs, problems
 
 
-def write_leaderboard_file(df: pd.DataFrame, results_dir: str | Path) -> Path:
-    """Write ``<results_dir>/LEADERBOARD.md``: the markdown board of every run there."""
+def write_leaderboard_file(df: pd.DataFrame, results_dir: str | Path,
+                           sources: Sequence[str | Path] | None = None) -> Path:
+    """Write ``<results_dir>/LEADERBOARD.md``: the markdown board of every run there, or of
+    the runs of the folders ``sources`` when the board merges several."""
     path = Path(results_dir) / "LEADERBOARD.md"
+    folders = _folders(sources) if sources else [Path(results_dir)]
+    where = ", ".join(f"`{folder}/runs`" for folder in folders)
     return atomic_write_text(path, "# capbench leaderboard\n\nMade by `capbench report` from the "
-                             f"run records in `{results_dir}/runs`.\n\n" + render(df, "markdown"))
+                             f"run records in {where}.\n\n" + render(df, "markdown"))
