@@ -38,7 +38,8 @@ from benchmark.device import peak_memory_mb, synchronize
 from benchmark.train import caption_loss
 
 __all__ = ["DecoderWorkload", "time_fn", "bench_decoder", "bench_encoder", "run_bench",
-           "table_columns", "count_flops", "matmul_peak", "add_utilisation", "bf16_supported"]
+           "table_columns", "count_flops", "matmul_peak", "add_utilisation", "bf16_supported",
+           "bench_store"]
 
 
 @dataclass
@@ -134,8 +135,13 @@ def _decoder_hparams(w: DecoderWorkload) -> dict:
 
 
 def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters: int = 5,
-                  warmup: int = 2, amp: bool | None = None) -> dict:
-    """Time training steps, beam-1/beam-K decoding and batch-1 latency of decoder ``arch``."""
+                  warmup: int = 2, amp: bool | None = None, compile: bool = False) -> dict:
+    """Time training steps, beam-1/beam-K decoding and batch-1 latency of decoder ``arch``.
+
+    ``compile``: also time the training step through ``torch.compile(dynamic=True)`` (as
+    ``capbench run --compile`` trains), alternating eager and compiled rounds, and report
+    ``train_compiled_samples_per_s`` and ``compile_speedup`` (eager median / compiled median).
+    """
     torch.manual_seed(0)
     use_amp = device.type == "cuda" if amp is None else amp
     dec = create_decoder(arch, w.vocab_size, w.grid_dim, w.pooled_dim, _decoder_hparams(w),
@@ -156,10 +162,10 @@ def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters:
     lengths = lengths.to(device)
     opt = torch.optim.AdamW(dec.parameters(), lr=1e-4)
 
-    def train_step():
+    def train_step(model=dec):
         dec.train()
         with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-            out = dec(grid, pooled, tokens, lengths)
+            out = model(grid, pooled, tokens, lengths)
         loss = caption_loss(out, targets, 0, dec.attention_regularization)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -167,6 +173,16 @@ def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters:
 
     train_flop = count_flops(train_step)
     t_train = time_fn(train_step, device, warmup=warmup, iters=iters)
+    compiled = {}
+    if compile:
+        fast = torch.compile(dec, dynamic=True)
+        eager_t, fast_t = [], []
+        time_fn(lambda: train_step(fast), device, warmup=2, iters=1)  # compiles
+        for _ in range(3):  # alternating rounds: the machine's load hits both alike
+            eager_t.append(time_fn(train_step, device, warmup=1, iters=iters)["median"])
+            fast_t.append(time_fn(lambda: train_step(fast), device, warmup=1, iters=iters)["median"])
+        compiled = {"train_compiled_samples_per_s": B / statistics.median(fast_t),
+                    "compile_speedup": statistics.median(eager_t) / statistics.median(fast_t)}
     dec.eval()
     with torch.no_grad():
         dec.fc.bias[2] = -1e9  # suppress <eos>: decode the full caption_len every time
@@ -190,7 +206,7 @@ def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters:
         "params": sum(p.numel() for p in dec.parameters()),
         "train_samples_per_s": B / t_train["median"],
         "train_tokens_per_s": n_tok / t_train["median"],
-        "train_step_ms_iqr": 1000 * t_train["iqr"],
+        "train_step_ms_iqr": 1000 * t_train["iqr"], **compiled,
         "beam1_captions_per_s": B / t_b1["median"],
         f"beam{w.beam_size}_captions_per_s": B / t_bk["median"],
         "latency_ms_p50": 1000 * lat["median"], "latency_ms_p95": 1000 * lat["p95"],
@@ -234,11 +250,12 @@ def bench_encoder(name: str, device: torch.device, *, batch_size: int = 16, iter
 
 
 def run_bench(archs: list[str], encoders: list[str], workload: DecoderWorkload,
-              device: torch.device, *, iters: int = 5, log=None, peak: bool = False) -> list[dict]:
+              device: torch.device, *, iters: int = 5, log=None, peak: bool = False,
+              compile: bool = False) -> list[dict]:
     """Rows of :func:`bench_decoder` for each decoder and :func:`bench_encoder` for each
     encoder (batch ``min(workload.batch_size, 16)``); ``log(text)`` reports progress. With
     ``peak``, the device's matmul peak is measured first (fp32 and bf16) and every decoder
-    row gets its utilisation (:func:`add_utilisation`)."""
+    row gets its utilisation (:func:`add_utilisation`). ``compile``: see :func:`bench_decoder`."""
     log = log or (lambda text: None)
     rows = []
     peaks = {}
@@ -251,7 +268,7 @@ def run_bench(archs: list[str], encoders: list[str], workload: DecoderWorkload,
             log("no bf16 matrix hardware on this device: bf16 peak not measured")
     for a in archs:
         log(f"timing decoder {a} ...")
-        row = bench_decoder(a, workload, device, iters=iters)
+        row = bench_decoder(a, workload, device, iters=iters, compile=compile)
         rows.append(add_utilisation(row, peaks) if peaks else row)
     for e in encoders:
         log(f"timing encoder {e} ...")
@@ -264,7 +281,7 @@ def table_columns(columns) -> list[str]:
     """The columns of a bench DataFrame that the terminal table shows."""
     return [c for c in columns if c in ("arch", "encoder", "params", "input", "grid")
             or c.endswith("per_s") or c.startswith("latency") or "gflop" in c
-            or c.endswith("_util") or c == "peak_memory_mb"]
+            or c.endswith("_util") or c in ("peak_memory_mb", "compile_speedup")]
 
 
 def bench_reward(dataset_spec: str, *, batches: int = 20, images: int = 32, samples: int = 5,
@@ -317,3 +334,112 @@ def bench_reward(dataset_spec: str, *, batches: int = 20, images: int = 32, samp
     out = {k: float(statistics.median(v)) for k, v in rates.items()}
     return {"captions": n, "train_images": len(train), "references": len(pool),
             "ciderd_build_s": build, **{f"{k}_captions_per_s": v for k, v in out.items()}}
+
+
+def bench_store(n_images: int, device: torch.device, *, folder: str | None = None,
+                grid_size: int = 49, grid_dim: int = 2048, pooled_dim: int = 2048,
+                shard_size: int | None = None, batch_size: int = 32, train_steps: int = 20,
+                read_batches: int = 100, decode_images: int = 128, num_workers: int | None = None,
+                arch: str = "attn_lstm", log=None) -> dict:
+    """The feature store at scale: build a synthetic store of ``n_images`` rows of
+    ResNet-50's shape (``49 x 2048`` grid, ``2048`` pooled; float16) in a temp folder under
+    ``folder`` (default: the system temp folder), then time, in this one process:
+
+    * ``build_s``/``write_mb_per_s``: writing it shard by shard (:func:`write_shard`);
+    * ``stats_s``: the streaming per-channel statistics over every row (``standardize``);
+    * ``read_samples_per_s``: reading random rows, ``batch_size`` a batch, through
+      :meth:`FeatureStore.batches` (``num_workers`` prefetching processes; default as the
+      harness chooses);
+    * ``train_samples_per_s``: ``train_steps`` teacher-forced steps of ``arch`` at the
+      Show-Attend-Tell sizes (512-d, 10k words, 20 words) on random rows;
+    * ``decode_captions_per_s``: greedy captions of ``decode_images`` random rows;
+    * ``peak_rss_mb``: the process's peak resident memory over all of it, against
+      ``in_memory_mb``, what holding the features in memory would take (the store's bytes).
+
+    The store is deleted afterwards. Raises StorageError when ``folder`` lacks the room.
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from benchmark.features import SHARD_BYTES, default_num_workers, open_store, write_manifest, write_shard
+    from benchmark.fsutil import ensure_writable
+
+    say = log or (lambda *a, **k: None)
+    row_bytes = (grid_size * grid_dim + pooled_dim) * 2
+    base = Path(folder or tempfile.gettempdir())
+    ensure_writable(base, need_bytes=n_images * row_bytes + 2**28, what="store benchmark folder",
+                    hint="Pass --store-dir with a folder that has room for the synthetic store.")
+    root = Path(tempfile.mkdtemp(prefix="capbench-store-", dir=base))
+    workers = default_num_workers() if num_workers is None else num_workers
+    try:
+        per = shard_size or max(1, SHARD_BYTES // row_bytes)
+        g = torch.Generator().manual_seed(0)
+        grid = torch.randn(per, grid_size, grid_dim, generator=g).half()
+        pooled = torch.randn(per, pooled_dim, generator=g).half()
+        t0 = time.perf_counter()
+        names = []
+        for s, first in enumerate(range(0, n_images, per)):
+            k = min(per, n_images - first)
+            names.append(f"shard-{s:05d}.safetensors")
+            write_shard(root / names[-1], grid[:k], pooled[:k], list(range(first, first + k)),
+                        first)
+        write_manifest(root, "synthetic", {"encoder": "synthetic"}, per, names,
+                       list(range(n_images)))
+        build_s = time.perf_counter() - t0
+        del grid, pooled
+        say(f"store of {n_images:,} rows written in {build_s:.1f} s")
+        store = open_store(root)
+        t0 = time.perf_counter()
+        store.standardize(torch.arange(n_images))
+        stats_s = time.perf_counter() - t0
+        say(f"statistics in {stats_s:.1f} s")
+        rows = torch.randint(0, n_images, (max(read_batches, train_steps), batch_size),
+                             generator=g)
+        t0 = time.perf_counter()
+        for _ in store.batches(list(rows[:read_batches]), "cpu", workers):
+            pass
+        read_s = time.perf_counter() - t0
+        w = DecoderWorkload(grid_size=grid_size, grid_dim=grid_dim, pooled_dim=pooled_dim,
+                            batch_size=batch_size)
+        torch.manual_seed(0)
+        dec = create_decoder(arch, w.vocab_size, grid_dim, pooled_dim, _decoder_hparams(w),
+                             strict=False).to(device)
+        opt = torch.optim.AdamW(dec.parameters(), lr=1e-4)
+        T = w.caption_len + 1
+        tokens = torch.randint(4, w.vocab_size, (batch_size, T), generator=g).to(device)
+        targets = torch.randint(4, w.vocab_size, (batch_size, T), generator=g).to(device)
+        lengths = torch.full((batch_size,), T, device=device)
+        dec.train()
+        batches = store.batches(list(rows[:train_steps]), device, workers)
+        t0 = None
+        for step, (gr, po) in enumerate(batches):
+            if step == 1:  # the first step warms up
+                synchronize(device)
+                t0 = time.perf_counter()
+            loss = caption_loss(dec(gr, po, tokens, lengths), targets, 0,
+                                dec.attention_regularization)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        synchronize(device)
+        train_s = time.perf_counter() - t0
+        dec.eval()
+        pick = torch.randint(0, n_images, (decode_images,), generator=g)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for gr, po in store.batches(list(pick.split(batch_size)), device, workers):
+                greedy_decode(dec, gr, po, max_len=w.caption_len)
+        synchronize(device)
+        decode_s = time.perf_counter() - t0
+        return {"images": n_images, "store_gb": store.nbytes / 1e9, "shards": len(names),
+                "shard_size": per, "build_s": build_s,
+                "write_mb_per_s": store.nbytes / 1e6 / build_s, "stats_s": stats_s,
+                "read_samples_per_s": read_batches * batch_size / read_s,
+                "train_samples_per_s": (train_steps - 1) * batch_size / train_s,
+                "decode_captions_per_s": decode_images / decode_s,
+                "peak_rss_mb": peak_memory_mb(torch.device("cpu")),
+                "in_memory_mb": store.nbytes / 2**20, "num_workers": workers, "arch": arch,
+                "device": str(device)}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

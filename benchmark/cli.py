@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -98,11 +99,17 @@ def run(
     tokenizer: Annotated[str | None, typer.Option(help="caption tokenizer: word, bpe (byte-level, GPT-2 style), wordpiece (BERT style), or a saved Hugging Face tokenizer folder/name")] = None,
     log: Annotated[str | None, typer.Option("--log", help="also log each epoch to tensorboard (<results-dir>/tensorboard/) or wandb (offline without a key), or none")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the newest unfinished run of the same config and seed from its last completed epoch")] = False,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="run the training steps through torch.compile (capbench bench --compile measures the speedup)")] = None,
+    nproc: Annotated[int, typer.Option(help="processes on this machine (e.g. one per GPU): launches torchrun with DistributedDataParallel; --batch-size stays the global batch")] = 1,
 ):
     """Train a decoder (on frozen encoder features, or fine-tuning the encoder), score it on the
     test split, write a run record."""
+    from benchmark import distributed
     from benchmark.config import load_config
     from benchmark.runner import run_seeds
+
+    if nproc < 1:
+        _fail(f"--nproc {nproc}: must be at least 1")
 
     cfg = load_config(config, {
         "arch": arch, "encoder": encoder, "dataset": dataset, "train.epochs": epochs,
@@ -111,14 +118,43 @@ def run(
         "results_dir": str(results_dir) if results_dir else None, "train.patience": patience,
         "train.scst_epochs": scst_epochs, "tokenizer": tokenizer,
         "encoder_trainable": finetune_encoder, "encoder_lr": encoder_lr, "log": log,
+        "train.compile": compile,
     })
     seed_list = _parse_seeds(seeds) if seeds else [cfg.seed]
+    if nproc > 1 and not distributed.launched_by_torchrun():
+        raise typer.Exit(_launch_torchrun(nproc))
+    is_rank0 = os.environ.get("RANK", "0") == "0"
 
     def on_start(s: int) -> None:
-        console.rule(f"capbench run: {cfg.arch} on {cfg.encoder} ({cfg.dataset}), seed {s}")
+        if is_rank0:
+            console.rule(f"capbench run: {cfg.arch} on {cfg.encoder} ({cfg.dataset}), seed {s}")
 
-    for record, path in run_seeds(cfg, seed_list, console, on_start, resume=resume):
-        _print_run_summary(record, path)
+    try:
+        for record, path in run_seeds(cfg, seed_list, console if is_rank0 else None, on_start,
+                                      resume=resume):
+            if record is not None:
+                _print_run_summary(record, path)
+    finally:
+        distributed.shutdown()
+
+
+def _launch_torchrun(nproc: int) -> int:
+    """Run this very command again under ``torchrun --nproc-per-node nproc`` (without
+    ``--nproc``); returns its exit code."""
+    import subprocess
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "benchmark.cli", *argv]
+    err.print(f"launching: {' '.join(cmd)}", highlight=False)
+    return subprocess.call(cmd)
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -148,12 +184,12 @@ def _print_run_summary(record, path: Path) -> None:
 @app.command()
 @_guard
 def report(
-    results_dir: Annotated[Path, typer.Option(help="folder holding runs/*.json")] = Path("results"),
+    results_dir: Annotated[list[Path] | None, typer.Option(help="folder holding runs/*.json (default results/); repeat it to merge several into one board, e.g. the folders of `matrix --shard` machines")] = None,
     format: Annotated[str, typer.Option("--format", help="table, markdown, csv or json")] = "table",
     output: Annotated[Path | None, typer.Option(help="write to this file instead of the terminal")] = None,
     aggregate: Annotated[bool, typer.Option(help="fold runs that differ only in seed into mean ± std rows")] = False,
     plot: Annotated[Path | None, typer.Option(help="write PNG plots here (quality vs throughput with Pareto front, per-metric bars, training curves of loss and validation CIDEr-D per epoch)")] = None,
-    leaderboard_file: Annotated[bool, typer.Option("--leaderboard-file/--no-leaderboard-file", help="also write <results-dir>/LEADERBOARD.md")] = True,
+    leaderboard_file: Annotated[bool, typer.Option("--leaderboard-file/--no-leaderboard-file", help="also write <results-dir>/LEADERBOARD.md (the first --results-dir when several)")] = True,
     columns: Annotated[str | None, typer.Option(help="table columns, comma-separated, e.g. B@1,B@4,CIDEr-D,img/s (display names or keys such as Bleu_4, CIDEr, train_tokens_per_s; any case); run, decoder, encoder and CIDEr-D are always shown")] = None,
     wide: Annotated[bool, typer.Option("--wide", help="table: every column (any that do not fit the terminal are named under the table)")] = False,
     gallery: Annotated[Path | None, typer.Option(help="also write a static HTML gallery here: per dataset/split, each test image's thumbnail, references and every model's caption with its per-image CIDEr-D, worst first")] = None,
@@ -162,40 +198,50 @@ def report(
 ):
     """Show every run as a leaderboard grouped by dataset and split fingerprint.
 
-    Also writes <results-dir>/LEADERBOARD.md (markdown) unless --no-leaderboard-file."""
-    from benchmark.report import load_board, render, render_rich, resolve_columns, write_leaderboard_file
+    Also writes <results-dir>/LEADERBOARD.md (markdown) unless --no-leaderboard-file.
 
+    Several --results-dir (e.g. the folders of `matrix --shard` machines) form one board: a
+    record found in two folders counts once, LEADERBOARD.md goes into the first folder."""
+    from benchmark.report import (
+        load_board,
+        load_records_from,
+        render,
+        render_rich,
+        resolve_columns,
+        write_leaderboard_file,
+    )
+
+    folders = list(dict.fromkeys(results_dir or [Path("results")]))
+    home = folders[0]  # LEADERBOARD.md goes here (checkpoints are found beside each record)
     if format not in ("table", "markdown", "csv", "json"):
         _fail(f"--format {format!r}: choose table, markdown, csv or json")
     cols = [c for c in columns.split(",") if c.strip()] if columns is not None else None
     if cols is not None:
         resolve_columns(cols)  # an unknown name fails before plots/LEADERBOARD.md are written
-    df, runs, problems = load_board(results_dir, aggregate)
+    df, runs, problems = load_board(folders, aggregate)
     for p in problems:
         err.print(f"[yellow]skipped:[/] {p}", highlight=False)
     if plot is not None and not runs.empty:
         from benchmark.plots import write_plots, write_training_curves
-        from benchmark.records import load_records
 
         try:
-            trained = [r for r in load_records(results_dir)[0] if r.evaluation is None]  # not eval --run copies
+            trained = [r for r in load_records_from(folders)[0] if r.evaluation is None]  # not eval --run copies
             for p in [*write_plots(runs, plot), *write_training_curves(trained, plot)]:
                 err.print(f"wrote {p}")
         except OSError as exc:
             _fail(f"cannot write the plots to --plot {plot}: {exc.strerror or exc}")
     if leaderboard_file and not df.empty:
         try:
-            write_leaderboard_file(df, results_dir)
+            write_leaderboard_file(df, home, folders)
         except OSError as exc:
-            err.print(f"[yellow]warning:[/] could not write {results_dir / 'LEADERBOARD.md'} "
+            err.print(f"[yellow]warning:[/] could not write {home / 'LEADERBOARD.md'} "
                       f"({exc.strerror or exc}); pass --no-leaderboard-file to skip it", highlight=False)
     if gallery is not None:
         from benchmark.gallery import AttentionStrips, write_gallery
-        from benchmark.records import load_records
 
-        records, _ = load_records(results_dir)  # problems were already printed above
+        records, _ = load_records_from(folders)  # problems were already printed above
         if records:
-            strips = AttentionStrips(results_dir) if gallery_strips else None
+            strips = AttentionStrips(home) if gallery_strips else None
             pages = write_gallery(records, gallery, max_images=gallery_images, strip_maker=strips)
             err.print(f"wrote {len(pages) - 1} gallery page(s) and {gallery / 'index.html'}")
             if strips is not None:
@@ -203,7 +249,8 @@ def report(
                 for run_id, why in strips.problems.items():
                     err.print(f"[yellow]no attention strips for {run_id}:[/] {why}", highlight=False)
         else:
-            err.print(f"[yellow]no run records in {results_dir / 'runs'}: no gallery written[/]", highlight=False)
+            where = ", ".join(str(f / "runs") for f in folders)
+            err.print(f"[yellow]no run records in {where}: no gallery written[/]", highlight=False)
     if format == "table" and output is None:
         render_rich(df, console, columns=cols, wide=wide)
         return
@@ -533,36 +580,52 @@ def matrix(
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="pretrained encoder weights or a seeded random init")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps")] = None,
     results_dir: Annotated[Path | None, typer.Option(help="where run records go")] = None,
+    shard: Annotated[str | None, typer.Option(help="i/N: run only shard i (1..N) of the matrix split across N machines; each (encoder, decoder, variant) goes whole, with all its seeds, to one shard, the same one on every machine; merge the folders with `capbench report --results-dir A --results-dir B ...`")] = None,
 ):
-    """Run every decoder x encoder (x seed) cell on one split; resumable; ends with the leaderboard."""
+    """Run every decoder x encoder (x seed) cell on one split; resumable; ends with the leaderboard.
+
+    With --shard i/N, only this machine's share of the cells (the same split on every machine)."""
     from benchmark.config import load_config
-    from benchmark.matrix import matrix_plan, run_matrix
+    from benchmark.errors import ConfigError
+    from benchmark.matrix import matrix_plan, parse_shard, run_matrix
     from benchmark.records import load_records
     from benchmark.report import leaderboard, render_rich
 
+    try:
+        part = parse_shard(shard) if shard is not None else None
+    except ConfigError as exc:
+        _fail(str(exc))
     cfg = load_config(config, {"dataset": dataset, "train.epochs": epochs, "pretrained": pretrained,
                                "device": device,
                                "results_dir": str(results_dir) if results_dir else None})
     plan = matrix_plan(config, archs.split(",") if archs else None,
                        encoders.split(",") if encoders else None,
                        _parse_seeds(seeds) if seeds else None, cfg.seed)
-    counter = {"n": 0}
+    counter = {"n": 0, "of": plan.size}
+
+    def on_plan(cells, planned):
+        counter["of"] = len(cells)
+        if part is not None:
+            console.print(f"[bold]matrix shard {part}[/]: {len(cells)} of {planned} cells", highlight=False)
 
     def on_cell(cell):
         counter["n"] += 1
         colour = {"ok": "green", "done": "cyan", "failed": "red"}[cell.status]
         extra = f"  {cell.error}" if cell.error else f"  {cell.seconds:.0f} s" if cell.seconds else ""
         variant = escape(f" [{cell.variant}]") if cell.variant else ""  # not a rich style tag
-        console.print(f"[bold]matrix {counter['n']}/{plan.size}[/] {cell.arch} x {cell.encoder}{variant} "
+        console.print(f"[bold]matrix {counter['n']}/{counter['of']}[/] {cell.arch} x {cell.encoder}{variant} "
                       f"seed {cell.seed}: [{colour}]{cell.status}[/]{extra}", highlight=False)
 
-    result = run_matrix(cfg, plan.archs, plan.encoders, plan.seeds, console, on_cell, plan.variants)
+    result = run_matrix(cfg, plan.archs, plan.encoders, plan.seeds, console, on_cell, plan.variants,
+                        shard=part, on_plan=on_plan)
     records, _ = load_records(cfg.results_dir)
     ids = {c.run_id for c in result.cells if c.run_id}
     render_rich(leaderboard([r for r in records if r.run_id in ids]), console)
     for enc, sec in result.feature_seconds.items():
         console.print(f"features {enc}: {sec:.0f} s (once, shared by its decoders)")
-    console.print(f"matrix: {plan.size} cells, {result.count('ok')} run, {result.count('done')} "
+    which = (f"matrix: {result.planned} cells" if part is None else
+             f"matrix shard {part}: {len(result.cells)} of {result.planned} cells")
+    console.print(f"{which}, {result.count('ok')} run, {result.count('done')} "
                   f"already done, {result.count('failed')} failed; wall {result.wall_seconds / 60:.1f} min")
     if result.count("failed"):
         console.print(f"[red]failures recorded in {Path(cfg.results_dir) / 'failures'}[/]")
@@ -628,6 +691,9 @@ def bench(
     output: Annotated[Path | None, typer.Option(help="also write the rows as CSV here")] = None,
     peak: Annotated[bool, typer.Option("--peak", help="measure the device's matmul peak (fp32, bf16) and report each phase's utilisation = achieved GFLOP/s / peak")] = False,
     reward: Annotated[str | None, typer.Option(help="time the SCST reward (CIDEr-D with cached document frequencies vs pycocoevalcap's Cider) on this dataset's train split, e.g. shapes")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="also time each decoder's training step through torch.compile and report the speedup over eager")] = False,
+    store: Annotated[int | None, typer.Option(help="scale benchmark of the feature store: build a synthetic store of N images at ResNet-50's grid size (49 x 2048, float16; 0.2 MB an image) and report peak RSS and samples/s of reading, training and decoding from it")] = None,
+    store_dir: Annotated[Path | None, typer.Option(help="where --store builds its synthetic store (default: the system temp folder); it is deleted afterwards")] = None,
 ):
     """Time decoders on synthetic features and encoders on random pixels (defaults: the
     Show-Attend-Tell setting: 196 x 2048 grid, 512-d, 10k words, batch 32, 20 words)."""
@@ -641,6 +707,25 @@ def bench(
 
     if format not in ("table", "csv", "json"):
         _fail(f"--format {format!r}: choose table, csv or json")
+    if store is not None:
+        from benchmark.bench import bench_store
+        from benchmark.device import select_device
+
+        if store < 2:
+            _fail(f"--store {store}: give the number of images, at least 2 (e.g. 10000)")
+        res = bench_store(store, select_device(device), folder=store_dir, batch_size=batch_size,
+                          log=err.print)
+        if format == "json":
+            sys.stdout.write(json.dumps(res, indent=1) + "\n")
+        else:
+            console.print(f"feature store of {res['images']:,} images ({res['store_gb']:.1f} GB, "
+                          f"{res['shards']} shards): peak RSS {res['peak_rss_mb']:,.0f} MB "
+                          f"(in memory it would be {res['in_memory_mb']:,.0f} MB); written at "
+                          f"{res['write_mb_per_s']:,.0f} MB/s, statistics in {res['stats_s']:.1f} s; "
+                          f"samples/s: read {res['read_samples_per_s']:,.0f}, train "
+                          f"{res['train_samples_per_s']:,.1f} ({res['arch']}), greedy decode "
+                          f"{res['decode_captions_per_s']:,.1f}", highlight=False)
+        return
     if reward:
         from benchmark.bench import bench_reward
 
@@ -670,7 +755,7 @@ def bench(
                         beam_size)
     archs = list_decoders() if arch == "all" else [a for a in (arch or "").split(",") if a]
     encs = list_encoders(ci=False) if encoder == "all" else [e for e in (encoder or "").split(",") if e]
-    rows = run_bench(archs, encs, w, dev, iters=iters, log=err.print, peak=peak)
+    rows = run_bench(archs, encs, w, dev, iters=iters, log=err.print, peak=peak, compile=compile)
     df = pd.DataFrame(rows).convert_dtypes()  # decoder and encoder rows merged: keep ints ints
     if output:
         from benchmark.fsutil import atomic_write_text
@@ -866,3 +951,7 @@ def data_coco(
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover  (torchrun -m benchmark.cli run ...)
+    main()

@@ -47,7 +47,9 @@ class TrainConfig:
     ``scst_epochs``: epochs of self-critical sequence training after the cross-entropy
     epochs (Rennie et al. 2017; 0 = cross-entropy only), with ``scst_samples`` sampled
     captions per image, the "new self-critical" baseline (Luo 2020) and a constant
-    ``scst_lr``.
+    ``scst_lr``. ``compile``: run the cross-entropy steps through ``torch.compile``
+    (``dynamic=True``: caption lengths vary by batch; ``capbench bench --compile`` measures
+    the speedup).
     """
 
     epochs: int = _r(10, min=1)
@@ -64,6 +66,7 @@ class TrainConfig:
     scst_epochs: int = _r(0, min=0)
     scst_samples: int = _r(5, min=2)
     scst_lr: float = _r(5e-5, min_exclusive=0.0)
+    compile: bool = False
 
 
 @dataclass
@@ -71,13 +74,16 @@ class FeatureConfig:
     """Feature extraction: batch size, DataLoader workers (None = auto), cache folder, and
     ``normalize``: z-score each channel with train-split statistics before the decoder;
     ``throughput_images``: test images re-encoded from pixels to time end-to-end inference
-    (0 = all; a sample keeps the matrix fast, captions still come from every test image)."""
+    (0 = all; a sample keeps the matrix fast, captions still come from every test image);
+    ``shard_size``: images per feature-store shard (None = about 256 MiB of float16 features
+    a shard, see :func:`benchmark.features.shard_images`)."""
 
     batch_size: int = _r(32, min=1)
     normalize: bool = True
     throughput_images: int = _r(64, min=0)
     num_workers: int | None = _r(None, min=0)
     cache_dir: str | None = None
+    shard_size: int | None = _r(None, min=1)
 
 
 @dataclass
@@ -117,7 +123,7 @@ class RunConfig:
 _SECTIONS = {"train": TrainConfig, "decode": DecodeConfig, "features": FeatureConfig}
 
 
-_INT_FIELDS_WITH_NONE = {"num_workers"}
+_INT_FIELDS_WITH_NONE = {"num_workers", "shard_size"}
 
 
 def _coerce(value: Any, default: Any, where: str, key: str = "") -> Any:
@@ -311,10 +317,14 @@ def config_id(resolved: dict) -> str:
     train = dict(keep.get("train") or {})
     if not train.get("patience"):
         train.pop("patience", None)
+    if not train.get("compile"):
+        train.pop("compile", None)
     if not train.get("scst_epochs"):
         for k in ("scst_epochs", "scst_samples", "scst_lr"):
             train.pop(k, None)
     keep["train"] = train
+    if "features" in keep:  # how features are stored does not change them
+        keep["features"] = {k: v for k, v in keep["features"].items() if k != "shard_size"}
     if keep.get("encoder_trainable", "none") == "none":
         keep.pop("encoder_trainable", None)
         keep.pop("encoder_lr", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import resource
 
@@ -14,10 +15,18 @@ __all__ = ["select_device", "synchronize", "seed_everything", "peak_memory", "pe
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks cuda > mps > cpu; anything else is checked to exist.
+    """``auto`` picks cuda > mps > cpu; anything else is checked to exist. Under ``torchrun``,
+    ``cuda`` without a number is this process's GPU (``cuda:LOCAL_RANK``).
 
     Raises ConfigError for a name torch does not know or a device this machine lacks.
     """
+    dev = _select_device(name)
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return dev
+
+
+def _select_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

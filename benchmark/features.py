@@ -1,39 +1,50 @@
-"""Frozen-encoder features, computed once and cached on disk as safetensors.
+"""Frozen-encoder features, computed once and cached on disk as a sharded store.
 
 The cache key hashes everything that determines the features: the encoder name, its weights
 (pretrained tag, weights-file digest or ``random-init:seed=S``), its preprocessing, the
 storage dtype and the image set (ids, paths, sizes and modification times). Any change of a
-part gives a new key, so a stale file is never read. Every decoder and every later run on
-the same images reuses one file. (Fine-tuning an encoder would bypass this cache: the
-harness then calls the encoder on pixels, see :class:`ImageFolderDataset`.)
+part gives a new key, so a stale store is never read. Every decoder and every later run on
+the same images reuses one store. (Fine-tuning an encoder bypasses this cache: the harness
+then calls the encoder on pixels, see :class:`ImageFolderDataset`.)
+
+A store is a folder of fixed-size safetensors shards plus a manifest written last, so that
+extraction, statistics, training and decoding all stream: memory holds a shard while
+extracting and a batch while reading, whatever the number of images (Karpathy COCO's
+123,287 ResNet-50 grids are 24.7 GB at float16). See :func:`load_or_extract`.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
+import math
 import os
+import struct
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from benchmark.data import ImageRecord
-from benchmark.errors import CapbenchWarning, DatasetError
-from benchmark.fsutil import atomic_write, ensure_writable, remove_stale_temps
+from benchmark.errors import DatasetError, StorageError
+from benchmark.fsutil import atomic_write, atomic_write_text, ensure_writable, remove_stale_temps
 from benchmark.paths import cache_root
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a folder of shards (1: one safetensors file)
+SHARD_BYTES = 256 * 2**20  # float16 features per shard file
+MANIFEST = "manifest.json"
 
-__all__ = ["FeatureStore", "ImageFolderDataset", "feature_cache_key", "extract_features",
-           "load_or_extract", "default_num_workers", "feature_bytes"]
+__all__ = ["FeatureStore", "ShardedRows", "ImageFolderDataset", "feature_cache_key",
+           "extract_features", "load_or_extract", "open_store", "store_folder", "shard_images",
+           "channel_stats", "take_rows", "write_shard", "write_manifest", "default_num_workers",
+           "feature_bytes"]
 
 
 class ImageFolderDataset(Dataset):
@@ -55,16 +66,150 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f"cannot read image {path}: {exc}") from exc
 
 
-@dataclass
-class FeatureStore:
-    """Cached features of an image set: ``grid (N, L, D)``, ``pooled (N, P)`` and row index.
+class ShardedRows:
+    """One tensor of a sharded feature store (``grid`` or ``pooled``), read by row number.
 
-    Tensors are stored as float16 (float32 if a value would overflow float16) and returned in
-    that dtype; :meth:`rows` converts a batch to float32 on the requested device.
+    The shards are safetensors files with ``S`` rows each (the last may have fewer). Rows are
+    read with positioned reads (``os.preadv``) straight into the output tensor, so only the
+    rows asked for are ever in the process's memory: the page cache, not the process, holds
+    the file. (A memory map would count every page read so far in the resident set.) File
+    handles are opened lazily per process, so a store can be sent to DataLoader workers.
+
+    ``shape``: ``(N, *row_shape)``; ``dtype``: float16, or float32 when any shard is float32.
     """
 
-    grid: torch.Tensor
-    pooled: torch.Tensor
+    def __init__(self, files: list[Path], name: str) -> None:
+        self.files, self.name = [Path(f) for f in files], name
+        self._fds: dict[int, int] = {}
+        headers = [_safetensors_header(f) for f in self.files]
+        infos = [h[name] for _, h in headers]
+        self._data_start = [start + info["data_offsets"][0]
+                            for (start, _), info in zip(headers, infos, strict=True)]
+        counts = [info["shape"][0] for info in infos]
+        self.row_shape = tuple(infos[0]["shape"][1:]) if infos else ()
+        self._dtypes = [_DTYPES[info["dtype"]] for info in infos]
+        self.dtype = torch.float16 if all(d == torch.float16 for d in self._dtypes) \
+            else torch.float32
+        self._starts = [0]
+        for c in counts:
+            self._starts.append(self._starts[-1] + c)
+        self.shape = (self._starts[-1], *self.row_shape)
+        self.device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fds": {}}
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole tensor at its stored precision."""
+        per_row = math.prod(self.row_shape)
+        return sum((b - a) * per_row * torch.finfo(d).bits // 8 for a, b, d in
+                   zip(self._starts[:-1], self._starts[1:], self._dtypes, strict=True))
+
+    def _read(self, shard: int, first: int, out: torch.Tensor) -> None:
+        """Fill ``out`` (``(n, *row_shape)``, contiguous) with rows ``first..first+n`` of
+        ``shard`` (shard-local numbers)."""
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.files[shard], os.O_RDONLY)
+        dtype = self._dtypes[shard]
+        buf = out if out.dtype == dtype else torch.empty(out.shape, dtype=dtype)
+        row_bytes = math.prod(self.row_shape) * torch.finfo(dtype).bits // 8
+        view = memoryview(buf.view(torch.uint8).numpy()).cast("B")
+        offset = self._data_start[shard] + first * row_bytes
+        while len(view):
+            n = os.preadv(fd, [view], offset)
+            if n <= 0:
+                raise DatasetError(f"feature shard {self.files[shard]} is shorter than its header "
+                                   "says; delete the feature cache folder to extract again")
+            view, offset = view[n:], offset + n
+        if buf is not out:
+            out.copy_(buf)
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (``(B,)`` int) as a CPU tensor ``(B, *row_shape)`` of :attr:`dtype`;
+        runs of consecutive rows are read in one call."""
+        rows = rows.to("cpu", torch.long)
+        order = torch.argsort(rows)
+        wanted = rows[order].tolist()
+        out = torch.empty((len(wanted), *self.row_shape), dtype=self.dtype)
+        i = 0
+        while i < len(wanted):
+            if not 0 <= wanted[i] < self.shape[0]:
+                raise IndexError(f"row {wanted[i]} of a store with {self.shape[0]} rows")
+            shard = bisect.bisect_right(self._starts, wanted[i]) - 1
+            j = i + 1
+            while (j < len(wanted) and wanted[j] == wanted[j - 1] + 1
+                   and wanted[j] < self._starts[shard + 1]):
+                j += 1
+            self._read(shard, wanted[i] - self._starts[shard], out[i:j])
+            i = j
+        result = torch.empty_like(out)
+        result[order] = out
+        return result
+
+    def all(self) -> torch.Tensor:
+        """Every row, ``(N, *row_shape)`` (loads the whole tensor: for stores that fit)."""
+        return self.take(torch.arange(self.shape[0]))
+
+
+def take_rows(source: torch.Tensor | ShardedRows, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of an in-memory tensor or a :class:`ShardedRows`, at stored precision,
+    on the source's device."""
+    if isinstance(source, ShardedRows):
+        return source.take(rows)
+    return source.index_select(0, rows.to(source.device))
+
+
+def channel_stats(source: torch.Tensor | ShardedRows, rows: torch.Tensor, *,
+                  flatten_tokens: bool, chunk_rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and unbiased std ``(D,)`` (float32) of ``rows`` of ``source``, in one
+    streaming pass over chunks of ``chunk_rows`` rows with float64 accumulators, merged with
+    Chan et al.'s parallel update (Chan, Golub & LeVeque 1979; Welford 1962 for one value at a
+    time). Memory is one chunk, whatever the number of rows. ``flatten_tokens``: a grid
+    ``(N, L, D)`` counts each of its ``L`` tokens as a sample.
+    Raises ValueError for fewer than two samples.
+    """
+    rows = torch.sort(rows.to("cpu", torch.long)).values  # sequential reads
+    count, mean, m2 = 0, None, None
+    for start in range(0, len(rows), chunk_rows):
+        x = take_rows(source, rows[start : start + chunk_rows]).to(torch.float64)
+        x = x.flatten(0, 1) if flatten_tokens else x
+        n = x.shape[0]
+        mean_b = x.mean(0)
+        m2_b = (x - mean_b).square().sum(0)
+        if mean is None:
+            count, mean, m2 = n, mean_b, m2_b
+            continue
+        delta, total = mean_b - mean, count + n
+        mean = mean + delta * (n / total)
+        m2 = m2 + m2_b + delta.square() * (count * n / total)
+        count = total
+    if count < 2:
+        raise ValueError(f"feature statistics need at least two samples, got {count}")
+    return mean.float(), (m2 / (count - 1)).sqrt().float()
+
+
+@dataclass
+class FeatureStore:
+    """Features of an image set: ``grid (N, L, D)``, ``pooled (N, P)`` and row index.
+
+    ``grid``/``pooled`` are either in-memory tensors or :class:`ShardedRows` read from the
+    cache's shard files on demand (so memory does not grow with ``N``). Values are stored as
+    float16 (float32 if a value would overflow float16); :meth:`rows` returns a batch as
+    float32 on the requested device, normalised when :attr:`stats` is set.
+    """
+
+    grid: torch.Tensor | ShardedRows
+    pooled: torch.Tensor | ShardedRows
     image_ids: list
     key: str
     path: Path | None = None
@@ -75,34 +220,73 @@ class FeatureStore:
     def __post_init__(self) -> None:
         self.index = {iid: i for i, iid in enumerate(self.image_ids)}
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the features are read from shard files (not held in memory)."""
+        return isinstance(self.grid, ShardedRows)
+
+    @property
+    def device(self) -> torch.device:
+        return self.grid.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of ``grid`` and ``pooled`` at stored precision."""
+        return sum(t.nbytes if isinstance(t, ShardedRows) else t.numel() * t.element_size()
+                   for t in (self.grid, self.pooled))
+
     def standardize(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Z-score every channel with mean/std over ``rows`` (the train split); return stats.
 
         Frozen backbones emit features of very different scales (a random-init ResNet-50's
         have std ~20, CLIP's ~1); the harness normalises them identically for every decoder.
-        Statistics come from training images only and are saved with the checkpoint.
+        Statistics come from training images only, in one streaming pass
+        (:func:`channel_stats`), and are saved with the checkpoint.
         """
-        rows = rows.to(self.grid.device)
-        g = self.grid.index_select(0, rows).float().flatten(0, 1)
-        p = self.pooled.index_select(0, rows).float()
-        self.stats = {"grid_mean": g.mean(0), "grid_std": g.std(0).clamp_min(1e-6),
-                      "pooled_mean": p.mean(0), "pooled_std": p.std(0).clamp_min(1e-6)}
+        gm, gs = channel_stats(self.grid, rows, flatten_tokens=True)
+        pm, ps = channel_stats(self.pooled, rows, flatten_tokens=False)
+        dev = self.device
+        self.stats = {"grid_mean": gm.to(dev), "grid_std": gs.clamp_min(1e-6).to(dev),
+                      "pooled_mean": pm.to(dev), "pooled_std": ps.clamp_min(1e-6).to(dev)}
         return self.stats
 
     def row_ids(self, images: list[ImageRecord]) -> torch.Tensor:
         """Row numbers ``(len(images),)`` of these images in the store."""
         return torch.tensor([self.index[im.image_id] for im in images], dtype=torch.long)
 
-    def rows(self, rows: torch.Tensor, device: torch.device | str = "cpu"):
-        """``(grid (B, L, D), pooled (B, P))`` float32 on ``device`` for row numbers ``rows``."""
-        rows = rows.to(self.grid.device)
-        g, p = self.grid.index_select(0, rows), self.pooled.index_select(0, rows)
-        g, p = g.to(device, torch.float32, non_blocking=True), p.to(device, torch.float32)
+    def raw(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(grid (B, L, D), pooled (B, P))`` of row numbers ``rows`` at stored precision, on
+        the store's device (what a DataLoader worker reads)."""
+        return take_rows(self.grid, rows), take_rows(self.pooled, rows)
+
+    def normalize(self, grid: torch.Tensor, pooled: torch.Tensor, device):
+        """A raw batch as float32 on ``device``, z-scored with :attr:`stats` when set."""
+        g = grid.to(device, torch.float32, non_blocking=True)
+        p = pooled.to(device, torch.float32, non_blocking=True)
         if self.stats is not None:
             st = {k: v.to(device) for k, v in self.stats.items()}
             g = (g - st["grid_mean"]) / st["grid_std"]
             p = (p - st["pooled_mean"]) / st["pooled_std"]
         return g, p
+
+    def rows(self, rows: torch.Tensor, device: torch.device | str = "cpu"):
+        """``(grid (B, L, D), pooled (B, P))`` float32 on ``device`` for row numbers ``rows``."""
+        return self.normalize(*self.raw(rows), device)
+
+    def batches(self, batches: list[torch.Tensor], device, num_workers: int = 0):
+        """Yield :meth:`rows` of each row batch in ``batches``, in order. A sharded store on
+        the CPU is read ahead by a DataLoader with ``num_workers`` worker processes (pinned
+        memory when ``device`` is CUDA); otherwise batches are read as they are needed."""
+        device = torch.device(device)
+        if num_workers > 0 and self.device.type == "cpu":
+            loader = DataLoader(_RawBatches(self, batches), batch_size=None, shuffle=False,
+                                num_workers=num_workers, pin_memory=device.type == "cuda",
+                                prefetch_factor=4, persistent_workers=False)
+            for g, p in loader:
+                yield self.normalize(g, p, device)
+        else:
+            for b in batches:
+                yield self.rows(b, device)
 
     def copy(self) -> FeatureStore:
         """A store sharing this one's feature tensors, without normalisation statistics (so
@@ -111,11 +295,49 @@ class FeatureStore:
                             self.extraction_images_per_s, self.cache_hit)
 
     def to(self, device) -> FeatureStore:
-        """A copy whose tensors live on ``device`` (e.g. the whole store on the GPU)."""
+        """A copy whose features are in-memory tensors on ``device`` (e.g. the whole store
+        on the GPU when it fits, see :meth:`fits_on`)."""
         stats = {k: v.to(device) for k, v in self.stats.items()} if self.stats else None
-        return FeatureStore(self.grid.to(device), self.pooled.to(device), self.image_ids,
-                            self.key, self.path, self.extraction_images_per_s, self.cache_hit,
-                            stats)
+        grid, pooled = (t.all() if isinstance(t, ShardedRows) else t
+                        for t in (self.grid, self.pooled))
+        return FeatureStore(grid.to(device), pooled.to(device), self.image_ids, self.key,
+                            self.path, self.extraction_images_per_s, self.cache_hit, stats)
+
+    def fits_on(self, device, fraction: float = 0.5) -> bool:
+        """Whether the whole store takes at most ``fraction`` of ``device``'s free memory
+        (CUDA; always False for other devices)."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(device)
+        return self.nbytes <= fraction * free
+
+
+class _RawBatches(Dataset):
+    """Raw row batches of a store, one item per batch (for a prefetching DataLoader)."""
+
+    def __init__(self, store: FeatureStore, batches: list[torch.Tensor]) -> None:
+        self.store, self.batches = store, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        return self.store.raw(self.batches[i])
+
+
+_DTYPES = {"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16}
+
+
+def _safetensors_header(path: Path) -> tuple[int, dict]:
+    """``(byte offset of the data, header)`` of a safetensors file (its documented layout: an
+    8-byte little-endian header length, then the JSON header). Raises DatasetError."""
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            return 8 + n, json.loads(fh.read(n))
+    except (OSError, struct.error, ValueError) as exc:
+        raise DatasetError(f"cannot read the feature shard {path}: {exc}") from exc
 
 
 def feature_cache_key(identity: dict[str, str], images: list[ImageRecord]) -> str:
@@ -141,7 +363,8 @@ def default_num_workers() -> int:
 def extract_features(encoder, images: list[ImageRecord], *, batch_size: int = 32,
                      device: str | torch.device = "cpu", num_workers: int | None = None,
                      progress=None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Run ``encoder`` over ``images`` from disk.
+    """Run ``encoder`` over ``images`` from disk (on CUDA: bf16 autocast, channels-last
+    memory format, ``cudnn.benchmark``, pinned memory and non-blocking copies).
 
     Returns ``grid (N, L, D)``, ``pooled (N, P)`` (float32, CPU) and end-to-end images/s
     (decode + preprocess + forward). ``progress`` is an optional callable(n_done).
@@ -151,13 +374,18 @@ def extract_features(encoder, images: list[ImageRecord], *, batch_size: int = 32
     loader = DataLoader(ImageFolderDataset(images, encoder.transform), batch_size=batch_size,
                         num_workers=workers, pin_memory=device.type == "cuda")
     encoder = encoder.to(device).eval()
+    memory_format = torch.contiguous_format
+    if device.type == "cuda":  # cuDNN picks the fastest convolution for the fixed input size
+        torch.backends.cudnn.benchmark = True
+        memory_format = torch.channels_last  # NHWC: the tensor cores' layout
+        encoder = encoder.to(memory_format=memory_format)
     grids, pooleds = [], []
     t0 = time.perf_counter()
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" \
         else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         for pixels in loader:
-            g, p = encoder(pixels.to(device, non_blocking=True))
+            g, p = encoder(pixels.to(device, non_blocking=True, memory_format=memory_format))
             grids.append(g.float().cpu())
             pooleds.append(p.float().cpu())
             if progress:
@@ -180,44 +408,140 @@ def feature_bytes(encoder, n_images: int) -> int:
     return n_images * (encoder.grid_size * encoder.grid_dim + encoder.pooled_dim) * 2
 
 
+def shard_images(encoder) -> int:
+    """Images per shard: as many as fit in :data:`SHARD_BYTES` at float16 (1,310 for
+    ResNet-50's 49 x 2048 grid, 887 for ViT-B/16's 196 x 768), at least one."""
+    return max(1, SHARD_BYTES // feature_bytes(encoder, 1))
+
+
+def store_folder(encoder, images: list[ImageRecord], cache_dir: str | Path | None = None) -> Path:
+    """The cache folder of ``encoder``'s features of ``images``:
+    ``<cache>/features/<encoder>-<key>/`` (``cache_dir`` replaces ``<cache>/features``)."""
+    identity = encoder.cache_identity()
+    folder = Path(cache_dir) if cache_dir else cache_root() / "features"
+    return folder / f"{identity['encoder']}-{feature_cache_key(identity, images)}"
+
+
+def _shard_ids(path: Path) -> list | None:
+    """The image ids a complete shard file holds (None when absent, unreadable or short)."""
+    try:
+        start, header = _safetensors_header(path)
+        end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+        if path.stat().st_size < start + end:
+            return None
+        return json.loads(header["__metadata__"]["image_ids"])
+    except (DatasetError, OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+def write_shard(path: Path, grid: torch.Tensor, pooled: torch.Tensor, image_ids: list,
+                first_row: int) -> None:
+    """Write one shard atomically: ``grid (S, L, D)`` and ``pooled (S, P)`` at
+    :func:`storage_precision`, with the shard's image ids in its metadata. Raises StorageError
+    (the shards written before it are kept, so the next run continues from them)."""
+    tensors = {"grid": storage_precision(grid), "pooled": storage_precision(pooled)}
+    meta = {"image_ids": json.dumps(image_ids), "first_row": str(first_row)}
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    except (OSError, SafetensorError) as exc:
+        raise StorageError(f"could not write the feature shard {path} ({exc}). The shards "
+                           "before it are kept and the next run continues from them; free some "
+                           "space or set CAPBENCH_CACHE to another folder") from exc
+
+
+def write_manifest(folder: Path, key: str, identity: dict, shard_size: int, shards: list[str],
+                   image_ids: list) -> None:
+    """Complete the store in ``folder``: remove shard files not in ``shards`` (of an earlier
+    run with another shard size), then write ``manifest.json`` atomically."""
+    for stale in {p.name for p in folder.glob("shard-*.safetensors")} - set(shards):
+        (folder / stale).unlink(missing_ok=True)
+    manifest = {"format": FORMAT_VERSION, "key": key, "identity": identity,
+                "shard_size": shard_size, "shards": shards, "image_ids": image_ids}
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest))
+
+
+def open_store(folder: str | Path, image_ids: list | None = None) -> FeatureStore | None:
+    """The sharded store in ``folder`` when its manifest is complete (and lists exactly
+    ``image_ids`` when given), else None. Nothing is read but the shards' headers."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest.get("format") != FORMAT_VERSION:
+            return None
+        if image_ids is not None and manifest["image_ids"] != image_ids:
+            return None
+        files = [folder / name for name in manifest["shards"]]
+        grid, pooled = ShardedRows(files, "grid"), ShardedRows(files, "pooled")
+    except (OSError, ValueError, KeyError, TypeError, DatasetError):
+        return None
+    if len(grid) != len(manifest["image_ids"]) or len(pooled) != len(grid):
+        return None
+    return FeatureStore(grid, pooled, manifest["image_ids"], manifest["key"], folder,
+                        cache_hit=True)
+
+
 def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path | None = None,
                     batch_size: int = 32, device: str | torch.device = "cpu",
-                    num_workers: int | None = None, progress=None) -> FeatureStore:
-    """Features of ``images`` from the cache, or extracted now and cached (atomic write).
+                    num_workers: int | None = None, progress=None,
+                    shard_size: int | None = None) -> FeatureStore:
+    """Features of ``images`` from the cache, or extracted now into it, shard by shard.
 
-    The file is ``<cache>/features/<encoder>-<key>.safetensors``; ``cache_dir`` defaults to
-    the capbench cache root. Before extracting, the cache folder must be writable with room
-    for the file (StorageError otherwise, so no extraction is wasted); temp files of killed
-    extractions are removed. If saving still fails, the features are used uncached and a
-    CapbenchWarning says why.
+    The store is the folder :func:`store_folder`: ``shard-00000.safetensors``, ... with
+    ``shard_size`` images each (default :func:`shard_images`), and ``manifest.json``,
+    written last, that makes it complete. Each shard is written atomically once its images
+    are encoded, so memory holds one shard at a time, a half-written shard is never read, and
+    an extraction that was killed resumes at the first missing shard. Under
+    ``torchrun``/``capbench run --nproc`` every rank encodes every ``world_size``-th shard and
+    rank 0 writes the manifest once all are there.
+
+    Before extracting, the cache folder must be writable with room for the store
+    (StorageError otherwise, so no extraction is wasted); temp files of killed extractions
+    are removed. A shard that cannot be written raises StorageError; the shards already
+    written are kept for the next run. The returned store reads rows from the shards on
+    demand (:class:`ShardedRows`); its ``extraction_images_per_s`` is the end-to-end rate of
+    the images this process encoded (None when it encoded none).
     """
+    from benchmark import distributed
+
     identity = encoder.cache_identity()
     key = feature_cache_key(identity, images)
-    folder = Path(cache_dir) if cache_dir else cache_root() / "features"
-    path = folder / f"{identity['encoder']}-{key}.safetensors"
+    folder = store_folder(encoder, images, cache_dir)
     ids = [im.image_id for im in images]
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if json.loads(meta.get("image_ids", "[]")) == ids:
-                    grid, pooled = f.get_tensor("grid"), f.get_tensor("pooled")
-                    return FeatureStore(grid, pooled, ids, key, path, None, cache_hit=True)
-        except Exception:  # unreadable/truncated cache file: recompute and overwrite
-            pass
-    ensure_writable(folder, need_bytes=feature_bytes(encoder, len(images)), what="feature cache",
+    found = open_store(folder, ids)
+    if found is not None:
+        return found
+    ensure_writable(folder.parent, need_bytes=feature_bytes(encoder, len(images)),
+                    what="feature cache",
                     hint="Set CAPBENCH_CACHE (or features.cache_dir in the config) to a writable "
                          "folder with enough space; `capbench doctor` shows the caches.")
+    remove_stale_temps(folder.parent)
+    folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder)
-    grid, pooled, ips = extract_features(encoder, images, batch_size=batch_size, device=device,
-                                         num_workers=num_workers, progress=progress)
-    grid, pooled = storage_precision(grid), storage_precision(pooled)
-    meta = {"image_ids": json.dumps(ids), "identity": json.dumps(identity), "key": key}
-    try:
-        atomic_write(path, lambda tmp: save_file({"grid": grid, "pooled": pooled}, tmp, metadata=meta))
-    except (OSError, SafetensorError) as exc:
-        warnings.warn(f"could not save the features to the cache {path} ({exc}); this run uses "
-                      "them uncached and the next run will extract them again", CapbenchWarning,
-                      stacklevel=2)
-        path = None
-    return FeatureStore(grid, pooled, ids, key, path, ips, cache_hit=False)
+    per = shard_size or shard_images(encoder)
+    rank, world = distributed.rank(), distributed.world_size()
+    names, encoded, seconds = [], 0, 0.0
+    for s, first in enumerate(range(0, len(images), per)):
+        part = images[first : first + per]
+        path = folder / f"shard-{s:05d}.safetensors"
+        names.append(path.name)
+        if _shard_ids(path) == ids[first : first + per]:
+            if progress and rank == 0:
+                progress(len(part))
+            continue
+        if s % world != rank:
+            continue
+        grid, pooled, ips = extract_features(encoder, part, batch_size=batch_size, device=device,
+                                             num_workers=num_workers, progress=progress)
+        encoded, seconds = encoded + len(part), seconds + len(part) / ips
+        write_shard(path, grid, pooled, ids[first : first + per], first)
+    distributed.barrier()
+    if rank == 0:
+        write_manifest(folder, key, identity, per, names, ids)
+    distributed.barrier()
+    store = open_store(folder, ids)
+    if store is None:
+        raise StorageError(f"the feature store {folder} is incomplete after extraction; "
+                           "delete the folder and run again")
+    store.cache_hit = False
+    store.extraction_images_per_s = encoded / seconds if encoded else None
+    return store

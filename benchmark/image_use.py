@@ -25,7 +25,7 @@ from benchmark.baselines import (
     train_cider,
 )
 from benchmark.data import CaptionDataset
-from benchmark.features import FeatureStore
+from benchmark.features import FeatureStore, take_rows
 from benchmark.inference import caption_features
 from benchmark.metrics import score_captions
 from benchmark.stats import paired_bootstrap
@@ -107,11 +107,9 @@ def baseline_scores(dataset: CaptionDataset, store: FeatureStore | None = None,
         nn_key = key + (store.key, k)
         if nn_key not in _CACHE:
             train, target = dataset.split("train"), dataset.split(split)
-            pooled = store.pooled
             nn = nearest_neighbour_predictions(
-                train, target, pooled.index_select(0, store.row_ids(train).to(pooled.device)),
-                pooled.index_select(0, store.row_ids(target).to(pooled.device)),
-                _scorer(dataset), k=k)
+                train, target, take_rows(store.pooled, store.row_ids(train)),
+                take_rows(store.pooled, store.row_ids(target)), _scorer(dataset), k=k)
             _CACHE[nn_key] = {**_score(nn, refs), "encoder": encoder, "k": k}
         out["nn"] = _CACHE[nn_key]
     return out

@@ -12,7 +12,7 @@ from benchmark.device import synchronize
 from benchmark.features import FeatureStore, extract_features
 from benchmark.vocab import CaptionTokenizer
 
-__all__ = ["caption_features", "caption_pixels"]
+__all__ = ["caption_features", "caption_features_all_ranks", "caption_pixels"]
 
 
 def caption_features(decoder, store: FeatureStore, images: list[ImageRecord], vocab: CaptionTokenizer,
@@ -32,6 +32,30 @@ def caption_features(decoder, store: FeatureStore, images: list[ImageRecord], vo
             out[im.image_id] = " ".join(vocab.decode(seq))
     synchronize(device)
     return out, len(images) / max(time.perf_counter() - t0, 1e-9)
+
+
+def caption_features_all_ranks(decoder, store: FeatureStore, images: list[ImageRecord],
+                               vocab: CaptionTokenizer, cfg: DecodeConfig, device: torch.device):
+    """:func:`caption_features` sharded over the ranks of a distributed run (rank ``r`` of
+    ``W`` decodes images ``r, r+W, ...``, as torch's DistributedSampler without shuffling
+    assigns them) and gathered on every rank. Beam search is batch-composition independent,
+    so the captions equal a single process's. Returns ``({image_id: text}, captions/s of all
+    ranks together)``; in a single process it is :func:`caption_features`."""
+    from benchmark import distributed
+
+    world = distributed.world_size()
+    if world == 1:
+        return caption_features(decoder, store, images, vocab, cfg, device)
+    mine = images[distributed.rank()::world]
+    synchronize(device)
+    t0 = time.perf_counter()
+    part, _ = caption_features(decoder, store, mine, vocab, cfg, device) if mine else ({}, 0.0)
+    parts = distributed.all_gather_object((part, time.perf_counter() - t0))
+    out = {}
+    for p, _ in parts:
+        out.update(p)
+    slowest = max(t for _, t in parts)
+    return {im.image_id: out[im.image_id] for im in images}, len(images) / max(slowest, 1e-9)
 
 
 def caption_pixels(encoder, decoder, images: list[ImageRecord], vocab: CaptionTokenizer,

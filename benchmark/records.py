@@ -209,9 +209,14 @@ def environment(device) -> dict:
     """Versions and hardware that shape the numbers of a run."""
     import torch
 
+    from benchmark import distributed
+
     name = str(device)
+    gpu = {}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
+        gpu = {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+               "gpu_count": torch.cuda.device_count()}
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -220,6 +225,8 @@ def environment(device) -> dict:
         "device_name": name,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "world_size": distributed.world_size(),
+        **gpu,
     }
 
 

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from architectures import create_decoder, create_encoder
+from benchmark import distributed
 from benchmark.config import RunConfig, config_id, resolved_config
 from benchmark.data import CaptionDataset, resolve_dataset
 from benchmark.device import seed_everything, select_device
@@ -36,7 +37,7 @@ from benchmark.errors import StorageError
 from benchmark.features import FeatureStore, load_or_extract
 from benchmark.fsutil import ensure_writable, remove_stale_temps, temp_prefix
 from benchmark.image_use import baseline_scores, image_use_report, shuffle_test
-from benchmark.inference import caption_features, caption_pixels
+from benchmark.inference import caption_features_all_ranks, caption_pixels
 from benchmark.metrics import ptb_tokenize, score_captions
 from benchmark.paths import cache_root
 from benchmark.records import RunRecord, make_record, new_run_id, write_record
@@ -76,7 +77,10 @@ def preflight(cfg: RunConfig, dataset: CaptionDataset, resolved: dict) -> None:
 
 
 def prepare_features(cfg: RunConfig, dataset: CaptionDataset, device, console=None):
-    """Build the encoder and return ``(encoder, FeatureStore)`` for every image of the dataset."""
+    """Build the encoder and return ``(encoder, FeatureStore)`` for every image of the dataset
+    (under ``torchrun`` the ranks extract the store's shards between them)."""
+    distributed.init(device)
+    console = console if distributed.is_main() else None
     encoder = create_encoder(cfg.encoder, pretrained=cfg.pretrained and not cfg.weights,
                              weights=cfg.weights, init_seed=cfg.encoder_init_seed)
     with _progress(console) as prog:
@@ -84,9 +88,10 @@ def prepare_features(cfg: RunConfig, dataset: CaptionDataset, device, console=No
         store = load_or_extract(encoder, dataset.images, cache_dir=cfg.features.cache_dir,
                                 batch_size=cfg.features.batch_size, device=device,
                                 num_workers=cfg.features.num_workers,
-                                progress=lambda n: prog.advance(task, n))
+                                progress=lambda n: prog.advance(task, n),
+                                shard_size=cfg.features.shard_size)
         prog.update(task, completed=len(dataset.images),
-                    info="cache hit" if store.cache_hit
+                    info="cache hit" if store.extraction_images_per_s is None
                     else f"{store.extraction_images_per_s:.1f} img/s")
     return encoder, store
 
@@ -158,7 +163,7 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
         finetune = FineTune(encoder, stats, cfg.encoder_lr,
                             default_num_workers() if workers is None else workers,
                             cfg.features.batch_size)
-    if device.type == "cuda":
+    if store.fits_on(device):  # the whole store in GPU memory: no reads during training
         store = store.to(device)
     with _progress(console) as prog:
         total = cfg.train.epochs + cfg.train.scst_epochs
@@ -188,12 +193,18 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
 
         meta = {"config_id": config_id(resolved), "seed": cfg.seed,
                 "split_fingerprint": dataset.fingerprint, "device": device.type}
-        tracker = open_tracker(cfg.log, cfg.results_dir, run_id, resolved)
+        tracker = open_tracker(cfg.log if distributed.is_main() else "none", cfg.results_dir,
+                               run_id, resolved)
+        from benchmark.features import default_num_workers
+
+        workers = cfg.features.num_workers
         try:
             result = train_decoder(decoder, store, train, val, val_refs, vocab, cfg.train,
                                    device, seed=cfg.seed, callback=callback,
                                    train_references=train_refs, state_path=state_path,
-                                   resume=resume, state_meta=meta, finetune=finetune)
+                                   resume=resume, state_meta=meta, finetune=finetune,
+                                   num_workers=default_num_workers() if workers is None
+                                   else workers)
         finally:
             tracker.close()
     decoder.load_state_dict(result.best_state)
@@ -304,6 +315,24 @@ def _image_use_stage(dataset: CaptionDataset, encoder_name: str, store: FeatureS
         return None
 
 
+def _check_run_settings(cfg: RunConfig) -> None:
+    """Settings a distributed run cannot take, and ``--compile`` for a decoder it does not
+    suit (ConfigError, before any work)."""
+    from architectures.registry import get_entry
+    from benchmark.errors import ConfigError
+
+    why = getattr(get_entry("decoder", cfg.arch).fn, "compile_unsuitable", None)
+    if cfg.train.compile and why:
+        raise ConfigError(f"--compile with {cfg.arch}: {why}; train it without --compile")
+
+    if distributed.world_size() > 1 and cfg.train.scst_epochs:
+        raise ConfigError("train.scst_epochs with several processes: SCST runs in one process "
+                          "for now; train XE with --nproc, then SCST without it")
+    if distributed.world_size() > 1 and cfg.encoder_trainable != "none":
+        raise ConfigError("--finetune-encoder with several processes: fine-tuning runs in one "
+                          "process for now; drop --nproc")
+
+
 def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                    dataset: CaptionDataset | None = None,
                    prepared: tuple | None = None, resume: bool = False) -> tuple[RunRecord, Path]:
@@ -313,11 +342,17 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     The training state is saved after every epoch under ``<results_dir>/unfinished/`` and
     removed once the record is written; with ``resume``, the newest unfinished run of the
     same config id and seed continues (keeping its run id) instead of a fresh start.
+    Under ``torchrun`` every rank calls this; the ranks train with DistributedDataParallel
+    and decode the test split between them, and rank 0 alone scores it and writes the record:
+    the other ranks return ``(None, None)``.
     Raises CapbenchError / ArchitectureError subclasses for bad input before any work.
     """
     t_start = time.perf_counter()
     resolved = resolved_config(cfg)  # canonical names and decoder hyperparameters, checked once
     device = select_device(cfg.device)
+    distributed.init(device)
+    _check_run_settings(cfg)
+    console = console if distributed.is_main() else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dataset = dataset or resolve_dataset(cfg.dataset)
@@ -330,15 +365,18 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                           f"{previous}; --resume continues it (this run starts afresh)",
                           highlight=False)
         previous = None
-    run_id = previous.stem if previous else new_run_id(resolved["arch"], resolved["encoder"],
-                                                        cfg.seed)
+    run_id = distributed.broadcast_object(
+        previous.stem if previous else new_run_id(resolved["arch"], resolved["encoder"], cfg.seed))
     state_path = _state_path(cfg.results_dir, cid, run_id)
     encoder, store = prepared or prepare_features(cfg, dataset, device, console)
     trained = _train_stage(cfg, resolved, dataset, encoder, store, device, console,
                            state_path=state_path, resume=previous is not None, run_id=run_id)
     test = dataset.split("test")
-    predictions, captions_per_s = caption_features(trained.decoder, trained.store, test,
-                                                   trained.vocab, cfg.decode, device)
+    predictions, captions_per_s = caption_features_all_ranks(trained.decoder, trained.store,
+                                                             test, trained.vocab, cfg.decode,
+                                                             device)
+    if not distributed.is_main():  # rank 0 scores, checks image use and writes the record
+        return None, None
     scores = score_captions(predictions, dataset.references("test"))
     image_use = _image_use_stage(dataset, resolved["encoder"], store, trained, scores, cfg.decode,
                                  device)
@@ -431,9 +469,12 @@ def run_seeds(cfg: RunConfig, seeds: list[int], console: Console | None = None, 
     ``on_start(seed)`` is called before each run.
     """
     resolved = resolved_config(cfg)
+    device = select_device(cfg.device)
+    distributed.init(device)
+    _check_run_settings(cfg)
     dataset = resolve_dataset(cfg.dataset)
     preflight(cfg, dataset, resolved)
-    prepared = prepare_features(cfg, dataset, select_device(cfg.device), console)
+    prepared = prepare_features(cfg, dataset, device, console)
     for seed in seeds:
         cfg.seed = seed
         if on_start:

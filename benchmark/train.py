@@ -50,12 +50,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmark import distributed
 from benchmark.config import TrainConfig
 from benchmark.data import ImageRecord
 from benchmark.decoding import DecodeConfig, forbid_tokens, sample_decode
 from benchmark.device import synchronize
 from benchmark.features import FeatureStore
-from benchmark.inference import caption_features
+from benchmark.inference import caption_features_all_ranks
 from benchmark.metrics import cider_d
 from benchmark.vocab import CaptionTokenizer
 
@@ -134,20 +135,31 @@ def caption_pairs(images: list[ImageRecord], store: FeatureStore):
 
 
 def caption_loss(output, targets, pad_id: int, attention_reg: float = 0.0,
-                 label_smoothing: float = 0.0, lengths=None) -> torch.Tensor:
+                 label_smoothing: float = 0.0, lengths=None,
+                 global_counts: tuple[int, int] | None = None) -> torch.Tensor:
     """Masked cross-entropy over ``logits (B, T, V)`` vs ``targets (B, T)`` (mean per token).
 
     With ``attention_reg`` > 0 and soft attention ``(B, T, N)``, adds
     ``attention_reg * mean_{b,i} (1 - sum_t alpha_ti)^2`` (Xu et al. 2015, eq. 14, averaged
     over the N grid cells as in sgrvinod's tutorial so that its scale does not grow with N).
+    ``global_counts``: ``(tokens, captions)`` of the whole global batch when this batch is
+    one rank's part of it; the result is then this part's share of the global batch's loss
+    (token sums over the global token count), so the shares of all ranks add up to it.
     """
     logits = output.logits
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=pad_id, label_smoothing=label_smoothing)
+    if global_counts is None:
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=pad_id, label_smoothing=label_smoothing)
+    else:
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=pad_id, label_smoothing=label_smoothing,
+                               reduction="sum") / global_counts[0]
     if attention_reg and output.attention is not None:
         mask = (targets != pad_id).unsqueeze(-1).to(output.attention.dtype)
         coverage = (output.attention * mask).sum(1)  # (B, N)
-        loss = loss + attention_reg * ((1.0 - coverage) ** 2).mean()
+        penalty = (1.0 - coverage) ** 2
+        loss = loss + attention_reg * (penalty.mean() if global_counts is None else
+                                       penalty.sum() / (global_counts[1] * penalty.shape[1]))
     return loss
 
 
@@ -292,7 +304,7 @@ def _validate(decoder, store, val_images, vocab, cfg, device, val_references,
     val_decode = DecodeConfig(beam_size=1, max_len=cfg.max_caption_len)
     if finetune is not None:  # the encoder changed: encode the val images again
         store = finetune.store(val_images, device)
-    preds, _ = caption_features(decoder, store, val_images, vocab, val_decode, device)
+    preds, _ = caption_features_all_ranks(decoder, store, val_images, vocab, val_decode, device)
     return cider_d(preds, val_references)
 
 
@@ -302,7 +314,7 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
                   callback: Callable[..., None] | None = None,
                   train_references: dict | None = None, state_path: str | Path | None = None,
                   resume: bool = False, state_meta: dict | None = None,
-                  finetune: FineTune | None = None) -> TrainResult:
+                  finetune: FineTune | None = None, num_workers: int = 0) -> TrainResult:
     """Train ``decoder`` on cached features (XE, then ``cfg.scst_epochs`` of SCST); return
     the best weights by validation CIDEr-D (see the module docstring).
 
@@ -313,9 +325,16 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
     validated, ``stopped_early`` when patience ran out); these entries form ``history``.
     ``state_path``: where the resumable state goes after each epoch; with ``resume`` it is
     read first (its ``meta`` must equal ``state_meta``). ``finetune``: train the encoder too
-    (see :class:`FineTune`). Raises ValueError when the train split has no captions, SCST
-    has no train references or is combined with fine-tuning, CapbenchError for an unreadable
-    or mismatched state file.
+    (see :class:`FineTune`). ``num_workers``: DataLoader processes reading features ahead.
+
+    **Several processes** (under ``torchrun``, :mod:`benchmark.distributed`): the decoder is
+    wrapped in DistributedDataParallel, ``cfg.batch_size`` is the global batch, split over
+    the ranks (see :func:`_xe_epoch`), validation decoding is sharded and gathered, and only
+    rank 0 writes the state file. The per-epoch losses equal a single process's with the same
+    batch up to float rounding (with dropout off: each rank draws its own dropout masks).
+    Raises ValueError when the train split has no captions, SCST has no train references or
+    is combined with fine-tuning, SCST or fine-tuning run in several processes (not supported
+    yet), CapbenchError for an unreadable or mismatched state file.
     """
     from benchmark.cider import CiderD
     from benchmark.errors import CapbenchError
@@ -329,6 +348,17 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         raise ValueError("SCST needs the train split's references (train_references)")
     if cfg.scst_epochs and finetune is not None:
         raise ValueError("SCST trains the decoder on frozen features; fine-tune with XE only")
+    if distributed.world_size() > 1 and (cfg.scst_epochs or finetune is not None):
+        raise ValueError("SCST and encoder fine-tuning run in one process only; train them "
+                         "without torchrun/--nproc")
+    model = None
+    if distributed.world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(decoder, device_ids=[device.index] if device.type ==
+                                        "cuda" else None, find_unused_parameters=True)
+    if cfg.compile:
+        model = torch.compile(decoder if model is None else model, dynamic=True)
     encoder = finetune.encoder.to(device) if finetune is not None else None
     # Encode every training caption once; a batch is then a row gather, not Python work.
     all_inputs, all_targets, all_lengths = vocab.batch(caps, cfg.max_caption_len)
@@ -409,7 +439,7 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         elif phase == "xe":
             entry["loss"] = _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths,
                                       vocab, cfg, device, opt, sched, gens["order"], loop,
-                                      use_amp, cb)
+                                      use_amp, cb, model=model, num_workers=num_workers)
         else:
             entry["loss"], entry["reward"] = _scst_epoch(decoder, store, image_rows, image_ids,
                                                          cider, vocab, cfg, device, opt, gens,
@@ -433,7 +463,7 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
                     entry["stopped_early"] = True
         loop.history.append(entry)
         loop.epoch = epoch
-        if path is not None:
+        if path is not None and distributed.is_main():
             _save_state(path, loop, decoder, opt, sched, gens, meta, encoder)
         cb("epoch_end", **entry)
     result = TrainResult(loop.best_state, loop.best_epoch, loop.best_val, loop.history,
@@ -450,42 +480,66 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
 
 
 def _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths, vocab, cfg, device,
-              opt, sched, order, loop: _Loop, use_amp: bool, cb) -> float:
-    """One teacher-forced cross-entropy epoch; returns the mean batch loss."""
+              opt, sched, order, loop: _Loop, use_amp: bool, cb, model=None,
+              num_workers: int = 0) -> float:
+    """One teacher-forced cross-entropy epoch; returns the mean batch loss.
+
+    ``model``: the DistributedDataParallel wrapper of ``decoder`` in a distributed run. Each
+    global batch of ``batch_size`` caption pairs is then split over the ranks (rank ``r`` of
+    ``W`` takes pairs ``r, r+W, ...`` of it, as a DistributedSampler does), each rank's loss
+    is its share of the global batch's loss times ``W`` (DDP averages gradients), so every
+    step equals the single-process step on the whole batch. ``num_workers``: DataLoader
+    processes that read the features ahead (:meth:`FeatureStore.batches`).
+    """
+    model = decoder if model is None else model
     decoder.train()
     params = list(decoder.parameters())
     perm = torch.randperm(len(rows), generator=order)
-    epoch_loss, batches = 0.0, 0
-    for s in range(math.ceil(len(rows) / cfg.batch_size)):
-        idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+    world, rank = distributed.world_size(), distributed.rank()
+    steps = [perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+             for s in range(math.ceil(len(rows) / cfg.batch_size))]
+    # a rank without a pair in a short last batch computes one with zero weight (DDP needs it)
+    mine = [g[rank::world] if len(g) > rank else g[:1] for g in steps]
+    features = iter(store.batches([rows[i] for i in mine], device, num_workers))
+    epoch_loss = 0.0
+    for whole, idx in zip(steps, mine, strict=True):
         synchronize(device)
         t0 = time.perf_counter()
-        grid, pooled = store.rows(rows[idx], device)
+        grid, pooled = next(features)
         inputs, targets, lengths = _teacher_batch(idx, all_inputs, all_targets, all_lengths,
-                                                  device)
+                                                  device, full_length=cfg.compile)
         with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
-            out = decoder(grid, pooled, inputs, lengths.to(device))
-        loss = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
-                            cfg.label_smoothing)
-        epoch_loss += _xe_update(loss, params, lengths, len(idx), cfg, opt, sched, device, loop,
-                                 t0, cb)
-        batches += 1
-    return epoch_loss / max(1, batches)
+            out = model(grid, pooled, inputs, lengths.to(device))
+        if world == 1:
+            loss = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
+                                cfg.label_smoothing)
+            value = None
+        else:
+            counts = (int((all_targets[whole] != vocab.pad_id).sum()), len(whole))
+            share = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
+                                 cfg.label_smoothing, global_counts=counts)
+            share = share * (1.0 if len(whole) > rank else 0.0)
+            value = float(distributed.all_reduce_sum(share.detach().clone()))
+            loss = share * world
+        epoch_loss += _xe_update(loss, params, all_lengths[whole], len(whole), cfg, opt, sched,
+                                 device, loop, t0, cb, value=value)
+    return epoch_loss / max(1, len(steps))
 
 
-def _teacher_batch(idx, all_inputs, all_targets, all_lengths, device):
+def _teacher_batch(idx, all_inputs, all_targets, all_lengths, device, full_length=False):
     """Caption pairs ``idx`` of the pre-encoded captions: ``inputs``/``targets (B, T)`` on
-    ``device``, cut to the batch's longest caption T, and ``lengths (B,)`` on the CPU."""
+    ``device``, cut to the batch's longest caption T (``full_length``: not cut, so that a
+    compiled decoder sees one T and compiles once), and ``lengths (B,)`` on the CPU."""
     lengths = all_lengths[idx]
-    T = int(lengths.max())
+    T = all_inputs.shape[1] if full_length else int(lengths.max())
     return (all_inputs[idx, :T].to(device, non_blocking=True),
             all_targets[idx, :T].to(device, non_blocking=True), lengths)
 
 
 def _xe_update(loss, params, lengths, n_pairs: int, cfg, opt, sched, device, loop: _Loop,
-               t0: float, cb) -> float:
+               t0: float, cb, value: float | None = None) -> float:
     """Backward, clip, optimizer and scheduler step, and the step's bookkeeping; returns the
-    loss as a float."""
+    loss as a float (``value`` when given: a distributed step's global-batch loss)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip:
@@ -497,7 +551,7 @@ def _xe_update(loss, params, lengths, n_pairs: int, cfg, opt, sched, device, loo
     loop.train_time += time.perf_counter() - t0
     loop.n_tokens += int(lengths.sum())
     loop.n_samples += n_pairs
-    value = float(loss.detach())
+    value = float(loss.detach()) if value is None else value
     cb("step", loss=value, tokens_per_s=loop.n_tokens / max(loop.train_time, 1e-9))
     return value
 

@@ -131,3 +131,29 @@ def test_bench_reward_times_both_cider_implementations(tiny_shapes):
     assert res["capbench_CiderD_captions_per_s"] > 0 and res["pycocoevalcap_Cider_captions_per_s"] > 0
     small = CliRunner().invoke(app, ["bench", "--reward", str(tiny_shapes)])
     assert small.exit_code != 0 and "28 images" in small.output and "Traceback" not in small.output
+
+
+def test_store_benchmark_streams_a_synthetic_store_and_deletes_it(tmp_path):
+    from benchmark.bench import bench_store
+
+    res = bench_store(300, torch.device("cpu"), folder=str(tmp_path), grid_size=4, grid_dim=32,
+                      pooled_dim=32, shard_size=64, batch_size=8, train_steps=3,
+                      read_batches=5, decode_images=16, num_workers=0)
+    assert res["shards"] == 5 and res["shard_size"] == 64  # 64 * 4 + 44
+    assert res["store_gb"] == pytest.approx(300 * (4 * 32 + 32) * 2 / 1e9)
+    for k in ("build_s", "stats_s", "read_samples_per_s", "train_samples_per_s",
+              "decode_captions_per_s", "peak_rss_mb"):
+        assert res[k] > 0, k
+    assert list(tmp_path.iterdir()) == []  # the synthetic store is gone
+
+
+def test_store_benchmark_cli_refuses_a_bad_size():
+    out = CliRunner().invoke(app, ["bench", "--store", "1"])
+    assert out.exit_code == 2 and "--store 1" in out.output and "Traceback" not in out.output
+
+
+def test_compiled_training_step_is_timed_against_eager():
+    w = DecoderWorkload(grid_size=4, grid_dim=16, pooled_dim=16, vocab_size=50, batch_size=4,
+                        caption_len=5, embed_dim=16, hidden_dim=16, attention_dim=16)
+    row = bench_decoder("transformer", w, torch.device("cpu"), iters=2, warmup=1, compile=True)
+    assert row["train_compiled_samples_per_s"] > 0 and row["compile_speedup"] > 0

@@ -50,3 +50,14 @@ def test_config_id_ignores_seed_and_output_folder_only():
     c = resolved_config(load_config(None, {"train.epochs": 3}))
     assert config_id(a) == config_id(b) != config_id(c)
     assert len(config_id(a)) == 10
+
+
+def test_storage_and_compile_settings_that_are_off_keep_the_config_id():
+    from benchmark.config import config_id, load_config, resolved_config
+
+    base = config_id(resolved_config(load_config("tiny")))
+    sharded = config_id(resolved_config(load_config("tiny", {"features.shard_size": 7})))
+    assert sharded == base  # how features are stored does not change the run
+    off = config_id(resolved_config(load_config("tiny", {"train.compile": False})))
+    on = config_id(resolved_config(load_config("tiny", {"train.compile": True})))
+    assert off == base != on

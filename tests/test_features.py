@@ -1,10 +1,18 @@
 import os
 
+import pytest
 import torch
 
 from architectures import create_encoder
 from benchmark.data import load_karpathy
-from benchmark.features import feature_cache_key, load_or_extract
+from benchmark.features import (
+    FeatureStore,
+    channel_stats,
+    feature_cache_key,
+    load_or_extract,
+    open_store,
+    store_folder,
+)
 
 
 def test_cache_miss_hit_and_invalidation(tiny_shapes, tmp_path):
@@ -14,11 +22,11 @@ def test_cache_miss_hit_and_invalidation(tiny_shapes, tmp_path):
     first = load_or_extract(enc, images, cache_dir=tmp_path, batch_size=4)
     assert not first.cache_hit and first.grid.shape == (6, 49, 512)
     again = load_or_extract(enc, images, cache_dir=tmp_path)
-    assert again.cache_hit and torch.equal(again.grid, first.grid)
-    assert again.key == first.key and len(list(tmp_path.glob("*.safetensors"))) == 1
+    assert again.cache_hit and torch.equal(again.grid.all(), first.grid.all())
+    assert again.key == first.key and len(list(tmp_path.glob("resnet18-*/manifest.json"))) == 1
     # features match a direct forward pass (float16 storage tolerance)
     x = torch.stack([enc.transform(__import__("PIL.Image").Image.open(images[0].path).convert("RGB"))])
-    torch.testing.assert_close(first.grid[0].float(), enc(x)[0][0], atol=2e-2, rtol=2e-3)
+    torch.testing.assert_close(first.grid.all()[0].float(), enc(x)[0][0], atol=2e-2, rtol=2e-3)
 
     other_weights = create_encoder("resnet18", pretrained=False, init_seed=7)
     assert feature_cache_key(other_weights.cache_identity(), images) != first.key
@@ -42,3 +50,59 @@ def test_standardize_uses_train_rows_only(tiny_shapes, tmp_path):
     flat = g.flatten(0, 1)
     torch.testing.assert_close(flat.mean(0), torch.zeros(512), atol=1e-3, rtol=0)
     torch.testing.assert_close(p.std(0), torch.ones(512), atol=1e-3, rtol=0)
+
+
+def test_streaming_statistics_equal_the_two_pass_values(tiny_shapes, tmp_path):
+    """Chan/Welford in float64 over chunks = mean/std of all values at once, to 1e-6."""
+    g = torch.Generator().manual_seed(0)
+    grid = (torch.randn(37, 5, 8, generator=g) * 30 + 1000).half()  # large mean: cancellation
+    rows = torch.tensor([3, 0, 36, 17, 5, 9, 22, 30, 11])
+    for chunk in (1, 2, 4, 64):
+        mean, std = channel_stats(grid, rows, flatten_tokens=True, chunk_rows=chunk)
+        flat = grid[rows].double().flatten(0, 1)
+        torch.testing.assert_close(mean.double(), flat.mean(0), rtol=1e-6, atol=0)
+        torch.testing.assert_close(std.double(), flat.std(0), rtol=1e-6, atol=0)
+
+
+def test_the_store_streams_from_shards_and_resumes_a_killed_extraction(tiny_shapes, tmp_path):
+    ds = load_karpathy(tiny_shapes)
+    images = ds.images[:11]
+    enc = create_encoder("resnet18", pretrained=False)
+    whole = load_or_extract(enc, images, cache_dir=tmp_path / "one", shard_size=100)
+    calls = []
+    real_forward = enc.forward
+
+    def counted(pixels):
+        calls.append(len(pixels))
+        if sum(calls) > 6:  # killed while encoding the third shard
+            raise KeyboardInterrupt
+        return real_forward(pixels)
+
+    enc.forward = counted
+    with pytest.raises(KeyboardInterrupt):
+        load_or_extract(enc, images, cache_dir=tmp_path / "two", batch_size=2, shard_size=3)
+    folder = store_folder(enc, images, tmp_path / "two")
+    assert sorted(p.name for p in folder.iterdir()) == ["shard-00000.safetensors",
+                                                         "shard-00001.safetensors"]
+    assert open_store(folder) is None  # no manifest: never read as a store
+    calls.clear()
+    enc.forward = real_forward
+    enc.forward = lambda pixels: (calls.append(len(pixels)), real_forward(pixels))[1]
+    store = load_or_extract(enc, images, cache_dir=tmp_path / "two", batch_size=2, shard_size=3)
+    assert sum(calls) == 5  # only the shards 3..4 (images 6..10) were encoded
+    assert store.sharded and not store.cache_hit and len(store.grid.files) == 4
+    assert store.nbytes == whole.nbytes == 11 * (49 * 512 + 512) * 2
+    assert torch.equal(store.grid.all(), whole.grid.all())
+    assert torch.equal(store.pooled.all(), whole.pooled.all())
+    rows = torch.tensor([10, 0, 4, 5, 3, 9])  # across shards, out of order
+    g, p = store.rows(rows)
+    assert torch.equal(g, whole.grid.all()[rows].float())
+    # normalisation from shards = from memory
+    memory = FeatureStore(whole.grid.all(), whole.pooled.all(), whole.image_ids, "m")
+    a, b = store.standardize(rows), memory.standardize(rows)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    batches = [rows[:4], rows[4:]]
+    for (g1, p1), (g2, p2) in zip(store.batches(batches, "cpu", num_workers=1),
+                                  memory.batches(batches, "cpu"), strict=True):
+        assert torch.equal(g1, g2) and torch.equal(p1, p2)

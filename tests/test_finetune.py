@@ -52,12 +52,12 @@ def test_fine_tuning_trains_the_last_stage_and_leaves_the_frozen_path_alone(tiny
     shared, store = prepare_features(cfg, dataset, torch.device("cpu"))
     before = {k: v.clone() for k, v in shared.state_dict().items()}
     cached = sorted(p.name for p in cache.rglob("*.safetensors"))
-    grid = store.grid.clone()
+    grid = store.grid.all()
     record, _ = run_experiment(cfg, dataset=dataset, prepared=(shared, store))
     # the shared (frozen) encoder, its features and the cache are as they were
     assert all(torch.equal(before[k], v) for k, v in shared.state_dict().items())
     assert not any(p.requires_grad for p in shared.parameters())
-    assert torch.equal(store.grid, grid) and store.stats is None
+    assert torch.equal(store.grid.all(), grid) and store.stats is None
     assert sorted(p.name for p in cache.rglob("*.safetensors")) == cached
     # the run's own encoder trained its last stage only, and the loss fell
     losses = [h["loss"] for h in record.training["history"]]

@@ -156,3 +156,20 @@ def test_a_run_killed_mid_epoch_resumes_to_exactly_the_uninterrupted_result(tiny
     assert got["predictions"] == want["predictions"]
     assert got["metrics"] == want["metrics"]
     assert not list((results / "unfinished").rglob("*.pt"))  # finished: nothing left to resume
+
+
+@pytest.mark.slow
+def test_compiled_training_equals_eager_training(tiny_shapes, tmp_path):
+    """``train.compile`` (torch.compile over full-length teacher-forcing batches) trains the
+    same model: per-epoch losses within 1e-5 and the same test captions."""
+    from benchmark.runner import run_experiment
+
+    records = []
+    for compiled in (False, True):
+        cfg = _tiny(tiny_shapes, tmp_path / str(compiled), epochs=2, compile=compiled)
+        cfg.arch, cfg.decoder["dropout"] = "transformer", 0.0
+        records.append(run_experiment(cfg)[0])
+    eager, fast = ([h["loss"] for h in r.training["history"]] for r in records)
+    assert max(abs(a - b) for a, b in zip(eager, fast, strict=True)) < 1e-5
+    assert records[1].predictions == records[0].predictions
+    assert records[1].config["train"]["compile"] and not records[0].config["train"]["compile"]

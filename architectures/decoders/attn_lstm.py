@@ -38,6 +38,9 @@ class ShowAttendTellDecoder(CaptionDecoder):
     """Soft-attention LSTM with gate beta and doubly stochastic regularisation (Xu et al. 2015)."""
 
     static_state = ("grid", "grid_proj")
+    compile_unsuitable = ("its forward runs only the rows still inside their caption, a number "
+                          "that changes with every batch, so torch.compile would re-specialise "
+                          "and recompile the unrolled loop again and again")
 
     def __init__(
         self,

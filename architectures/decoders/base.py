@@ -46,6 +46,8 @@ class CaptionDecoder(nn.Module):
     #: expands them once per beam and never reorders them: beams only move within an image,
     #: whose rows are identical, so copying them at every step would be wasted work.
     static_state: tuple[str, ...] = ()
+    #: Why ``torch.compile`` does not suit this decoder's training ``forward`` (None: it does).
+    compile_unsuitable: str | None = None
 
     def __init__(self, vocab_size: int, grid_dim: int, pooled_dim: int) -> None:
         super().__init__()

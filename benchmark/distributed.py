@@ -1,0 +1,94 @@
+"""Several processes, GPUs and machines through torch.distributed (launched by ``torchrun``).
+
+Every helper works unchanged in a single process (rank 0 of 1), so the harness calls them
+unconditionally. Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set) the
+harness calls :func:`init` once: backend ``nccl`` for CUDA and ``gloo`` for the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["launched_by_torchrun", "init", "shutdown", "rank", "world_size", "local_rank",
+           "is_main", "barrier", "all_gather_object", "all_reduce_sum", "broadcast_object"]
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process was started by ``torchrun`` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def init(device: torch.device) -> None:
+    """Join the process group that ``torchrun`` set up (no-op when not launched by it or
+    already joined): ``nccl`` when ``device`` is CUDA (each rank then uses GPU
+    ``LOCAL_RANK``), else ``gloo``."""
+    if not launched_by_torchrun() or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def shutdown() -> None:
+    """Leave the process group (no-op when none)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if _on() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 when not distributed)."""
+    return dist.get_world_size() if _on() else 1
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (``LOCAL_RANK``; 0 when not set)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Whether this process writes records, checkpoints and the console output (rank 0)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if _on():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` when not distributed)."""
+    if not _on():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not _on():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over ranks, in place (unchanged when not distributed); returns ``t``."""
+    if _on():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

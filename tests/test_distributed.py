@@ -1,0 +1,93 @@
+"""Several processes through torch.distributed: 2 CPU processes (gloo) = 1 process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmark.records import load_records
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _capbench(args, cache: Path, timeout=300):
+    env = {**os.environ, "CAPBENCH_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "benchmark.cli", *map(str, args)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    """Per-epoch losses within 1e-5 and identical test captions and metrics; the two ranks
+    extract the feature shards between them and rank 0 alone writes the record."""
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["decoder"]["dropout"] = 0.0  # each rank draws its own dropout masks
+    cfg["train"].update(epochs=3, batch_size=50)  # 50 pairs: a short last batch of the epoch
+    cfg["features"] = {"shard_size": 16}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    _capbench(["run", "--config", path, "--results-dir", tmp_path / "one"], tmp_path / "c1")
+    out = _capbench(["run", "--config", path, "--results-dir", tmp_path / "two", "--nproc", "2"],
+                    tmp_path / "c2")
+    assert "torch.distributed.run" in out.stderr and "--nproc-per-node=2" in out.stderr
+    (one,), _ = load_records(tmp_path / "one")
+    (two,), _ = load_records(tmp_path / "two")
+    assert two.environment["world_size"] == 2 and one.environment["world_size"] == 1
+    a = [h["loss"] for h in one.training["history"]]
+    b = [h["loss"] for h in two.training["history"]]
+    assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    assert two.predictions == one.predictions and two.metrics == one.metrics
+    assert [h.get("val_CIDEr") for h in one.training["history"]] == \
+        [h.get("val_CIDEr") for h in two.training["history"]]
+    # the features were extracted in shards of 16 images, by both ranks, and are complete
+    (store,) = (tmp_path / "c2" / "features").glob("resnet18-*")
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert len(manifest["shards"]) == -(-len(manifest["image_ids"]) // 16) > 2
+    assert not list((tmp_path / "two" / "unfinished").glob("**/*.pt"))
+
+
+def test_settings_a_distributed_run_cannot_take_fail_clearly(monkeypatch):
+    from benchmark import distributed
+    from benchmark.config import load_config
+    from benchmark.errors import ConfigError
+    from benchmark.runner import _check_run_settings
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    _check_run_settings(load_config("tiny"))  # XE on frozen features: fine
+    with pytest.raises(ConfigError, match="SCST runs in one process"):
+        _check_run_settings(load_config("tiny", {"train.scst_epochs": 1}))
+    with pytest.raises(ConfigError, match="fine-tuning runs in one process"):
+        _check_run_settings(load_config("tiny", {"encoder_trainable": "last"}))
+
+
+def test_nproc_below_one_is_refused():
+    from typer.testing import CliRunner
+
+    from benchmark.cli import app
+
+    out = CliRunner().invoke(app, ["run", "--config", "tiny", "--nproc", "0"])
+    assert out.exit_code == 2 and "--nproc 0: must be at least 1" in out.output
+
+
+def test_a_single_process_is_rank_0_of_1():
+    from benchmark import distributed
+
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert distributed.broadcast_object("x") == "x"
+
+
+def test_compile_is_refused_for_a_decoder_it_does_not_suit():
+    from benchmark.config import load_config
+    from benchmark.errors import ConfigError
+    from benchmark.runner import _check_run_settings
+
+    _check_run_settings(load_config("tiny", {"arch": "transformer", "train.compile": True}))
+    with pytest.raises(ConfigError, match="--compile with attn_lstm: its forward runs only"):
+        _check_run_settings(load_config("tiny", {"arch": "attn_lstm", "train.compile": True}))
