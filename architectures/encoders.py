@@ -22,10 +22,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from architectures.errors import EncoderWeightsError
-from architectures.registry import register_encoder
+from architectures.errors import ArchitectureError, EncoderWeightsError
+from architectures.registry import get_entry, register_encoder
 
-__all__ = ["ImageEncoder", "EncoderWeightsError", "load_local_weights"]
+__all__ = ["ImageEncoder", "EncoderWeightsError", "load_local_weights",
+           "grad_checkpointing_unsupported"]
+
+_NO_CHECKPOINTING = ("torchvision's ResNet has no gradient checkpointing of its own, and "
+                     "recomputing its batch-norm layers in train mode would update their "
+                     "running statistics twice; fine-tune it without gradient checkpointing")
+
+
+def grad_checkpointing_unsupported(name: str) -> str | None:
+    """Why encoder ``name`` cannot fine-tune with gradient checkpointing (None when it can);
+    cheap, nothing is built."""
+    return getattr(get_entry("encoder", name).fn, "no_grad_checkpointing", None)
 
 
 def _stable_repr(obj: object) -> str:
@@ -207,6 +218,12 @@ class ImageEncoder(nn.Module):
     def forward_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass instead of storing them (fine-tuning
+        with less memory), through the backbone library's own switch. Raises
+        ArchitectureError for a backbone that has none (see :func:`grad_checkpointing_unsupported`)."""
+        raise ArchitectureError(f"{self.name}: {_NO_CHECKPOINTING}")
+
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``pixels (B, 3, H, W)`` -> ``(grid (B, N, grid_dim), pooled (B, pooled_dim))``."""
         if self.frozen:
@@ -263,6 +280,9 @@ class TorchvisionResNet(ImageEncoder):
     def last_stage(self):
         return [self.body[-1]], []
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        raise ArchitectureError(f"{self.name}: {_NO_CHECKPOINTING}")
+
     def train_transform(self):
         """torchvision's classification training recipe without the flip:
         ``RandomResizedCrop`` to the eval crop size, then the eval normalisation."""
@@ -285,10 +305,16 @@ def resnet50(pretrained: bool = True, weights: str | None = None, init_seed: int
     return TorchvisionResNet("resnet50", pretrained, weights, init_seed)
 
 
+resnet50.no_grad_checkpointing = _NO_CHECKPOINTING
+
+
 @register_encoder("resnet18", ci_friendly=True)
 def resnet18(pretrained: bool = True, weights: str | None = None, init_seed: int = 0):
     """torchvision ResNet-18 (small, CI): 7x7x512 grid + mean-pooled 512-d vector."""
     return TorchvisionResNet("resnet18", pretrained, weights, init_seed)
+
+
+resnet18.no_grad_checkpointing = _NO_CHECKPOINTING
 
 
 # --------------------------------------------------------------------------------- timm ViT
@@ -329,6 +355,9 @@ class TimmViT(ImageEncoder):
 
     def last_stage(self):
         return [self.net.blocks[-1], self.net.norm], []
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.net.set_grad_checkpointing(enable)  # timm's own per-block checkpointing
 
     def train_transform(self):
         """timm's training transform (``is_training=True``) with ``hflip=0`` and no colour
@@ -393,6 +422,9 @@ class OpenCLIPVisual(ImageEncoder):
     def last_stage(self):
         v = self.visual
         return [v.transformer.resblocks[-1], v.ln_post], [v.proj] if v.proj is not None else []
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)  # open_clip's own per-block checkpointing
 
     def train_transform(self):
         """open_clip's own training preprocess (random resized crop; it has no flip)."""

@@ -96,6 +96,7 @@ def run(
     scst_epochs: Annotated[int | None, typer.Option(help="self-critical sequence training epochs after the cross-entropy ones (0 = off)")] = None,
     finetune_encoder: Annotated[str | None, typer.Option(help="fine-tune the encoder: none, last (its last stage) or all; images are read past the feature cache")] = None,
     encoder_lr: Annotated[float | None, typer.Option(help="learning rate of the fine-tuned encoder part")] = None,
+    grad_checkpointing: Annotated[bool | None, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="fine-tuning: recompute the encoder's activations in the backward pass (less memory, more time; ViT and CLIP)")] = None,
     tokenizer: Annotated[str | None, typer.Option(help="caption tokenizer: word, bpe (byte-level, GPT-2 style), wordpiece (BERT style), or a saved Hugging Face tokenizer folder/name")] = None,
     log: Annotated[str | None, typer.Option("--log", help="also log each epoch to tensorboard (<results-dir>/tensorboard/) or wandb (offline without a key), or none")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the newest unfinished run of the same config and seed from its last completed epoch")] = False,
@@ -118,7 +119,7 @@ def run(
         "results_dir": str(results_dir) if results_dir else None, "train.patience": patience,
         "train.scst_epochs": scst_epochs, "tokenizer": tokenizer,
         "encoder_trainable": finetune_encoder, "encoder_lr": encoder_lr, "log": log,
-        "train.compile": compile,
+        "train.compile": compile, "encoder_grad_checkpointing": grad_checkpointing,
     })
     seed_list = _parse_seeds(seeds) if seeds else [cfg.seed]
     if nproc > 1 and not distributed.launched_by_torchrun():

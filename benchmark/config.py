@@ -96,7 +96,9 @@ class RunConfig:
     ``log``: where each epoch's figures also go (``none``, ``tensorboard``, ``wandb``; see
     :mod:`benchmark.tracking`). ``encoder_trainable``: fine-tune ``none`` of the encoder
     (frozen features from the cache), its ``last`` stage or ``all`` of it, with AdamW at
-    ``encoder_lr`` (cross-entropy only).
+    ``encoder_lr`` (cross-entropy only); ``encoder_grad_checkpointing``: recompute the
+    fine-tuned encoder's activations in the backward pass instead of keeping them (less
+    memory, about one more forward pass of time; ViT and CLIP encoders).
     """
 
     arch: str = "attn_lstm"
@@ -113,6 +115,7 @@ class RunConfig:
     log: str = _r("none", choices=("none", "tensorboard", "wandb"))
     encoder_trainable: str = _r("none", choices=("none", "last", "all"))
     encoder_lr: float = _r(1e-4, min_exclusive=0.0)
+    encoder_grad_checkpointing: bool = False
     decoder: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
@@ -296,6 +299,15 @@ def resolved_config(cfg: RunConfig) -> dict:
 
     check_tokenizer_spec(cfg.tokenizer)
     check_tracker(cfg.log)
+    if cfg.encoder_grad_checkpointing and cfg.encoder_trainable == "none":
+        raise ConfigError("encoder_grad_checkpointing is for fine-tuning: set encoder_trainable "
+                          "(--finetune-encoder last|all) or drop --grad-checkpointing")
+    if cfg.encoder_grad_checkpointing:
+        from architectures.encoders import grad_checkpointing_unsupported
+
+        why = grad_checkpointing_unsupported(cfg.encoder)
+        if why:
+            raise ConfigError(f"--grad-checkpointing with {cfg.encoder}: {why}")
     if cfg.encoder_trainable != "none" and cfg.train.scst_epochs:
         raise ConfigError(f"encoder_trainable = {cfg.encoder_trainable!r} with train.scst_epochs = "
                           f"{cfg.train.scst_epochs}: SCST trains the decoder on frozen features; "
@@ -325,6 +337,8 @@ def config_id(resolved: dict) -> str:
     keep["train"] = train
     if "features" in keep:  # how features are stored does not change them
         keep["features"] = {k: v for k, v in keep["features"].items() if k != "shard_size"}
+    if not keep.get("encoder_grad_checkpointing"):  # memory, not the model: ids stay
+        keep.pop("encoder_grad_checkpointing", None)
     if keep.get("encoder_trainable", "none") == "none":
         keep.pop("encoder_trainable", None)
         keep.pop("encoder_lr", None)

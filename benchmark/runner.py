@@ -159,6 +159,8 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
 
         encoder = copy.deepcopy(encoder)
         n_trainable = encoder.set_trainable(cfg.encoder_trainable)
+        if cfg.encoder_grad_checkpointing:
+            encoder.set_grad_checkpointing(True)
         workers = cfg.features.num_workers
         finetune = FineTune(encoder, stats, cfg.encoder_lr,
                             default_num_workers() if workers is None else workers,
@@ -401,7 +403,8 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                   "stopped_early": result.stopped_early, "resumed_from": result.resumed_from,
                   "encoder": {"trainable": cfg.encoder_trainable,
                               "trainable_parameters": trained.encoder_trainable,
-                              **({"encoder_lr": cfg.encoder_lr}
+                              **({"encoder_lr": cfg.encoder_lr,
+                                  "grad_checkpointing": cfg.encoder_grad_checkpointing}
                                  if cfg.encoder_trainable != "none" else {})},
                   "tokenizer": {"kind": trained.vocab.kind, "vocab_size": len(trained.vocab),
                                 "mean_tokens_per_caption": mean_tokens_per_caption(

@@ -74,3 +74,35 @@ def test_fine_tuning_trains_the_last_stage_and_leaves_the_frozen_path_alone(tiny
     # the checkpoint rebuilds the fine-tuned encoder: captions equal the record's
     got = captions_of(record, tiny_shapes.parent / "images", tmp_path)
     assert got == {p["filename"]: p["caption"] for p in record.predictions}
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "clip_vit_b32"])
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    """The library's own checkpointing recomputes activations: same loss and gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        enc = create_encoder(name, pretrained=False)
+        enc.set_trainable("all")
+        if checkpointing:
+            enc.set_grad_checkpointing(True)
+        pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        grid, pooled = enc(pixels)
+        (grid.square().mean() + pooled.mean()).backward()
+        grads.append({k: p.grad.clone() for k, p in enc.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_settings_are_checked_before_any_work():
+    from benchmark.config import load_config, resolved_config
+    from benchmark.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is for fine-tuning"):
+        resolved_config(load_config("tiny", {"encoder_grad_checkpointing": True}))
+    with pytest.raises(ConfigError, match="resnet18: torchvision's ResNet has no gradient"):
+        resolved_config(load_config("tiny", {"encoder_grad_checkpointing": True,
+                                             "encoder_trainable": "last"}))
+    ok = resolved_config(load_config("tiny", {"encoder": "vit_tiny", "encoder_trainable": "last",
+                                              "encoder_grad_checkpointing": True}))
+    assert ok["encoder_grad_checkpointing"] is True
