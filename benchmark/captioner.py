@@ -132,20 +132,17 @@ def caption_files(run: LoadedRun, files: list[Path], *, batch_size: int | None =
 
 
 def _features_for(run: LoadedRun, dataset, images, console=None):
-    """Features of ``images`` from the feature cache: the whole dataset's cache file when a
-    run on that dataset already wrote it (same key as the runner's), else ``images`` only."""
-    from benchmark.features import feature_cache_key, load_or_extract
-    from benchmark.paths import cache_root
+    """Features of ``images`` from the feature cache: the whole dataset's store when a run on
+    that dataset already wrote it (same key as the runner's), else ``images`` only."""
+    from benchmark.features import load_or_extract, open_store, store_folder
 
     feats = run.config.get("features") or {}
     cache_dir = feats.get("cache_dir")
-    folder = Path(cache_dir) if cache_dir else cache_root() / "features"
-    identity = run.encoder.cache_identity()
-    whole = folder / f"{identity['encoder']}-{feature_cache_key(identity, dataset.images)}.safetensors"
-    chosen = dataset.images if whole.is_file() else images
-    store = load_or_extract(run.encoder, chosen, cache_dir=cache_dir,
-                            batch_size=int(feats.get("batch_size", 32)), device=run.device,
-                            num_workers=feats.get("num_workers"))
+    whole = open_store(store_folder(run.encoder, dataset.images, cache_dir),
+                       [im.image_id for im in dataset.images])
+    store = whole or load_or_extract(run.encoder, images, cache_dir=cache_dir,
+                                     batch_size=int(feats.get("batch_size", 32)),
+                                     device=run.device, num_workers=feats.get("num_workers"))
     store.stats = run.feature_stats
     return store
 

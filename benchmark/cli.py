@@ -123,6 +123,7 @@ def run(
     })
     seed_list = _parse_seeds(seeds) if seeds else [cfg.seed]
     if nproc > 1 and not distributed.launched_by_torchrun():
+        _check_nproc(cfg, nproc)
         raise typer.Exit(_launch_torchrun(nproc))
     is_rank0 = os.environ.get("RANK", "0") == "0"
 
@@ -137,6 +138,24 @@ def run(
                 _print_run_summary(record, path)
     finally:
         distributed.shutdown()
+
+
+def _check_nproc(cfg, nproc: int) -> None:
+    """What ``--nproc`` cannot take, said once before any process starts."""
+    import torch
+
+    from benchmark.config import resolved_config
+
+    resolved_config(cfg)
+    if cfg.train.scst_epochs or cfg.encoder_trainable != "none":
+        _fail("--nproc with SCST or --finetune-encoder: those run in one process for now; "
+              "drop --nproc (or train XE with --nproc, then SCST without it)")
+    if cfg.device.startswith("cuda:"):
+        _fail(f"--nproc with --device {cfg.device}: each process takes its own GPU; say --device "
+              "cuda (or auto)")
+    gpus = torch.cuda.device_count()
+    if cfg.device in ("cuda", "auto") and 0 < gpus < nproc:
+        _fail(f"--nproc {nproc}: this machine has {gpus} GPU(s); use at most one process a GPU")
 
 
 def _launch_torchrun(nproc: int) -> int:

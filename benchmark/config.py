@@ -47,9 +47,10 @@ class TrainConfig:
     ``scst_epochs``: epochs of self-critical sequence training after the cross-entropy
     epochs (Rennie et al. 2017; 0 = cross-entropy only), with ``scst_samples`` sampled
     captions per image, the "new self-critical" baseline (Luo 2020) and a constant
-    ``scst_lr``. ``compile``: run the cross-entropy steps through ``torch.compile``
-    (``dynamic=True``: caption lengths vary by batch; ``capbench bench --compile`` measures
-    the speedup).
+    ``scst_lr``. ``compile``: run the cross-entropy steps on cached features through
+    ``torch.compile`` (batches padded to the full caption length so that it compiles once;
+    ``dynamic=True`` for the shorter last batch; ``capbench bench --compile`` measures the
+    speedup).
     """
 
     epochs: int = _r(10, min=1)

@@ -8,6 +8,7 @@ harness calls :func:`init` once: backend ``nccl`` for CUDA and ``gloo`` for the 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,12 +26,16 @@ def launched_by_torchrun() -> bool:
 def init(device: torch.device) -> None:
     """Join the process group that ``torchrun`` set up (no-op when not launched by it or
     already joined): ``nccl`` when ``device`` is CUDA (each rank then uses GPU
-    ``LOCAL_RANK``), else ``gloo``."""
+    ``LOCAL_RANK``), else ``gloo``; collectives time out after ``CAPBENCH_DIST_TIMEOUT``
+    seconds (default 4 hours: the other ranks wait while rank 0 scores and writes)."""
     if not launched_by_torchrun() or dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(local_rank())
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # rank 0 alone scores the test split and writes the record while the others wait: give
+    # collectives far more than the default 10 minutes (CAPBENCH_DIST_TIMEOUT, seconds)
+    timeout = timedelta(seconds=int(os.environ.get("CAPBENCH_DIST_TIMEOUT", "14400")))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
 
 
 def shutdown() -> None:

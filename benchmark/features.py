@@ -152,13 +152,24 @@ class ShardedRows:
                 j += 1
             self._read(shard, wanted[i] - self._starts[shard], out[i:j])
             i = j
+        if bool((order[1:] > order[:-1]).all()):  # asked in ascending order: no reordering
+            return out
         result = torch.empty_like(out)
         result[order] = out
         return result
 
-    def all(self) -> torch.Tensor:
-        """Every row, ``(N, *row_shape)`` (loads the whole tensor: for stores that fit)."""
-        return self.take(torch.arange(self.shape[0]))
+    def all(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Every row, ``(N, *row_shape)`` on ``device``, filled shard by shard (memory: the
+        result plus one shard), for stores that fit."""
+        out = torch.empty(self.shape, dtype=self.dtype, device=device)
+        for s, (a, b) in enumerate(zip(self._starts[:-1], self._starts[1:], strict=True)):
+            if torch.device(device).type == "cpu":
+                self._read(s, 0, out[a:b])
+            else:
+                buf = torch.empty((b - a, *self.row_shape), dtype=self.dtype)
+                self._read(s, 0, buf)
+                out[a:b].copy_(buf)
+        return out
 
 
 def take_rows(source: torch.Tensor | ShardedRows, rows: torch.Tensor) -> torch.Tensor:
@@ -176,7 +187,7 @@ def channel_stats(source: torch.Tensor | ShardedRows, rows: torch.Tensor, *,
     Chan et al.'s parallel update (Chan, Golub & LeVeque 1979; Welford 1962 for one value at a
     time). Memory is one chunk, whatever the number of rows. ``flatten_tokens``: a grid
     ``(N, L, D)`` counts each of its ``L`` tokens as a sample.
-    Raises ValueError for fewer than two samples.
+    Raises DatasetError for fewer than two samples.
     """
     rows = torch.sort(rows.to("cpu", torch.long)).values  # sequential reads
     count, mean, m2 = 0, None, None
@@ -194,7 +205,8 @@ def channel_stats(source: torch.Tensor | ShardedRows, rows: torch.Tensor, *,
         m2 = m2 + m2_b + delta.square() * (count * n / total)
         count = total
     if count < 2:
-        raise ValueError(f"feature statistics need at least two samples, got {count}")
+        raise DatasetError(f"feature statistics need at least two samples, got {count}: the "
+                           "train split needs more images (or set features.normalize: false)")
     return mean.float(), (m2 / (count - 1)).sqrt().float()
 
 
@@ -281,7 +293,8 @@ class FeatureStore:
         if num_workers > 0 and self.device.type == "cpu":
             loader = DataLoader(_RawBatches(self, batches), batch_size=None, shuffle=False,
                                 num_workers=num_workers, pin_memory=device.type == "cuda",
-                                prefetch_factor=4, persistent_workers=False)
+                                prefetch_factor=4, persistent_workers=False,
+                                generator=torch.Generator())  # not the global random stream
             for g, p in loader:
                 yield self.normalize(g, p, device)
         else:
@@ -298,9 +311,9 @@ class FeatureStore:
         """A copy whose features are in-memory tensors on ``device`` (e.g. the whole store
         on the GPU when it fits, see :meth:`fits_on`)."""
         stats = {k: v.to(device) for k, v in self.stats.items()} if self.stats else None
-        grid, pooled = (t.all() if isinstance(t, ShardedRows) else t
+        grid, pooled = (t.all(device) if isinstance(t, ShardedRows) else t.to(device)
                         for t in (self.grid, self.pooled))
-        return FeatureStore(grid.to(device), pooled.to(device), self.image_ids, self.key,
+        return FeatureStore(grid, pooled, self.image_ids, self.key,
                             self.path, self.extraction_images_per_s, self.cache_hit, stats)
 
     def fits_on(self, device, fraction: float = 0.5) -> bool:
@@ -310,7 +323,9 @@ class FeatureStore:
         if device.type != "cuda":
             return False
         free, _ = torch.cuda.mem_get_info(device)
-        return self.nbytes <= fraction * free
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        size = sum(math.prod(t.shape) * t.dtype.itemsize for t in (self.grid, self.pooled))
+        return size <= fraction * free  # at the dtype .to() gives (float32 if any shard is)
 
 
 class _RawBatches(Dataset):
@@ -508,15 +523,17 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
     folder = store_folder(encoder, images, cache_dir)
     ids = [im.image_id for im in images]
     found = open_store(folder, ids)
-    if found is not None:
+    if all(distributed.all_gather_object(found is not None)):  # every rank decides alike
         return found
     ensure_writable(folder.parent, need_bytes=feature_bytes(encoder, len(images)),
                     what="feature cache",
                     hint="Set CAPBENCH_CACHE (or features.cache_dir in the config) to a writable "
                          "folder with enough space; `capbench doctor` shows the caches.")
-    remove_stale_temps(folder.parent)
     folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(folder)
+    if distributed.is_main():  # one cleaner: another machine's live temp files look dead here
+        remove_stale_temps(folder.parent)
+        remove_stale_temps(folder)
+    distributed.barrier()
     per = shard_size or shard_images(encoder)
     rank, world = distributed.rank(), distributed.world_size()
     names, encoded, seconds = [], 0, 0.0

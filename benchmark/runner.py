@@ -73,7 +73,8 @@ def preflight(cfg: RunConfig, dataset: CaptionDataset, resolved: dict) -> None:
     root = Path(cfg.results_dir)
     ensure_writable(root / "runs", what="results folder", hint=hint)
     ensure_writable(root / "checkpoints", need_bytes=need, what="checkpoint folder", hint=hint)
-    remove_stale_temps(root / "checkpoints")
+    if distributed.is_main():  # one cleaner: another machine's live temp files look dead here
+        remove_stale_temps(root / "checkpoints")
 
 
 def prepare_features(cfg: RunConfig, dataset: CaptionDataset, device, console=None):
@@ -346,7 +347,8 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     same config id and seed continues (keeping its run id) instead of a fresh start.
     Under ``torchrun`` every rank calls this; the ranks train with DistributedDataParallel
     and decode the test split between them, and rank 0 alone scores it and writes the record:
-    the other ranks return ``(None, None)``.
+    the other ranks return ``(None, None)`` (so the return type is ``tuple[RunRecord | None,
+    Path | None]``).
     Raises CapbenchError / ArchitectureError subclasses for bad input before any work.
     """
     t_start = time.perf_counter()
@@ -367,12 +369,14 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                           f"{previous}; --resume continues it (this run starts afresh)",
                           highlight=False)
         previous = None
-    run_id = distributed.broadcast_object(
-        previous.stem if previous else new_run_id(resolved["arch"], resolved["encoder"], cfg.seed))
+    # rank 0 decides the run id and whether it resumes, for every rank alike
+    run_id, resuming = distributed.broadcast_object(
+        (previous.stem if previous else new_run_id(resolved["arch"], resolved["encoder"],
+                                                   cfg.seed), previous is not None))
     state_path = _state_path(cfg.results_dir, cid, run_id)
     encoder, store = prepared or prepare_features(cfg, dataset, device, console)
     trained = _train_stage(cfg, resolved, dataset, encoder, store, device, console,
-                           state_path=state_path, resume=previous is not None, run_id=run_id)
+                           state_path=state_path, resume=resuming, run_id=run_id)
     test = dataset.split("test")
     predictions, captions_per_s = caption_features_all_ranks(trained.decoder, trained.store,
                                                              test, trained.vocab, cfg.decode,

@@ -94,6 +94,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
 
 
+def test_gradient_checkpointing_trains_the_last_block_when_only_it_is_trainable():
+    """Checkpointing must not cut the gradient to a trainable block whose input does not
+    require grad (reentrant checkpointing would, silently)."""
+    enc = create_encoder("vit_tiny", pretrained=False)
+    enc.set_trainable("last")
+    enc.set_grad_checkpointing(True)
+    grid, pooled = enc(torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+    (grid.square().mean() + pooled.mean()).backward()
+    last = enc.net.blocks[-1]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in last.parameters())
+    assert all(p.grad is None for p in enc.net.blocks[0].parameters())
+
+
 def test_gradient_checkpointing_settings_are_checked_before_any_work():
     from benchmark.config import load_config, resolved_config
     from benchmark.errors import ConfigError
