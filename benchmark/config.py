@@ -298,7 +298,7 @@ def resolved_config(cfg: RunConfig) -> dict:
     select_device(cfg.device)
     from benchmark.tracking import check_tracker
 
-    check_tokenizer_spec(cfg.tokenizer)
+    check_tokenizer_spec(cfg.tokenizer, cfg.tokenizer_vocab_size)
     check_tracker(cfg.log)
     if cfg.encoder_grad_checkpointing and cfg.encoder_trainable == "none":
         raise ConfigError("encoder_grad_checkpointing is for fine-tuning: set encoder_trainable "

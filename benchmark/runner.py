@@ -124,6 +124,24 @@ class _Trained:
     encoder_identity: dict
 
 
+def _warn_truncation(vocab: CaptionTokenizer, train, cfg: RunConfig) -> None:
+    """A CapbenchWarning when more than 5% of the training captions are longer than
+    ``train.max_caption_len`` tokens of the run's tokenizer (they are cut; subword tokenizers
+    write more tokens a caption than words)."""
+    import warnings
+
+    from benchmark.errors import CapbenchWarning
+    from benchmark.tokenization import caption_lengths
+
+    lengths = caption_lengths(vocab, (t for im in train for t in im.tokens))
+    cut = sum(n > cfg.train.max_caption_len for n in lengths)
+    if lengths and cut > 0.05 * len(lengths):
+        warnings.warn(f"{100 * cut / len(lengths):.0f}% of the training captions are longer than "
+                      f"train.max_caption_len = {cfg.train.max_caption_len} tokens of the "
+                      f"{vocab.kind} tokenizer (mean {sum(lengths) / len(lengths):.1f}) and are "
+                      "cut; raise train.max_caption_len", CapbenchWarning, stacklevel=2)
+
+
 def unfinished_state(results_dir: str | Path, cid: str, seed: int) -> Path | None:
     """The newest resumable training state of config ``cid`` and ``seed`` under
     ``<results_dir>/unfinished/<cid>/`` (None when there is none)."""
@@ -148,6 +166,7 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
     vocab = build_tokenizer(cfg.tokenizer, (t for im in train for t in im.tokens),
                             min_count=cfg.train.min_word_count,
                             vocab_size=cfg.tokenizer_vocab_size)
+    _warn_truncation(vocab, train, cfg)
     stats = store.standardize(store.row_ids(train)) if cfg.features.normalize else None
     decoder = create_decoder(resolved["arch"], len(vocab), encoder.grid_dim, encoder.pooled_dim,
                              resolved["decoder"])

@@ -129,9 +129,19 @@ def _from_pretrained(spec: str):
                                        "folder of a saved tokenizer")) from exc
 
 
-def check_tokenizer_spec(spec: str) -> None:
+BPE_ALPHABET = 256 + 4  # byte-level BPE's bytes and its special tokens, before any merge
+
+
+def check_tokenizer_spec(spec: str, vocab_size: int | None = None) -> None:
     """Fail before any work for a tokenizer that cannot be had: ``word``/``bpe``/``wordpiece``
-    always can; a PATH or hub name is loaded once (ConfigError saying why not)."""
+    always can (but ``bpe`` needs a ``vocab_size`` above its byte alphabet, or it learns no
+    merge and every caption becomes one token a byte); a PATH or hub name is loaded once
+    (ConfigError saying why not)."""
+    if spec == "bpe" and vocab_size is not None and vocab_size <= BPE_ALPHABET:
+        raise ConfigError(f"tokenizer_vocab_size = {vocab_size} with tokenizer bpe: byte-level BPE "
+                          f"starts from {BPE_ALPHABET} entries (256 bytes and 4 special tokens), "
+                          "so it would learn no merge and write one token a byte; use 500 or "
+                          "more (default 1000)")
     if spec not in ("word", *TRAINED_KINDS):
         SubwordTokenizer(_from_pretrained(spec), spec)
 
@@ -166,6 +176,11 @@ def load_tokenizer(folder: str | Path) -> CaptionTokenizer:
     if (folder / "vocab.json").is_file():
         return Vocabulary.load(folder / "vocab.json")
     raise FileNotFoundError(f"{folder} has neither tokenizer.json nor vocab.json")
+
+
+def caption_lengths(tokenizer: CaptionTokenizer, captions: Iterable[Sequence[str]]) -> list[int]:
+    """Number of tokens (without ``<bos>``/``<eos>``) of each caption, uncut."""
+    return [len(tokenizer.encode(c, 10**6)) - 2 for c in captions]
 
 
 def mean_tokens_per_caption(tokenizer: CaptionTokenizer, captions: Iterable[Sequence[str]],

@@ -92,3 +92,33 @@ def test_a_subword_run_learns_from_train_only_and_captions_reproduce(tiny_shapes
     assert info["mean_tokens_per_caption"] >= 1
     got = captions_of(record, tiny_shapes.parent / "images", tmp_path)
     assert got == {p["filename"]: p["caption"] for p in record.predictions}
+
+
+def test_a_bpe_vocabulary_without_room_for_merges_is_refused_before_any_work():
+    from benchmark.config import load_config, resolved_config
+    from benchmark.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tokenizer_vocab_size = 200 with tokenizer bpe"):
+        resolved_config(load_config("tiny", {"tokenizer": "bpe", "tokenizer_vocab_size": 200}))
+    resolved_config(load_config("tiny", {"tokenizer": "wordpiece", "tokenizer_vocab_size": 200}))
+
+
+def test_captions_cut_by_max_caption_len_are_reported(tiny_shapes):
+    from benchmark.config import load_config
+    from benchmark.data import load_karpathy
+    from benchmark.errors import CapbenchWarning
+    from benchmark.runner import _warn_truncation
+    from benchmark.tokenization import build_tokenizer, caption_lengths
+
+    train = load_karpathy(tiny_shapes).split("train")
+    captions = [t for im in train for t in im.tokens]
+    bpe = build_tokenizer("bpe", captions, vocab_size=300)
+    longest = max(caption_lengths(bpe, captions))
+    with pytest.warns(CapbenchWarning, match=r"% of the training captions are longer than "
+                                             r"train.max_caption_len = 4 tokens of the bpe"):
+        _warn_truncation(bpe, train, load_config("tiny", {"train.max_caption_len": 4}))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_truncation(bpe, train, load_config("tiny", {"train.max_caption_len": longest}))
