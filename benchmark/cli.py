@@ -735,30 +735,26 @@ def bench(
             _fail(f"--store {store}: give the number of images, at least 2 (e.g. 10000)")
         res = bench_store(store, select_device(device), folder=store_dir, batch_size=batch_size,
                           log=err.print)
-        if format == "json":
-            sys.stdout.write(json.dumps(res, indent=1) + "\n")
-        else:
-            console.print(f"feature store of {res['images']:,} images ({res['store_gb']:.1f} GB, "
-                          f"{res['shards']} shards): peak RSS {res['peak_rss_mb']:,.0f} MB "
-                          f"(in memory it would be {res['in_memory_mb']:,.0f} MB); written at "
-                          f"{res['write_mb_per_s']:,.0f} MB/s, statistics in {res['stats_s']:.1f} s; "
-                          f"samples/s: read {res['read_samples_per_s']:,.0f}, train "
-                          f"{res['train_samples_per_s']:,.1f} ({res['arch']}), greedy decode "
-                          f"{res['decode_captions_per_s']:,.1f}", highlight=False)
+        _print_result(res, format,
+                      f"feature store of {res['images']:,} images ({res['store_gb']:.1f} GB, "
+                      f"{res['shards']} shards): peak RSS {res['peak_rss_mb']:,.0f} MB (in memory "
+                      f"it would be {res['in_memory_mb']:,.0f} MB); written at "
+                      f"{res['write_mb_per_s']:,.0f} MB/s, statistics in {res['stats_s']:.1f} s; "
+                      f"samples/s: read {res['read_samples_per_s']:,.0f}, train "
+                      f"{res['train_samples_per_s']:,.1f} ({res['arch']}), greedy decode "
+                      f"{res['decode_captions_per_s']:,.1f}")
         return
     if reward:
         from benchmark.bench import bench_reward
 
         res = bench_reward(reward)
-        if format == "json":
-            sys.stdout.write(json.dumps(res, indent=1) + "\n")
-        else:
-            console.print(f"SCST reward on {reward} ({res['captions']:,} captions against "
-                          f"{res['references']:,} train references of {res['train_images']} images): "
-                          f"capbench CiderD {res['capbench_CiderD_captions_per_s']:,.0f} captions/s "
-                          f"(document frequencies built once in {res['ciderd_build_s']:.2f} s), "
-                          f"pycocoevalcap Cider {res['pycocoevalcap_Cider_captions_per_s']:,.0f} "
-                          "captions/s; median of 3 alternating rounds", highlight=False)
+        _print_result(res, format,
+                      f"SCST reward on {reward} ({res['captions']:,} captions against "
+                      f"{res['references']:,} train references of {res['train_images']} images): "
+                      f"capbench CiderD {res['capbench_CiderD_captions_per_s']:,.0f} captions/s "
+                      f"(document frequencies built once in {res['ciderd_build_s']:.2f} s), "
+                      f"pycocoevalcap Cider {res['pycocoevalcap_Cider_captions_per_s']:,.0f} "
+                      "captions/s; median of 3 alternating rounds")
         if not arch and not encoder:
             return
     if not arch and not encoder:
@@ -795,6 +791,16 @@ def bench(
             table.add_row(*("-" if pd.isna(v) else f"{v:,.1f}" if isinstance(v, float) else str(v)
                             for v in r))
         console.print(table)
+
+
+def _print_result(res: dict, format: str, text: str) -> None:
+    """A bench result as JSON (``--format json``) or as one line of ``text``."""
+    import json
+
+    if format == "json":
+        sys.stdout.write(json.dumps(res, indent=1) + "\n")
+    else:
+        console.print(text, highlight=False)
 
 
 @app.command("list")
