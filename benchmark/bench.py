@@ -38,7 +38,7 @@ from benchmark.device import peak_memory_mb, synchronize
 from benchmark.train import caption_loss
 
 __all__ = ["DecoderWorkload", "time_fn", "bench_decoder", "bench_encoder", "run_bench",
-           "table_columns", "count_flops", "matmul_peak", "add_utilisation", "bf16_supported",
+           "table_columns", "count_flops", "matmul_peak", "matmul_rate", "add_utilisation", "bf16_supported",
            "bench_store"]
 
 
@@ -100,12 +100,14 @@ def bf16_supported(device: torch.device) -> bool:
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int = 4096, iters: int = 3) -> float:
-    """The device's own matrix-multiply peak in GFLOP/s: the best of ``iters`` timed
-    ``(n, n) @ (n, n)`` products in ``dtype`` (2 n^3 FLOPs each), after one warm-up; on CPU
-    with torch's current thread count. Check :func:`bf16_supported` before asking for bf16."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+def matmul_rate(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                *, iters: int = 3) -> float:
+    """GFLOP/s of ``(m, k) @ (k, n)`` in ``dtype``: the best of ``iters`` timed products
+    (``2 m k n`` FLOPs each) after one warm-up; on CPU with torch's current thread count.
+    A decoder's step loop multiplies matrices of only batch-size rows (``capbench bench
+    --gemm 32x2048x2048``), far from the peak of large ones."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
     a @ b
     synchronize(device)
     best = float("inf")
@@ -114,7 +116,13 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int = 4096, iter
         a @ b
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * m * k * n / best / 1e9
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int = 4096, iters: int = 3) -> float:
+    """The device's own matrix-multiply peak in GFLOP/s: :func:`matmul_rate` of a large
+    square ``(n, n) @ (n, n)`` product. Check :func:`bf16_supported` before asking for bf16."""
+    return matmul_rate(n, n, n, device, dtype, iters=iters)
 
 
 def add_utilisation(row: dict, peaks: dict[str, float]) -> dict:

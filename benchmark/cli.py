@@ -711,6 +711,7 @@ def bench(
     output: Annotated[Path | None, typer.Option(help="also write the rows as CSV here")] = None,
     peak: Annotated[bool, typer.Option("--peak", help="measure the device's matmul peak (fp32, bf16) and report each phase's utilisation = achieved GFLOP/s / peak")] = False,
     reward: Annotated[str | None, typer.Option(help="time the SCST reward (CIDEr-D with cached document frequencies vs pycocoevalcap's Cider) on this dataset's train split, e.g. shapes")] = None,
+    gemm: Annotated[str | None, typer.Option(help="time matrix products MxKxN (comma-separated, e.g. 32x2048x2048,4096x4096x4096) in fp32: GFLOP/s of the shapes a decoder's step loop multiplies")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="also time each decoder's training step through torch.compile and report the speedup over eager")] = False,
     store: Annotated[int | None, typer.Option(help="scale benchmark of the feature store: build a synthetic store of N images at ResNet-50's grid size (49 x 2048, float16; 0.2 MB an image) and report peak RSS and samples/s of reading, training and decoding from it")] = None,
     store_dir: Annotated[Path | None, typer.Option(help="where --store builds its synthetic store (default: the system temp folder); it is deleted afterwards")] = None,
@@ -727,6 +728,25 @@ def bench(
 
     if format not in ("table", "csv", "json"):
         _fail(f"--format {format!r}: choose table, csv or json")
+    if gemm:
+        from benchmark.bench import matmul_rate
+        from benchmark.device import select_device
+
+        shapes = []
+        for part in gemm.split(","):
+            try:
+                m, k, n = (int(x) for x in part.lower().split("x"))
+            except ValueError:
+                _fail(f"--gemm {part!r}: give M x K x N as three integers, e.g. 32x2048x2048")
+            if min(m, k, n) < 1:
+                _fail(f"--gemm {part!r}: every dimension must be at least 1")
+            shapes.append((m, k, n))
+        dev = select_device(device)
+        res = [{"m": m, "k": k, "n": n, "gflops": matmul_rate(m, k, n, dev, iters=max(3, iters))}
+               for m, k, n in shapes]
+        _print_result(res, format, "  ".join(f"({r['m']}x{r['k']}) @ ({r['k']}x{r['n']}): "
+                                             f"{r['gflops']:.0f} GFLOP/s" for r in res))
+        return
     if store is not None:
         from benchmark.bench import bench_store
         from benchmark.device import select_device
@@ -793,7 +813,7 @@ def bench(
         console.print(table)
 
 
-def _print_result(res: dict, format: str, text: str) -> None:
+def _print_result(res: dict | list, format: str, text: str) -> None:
     """A bench result as JSON (``--format json``) or as one line of ``text``."""
     import json
 

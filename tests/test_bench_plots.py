@@ -157,3 +157,13 @@ def test_compiled_training_step_is_timed_against_eager():
                         caption_len=5, embed_dim=16, hidden_dim=16, attention_dim=16)
     row = bench_decoder("transformer", w, torch.device("cpu"), iters=2, warmup=1, compile=True)
     assert row["train_compiled_samples_per_s"] > 0 and row["compile_speedup"] > 0
+
+
+def test_gemm_rates_of_given_shapes():
+    out = CliRunner().invoke(app, ["bench", "--gemm", "8x16x32,64X64x64", "--format", "json"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output)
+    assert [(r["m"], r["k"], r["n"]) for r in rows] == [(8, 16, 32), (64, 64, 64)]
+    assert all(r["gflops"] > 0 for r in rows)
+    bad = CliRunner().invoke(app, ["bench", "--gemm", "32x2048"])
+    assert bad.exit_code == 2 and "--gemm '32x2048': give M x K x N" in bad.output
