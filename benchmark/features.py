@@ -42,9 +42,9 @@ SHARD_BYTES = 256 * 2**20  # float16 features per shard file
 MANIFEST = "manifest.json"
 
 __all__ = ["FeatureStore", "ShardedRows", "ImageFolderDataset", "feature_cache_key",
-           "extract_features", "load_or_extract", "open_store", "store_folder", "shard_images",
-           "channel_stats", "take_rows", "write_shard", "write_manifest", "default_num_workers",
-           "feature_bytes"]
+           "extract_features", "encode_batches", "load_or_extract", "open_store", "store_folder",
+           "shard_images", "channel_stats", "take_rows", "write_shard", "write_manifest",
+           "default_num_workers", "feature_bytes"]
 
 
 class ImageFolderDataset(Dataset):
@@ -375,37 +375,54 @@ def default_num_workers() -> int:
     return 0 if n <= 2 else min(8, n - 1)
 
 
+def encode_batches(encoder, images: list[ImageRecord], batches: list[list[int]], *,
+                   device: str | torch.device = "cpu", num_workers: int | None = None,
+                   progress=None):
+    """Yield ``(grid (b, L, D), pooled (b, P))`` (float32, CPU) for each list of positions in
+    ``batches``, in order, reading ``images`` from disk through one DataLoader (one pool of
+    ``num_workers`` workers for all batches). On CUDA: bf16 autocast, channels-last memory
+    format, ``cudnn.benchmark`` (restored afterwards), pinned memory and non-blocking copies.
+    ``progress`` is an optional callable(n_done)."""
+    device = torch.device(device)
+    workers = default_num_workers() if num_workers is None else num_workers
+    loader = DataLoader(ImageFolderDataset(images, encoder.transform), batch_sampler=batches,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    encoder = encoder.to(device).eval()
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    benchmark_before = torch.backends.cudnn.benchmark
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" \
+        else contextlib.nullcontext()
+    try:
+        if device.type == "cuda":  # cuDNN picks the fastest convolution for the fixed size
+            torch.backends.cudnn.benchmark = True
+            encoder = encoder.to(memory_format=memory_format)  # NHWC: the tensor cores' layout
+        with torch.inference_mode(), autocast:
+            for pixels in loader:
+                g, p = encoder(pixels.to(device, non_blocking=True, memory_format=memory_format))
+                if progress:
+                    progress(len(pixels))
+                yield g.float().cpu(), p.float().cpu()
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_before
+
+
 def extract_features(encoder, images: list[ImageRecord], *, batch_size: int = 32,
                      device: str | torch.device = "cpu", num_workers: int | None = None,
                      progress=None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Run ``encoder`` over ``images`` from disk (on CUDA: bf16 autocast, channels-last
-    memory format, ``cudnn.benchmark``, pinned memory and non-blocking copies).
+    """Run ``encoder`` over ``images`` from disk (:func:`encode_batches`).
 
     Returns ``grid (N, L, D)``, ``pooled (N, P)`` (float32, CPU) and end-to-end images/s
     (decode + preprocess + forward). ``progress`` is an optional callable(n_done).
     """
-    device = torch.device(device)
-    workers = default_num_workers() if num_workers is None else num_workers
-    loader = DataLoader(ImageFolderDataset(images, encoder.transform), batch_size=batch_size,
-                        num_workers=workers, pin_memory=device.type == "cuda")
-    encoder = encoder.to(device).eval()
-    memory_format = torch.contiguous_format
-    if device.type == "cuda":  # cuDNN picks the fastest convolution for the fixed input size
-        torch.backends.cudnn.benchmark = True
-        memory_format = torch.channels_last  # NHWC: the tensor cores' layout
-        encoder = encoder.to(memory_format=memory_format)
-    grids, pooleds = [], []
+    if not images:
+        raise DatasetError("no images to encode")
+    batches = [list(range(a, min(a + batch_size, len(images))))
+               for a in range(0, len(images), batch_size)]
     t0 = time.perf_counter()
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" \
-        else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
-        for pixels in loader:
-            g, p = encoder(pixels.to(device, non_blocking=True, memory_format=memory_format))
-            grids.append(g.float().cpu())
-            pooleds.append(p.float().cpu())
-            if progress:
-                progress(len(pixels))
-    if device.type == "cuda":
+    with contextlib.closing(encode_batches(encoder, images, batches, device=device,
+                                           num_workers=num_workers, progress=progress)) as out:
+        grids, pooleds = zip(*out, strict=True)
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     return torch.cat(grids), torch.cat(pooleds), len(images) / max(elapsed, 1e-9)
@@ -536,21 +553,30 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
     distributed.barrier()
     per = shard_size or shard_images(encoder)
     rank, world = distributed.rank(), distributed.world_size()
-    names, encoded, seconds = [], 0, 0.0
+    names, todo = [], []
     for s, first in enumerate(range(0, len(images), per)):
-        part = images[first : first + per]
+        n = len(images[first : first + per])
         path = folder / f"shard-{s:05d}.safetensors"
         names.append(path.name)
-        if _shard_ids(path) == ids[first : first + per]:
+        if _shard_ids(path) == ids[first : first + n]:
             if progress and rank == 0:
-                progress(len(part))
-            continue
-        if s % world != rank:
-            continue
-        grid, pooled, ips = extract_features(encoder, part, batch_size=batch_size, device=device,
-                                             num_workers=num_workers, progress=progress)
-        encoded, seconds = encoded + len(part), seconds + len(part) / ips
-        write_shard(path, grid, pooled, ids[first : first + per], first)
+                progress(n)
+        elif s % world == rank:  # this rank's shard
+            todo.append((first, n, path))
+    encoded, seconds = 0, 0.0
+    if todo:  # one DataLoader (one worker pool) for all this rank's shards; batches stay in one
+        batches = [list(range(a, min(a + batch_size, first + n)))
+                   for first, n, _ in todo for a in range(first, first + n, batch_size)]
+        t0 = time.perf_counter()
+        with contextlib.closing(encode_batches(encoder, images, batches, device=device,
+                                               num_workers=num_workers,
+                                               progress=progress)) as stream:
+            for first, n, path in todo:
+                parts = [next(stream) for _ in range(math.ceil(n / batch_size))]
+                write_shard(path, torch.cat([g for g, _ in parts]),
+                            torch.cat([p for _, p in parts]), ids[first : first + n], first)
+                encoded += n
+        seconds = time.perf_counter() - t0
     distributed.barrier()
     if rank == 0:
         write_manifest(folder, key, identity, per, names, ids)

@@ -106,3 +106,23 @@ def test_the_store_streams_from_shards_and_resumes_a_killed_extraction(tiny_shap
     for (g1, p1), (g2, p2) in zip(store.batches(batches, "cpu", num_workers=1),
                                   memory.batches(batches, "cpu"), strict=True):
         assert torch.equal(g1, g2) and torch.equal(p1, p2)
+
+
+def test_extraction_uses_one_dataloader_for_all_shards(tiny_shapes, tmp_path, monkeypatch):
+    """One worker pool for the whole extraction, not one per shard (a COCO store has ~100)."""
+    from benchmark import features
+
+    made = []
+    real = features.DataLoader
+
+    def counting(*args, **kwargs):
+        made.append(kwargs.get("batch_sampler"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "DataLoader", counting)
+    images = load_karpathy(tiny_shapes).images[:11]
+    store = load_or_extract(create_encoder("resnet18", pretrained=False), images,
+                            cache_dir=tmp_path, batch_size=2, shard_size=4)
+    assert len(made) == 1 and len(store.grid.files) == 3
+    # batches never straddle two shards: 2 + 2 | 2 + 2 | 2 + 1
+    assert [len(b) for b in made[0]] == [2, 2, 2, 2, 2, 1]
