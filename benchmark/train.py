@@ -331,7 +331,8 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
     wrapped in DistributedDataParallel, ``cfg.batch_size`` is the global batch, split over
     the ranks (see :func:`_xe_epoch`), validation decoding is sharded and gathered, and only
     rank 0 writes the state file. The per-epoch losses equal a single process's with the same
-    batch up to float rounding (with dropout off: each rank draws its own dropout masks).
+    batch up to float rounding (with dropout off: each rank draws its own dropout masks, from
+    the global generator re-seeded per rank).
     Raises ValueError when the train split has no captions, SCST has no train references or
     is combined with fine-tuning, SCST or fine-tuning run in several processes (not supported
     yet), CapbenchError for an unreadable or mismatched state file.
@@ -357,6 +358,8 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
 
         model = DistributedDataParallel(decoder, device_ids=[device.index] if device.type ==
                                         "cuda" else None, find_unused_parameters=True)
+        if distributed.rank() > 0:  # its own dropout masks (DDP gave every rank rank 0's weights)
+            torch.manual_seed(seed + 7919 * distributed.rank())
     if cfg.compile:
         model = torch.compile(decoder if model is None else model, dynamic=True)
     encoder = finetune.encoder.to(device) if finetune is not None else None
