@@ -370,7 +370,13 @@ def bench_store(n_images: int, device: torch.device, *, folder: str | None = Non
     import tempfile
     from pathlib import Path
 
-    from benchmark.features import SHARD_BYTES, default_num_workers, open_store, write_manifest, write_shard
+    from benchmark.features import (
+        default_num_workers,
+        open_store,
+        shard_images,
+        write_manifest,
+        write_shard,
+    )
     from benchmark.fsutil import ensure_writable
 
     say = log or (lambda *a, **k: None)
@@ -381,7 +387,7 @@ def bench_store(n_images: int, device: torch.device, *, folder: str | None = Non
     root = Path(tempfile.mkdtemp(prefix="capbench-store-", dir=base))
     workers = default_num_workers() if num_workers is None else num_workers
     try:
-        per = shard_size or max(1, SHARD_BYTES // row_bytes)
+        per = shard_size or shard_images(row_bytes)
         g = torch.Generator().manual_seed(0)
         grid = torch.randn(per, grid_size, grid_dim, generator=g).half()
         pooled = torch.randn(per, pooled_dim, generator=g).half()

@@ -145,11 +145,10 @@ def _check_nproc(cfg, nproc: int) -> None:
     import torch
 
     from benchmark.config import resolved_config
+    from benchmark.runner import check_run_settings
 
     resolved_config(cfg)
-    if cfg.train.scst_epochs or cfg.encoder_trainable != "none":
-        _fail("--nproc with SCST or --finetune-encoder: those run in one process for now; "
-              "drop --nproc (or train XE with --nproc, then SCST without it)")
+    check_run_settings(cfg, world_size=nproc)
     if cfg.device.startswith("cuda:"):
         _fail(f"--nproc with --device {cfg.device}: each process takes its own GPU; say --device "
               "cuda (or auto)")

@@ -111,7 +111,7 @@ class ShardedRows:
     def nbytes(self) -> int:
         """Bytes of the whole tensor at its stored precision."""
         per_row = math.prod(self.row_shape)
-        return sum((b - a) * per_row * torch.finfo(d).bits // 8 for a, b, d in
+        return sum((b - a) * per_row * d.itemsize for a, b, d in
                    zip(self._starts[:-1], self._starts[1:], self._dtypes, strict=True))
 
     def _read(self, shard: int, first: int, out: torch.Tensor) -> None:
@@ -122,7 +122,7 @@ class ShardedRows:
             fd = self._fds[shard] = os.open(self.files[shard], os.O_RDONLY)
         dtype = self._dtypes[shard]
         buf = out if out.dtype == dtype else torch.empty(out.shape, dtype=dtype)
-        row_bytes = math.prod(self.row_shape) * torch.finfo(dtype).bits // 8
+        row_bytes = math.prod(self.row_shape) * dtype.itemsize
         view = memoryview(buf.view(torch.uint8).numpy()).cast("B")
         offset = self._data_start[shard] + first * row_bytes
         while len(view):
@@ -440,18 +440,23 @@ def feature_bytes(encoder, n_images: int) -> int:
     return n_images * (encoder.grid_size * encoder.grid_dim + encoder.pooled_dim) * 2
 
 
-def shard_images(encoder) -> int:
-    """Images per shard: as many as fit in :data:`SHARD_BYTES` at float16 (1,310 for
-    ResNet-50's 49 x 2048 grid, 887 for ViT-B/16's 196 x 768), at least one."""
-    return max(1, SHARD_BYTES // feature_bytes(encoder, 1))
+def shard_images(image_bytes: int) -> int:
+    """Images per shard: as many images of ``image_bytes`` (:func:`feature_bytes` of one) as
+    fit in :data:`SHARD_BYTES` (1,310 for ResNet-50's 49 x 2048 grid, 887 for ViT-B/16's
+    196 x 768), at least one."""
+    return max(1, SHARD_BYTES // image_bytes)
 
 
 def store_folder(encoder, images: list[ImageRecord], cache_dir: str | Path | None = None) -> Path:
     """The cache folder of ``encoder``'s features of ``images``:
     ``<cache>/features/<encoder>-<key>/`` (``cache_dir`` replaces ``<cache>/features``)."""
     identity = encoder.cache_identity()
-    folder = Path(cache_dir) if cache_dir else cache_root() / "features"
-    return folder / f"{identity['encoder']}-{feature_cache_key(identity, images)}"
+    return _folder(identity, feature_cache_key(identity, images), cache_dir)
+
+
+def _folder(identity: dict, key: str, cache_dir: str | Path | None) -> Path:
+    root = Path(cache_dir) if cache_dir else cache_root() / "features"
+    return root / f"{identity['encoder']}-{key}"
 
 
 def _shard_ids(path: Path) -> list | None:
@@ -536,8 +541,8 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
     from benchmark import distributed
 
     identity = encoder.cache_identity()
-    key = feature_cache_key(identity, images)
-    folder = store_folder(encoder, images, cache_dir)
+    key = feature_cache_key(identity, images)  # hashes every image file's size and time: once
+    folder = _folder(identity, key, cache_dir)
     ids = [im.image_id for im in images]
     found = open_store(folder, ids)
     if all(distributed.all_gather_object(found is not None)):  # every rank decides alike
@@ -551,7 +556,7 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
         remove_stale_temps(folder.parent)
         remove_stale_temps(folder)
     distributed.barrier()
-    per = shard_size or shard_images(encoder)
+    per = shard_size or shard_images(feature_bytes(encoder, 1))
     rank, world = distributed.rank(), distributed.world_size()
     names, todo = [], []
     for s, first in enumerate(range(0, len(images), per)):

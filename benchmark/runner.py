@@ -34,7 +34,7 @@ from benchmark.config import RunConfig, config_id, resolved_config
 from benchmark.data import CaptionDataset, resolve_dataset
 from benchmark.device import seed_everything, select_device
 from benchmark.errors import StorageError
-from benchmark.features import FeatureStore, load_or_extract
+from benchmark.features import FeatureStore, default_num_workers, load_or_extract
 from benchmark.fsutil import ensure_writable, remove_stale_temps, temp_prefix
 from benchmark.image_use import baseline_scores, image_use_report, shuffle_test
 from benchmark.inference import caption_features_all_ranks, caption_pixels
@@ -42,12 +42,13 @@ from benchmark.metrics import ptb_tokenize, score_captions
 from benchmark.paths import cache_root
 from benchmark.records import RunRecord, make_record, new_run_id, write_record
 from benchmark.stats import bootstrap_ci, diversity
-from benchmark.tokenization import build_tokenizer, mean_tokens_per_caption
+from benchmark.tokenization import build_tokenizer
 from benchmark.tracking import open_tracker
 from benchmark.train import FineTune, TrainResult, train_decoder
 from benchmark.vocab import CaptionTokenizer
 
 __all__ = ["prepare_features", "run_experiment", "run_seeds", "parameter_counts", "preflight",
+           "check_run_settings",
            "run_baselines", "unfinished_state"]
 
 
@@ -79,8 +80,8 @@ def preflight(cfg: RunConfig, dataset: CaptionDataset, resolved: dict) -> None:
 
 def prepare_features(cfg: RunConfig, dataset: CaptionDataset, device, console=None):
     """Build the encoder and return ``(encoder, FeatureStore)`` for every image of the dataset
-    (under ``torchrun`` the ranks extract the store's shards between them)."""
-    distributed.init(device)
+    (under ``torchrun``, once the caller has joined the process group, the ranks extract the
+    store's shards between them)."""
     console = console if distributed.is_main() else None
     encoder = create_encoder(cfg.encoder, pretrained=cfg.pretrained and not cfg.weights,
                              weights=cfg.weights, init_seed=cfg.encoder_init_seed)
@@ -122,12 +123,14 @@ class _Trained:
     feature_stats: dict | None
     result: TrainResult
     encoder_identity: dict
+    mean_tokens_per_caption: float  # under the run's tokenizer, train split
 
 
-def _warn_truncation(vocab: CaptionTokenizer, train, cfg: RunConfig) -> None:
-    """A CapbenchWarning when more than 5% of the training captions are longer than
-    ``train.max_caption_len`` tokens of the run's tokenizer (they are cut; subword tokenizers
-    write more tokens a caption than words)."""
+def _tokens_per_caption(vocab: CaptionTokenizer, train, cfg: RunConfig) -> float:
+    """Mean tokens per training caption under the run's tokenizer (the record's figure), with
+    a CapbenchWarning when more than 5% of the captions are longer than
+    ``train.max_caption_len`` tokens (they are cut; subword tokenizers write more tokens a
+    caption than words)."""
     import warnings
 
     from benchmark.errors import CapbenchWarning
@@ -140,6 +143,7 @@ def _warn_truncation(vocab: CaptionTokenizer, train, cfg: RunConfig) -> None:
                       f"train.max_caption_len = {cfg.train.max_caption_len} tokens of the "
                       f"{vocab.kind} tokenizer (mean {sum(lengths) / len(lengths):.1f}) and are "
                       "cut; raise train.max_caption_len", CapbenchWarning, stacklevel=2)
+    return sum(lengths) / max(1, len(lengths))
 
 
 def unfinished_state(results_dir: str | Path, cid: str, seed: int) -> Path | None:
@@ -166,7 +170,7 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
     vocab = build_tokenizer(cfg.tokenizer, (t for im in train for t in im.tokens),
                             min_count=cfg.train.min_word_count,
                             vocab_size=cfg.tokenizer_vocab_size)
-    _warn_truncation(vocab, train, cfg)
+    mean_tokens = _tokens_per_caption(vocab, train, cfg)
     stats = store.standardize(store.row_ids(train)) if cfg.features.normalize else None
     decoder = create_decoder(resolved["arch"], len(vocab), encoder.grid_dim, encoder.pooled_dim,
                              resolved["decoder"])
@@ -174,17 +178,14 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
     train_refs = (ptb_tokenize({im.image_id: list(im.captions) for im in train})
                   if cfg.train.scst_epochs else None)
     finetune, n_trainable = None, 0
+    workers = cfg.features.num_workers
+    workers = default_num_workers() if workers is None else workers
     if cfg.encoder_trainable != "none":  # a copy: a matrix shares the frozen encoder
-        from benchmark.features import default_num_workers
-
         encoder = copy.deepcopy(encoder)
         n_trainable = encoder.set_trainable(cfg.encoder_trainable)
         if cfg.encoder_grad_checkpointing:
             encoder.set_grad_checkpointing(True)
-        workers = cfg.features.num_workers
-        finetune = FineTune(encoder, stats, cfg.encoder_lr,
-                            default_num_workers() if workers is None else workers,
-                            cfg.features.batch_size)
+        finetune = FineTune(encoder, stats, cfg.encoder_lr, workers, cfg.features.batch_size)
     if store.fits_on(device):  # the whole store in GPU memory: no reads during training
         store = store.to(device)
     with _progress(console) as prog:
@@ -217,16 +218,12 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
                 "split_fingerprint": dataset.fingerprint, "device": device.type}
         tracker = open_tracker(cfg.log if distributed.is_main() else "none", cfg.results_dir,
                                run_id, resolved)
-        from benchmark.features import default_num_workers
-
-        workers = cfg.features.num_workers
         try:
             result = train_decoder(decoder, store, train, val, val_refs, vocab, cfg.train,
                                    device, seed=cfg.seed, callback=callback,
                                    train_references=train_refs, state_path=state_path,
                                    resume=resume, state_meta=meta, finetune=finetune,
-                                   num_workers=default_num_workers() if workers is None
-                                   else workers)
+                                   num_workers=workers)
         finally:
             tracker.close()
     decoder.load_state_dict(result.best_state)
@@ -234,7 +231,7 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
         encoder.apply_finetuned(result.best_encoder_state, cfg.encoder_trainable)
         store = finetune.store(dataset.images, device)
     return _Trained(decoder, encoder, n_trainable, vocab, store, stats, result,
-                    encoder.cache_identity())
+                    encoder.cache_identity(), mean_tokens)
 
 
 def _save_checkpoint(folder: Path, trained: _Trained, resolved: dict) -> None:
@@ -337,9 +334,9 @@ def _image_use_stage(dataset: CaptionDataset, encoder_name: str, store: FeatureS
         return None
 
 
-def _check_run_settings(cfg: RunConfig) -> None:
-    """Settings a distributed run cannot take, and ``--compile`` for a decoder it does not
-    suit (ConfigError, before any work)."""
+def check_run_settings(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Settings a run of ``world_size`` processes (default: this process group's) cannot
+    take, and ``--compile`` for a decoder it does not suit (ConfigError, before any work)."""
     from architectures.registry import get_entry
     from benchmark.errors import ConfigError
 
@@ -347,10 +344,11 @@ def _check_run_settings(cfg: RunConfig) -> None:
     if cfg.train.compile and why:
         raise ConfigError(f"--compile with {cfg.arch}: {why}; train it without --compile")
 
-    if distributed.world_size() > 1 and cfg.train.scst_epochs:
+    world = distributed.world_size() if world_size is None else world_size
+    if world > 1 and cfg.train.scst_epochs:
         raise ConfigError("train.scst_epochs with several processes: SCST runs in one process "
                           "for now; train XE with --nproc, then SCST without it")
-    if distributed.world_size() > 1 and cfg.encoder_trainable != "none":
+    if world > 1 and cfg.encoder_trainable != "none":
         raise ConfigError("--finetune-encoder with several processes: fine-tuning runs in one "
                           "process for now; drop --nproc")
 
@@ -374,7 +372,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     resolved = resolved_config(cfg)  # canonical names and decoder hyperparameters, checked once
     device = select_device(cfg.device)
     distributed.init(device)
-    _check_run_settings(cfg)
+    check_run_settings(cfg)
     console = console if distributed.is_main() else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -430,9 +428,7 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                                   "grad_checkpointing": cfg.encoder_grad_checkpointing}
                                  if cfg.encoder_trainable != "none" else {})},
                   "tokenizer": {"kind": trained.vocab.kind, "vocab_size": len(trained.vocab),
-                                "mean_tokens_per_caption": mean_tokens_per_caption(
-                                    trained.vocab, (t for im in dataset.split("train")
-                                                    for t in im.tokens))},
+                                "mean_tokens_per_caption": trained.mean_tokens_per_caption},
                   **({"scst_seconds": result.scst_seconds,
                       "scst_captions_per_s": result.scst_captions_per_s}
                      if cfg.train.scst_epochs else {})},
@@ -497,7 +493,7 @@ def run_seeds(cfg: RunConfig, seeds: list[int], console: Console | None = None, 
     resolved = resolved_config(cfg)
     device = select_device(cfg.device)
     distributed.init(device)
-    _check_run_settings(cfg)
+    check_run_settings(cfg)
     dataset = resolve_dataset(cfg.dataset)
     preflight(cfg, dataset, resolved)
     prepared = prepare_features(cfg, dataset, device, console)

@@ -56,14 +56,14 @@ def test_settings_a_distributed_run_cannot_take_fail_clearly(monkeypatch):
     from benchmark import distributed
     from benchmark.config import load_config
     from benchmark.errors import ConfigError
-    from benchmark.runner import _check_run_settings
+    from benchmark.runner import check_run_settings
 
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    _check_run_settings(load_config("tiny"))  # XE on frozen features: fine
+    check_run_settings(load_config("tiny"))  # XE on frozen features: fine
     with pytest.raises(ConfigError, match="SCST runs in one process"):
-        _check_run_settings(load_config("tiny", {"train.scst_epochs": 1}))
+        check_run_settings(load_config("tiny", {"train.scst_epochs": 1}))
     with pytest.raises(ConfigError, match="fine-tuning runs in one process"):
-        _check_run_settings(load_config("tiny", {"encoder_trainable": "last"}))
+        check_run_settings(load_config("tiny", {"encoder_trainable": "last"}))
 
 
 def test_nproc_below_one_is_refused():
@@ -86,8 +86,8 @@ def test_a_single_process_is_rank_0_of_1():
 def test_compile_is_refused_for_a_decoder_it_does_not_suit():
     from benchmark.config import load_config
     from benchmark.errors import ConfigError
-    from benchmark.runner import _check_run_settings
+    from benchmark.runner import check_run_settings
 
-    _check_run_settings(load_config("tiny", {"arch": "transformer", "train.compile": True}))
+    check_run_settings(load_config("tiny", {"arch": "transformer", "train.compile": True}))
     with pytest.raises(ConfigError, match="--compile with attn_lstm: its forward runs only"):
-        _check_run_settings(load_config("tiny", {"arch": "attn_lstm", "train.compile": True}))
+        check_run_settings(load_config("tiny", {"arch": "attn_lstm", "train.compile": True}))

@@ -107,7 +107,7 @@ def test_captions_cut_by_max_caption_len_are_reported(tiny_shapes):
     from benchmark.config import load_config
     from benchmark.data import load_karpathy
     from benchmark.errors import CapbenchWarning
-    from benchmark.runner import _warn_truncation
+    from benchmark.runner import _tokens_per_caption
     from benchmark.tokenization import build_tokenizer, caption_lengths
 
     train = load_karpathy(tiny_shapes).split("train")
@@ -116,9 +116,11 @@ def test_captions_cut_by_max_caption_len_are_reported(tiny_shapes):
     longest = max(caption_lengths(bpe, captions))
     with pytest.warns(CapbenchWarning, match=r"% of the training captions are longer than "
                                              r"train.max_caption_len = 4 tokens of the bpe"):
-        _warn_truncation(bpe, train, load_config("tiny", {"train.max_caption_len": 4}))
+        _tokens_per_caption(bpe, train, load_config("tiny", {"train.max_caption_len": 4}))
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _warn_truncation(bpe, train, load_config("tiny", {"train.max_caption_len": longest}))
+        mean = _tokens_per_caption(bpe, train,
+                                   load_config("tiny", {"train.max_caption_len": longest}))
+    assert mean == mean_tokens_per_caption(bpe, captions)  # the record's figure
