@@ -96,7 +96,9 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
         raise ValueError("beam_size must be >= 1")
     B, K, dev = grid.shape[0], beam_size, grid.device
     state = decoder.init_state(grid, pooled)
-    state = decoder.select_state(state, torch.arange(B, device=dev).repeat_interleave(K))
+    # K rows per image; the decoder's static entries (e.g. the grid) stay at one per image
+    state = decoder.select_state(state, torch.arange(B, device=dev).repeat_interleave(K),
+                                 within_image=True)
     scores = torch.full((B, K), float("-inf"), device=dev)
     scores[:, 0] = 0.0  # all beams start identical: expand from the first only
     tokens = torch.full((B * K,), bos_id, dtype=torch.long, device=dev)
@@ -107,15 +109,17 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
     for t in range(max_len + 1):
         logits, state = decoder.step(tokens, state)
         V = logits.shape[-1]
+        # (B, K, V) log-probabilities, then edited in place: one tensor of this size per step
         logp = forbid_tokens(torch.log_softmax(logits.float(), -1), pad_id, bos_id, unk_id).view(B, K, V)
         if t == max_len:  # close every open beam
             eos = logp[..., eos_id].clone()
-            logp = torch.full_like(logp, float("-inf"))
+            logp.fill_(float("-inf"))
             logp[..., eos_id] = eos
-        # a finished beam extends only by <eos> at no cost, so it stays a single candidate
-        logp = torch.where(finished.unsqueeze(-1), torch.full_like(logp, float("-inf")), logp)
-        logp[..., eos_id] = torch.where(finished, torch.zeros_like(scores), logp[..., eos_id])
-        cand = (scores.unsqueeze(-1) + logp).view(B, K * V)
+        if bool(finished.any()):
+            # a finished beam extends only by <eos> at no cost, so it stays a single candidate
+            logp.masked_fill_(finished.unsqueeze(-1), float("-inf"))
+            logp[..., eos_id] = torch.where(finished, torch.zeros_like(scores), logp[..., eos_id])
+        cand = logp.add_(scores.unsqueeze(-1)).view(B, K * V)
         scores, flat = cand.topk(K, dim=1)
         beam, word = flat // V, flat % V
         finished = finished.gather(1, beam)

@@ -86,3 +86,53 @@ def test_vocab_batch_builds_shifted_targets():
     assert inputs[0].tolist() == [v.bos_id, v.stoi["a"], v.stoi["cat"], v.pad_id]
     assert targets[0].tolist() == [v.stoi["a"], v.stoi["cat"], v.eos_id, v.pad_id]
     assert lengths.tolist() == [3, 4]
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_blocked_additive_scores_match_the_plain_expression(monkeypatch, beams):
+    """Show-Attend-Tell's scores ``relu(W_a a + W_h h) @ w`` computed in cache-sized blocks of
+    images (with gradients recomputed per block) equal autograd's plain expression, also when
+    the blocks split the batch unevenly and when K beams share one image's grid."""
+    from architectures.decoders import attn_lstm
+
+    g = torch.Generator().manual_seed(0)
+    grid_proj = torch.randn(5, 7, 6, dtype=torch.double, generator=g, requires_grad=True)
+    hidden = torch.randn(5 * beams, 6, dtype=torch.double, generator=g, requires_grad=True)
+    weight = torch.randn(6, dtype=torch.double, generator=g, requires_grad=True)
+    for block in (1 << 20, 2 * beams * 7 * 6):  # one block; blocks of 2 images (2 + 2 + 1)
+        monkeypatch.setattr(attn_lstm, "CPU_BLOCK_ELEMENTS", block)
+        assert len(attn_lstm._row_blocks(5, beams * 7 * 6, grid_proj.device)) == (
+            1 if block == 1 << 20 else 3)
+        blocked = attn_lstm.AdditiveScores.apply(grid_proj, hidden, weight)
+        plain = torch.relu(grid_proj.repeat_interleave(beams, 0) + hidden.unsqueeze(1)) @ weight
+        torch.testing.assert_close(blocked, plain, rtol=1e-12, atol=1e-12)
+        upstream = torch.randn(plain.shape, dtype=torch.double, generator=g)
+        got = torch.autograd.grad(blocked, (grid_proj, hidden, weight), upstream)
+        want = torch.autograd.grad(plain, (grid_proj, hidden, weight), upstream)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["attn_lstm", "transformer"])
+def test_beams_sharing_their_images_static_state_step_as_expanded_copies(name):
+    """Beam search keeps a decoder's ``static_state`` at one row per image; each step must give
+    the logits it gives when those rows are copied once per beam (the K beams differ)."""
+    torch.manual_seed(0)
+    dec = create_decoder(name, vocab_size=30, grid_dim=16, pooled_dim=8).eval()
+    assert dec.static_state
+    grid, pooled, tokens, _ = _inputs()
+    K = 4
+    beam_rows = torch.arange(3).repeat_interleave(K)
+    with torch.no_grad():
+        state = dec.init_state(grid, pooled)
+        shared = dec.select_state(state, beam_rows, within_image=True)
+        copied = dec.select_state(state, beam_rows)
+        assert shared[dec.static_state[0]].shape[0] == 3
+        assert copied[dec.static_state[0]].shape[0] == 3 * K
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            words = torch.randint(4, 30, (3 * K,), generator=g)
+            a, shared = dec.step(words, shared)
+            b, copied = dec.step(words, copied)
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+            assert not torch.allclose(a[0], a[1])  # the beams of one image really differ

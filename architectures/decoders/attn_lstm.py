@@ -16,6 +16,73 @@ from torch import nn
 from architectures.decoders.base import CaptionDecoder, DecoderOutput, State
 from architectures.registry import register_decoder
 
+#: Elements of ``relu(W_a a + W_h h)`` formed at once on the CPU (4 MiB of float32). Scoring
+#: images in blocks that stay in the cache, instead of forming the whole ``(B, N, A)`` tensor
+#: (``(B, K, N, A)`` in beam search) each step, keeps this memory-bound term from writing and
+#: reading back tens of megabytes of fresh memory per step (see the README's utilisation table).
+CPU_BLOCK_ELEMENTS = 1 << 20
+
+
+def _row_blocks(rows: int, per_row: int, device: torch.device) -> list[slice]:
+    """Row ranges scored together: cache-sized blocks on the CPU, all rows elsewhere."""
+    step = rows if device.type != "cpu" else max(1, CPU_BLOCK_ELEMENTS // max(per_row, 1))
+    return [slice(s, s + step) for s in range(0, rows, max(step, 1))]
+
+
+def _additive_scores(grid_proj, hidden_proj, weight):
+    """``relu(grid_proj + hidden_proj) @ weight`` in blocks of images, without autograd.
+
+    ``grid_proj (B, N, A)``, ``hidden_proj (B * K, A)`` (K rows per image, e.g. its beams),
+    ``weight (A,)`` -> ``(B * K, N)``.
+    """
+    B, N, A = grid_proj.shape
+    K = hidden_proj.shape[0] // B
+    out = grid_proj.new_empty(B, K, N)
+    hidden_proj, weight = hidden_proj.view(B, K, A), weight.to(grid_proj.dtype).view(A, 1)
+    for rows in _row_blocks(B, K * N * A, grid_proj.device):
+        x = grid_proj[rows].unsqueeze(1) + hidden_proj[rows].unsqueeze(2)  # (b, K, N, A)
+        torch.mm(x.relu_().view(-1, A), weight, out=out[rows].view(-1, 1))
+    return out.view(B * K, N)
+
+
+class AdditiveScores(torch.autograd.Function):
+    """Additive attention scores ``e = relu(grid_proj + hidden_proj) @ weight`` (no bias).
+
+    The same values and gradients as the plain expression, but computed in blocks of images
+    on the CPU (see :data:`CPU_BLOCK_ELEMENTS`), and the backward pass recomputes each block's
+    ``relu`` input instead of keeping one ``(B, N, A)`` activation per time step alive for the
+    whole caption. ``grid_proj (B, N, A)``, ``hidden_proj (B * K, A)`` with the K rows of an
+    image adjacent (K = 1 in training, the beam size in beam search), ``weight (A,)`` ->
+    ``(B * K, N)``; the score layer's bias is added by the caller. Matrix products rather
+    than broadcasts, so that FlopCounterMode counts what ``nn.Linear`` would.
+    """
+
+    @staticmethod
+    def forward(ctx, grid_proj, hidden_proj, weight):
+        ctx.save_for_backward(grid_proj, hidden_proj, weight)
+        return _additive_scores(grid_proj, hidden_proj, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grid_proj, hidden_proj, weight = ctx.saved_tensors
+        B, N, A = grid_proj.shape
+        K = hidden_proj.shape[0] // B
+        grad = grad.contiguous().to(grid_proj.dtype).view(B, K, N)
+        hidden, w = hidden_proj.view(B, K, A), weight.to(grid_proj.dtype).view(1, A)
+        d_grid = torch.empty_like(grid_proj) if ctx.needs_input_grad[0] else None
+        d_hidden = torch.empty_like(hidden)
+        d_weight = grid_proj.new_zeros(A, 1)
+        for rows in _row_blocks(B, K * N * A, grid_proj.device):
+            x = grid_proj[rows].unsqueeze(1) + hidden[rows].unsqueeze(2)  # relu's input
+            g_rows = grad[rows].reshape(-1, 1)  # (b * K * N, 1)
+            g = torch.mm(g_rows, w).view(x.shape)  # gradient at relu's output
+            g = torch.ops.aten.threshold_backward(g, x, 0)  # as autograd's relu: 0 where x <= 0
+            if d_grid is not None:
+                torch.sum(g, 1, out=d_grid[rows])
+            torch.sum(g, 2, out=d_hidden[rows])
+            d_weight.addmm_(x.relu_().view(-1, A).t(), g_rows)
+        return d_grid, d_hidden.view(B * K, A), d_weight.view(-1).to(weight.dtype)
+
 
 class AdditiveAttention(nn.Module):
     """Bahdanau-style soft attention. ``grid_proj (B, N, A)`` is precomputed once per image."""
@@ -27,10 +94,23 @@ class AdditiveAttention(nn.Module):
         self.score = nn.Linear(attention_dim, 1)
 
     def forward(self, grid, grid_proj, h):
-        """``grid (B, N, D)``, ``grid_proj (B, N, A)``, ``h (B, H)`` -> ``(context (B, D), alpha (B, N))``."""
-        e = self.score(torch.relu(grid_proj + self.hidden_proj(h).unsqueeze(1))).squeeze(2)
+        """Soft attention of ``h (B * K, H)`` over its image's grid: ``(context, alpha)``.
+
+        ``grid (B, N, D)``, ``grid_proj (B, N, A)``; the K adjacent rows of ``h`` share an
+        image (K = 1 in training, the beams in beam search). Returns ``context (B * K, D)``
+        and ``alpha (B * K, N)``.
+        """
+        B, N, D = grid.shape
+        K = h.shape[0] // B
+        hidden_proj = self.hidden_proj(h)
+        if grid_proj.device.type == "cpu":
+            e = AdditiveScores.apply(grid_proj, hidden_proj, self.score.weight.view(-1))
+            e = e + self.score.bias
+        else:  # one fused pass per op on accelerators: no cache to fit
+            x = torch.relu(grid_proj.unsqueeze(1) + hidden_proj.view(B, K, 1, -1))
+            e = self.score(x).view(B * K, N)
         alpha = torch.softmax(e, dim=1)
-        return torch.bmm(alpha.unsqueeze(1), grid).squeeze(1), alpha
+        return torch.bmm(alpha.view(B, K, N), grid).view(B * K, D), alpha
 
 
 @register_decoder("attn_lstm", aliases=("show_attend_tell", "sat"))

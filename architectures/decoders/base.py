@@ -43,8 +43,10 @@ class CaptionDecoder(nn.Module):
 
     attention_regularization: float = 0.0
     #: State entries that are constant for an image (e.g. its projected grid). Beam search
-    #: expands them once per beam and never reorders them: beams only move within an image,
-    #: whose rows are identical, so copying them at every step would be wasted work.
+    #: keeps them at one row per image while every other entry has one row per beam (the K
+    #: beams of an image adjacent), so a decoder with static entries must accept, in
+    #: :meth:`step`, static rows that are shared by ``K = rows / static rows`` beams each.
+    #: Copying them K times would only add memory traffic: beams never leave their image.
     static_state: tuple[str, ...] = ()
     #: Why ``torch.compile`` does not suit this decoder's training ``forward`` (None: it does).
     compile_unsuitable: str | None = None
@@ -69,8 +71,9 @@ class CaptionDecoder(nn.Module):
     def select_state(self, state: State, index: torch.Tensor, *, within_image: bool = False) -> State:
         """Rows ``index`` (1-D int64) of every state tensor: beam expansion and reordering.
 
-        With ``within_image`` (``index`` only permutes rows of the same image, as beam
-        reordering does) the :attr:`static_state` entries are passed through uncopied.
+        With ``within_image`` (``index`` maps every row to a row of the same image, as beam
+        expansion and beam reordering do) the :attr:`static_state` entries are passed through
+        uncopied, at one row per image.
         """
         skip = self.static_state if within_image else ()
         return {k: v if k in skip else v.index_select(0, index) for k, v in state.items()}

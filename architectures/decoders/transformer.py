@@ -64,6 +64,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x, mem_k, mem_v, past_k=None, past_v=None, pad_mask=None):
         """``x (B, L, D)``; returns ``(y, k, v)`` with this call's self-attention keys/values.
 
+        ``mem_k``/``mem_v (B / K, h, N, d)``: the image's cross-attention keys/values, shared by
+        the K adjacent rows of ``x`` that are beams of one image (K = 1 outside beam search).
         With ``past_k``/``past_v`` (incremental decoding, L = 1) the new key/value is appended.
         Without them, a causal mask is applied (teacher forcing over the whole sequence).
         """
@@ -79,9 +81,16 @@ class DecoderLayer(nn.Module):
                 mask = mask & pad_mask[:, None, None, :]
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         x = x + self.dropout(self.self_out(self._merge(a)))
-        cq = self._heads(self.cross_q(self.norm2(x)))
-        c = F.scaled_dot_product_attention(cq, mem_k, mem_v, dropout_p=p)
-        x = x + self.dropout(self.cross_out(self._merge(c)))
+        cq = self._heads(self.cross_q(self.norm2(x)))  # (B, h, L, d)
+        K = cq.shape[0] // mem_k.shape[0]
+        if K > 1:  # beam search (L = 1): the K beams of an image query its memory together
+            Bm, h, d = mem_k.shape[0], cq.shape[1], cq.shape[3]
+            c = F.scaled_dot_product_attention(cq.view(Bm, K, h, d).transpose(1, 2),
+                                               mem_k, mem_v, dropout_p=p)  # (Bm, h, K, d)
+            c = c.transpose(1, 2).reshape(Bm * K, 1, h * d)
+        else:
+            c = self._merge(F.scaled_dot_product_attention(cq, mem_k, mem_v, dropout_p=p))
+        x = x + self.dropout(self.cross_out(c))
         x = x + self.dropout(self.ffn(self.norm3(x)))
         return x, k, v
 
