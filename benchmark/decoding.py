@@ -89,8 +89,11 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
 
     Each image's beams only compete among themselves, so an image's result does not depend on
     the batch it is decoded in. Finished beams keep their score; the best finished beam per
-    image is chosen with the length penalty. Returns B id lists (and their log-probs with
-    ``return_scores``). Raises ValueError for ``beam_size`` < 1.
+    image is chosen with the length penalty. An image whose K beams have all finished is done:
+    once such images are a quarter of the rows, they leave the batch
+    (:meth:`~architectures.decoders.base.CaptionDecoder.keep_images`) and later steps no longer
+    compute them. Returns B id lists (and their log-probs with ``return_scores``). Raises
+    ValueError for ``beam_size`` < 1.
     """
     if beam_size < 1:
         raise ValueError("beam_size must be >= 1")
@@ -105,12 +108,26 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
     seqs = torch.empty(B, K, 0, dtype=torch.long, device=dev)
     finished = torch.zeros(B, K, dtype=torch.bool, device=dev)
     lengths = torch.zeros(B, K, device=dev)
-    base = (torch.arange(B, device=dev) * K).unsqueeze(1)
+    images = torch.arange(B, device=dev)  # batch positions of the images still searching
+    out: list[list[int]] = [[] for _ in range(B)]
+    out_scores = [0.0] * B
+
+    def close(rows: torch.Tensor) -> None:
+        """Record the best finished beam of the images at ``rows`` (length penalty applied)."""
+        ranked = scores[rows]
+        if length_penalty:
+            ranked = ranked / ((5.0 + lengths[rows]) / 6.0) ** length_penalty
+        best = ranked.argmax(1)
+        for b, s, v in zip(images[rows].tolist(), seqs[rows, best].tolist(),
+                           scores[rows, best].tolist(), strict=True):
+            out[b], out_scores[b] = (s[: s.index(eos_id)] if eos_id in s else s), v
+
     for t in range(max_len + 1):
+        n = images.shape[0]
         logits, state = decoder.step(tokens, state)
         V = logits.shape[-1]
-        # (B, K, V) log-probabilities, then edited in place: one tensor of this size per step
-        logp = forbid_tokens(torch.log_softmax(logits.float(), -1), pad_id, bos_id, unk_id).view(B, K, V)
+        # (n, K, V) log-probabilities, then edited in place: one tensor of this size per step
+        logp = forbid_tokens(torch.log_softmax(logits.float(), -1), pad_id, bos_id, unk_id).view(n, K, V)
         if t == max_len:  # close every open beam
             eos = logp[..., eos_id].clone()
             logp.fill_(float("-inf"))
@@ -119,7 +136,7 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
             # a finished beam extends only by <eos> at no cost, so it stays a single candidate
             logp.masked_fill_(finished.unsqueeze(-1), float("-inf"))
             logp[..., eos_id] = torch.where(finished, torch.zeros_like(scores), logp[..., eos_id])
-        cand = logp.add_(scores.unsqueeze(-1)).view(B, K * V)
+        cand = logp.add_(scores.unsqueeze(-1)).view(n, K * V)
         scores, flat = cand.topk(K, dim=1)
         beam, word = flat // V, flat % V
         finished = finished.gather(1, beam)
@@ -127,20 +144,22 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
         seqs = torch.cat([seqs.gather(1, beam.unsqueeze(-1).expand(-1, -1, seqs.shape[2])),
                           word.unsqueeze(-1)], dim=2)
         finished = finished | (word == eos_id)
+        base = (torch.arange(n, device=dev) * K).unsqueeze(1)
         state = decoder.select_state(state, (base + beam).view(-1), within_image=True)
         tokens = word.view(-1)
-        if bool(finished.all()):
+        done = finished.all(1)  # images whose K beams all ended: their result is final
+        n_done = int(done.sum())
+        if n_done == n:  # always true after max_len
+            close(torch.arange(n, device=dev))
             break
-    ranked = scores
-    if length_penalty:
-        ranked = scores / ((5.0 + lengths) / 6.0) ** length_penalty
-    best = ranked.argmax(1)
-    out = []
-    for b, k in enumerate(best.tolist()):
-        s = seqs[b, k].tolist()
-        out.append(s[: s.index(eos_id)] if eos_id in s else s)
+        if 4 * n_done >= n:  # stop computing them once they are a quarter of the rows
+            close(done.nonzero().squeeze(1))
+            keep = (~done).nonzero().squeeze(1)
+            state = decoder.keep_images(state, keep, K)
+            scores, finished, lengths = scores[keep], finished[keep], lengths[keep]
+            seqs, images, tokens = seqs[keep], images[keep], tokens.view(n, K)[keep].view(-1)
     if return_scores:
-        return out, scores.gather(1, best.unsqueeze(1)).squeeze(1).tolist()
+        return out, out_scores
     return out
 
 

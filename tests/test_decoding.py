@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from architectures import create_decoder, list_decoders
+from architectures.decoders.base import CaptionDecoder
 from benchmark.decoding import beam_search, greedy_decode, sample_decode
 
 DECODERS = list_decoders()
@@ -111,3 +112,50 @@ def test_unk_is_suppressed_on_request():
                 beam_search(dec, grid, pooled, beam_size=3, max_len=4, unk_id=3),
                 sample_decode(dec, grid, pooled, max_len=4, unk_id=3)):
         assert all(3 not in s for s in out)
+
+
+class _StopAtDecoder(CaptionDecoder):
+    """Image i writes words 3..V-1 (word 3 the likeliest) until step ``pooled[i, 0]``, then
+    ``<eos>`` on every beam. Its stopping step is static state (one row per image), its step
+    count dynamic (one row per beam): beam search must keep the two aligned."""
+
+    static_state = ("stop",)
+
+    def __init__(self, V=8):
+        super().__init__(V, 4, 1)
+        self.rows_per_step: list[int] = []
+
+    def init_state(self, grid, pooled):
+        return {"stop": pooled[:, 0].long(), "t": torch.zeros(grid.shape[0], dtype=torch.long)}
+
+    def step(self, tokens, state):
+        self.rows_per_step.append(tokens.shape[0])
+        K = tokens.shape[0] // state["stop"].shape[0]
+        at_end = state["t"] >= state["stop"].repeat_interleave(K)
+        logits = torch.full((tokens.shape[0], self.vocab_size), -10.0)
+        logits[:, 3] = 0.0
+        logits[at_end] = -30.0  # at the end only <eos>, on every beam, else never <eos>
+        logits[:, 2] = torch.where(at_end, 10.0, -30.0)
+        return logits, dict(state, t=state["t"] + 1)
+
+
+def test_images_whose_beams_all_finished_leave_the_batch():
+    stops = [1, 1, 2, 6, 3, 1, 8]
+    pooled = torch.tensor(stops, dtype=torch.float32).unsqueeze(1)
+    grid = torch.zeros(len(stops), 2, 4)
+    dec = _StopAtDecoder()
+    together, scores = beam_search(dec, grid, pooled, beam_size=3, max_len=10, return_scores=True)
+    rows = dec.rows_per_step
+    assert [len(s) for s in together] == stops
+    assert all(set(s) == {3} for s in together)  # each image's best beam: word 3 throughout
+    # every word costs the same small log-probability, <eos> another: score = a * stop + b
+    a = (scores[6] - scores[0]) / (stops[6] - stops[0])
+    assert a < 0
+    assert scores == pytest.approx([scores[0] + a * (s - stops[0]) for s in stops], rel=1e-4)
+    # 7 images x 3 beams; the three that end at step 1 leave (3 of 7 is over a quarter), then
+    # the 2-word one (1 of 4), the 3-word one (1 of 3), the 6-word one; the last runs alone
+    assert rows == [21, 21, 12, 9, 6, 6, 6, 3, 3]
+    alone = [beam_search(_StopAtDecoder(), grid[i : i + 1], pooled[i : i + 1], beam_size=3,
+                         max_len=10, return_scores=True) for i in range(len(stops))]
+    assert together == [caption[0] for caption, _ in alone]
+    assert scores == pytest.approx([score[0] for _, score in alone], abs=1e-7)

@@ -80,7 +80,7 @@ class AdditiveScores(torch.autograd.Function):
             if d_grid is not None:
                 torch.sum(g, 1, out=d_grid[rows])
             torch.sum(g, 2, out=d_hidden[rows])
-            d_weight.addmm_(x.relu_().view(-1, A).t(), g_rows)
+            d_weight = torch.addmm(d_weight, x.relu_().view(-1, A).t(), g_rows)
         return d_grid, d_hidden.view(B * K, A), d_weight.view(-1).to(weight.dtype)
 
 

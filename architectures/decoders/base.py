@@ -78,6 +78,16 @@ class CaptionDecoder(nn.Module):
         skip = self.static_state if within_image else ()
         return {k: v if k in skip else v.index_select(0, index) for k, v in state.items()}
 
+    def keep_images(self, state: State, images: torch.Tensor, beams: int) -> State:
+        """The state of ``images`` only: beam search drops the images whose beams all finished.
+
+        ``images`` (1-D int64): positions, in the current state, of the images kept, each with
+        its ``beams`` adjacent rows; :attr:`static_state` entries have one row per image.
+        """
+        rows = (images.unsqueeze(1) * beams + torch.arange(beams, device=images.device)).view(-1)
+        return {k: v.index_select(0, images if k in self.static_state else rows)
+                for k, v in state.items()}
+
     def num_parameters(self) -> int:
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
