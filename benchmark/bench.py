@@ -35,7 +35,7 @@ import torch
 from architectures import create_decoder, create_encoder
 from benchmark.decoding import beam_search, greedy_decode
 from benchmark.device import peak_memory_mb, synchronize
-from benchmark.train import caption_loss
+from benchmark.train import caption_loss, fused_adam
 
 __all__ = ["DecoderWorkload", "time_fn", "bench_decoder", "bench_encoder", "run_bench",
            "table_columns", "count_flops", "matmul_peak", "matmul_rate", "add_utilisation", "bf16_supported",
@@ -168,7 +168,7 @@ def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters:
     pad = torch.arange(T)[None] >= lengths[:, None]
     targets[pad.to(device)] = 0
     lengths = lengths.to(device)
-    opt = torch.optim.AdamW(dec.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(dec.parameters(), lr=1e-4, fused=fused_adam(device))
 
     def train_step(model=dec):
         dec.train()
@@ -419,7 +419,7 @@ def bench_store(n_images: int, device: torch.device, *, folder: str | None = Non
         torch.manual_seed(0)
         dec = create_decoder(arch, w.vocab_size, grid_dim, pooled_dim, _decoder_hparams(w),
                              strict=False).to(device)
-        opt = torch.optim.AdamW(dec.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(dec.parameters(), lr=1e-4, fused=fused_adam(device))
         T = w.caption_len + 1
         tokens = torch.randint(4, w.vocab_size, (batch_size, T), generator=g).to(device)
         targets = torch.randint(4, w.vocab_size, (batch_size, T), generator=g).to(device)
