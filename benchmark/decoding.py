@@ -1,7 +1,8 @@
 """Decoding strategies over any :class:`~architectures.decoders.base.CaptionDecoder`.
 
 All strategies run every image of a batch (and every beam) together on the device through
-the decoder's incremental ``step``. ``<pad>`` and ``<bos>`` are never generated; a sequence
+the decoder's incremental ``step``; beam search drops the images whose beams have all
+finished. ``<pad>`` and ``<bos>`` are never generated; a sequence
 that has not emitted ``<eos>`` after ``max_len`` words is closed there (no crash, OpenNMT-py
 style). Outputs are word-id lists without ``<bos>``/``<eos>``.
 """
@@ -85,7 +86,8 @@ def greedy_decode(decoder, grid, pooled, *, bos_id=1, eos_id=2, pad_id=0, max_le
 @torch.inference_mode()
 def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalty=0.0,
                 bos_id=1, eos_id=2, pad_id=0, unk_id=None, return_scores=False):
-    """Batched beam search: all B images x K beams advance in one ``step`` call per word.
+    """Batched beam search: the B images x K beams still searching advance in one ``step`` call
+    per word.
 
     Each image's beams only compete among themselves, so an image's result does not depend on
     the batch it is decoded in. Finished beams keep their score; the best finished beam per
@@ -109,8 +111,9 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
     finished = torch.zeros(B, K, dtype=torch.bool, device=dev)
     lengths = torch.zeros(B, K, device=dev)
     images = torch.arange(B, device=dev)  # batch positions of the images still searching
-    out: list[list[int]] = [[] for _ in range(B)]
-    out_scores = [0.0] * B
+    out: list[list[int] | None] = [None] * B
+    out_scores: list[float | None] = [None] * B
+    any_finished = False  # whether some beam of an image still searching has ended
 
     def close(rows: torch.Tensor) -> None:
         """Record the best finished beam of the images at ``rows`` (length penalty applied)."""
@@ -132,7 +135,7 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
             eos = logp[..., eos_id].clone()
             logp.fill_(float("-inf"))
             logp[..., eos_id] = eos
-        if bool(finished.any()):
+        if any_finished:
             # a finished beam extends only by <eos> at no cost, so it stays a single candidate
             logp.masked_fill_(finished.unsqueeze(-1), float("-inf"))
             logp[..., eos_id] = torch.where(finished, torch.zeros_like(scores), logp[..., eos_id])
@@ -147,17 +150,21 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
         base = (torch.arange(n, device=dev) * K).unsqueeze(1)
         state = decoder.select_state(state, (base + beam).view(-1), within_image=True)
         tokens = word.view(-1)
-        done = finished.all(1)  # images whose K beams all ended: their result is final
-        n_done = int(done.sum())
-        if n_done == n:  # always true after max_len
+        per_image = finished.sum(1)
+        done = per_image == K  # images whose K beams all ended: their result is final
+        n_done, n_finished = torch.stack((done.sum(), per_image.sum())).tolist()  # one sync
+        if n_done == n or t == max_len:  # (at max_len a beam still at -inf may stay open)
             close(torch.arange(n, device=dev))
             break
+        any_finished = n_finished > 0
         if 4 * n_done >= n:  # stop computing them once they are a quarter of the rows
             close(done.nonzero().squeeze(1))
             keep = (~done).nonzero().squeeze(1)
             state = decoder.keep_images(state, keep, K)
             scores, finished, lengths = scores[keep], finished[keep], lengths[keep]
             seqs, images, tokens = seqs[keep], images[keep], tokens.view(n, K)[keep].view(-1)
+            any_finished = n_finished > K * n_done
+    assert all(s is not None for s in out_scores)  # every image was closed
     if return_scores:
         return out, out_scores
     return out

@@ -312,6 +312,8 @@ def fused_adam(device: torch.device) -> bool | None:
     """``fused`` for torch's Adam/AdamW: True on CPU and CUDA, where torch has a fused kernel
     that updates each parameter in one pass instead of about ten element-wise ``foreach``
     passes (the same update up to floating-point rounding); None (torch's default) elsewhere.
+    A run resumed from a state saved before this setting keeps the saved optimizer's own
+    ``fused`` value (``load_state_dict`` restores the parameter groups).
     """
     return True if torch.device(device).type in ("cpu", "cuda") else None
 

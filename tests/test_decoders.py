@@ -136,3 +136,20 @@ def test_beams_sharing_their_images_static_state_step_as_expanded_copies(name):
             b, copied = dec.step(words, copied)
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
             assert not torch.allclose(a[0], a[1])  # the beams of one image really differ
+
+
+def test_transformer_attention_dropout_stops_with_its_dropout_modules():
+    """SCST samples in training mode with every Dropout module in eval
+    (``benchmark.train._without_dropout``): the attention dropout must stop too, or the policy
+    that samples is not the one that is differentiated."""
+    from benchmark.train import _without_dropout
+
+    torch.manual_seed(0)
+    dec = create_decoder("transformer", vocab_size=30, grid_dim=16, pooled_dim=8, dropout=0.5)
+    grid, pooled, tokens, lengths = _inputs()
+    dec.train()
+    a, b = dec(grid, pooled, tokens, lengths).logits, dec(grid, pooled, tokens, lengths).logits
+    assert not torch.allclose(a, b)  # dropout is on in training
+    with _without_dropout(dec):
+        a, b = dec(grid, pooled, tokens, lengths).logits, dec(grid, pooled, tokens, lengths).logits
+    torch.testing.assert_close(a, b)

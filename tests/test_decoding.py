@@ -159,3 +159,34 @@ def test_images_whose_beams_all_finished_leave_the_batch():
                          max_len=10, return_scores=True) for i in range(len(stops))]
     assert together == [caption[0] for caption, _ in alone]
     assert scores == pytest.approx([score[0] for _, score in alone], abs=1e-7)
+
+
+def test_beam_wider_than_the_allowed_words_still_closes_every_image():
+    """With more beams than continuations, some beams stay at -inf up to ``max_len``: every
+    image must still be closed with its best caption and that caption's log-probability."""
+    dec = _model("lstm", V=5)  # words 3 (<unk>, suppressed) and 4 only
+    grid, pooled = _features(2)
+    for max_len in (1, 2):
+        out, scores = beam_search(dec, grid, pooled, beam_size=4, max_len=max_len, unk_id=3,
+                                  return_scores=True)
+        for i in range(2):  # every caption ([], [4], [4, 4], ...) fits in the 4 beams
+            g, p = grid[i : i + 1], pooled[i : i + 1]
+            candidates = [[4] * n for n in range(max_len + 1)]
+            logp = [_sequence_logprob(dec, g, p, c) for c in candidates]
+            best = max(range(len(candidates)), key=logp.__getitem__)
+            assert out[i] == candidates[best]
+            assert scores[i] == pytest.approx(logp[best], abs=1e-4)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_pruned_images_keep_their_length_penalised_choice(length_penalty):
+    stops = [1, 4, 2, 6]
+    pooled = torch.tensor(stops, dtype=torch.float32).unsqueeze(1)
+    grid = torch.zeros(len(stops), 2, 4)
+    together = beam_search(_StopAtDecoder(), grid, pooled, beam_size=3, max_len=7,
+                           length_penalty=length_penalty, return_scores=True)
+    alone = [beam_search(_StopAtDecoder(), grid[i : i + 1], pooled[i : i + 1], beam_size=3,
+                         max_len=7, length_penalty=length_penalty, return_scores=True)
+             for i in range(len(stops))]
+    assert together[0] == [caption[0] for caption, _ in alone]
+    assert together[1] == pytest.approx([score[0] for _, score in alone], abs=1e-7)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from architectures.decoders.base import CaptionDecoder, DecoderOutput, State
 from architectures.registry import register_decoder
@@ -26,7 +27,7 @@ CPU_BLOCK_ELEMENTS = 1 << 20
 def _row_blocks(rows: int, per_row: int, device: torch.device) -> list[slice]:
     """Row ranges scored together: cache-sized blocks on the CPU, all rows elsewhere."""
     step = rows if device.type != "cpu" else max(1, CPU_BLOCK_ELEMENTS // max(per_row, 1))
-    return [slice(s, s + step) for s in range(0, rows, max(step, 1))]
+    return [slice(s, s + step) for s in range(0, rows, step)] if step else []
 
 
 def _additive_scores(grid_proj, hidden_proj, weight):
@@ -36,7 +37,7 @@ def _additive_scores(grid_proj, hidden_proj, weight):
     ``weight (A,)`` -> ``(B * K, N)``.
     """
     B, N, A = grid_proj.shape
-    K = hidden_proj.shape[0] // B
+    K = hidden_proj.shape[0] // max(B, 1)
     out = grid_proj.new_empty(B, K, N)
     hidden_proj, weight = hidden_proj.view(B, K, A), weight.to(grid_proj.dtype).view(A, 1)
     for rows in _row_blocks(B, K * N * A, grid_proj.device):
@@ -59,14 +60,16 @@ class AdditiveScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grid_proj, hidden_proj, weight):
+        grid_proj, hidden_proj = grid_proj.contiguous(), hidden_proj.contiguous()
         ctx.save_for_backward(grid_proj, hidden_proj, weight)
         return _additive_scores(grid_proj, hidden_proj, weight)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         grid_proj, hidden_proj, weight = ctx.saved_tensors
         B, N, A = grid_proj.shape
-        K = hidden_proj.shape[0] // B
+        K = hidden_proj.shape[0] // max(B, 1)
         grad = grad.contiguous().to(grid_proj.dtype).view(B, K, N)
         hidden, w = hidden_proj.view(B, K, A), weight.to(grid_proj.dtype).view(1, A)
         d_grid = torch.empty_like(grid_proj) if ctx.needs_input_grad[0] else None
@@ -101,9 +104,9 @@ class AdditiveAttention(nn.Module):
         and ``alpha (B * K, N)``.
         """
         B, N, D = grid.shape
-        K = h.shape[0] // B
-        hidden_proj = self.hidden_proj(h)
-        if grid_proj.device.type == "cpu":
+        K = h.shape[0] // max(B, 1)
+        hidden_proj = self.hidden_proj(h).to(grid_proj.dtype)
+        if grid_proj.device.type == "cpu":  # uses score's parameters, not its forward (hooks)
             e = AdditiveScores.apply(grid_proj, hidden_proj, self.score.weight.view(-1))
             e = e + self.score.bias
         else:  # one fused pass per op on accelerators: no cache to fit
@@ -177,7 +180,8 @@ class ShowAttendTellDecoder(CaptionDecoder):
     def forward(self, grid, pooled, tokens, lengths) -> DecoderOutput:
         # Sort by length so that step t only runs the rows still inside their caption: padded
         # positions cost no compute (as in sgrvinod's Show-Attend-Tell tutorial). Rows that
-        # finished never come back, so the state simply shrinks to the first bt rows.
+        # finished never come back, so the state simply shrinks to the first bt rows (every
+        # entry, static ones included: in training each image has one row, K = 1).
         lengths, order = lengths.sort(descending=True)
         grid, tokens = grid[order], tokens[order]
         B, T = tokens.shape

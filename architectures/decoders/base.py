@@ -11,8 +11,10 @@ Conventions (all decoders):
 * Decoding is incremental: :meth:`init_state` computes everything that does not change across
   time steps once (e.g. the attention projection of the grid); :meth:`step` consumes one token
   per sequence and returns ``logits (B, V)`` plus the new state. A state is a ``dict`` of
-  tensors whose first dimension is the batch, so beam search can expand and reorder it with
-  :meth:`select_state` whatever the decoder.
+  tensors whose first dimension is the batch, so beam search can expand, reorder and shrink it
+  with :meth:`select_state` and :meth:`keep_images` whatever the decoder; in beam search the
+  :attr:`~CaptionDecoder.static_state` entries keep one row per image, the others get one per
+  beam.
 """
 
 from __future__ import annotations

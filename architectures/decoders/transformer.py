@@ -46,7 +46,6 @@ class DecoderLayer(nn.Module):
             nn.Linear(d_model, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d_model)
         )
         self.dropout = nn.Dropout(dropout)
-        self.p = dropout
 
     def _heads(self, x):  # (B, L, D) -> (B, h, L, D/h)
         B, L, D = x.shape
@@ -69,7 +68,9 @@ class DecoderLayer(nn.Module):
         With ``past_k``/``past_v`` (incremental decoding, L = 1) the new key/value is appended.
         Without them, a causal mask is applied (teacher forcing over the whole sequence).
         """
-        p = self.p if self.training else 0.0
+        # attention dropout follows the dropout module, so that switching the Dropout modules
+        # to eval (as SCST sampling does, benchmark.train._without_dropout) turns it off too
+        p = self.dropout.p if self.dropout.training else 0.0
         q, k, v = self.self_qkv(self.norm1(x)).chunk(3, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if past_k is not None:
@@ -82,8 +83,10 @@ class DecoderLayer(nn.Module):
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         x = x + self.dropout(self.self_out(self._merge(a)))
         cq = self._heads(self.cross_q(self.norm2(x)))  # (B, h, L, d)
-        K = cq.shape[0] // mem_k.shape[0]
+        K = cq.shape[0] // max(mem_k.shape[0], 1)
         if K > 1:  # beam search (L = 1): the K beams of an image query its memory together
+            if cq.shape[2] != 1:
+                raise ValueError(f"{K} rows per image need one query position, not {cq.shape[2]}")
             Bm, h, d = mem_k.shape[0], cq.shape[1], cq.shape[3]
             c = F.scaled_dot_product_attention(cq.view(Bm, K, h, d).transpose(1, 2),
                                                mem_k, mem_v, dropout_p=p)  # (Bm, h, K, d)
