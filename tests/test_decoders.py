@@ -153,3 +153,30 @@ def test_transformer_attention_dropout_stops_with_its_dropout_modules():
     with _without_dropout(dec):
         a, b = dec(grid, pooled, tokens, lengths).logits, dec(grid, pooled, tokens, lengths).logits
     torch.testing.assert_close(a, b)
+
+
+def test_attn_lstm_gives_the_same_training_gradients_and_beams_on_both_score_paths(monkeypatch):
+    """attn_lstm scores small batches with the plain expression and large ones in blocks
+    (``CPU_BLOCK_ELEMENTS``); forcing blocks must change neither the loss, nor its gradients,
+    nor the beams."""
+    from architectures.decoders import attn_lstm
+    from benchmark.decoding import beam_search
+
+    grid, pooled, tokens, lengths = _inputs()
+    results = []
+    for block in (1 << 20, 64):  # plain expression; several blocks (64 < 12 x 256 per image)
+        monkeypatch.setattr(attn_lstm, "CPU_BLOCK_ELEMENTS", block)
+        torch.manual_seed(0)
+        dec = create_decoder("attn_lstm", vocab_size=30, grid_dim=16, pooled_dim=8, dropout=0.0)
+        out = dec(grid, pooled, tokens, lengths)
+        loss = caption_loss(out, tokens, 0, dec.attention_regularization)
+        loss.backward()
+        grads = [p.grad.clone() for p in dec.parameters()]
+        beams = beam_search(dec.eval(), grid, pooled, beam_size=3, max_len=6, return_scores=True)
+        results.append((loss.detach(), grads, beams))
+    (loss_a, grads_a, beams_a), (loss_b, grads_b, beams_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert beams_a[0] == beams_b[0]
+    assert beams_a[1] == pytest.approx(beams_b[1], abs=1e-5)

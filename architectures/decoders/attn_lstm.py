@@ -106,11 +106,13 @@ class AdditiveAttention(nn.Module):
         B, N, D = grid.shape
         K = h.shape[0] // max(B, 1)
         hidden_proj = self.hidden_proj(h).to(grid_proj.dtype)
-        if grid_proj.device.type == "cpu":  # uses score's parameters, not its forward (hooks)
+        A = grid_proj.shape[2]
+        if grid_proj.device.type == "cpu" and B * K * N * A > CPU_BLOCK_ELEMENTS:
+            # several cache-sized blocks; uses score's parameters, not its forward (hooks)
             e = AdditiveScores.apply(grid_proj, hidden_proj, self.score.weight.view(-1))
             e = e + self.score.bias
-        else:  # one fused pass per op on accelerators: no cache to fit
-            x = torch.relu(grid_proj.unsqueeze(1) + hidden_proj.view(B, K, 1, -1))
+        else:  # fits in one block (small models), or an accelerator: no cache to fit
+            x = torch.relu(grid_proj.unsqueeze(1) + hidden_proj.view(B, K, 1, A))
             e = self.score(x).view(B * K, N)
         alpha = torch.softmax(e, dim=1)
         return torch.bmm(alpha.view(B, K, N), grid).view(B * K, D), alpha
