@@ -222,7 +222,8 @@ class ImageEncoder(nn.Module):
         """Recompute activations in the backward pass instead of storing them (fine-tuning
         with less memory), through the backbone library's own switch. Raises
         ArchitectureError for a backbone that has none (see :func:`grad_checkpointing_unsupported`)."""
-        raise ArchitectureError(f"{self.name}: {_NO_CHECKPOINTING}")
+        raise ArchitectureError(f"{self.name}: its backbone library has no gradient checkpointing "
+                                "switch; fine-tune it without gradient checkpointing")
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``pixels (B, 3, H, W)`` -> ``(grid (B, N, grid_dim), pooled (B, pooled_dim))``."""

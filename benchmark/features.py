@@ -162,8 +162,9 @@ class ShardedRows:
         """Every row, ``(N, *row_shape)`` on ``device``, filled shard by shard (memory: the
         result plus one shard), for stores that fit."""
         out = torch.empty(self.shape, dtype=self.dtype, device=device)
+        on_cpu = out.device.type == "cpu"
         for s, (a, b) in enumerate(zip(self._starts[:-1], self._starts[1:], strict=True)):
-            if torch.device(device).type == "cpu":
+            if on_cpu:
                 self._read(s, 0, out[a:b])
             else:
                 buf = torch.empty((b - a, *self.row_shape), dtype=self.dtype)

@@ -183,8 +183,7 @@ def caption_lengths(tokenizer: CaptionTokenizer, captions: Iterable[Sequence[str
     return [len(tokenizer.encode(c, 10**6)) - 2 for c in captions]
 
 
-def mean_tokens_per_caption(tokenizer: CaptionTokenizer, captions: Iterable[Sequence[str]],
-                            max_len: int = 10**6) -> float:
-    """Mean number of tokens (without ``<bos>``/``<eos>``) of the captions."""
-    lengths = [len(tokenizer.encode(c, max_len)) - 2 for c in captions]
+def mean_tokens_per_caption(tokenizer: CaptionTokenizer, captions: Iterable[Sequence[str]]) -> float:
+    """Mean of :func:`caption_lengths` (0.0 for no captions)."""
+    lengths = caption_lengths(tokenizer, captions)
     return sum(lengths) / max(1, len(lengths))
