@@ -173,8 +173,24 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
 @torch.inference_mode()
 def sample_decode(decoder, grid, pooled, *, temperature=1.0, top_k=0, top_p=1.0, max_len=20,
                   bos_id=1, eos_id=2, pad_id=0, unk_id=None,
-                  generator: torch.Generator | None = None):
-    """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering."""
+                  generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
+    """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering:
+    ``grid (B, N, D)``, ``pooled (B, P)`` -> B lists of word ids.
+
+    Each row draws its token at step t by inverse transform sampling from one uniform number,
+    ``noise[t, row]`` (``noise (max_len, B)`` in [0, 1)); by default ``noise`` is drawn at once
+    from ``generator``. So a row's caption depends on its own numbers only, not on the batch it
+    was decoded in: a distributed SCST step draws the global batch's noise on every rank and
+    each rank decodes its rows with their columns, as one process would (Holtzman et al. 2020
+    for top-p). Raises ValueError for ``noise`` of another shape.
+    """
+    B = grid.shape[0]
+    if noise is None:
+        noise = torch.rand(max_len, B, generator=generator, device=grid.device)
+    elif tuple(noise.shape) != (max_len, B):
+        raise ValueError(f"noise of shape {tuple(noise.shape)}; expected (max_len, B) = "
+                         f"({max_len}, {B})")
+    step = iter(noise.to(grid.device))
 
     def pick(logits):
         logits = logits / max(temperature, 1e-6)
@@ -186,7 +202,10 @@ def sample_decode(decoder, grid, pooled, *, temperature=1.0, top_k=0, top_p=1.0,
             probs = sorted_logits.softmax(-1)
             drop = probs.cumsum(-1) - probs > top_p  # keep the token that crosses p
             logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+        cdf = logits.softmax(-1).cumsum(-1)
+        # the first token whose cumulative probability exceeds u * total has probability > 0
+        u = next(step).unsqueeze(1) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
     return _autoregressive(decoder, grid, pooled, pick, bos_id=bos_id, eos_id=eos_id,
                            pad_id=pad_id, max_len=max_len, unk_id=unk_id)

@@ -345,9 +345,6 @@ def check_run_settings(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"--compile with {cfg.arch}: {why}; train it without --compile")
 
     world = distributed.world_size() if world_size is None else world_size
-    if world > 1 and cfg.train.scst_epochs:
-        raise ConfigError("train.scst_epochs with several processes: SCST runs in one process "
-                          "for now; train XE with --nproc, then SCST without it")
     if world > 1 and cfg.encoder_trainable != "none":
         raise ConfigError("--finetune-encoder with several processes: fine-tuning runs in one "
                           "process for now; drop --nproc")

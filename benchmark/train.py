@@ -217,10 +217,14 @@ def new_self_critical_advantage(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - baseline
 
 
-def scst_loss(token_logp: torch.Tensor, mask: torch.Tensor, advantage: torch.Tensor):
+def scst_loss(token_logp: torch.Tensor, mask: torch.Tensor, advantage: torch.Tensor,
+              global_tokens: int | None = None):
     """Policy-gradient loss ``-sum_{b,t} A_b log p(w_bt) / sum mask`` (self-critical.pytorch's
-    normalisation by the number of tokens): ``token_logp``/``mask (B, L)``, ``advantage (B,)``."""
-    return -(advantage.unsqueeze(1) * token_logp).sum() / mask.sum().clamp(min=1)
+    normalisation by the number of tokens): ``token_logp``/``mask (B, L)``, ``advantage (B,)``.
+    ``global_tokens``: the token count of the whole global batch when these rows are one
+    rank's part of it; the result is then this part's share of the global batch's loss."""
+    tokens = mask.sum().clamp(min=1) if global_tokens is None else max(1, global_tokens)
+    return -(advantage.unsqueeze(1) * token_logp).sum() / tokens
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -338,14 +342,15 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
     (see :class:`FineTune`). ``num_workers``: DataLoader processes reading features ahead.
 
     **Several processes** (under ``torchrun``, :mod:`benchmark.distributed`): the decoder is
-    wrapped in DistributedDataParallel, ``cfg.batch_size`` is the global batch, split over
-    the ranks (see :func:`_xe_epoch`), validation decoding is sharded and gathered, and only
-    rank 0 writes the state file. The per-epoch losses equal a single process's with the same
-    batch up to float rounding (with dropout off: each rank draws its own dropout masks, from
-    the global generator re-seeded per rank).
+    wrapped in DistributedDataParallel, ``cfg.batch_size`` is the global batch (of caption
+    pairs in XE, of images in SCST), split over the ranks (see :func:`_xe_epoch` and
+    :func:`_scst_epoch`), validation decoding is sharded and gathered, and only rank 0 writes
+    the state file. The per-epoch losses (and SCST's rewards) equal a single process's with
+    the same batch up to float rounding (in XE with dropout off: each rank draws its own
+    dropout masks, from the global generator re-seeded per rank; SCST runs without dropout).
     Raises ValueError when the train split has no captions, SCST has no train references or
-    is combined with fine-tuning, SCST or fine-tuning run in several processes (not supported
-    yet), CapbenchError for an unreadable or mismatched state file.
+    is combined with fine-tuning, fine-tuning runs in several processes (not supported yet),
+    CapbenchError for an unreadable or mismatched state file.
     """
     from benchmark.cider import CiderD
     from benchmark.errors import CapbenchError
@@ -359,19 +364,18 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         raise ValueError("SCST needs the train split's references (train_references)")
     if cfg.scst_epochs and finetune is not None:
         raise ValueError("SCST trains the decoder on frozen features; fine-tune with XE only")
-    if distributed.world_size() > 1 and (cfg.scst_epochs or finetune is not None):
-        raise ValueError("SCST and encoder fine-tuning run in one process only; train them "
-                         "without torchrun/--nproc")
-    model = None
+    if distributed.world_size() > 1 and finetune is not None:
+        raise ValueError("encoder fine-tuning runs in one process only; train it without "
+                         "torchrun/--nproc")
+    ddp = None
     if distributed.world_size() > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(decoder, device_ids=[device.index] if device.type ==
-                                        "cuda" else None, find_unused_parameters=True)
+        ddp = DistributedDataParallel(decoder, device_ids=[device.index] if device.type ==
+                                      "cuda" else None, find_unused_parameters=True)
         if distributed.rank() > 0:  # its own dropout masks (DDP gave every rank rank 0's weights)
             torch.manual_seed(seed + 7919 * distributed.rank())
-    if cfg.compile:
-        model = torch.compile(decoder if model is None else model, dynamic=True)
+    model = torch.compile(decoder if ddp is None else ddp, dynamic=True) if cfg.compile else ddp
     encoder = finetune.encoder.to(device) if finetune is not None else None
     # Encode every training caption once; a batch is then a row gather, not Python work.
     all_inputs, all_targets, all_lengths = vocab.batch(caps, cfg.max_caption_len)
@@ -456,7 +460,7 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         else:
             entry["loss"], entry["reward"] = _scst_epoch(decoder, store, image_rows, image_ids,
                                                          cider, vocab, cfg, device, opt, gens,
-                                                         loop, cb)
+                                                         loop, cb, model=ddp)
         entry["lr"] = opt.param_groups[0]["lr"] if sched is None else sched.get_last_lr()[0]
         if epoch % cfg.val_every == 0 or epoch == last_of_phase[phase]:
             entry["val_CIDEr"] = _validate(decoder, store, val_images, vocab, cfg, device,
@@ -639,37 +643,61 @@ def _without_dropout(decoder):
 
 
 def _scst_epoch(decoder, store, image_rows, image_ids, cider, vocab, cfg, device, opt, gens,
-                loop: _Loop, cb) -> tuple[float, float]:
+                loop: _Loop, cb, model=None) -> tuple[float, float]:
     """One SCST epoch over the training images (``batch_size`` images a step, each with
     ``scst_samples`` sampled captions); returns the mean batch loss and the mean reward
-    (CIDEr-D of the samples)."""
+    (CIDEr-D of the samples).
+
+    ``model``: the DistributedDataParallel wrapper of ``decoder`` in a distributed run. Each
+    global batch of images is then split over the ranks as in :func:`_xe_epoch` (rank ``r``
+    takes images ``r, r+W, ...``). Every rank draws the sampling noise of the whole global
+    batch and decodes its images with their columns of it (:func:`sample_decode`), so the
+    samples, rewards, loss and update equal one process's on the whole batch.
+    """
     with _without_dropout(decoder):
         return _scst_steps(decoder, store, image_rows, image_ids, cider, vocab, cfg, device,
-                           opt, gens, loop, cb)
+                           opt, gens, loop, cb, decoder if model is None else model)
 
 
 def _scst_steps(decoder, store, image_rows, image_ids, cider, vocab, cfg, device, opt, gens,
-                loop: _Loop, cb) -> tuple[float, float]:
-    K = cfg.scst_samples
+                loop: _Loop, cb, model) -> tuple[float, float]:
+    K, T = cfg.scst_samples, cfg.max_caption_len
+    world, rank = distributed.world_size(), distributed.rank()
     perm = torch.randperm(len(image_ids), generator=gens["order"])
     epoch_loss, batches, reward_sum, n_samples = 0.0, 0, 0.0, 0
     for s in range(math.ceil(len(image_ids) / cfg.batch_size)):
-        idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+        whole = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
         synchronize(device)
         t0 = time.perf_counter()
+        # the whole batch's noise, (T, images, K); this rank's images are r, r+W, ...
+        noise = torch.rand(T, len(whole), K, generator=gens["sample"], device=device)
+        weight = 1.0 if len(whole) > rank else 0.0  # a rank without an image takes one, unweighted
+        pos = torch.arange(rank, len(whole), world) if weight else torch.tensor([0])
+        idx = whole[pos]
         grid, pooled = store.rows(image_rows[idx], device)
         grid, pooled = grid.repeat_interleave(K, 0), pooled.repeat_interleave(K, 0)
-        seqs = sample_decode(decoder, grid, pooled, max_len=cfg.max_caption_len,
-                             bos_id=vocab.bos_id, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
-                             generator=gens["sample"])
+        seqs = sample_decode(decoder, grid, pooled, max_len=T, bos_id=vocab.bos_id,
+                             eos_id=vocab.eos_id, pad_id=vocab.pad_id,
+                             noise=noise[:, pos.to(device)].reshape(T, -1))
         texts = [" ".join(vocab.decode(q)) for q in seqs]
         ids = [image_ids[i] for i in idx.tolist() for _ in range(K)]
-        rewards = torch.from_numpy(cider.score_pairs(texts, ids)).float().view(-1, K)
+        scores = cider.score_pairs(texts, ids)  # float64, summed as such for the record
+        rewards = torch.from_numpy(scores).float().view(-1, K)
         advantage = new_self_critical_advantage(rewards).view(-1).to(device)
-        token_logp, mask = sequence_log_probs(decoder, grid, pooled, seqs, bos_id=vocab.bos_id,
+        token_logp, mask = sequence_log_probs(model, grid, pooled, seqs, bos_id=vocab.bos_id,
                                               eos_id=vocab.eos_id, pad_id=vocab.pad_id,
-                                              max_len=cfg.max_caption_len)
-        loss = scst_loss(token_logp, mask, advantage)
+                                              max_len=T)
+        if world == 1:
+            loss = scst_loss(token_logp, mask, advantage)
+            value, batch_reward = float(loss.detach()), float(scores.sum())
+        else:  # the whole batch's token count, policy-gradient sum and reward sum, at once
+            mine = torch.tensor([float(mask.sum()), -float((advantage.unsqueeze(1) * token_logp)
+                                                           .sum()), float(scores.sum())],
+                                dtype=torch.float64)
+            tokens, pg_sum, batch_reward = distributed.all_reduce_sum(mine * weight).tolist()
+            value = pg_sum / max(1.0, tokens)
+            # this rank's share of the batch loss, times W: DDP averages the ranks' gradients
+            loss = scst_loss(token_logp, mask, advantage, int(tokens)) * (weight * world)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -678,11 +706,11 @@ def _scst_steps(decoder, store, image_rows, image_ids, cider, vocab, cfg, device
         loop.updates += 1
         synchronize(device)
         loop.scst_time += time.perf_counter() - t0
-        loop.scst_captions += len(seqs)
-        epoch_loss += float(loss.detach())
+        loop.scst_captions += len(whole) * K
+        epoch_loss += value
         batches += 1
-        reward_sum += float(rewards.sum())
-        n_samples += rewards.numel()
-        cb("step", loss=float(loss.detach()), reward=float(rewards.mean()),
+        reward_sum += batch_reward
+        n_samples += len(whole) * K
+        cb("step", loss=value, reward=batch_reward / (len(whole) * K),
            tokens_per_s=loop.n_tokens / max(loop.train_time, 1e-9))
     return epoch_loss / max(1, batches), reward_sum / max(1, n_samples)

@@ -101,6 +101,57 @@ def test_sampling_respects_top_k_and_seed():
     assert b == c
 
 
+class _FixedDecoder(CaptionDecoder):
+    """The same next-word logits at every step and for every row."""
+
+    def __init__(self, logits):
+        super().__init__(len(logits), 4, 1)
+        self.logits = torch.as_tensor(logits, dtype=torch.float32)
+
+    def init_state(self, grid, pooled):
+        return {}
+
+    def step(self, tokens, state):
+        return self.logits.expand(tokens.shape[0], -1).clone(), state
+
+
+def test_sampling_draws_each_word_with_its_probability():
+    """Inverse transform sampling from one uniform number per row and step: the first words
+    of 40,000 rows follow softmax(logits) (over the words <pad>/<bos> are not); top-k keeps
+    the k likeliest only."""
+    logits = [5.0, 5.0, 0.0, 1.0, -1.0, 0.5, -30.0]  # <pad>, <bos>, <eos>, words 3..6
+    dec, n = _FixedDecoder(logits), 40_000
+    grid, pooled = torch.zeros(n, 1, 4), torch.zeros(n, 1)
+    first = [s[0] if s else 2 for s in sample_decode(dec, grid, pooled, max_len=1,
+                                                     generator=torch.Generator().manual_seed(0))]
+    counts = torch.bincount(torch.tensor(first), minlength=7).double()
+    p = torch.tensor(logits[2:]).softmax(0).double()
+    assert counts[:2].sum() == 0 and counts[6] == 0  # never <pad>/<bos>; e^-30 is never drawn
+    sigma = (n * p * (1 - p)).sqrt()
+    assert ((counts[2:] - n * p).abs() < 4 * sigma + 1).all(), (counts[2:], n * p)
+    top2 = sample_decode(dec, grid[:2000], pooled[:2000], max_len=1, top_k=2,
+                         generator=torch.Generator().manual_seed(1))
+    assert {s[0] if s else 2 for s in top2} == {3, 5}  # logits 1.0 and 0.5
+
+
+@pytest.mark.parametrize("name", ["lstm", "transformer"])
+def test_a_row_samples_the_same_caption_in_any_batch(name):
+    """Rows decoded apart with their columns of one noise tensor (as the ranks of a distributed
+    SCST step do) give the captions of the whole batch decoded together."""
+    dec = _model(name)
+    grid, pooled = _features(6)
+    noise = torch.rand(7, 6, generator=torch.Generator().manual_seed(2))
+    together = sample_decode(dec, grid, pooled, max_len=7, temperature=1.3, noise=noise)
+    assert together == sample_decode(dec, grid, pooled, max_len=7, temperature=1.3,
+                                     generator=torch.Generator().manual_seed(2))
+    parts = {r: sample_decode(dec, grid[r::2], pooled[r::2], max_len=7, temperature=1.3,
+                              noise=noise[:, r::2]) for r in (0, 1)}
+    assert [parts[i % 2][i // 2] for i in range(6)] == together
+    assert len(set(map(tuple, together))) > 3  # the rows did sample different captions
+    with pytest.raises(ValueError, match=r"expected \(max_len, B\) = \(7, 6\)"):
+        sample_decode(dec, grid, pooled, max_len=7, noise=noise[:, :5])
+
+
 def test_unk_is_suppressed_on_request():
     dec = _model("rnn")
     with torch.no_grad():
