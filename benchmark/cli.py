@@ -148,7 +148,7 @@ def _check_nproc(cfg, nproc: int) -> None:
     from benchmark.runner import check_run_settings
 
     resolved_config(cfg)
-    check_run_settings(cfg, world_size=nproc)
+    check_run_settings(cfg)
     if cfg.device.startswith("cuda:"):
         _fail(f"--nproc with --device {cfg.device}: each process takes its own GPU; say --device "
               "cuda (or auto)")

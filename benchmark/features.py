@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import struct
 import time
 from dataclasses import dataclass
@@ -48,11 +49,21 @@ __all__ = ["FeatureStore", "ShardedRows", "ImageFolderDataset", "feature_cache_k
 
 
 class ImageFolderDataset(Dataset):
-    """Images of a list of :class:`ImageRecord` through an encoder's transform: ``(3, H, W)``."""
+    """Images of a list of :class:`ImageRecord` through an encoder's transform: ``(3, H, W)``.
 
-    def __init__(self, images: list[ImageRecord], transform) -> None:
+    ``seeds``: one seed per image for a random (training) transform. Item ``i`` is then
+    transformed with torch's and Python's generators seeded with ``seeds[i]`` (and both put
+    back afterwards), so its random crop depends on its seed alone, not on the DataLoader's
+    workers or the process that reads it. Raises DatasetError for an unreadable image.
+    """
+
+    def __init__(self, images: list[ImageRecord], transform,
+                 seeds: list[int] | None = None) -> None:
+        if seeds is not None and len(seeds) != len(images):
+            raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
         self.images = images
         self.transform = transform
+        self.seeds = seeds
 
     def __len__(self) -> int:
         return len(self.images)
@@ -61,9 +72,19 @@ class ImageFolderDataset(Dataset):
         path = self.images[i].path
         try:
             with Image.open(path) as img:
-                return self.transform(img.convert("RGB"))
+                rgb = img.convert("RGB")
         except OSError as exc:
             raise DatasetError(f"cannot read image {path}: {exc}") from exc
+        if self.seeds is None:
+            return self.transform(rgb)
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seeds[i])
+            random.seed(self.seeds[i])  # timm's random crop draws from Python's generator
+            try:
+                return self.transform(rgb)
+            finally:
+                random.setstate(python_state)
 
 
 class ShardedRows:

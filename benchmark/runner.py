@@ -334,20 +334,14 @@ def _image_use_stage(dataset: CaptionDataset, encoder_name: str, store: FeatureS
         return None
 
 
-def check_run_settings(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Settings a run of ``world_size`` processes (default: this process group's) cannot
-    take, and ``--compile`` for a decoder it does not suit (ConfigError, before any work)."""
+def check_run_settings(cfg: RunConfig) -> None:
+    """``--compile`` for a decoder it does not suit: ConfigError, before any work."""
     from architectures.registry import get_entry
     from benchmark.errors import ConfigError
 
     why = getattr(get_entry("decoder", cfg.arch).fn, "compile_unsuitable", None)
     if cfg.train.compile and why:
         raise ConfigError(f"--compile with {cfg.arch}: {why}; train it without --compile")
-
-    world = distributed.world_size() if world_size is None else world_size
-    if world > 1 and cfg.encoder_trainable != "none":
-        raise ConfigError("--finetune-encoder with several processes: fine-tuning runs in one "
-                          "process for now; drop --nproc")
 
 
 def run_experiment(cfg: RunConfig, console: Console | None = None, *,

@@ -364,15 +364,14 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         raise ValueError("SCST needs the train split's references (train_references)")
     if cfg.scst_epochs and finetune is not None:
         raise ValueError("SCST trains the decoder on frozen features; fine-tune with XE only")
-    if distributed.world_size() > 1 and finetune is not None:
-        raise ValueError("encoder fine-tuning runs in one process only; train it without "
-                         "torchrun/--nproc")
-    ddp = None
+    ddp = ft_models = None
     if distributed.world_size() > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(decoder, device_ids=[device.index] if device.type ==
-                                      "cuda" else None, find_unused_parameters=True)
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = DistributedDataParallel(decoder, device_ids=ids)  # every parameter is used
+        if finetune is not None:
+            ft_models = (_ddp_encoder(finetune.encoder.to(device), device), ddp)
         if distributed.rank() > 0:  # its own dropout masks (DDP gave every rank rank 0's weights)
             torch.manual_seed(seed + 7919 * distributed.rank())
     model = torch.compile(decoder if ddp is None else ddp, dynamic=True) if cfg.compile else ddp
@@ -452,7 +451,8 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         if phase == "xe" and finetune is not None:
             entry["loss"] = _xe_epoch_finetune(decoder, finetune, train_images, all_inputs,
                                                all_targets, all_lengths, vocab, cfg, device,
-                                               opt, sched, gens["order"], loop, use_amp, cb)
+                                               opt, sched, gens["order"], loop, use_amp, cb,
+                                               models=ft_models)
         elif phase == "xe":
             entry["loss"] = _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths,
                                       vocab, cfg, device, opt, sched, gens["order"], loop,
@@ -527,20 +527,26 @@ def _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths, vocab,
                                                   device, full_length=cfg.compile)
         with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
             out = model(grid, pooled, inputs, lengths.to(device))
-        if world == 1:
-            loss = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
-                                cfg.label_smoothing)
-            value = None
-        else:
-            counts = (int((all_targets[whole] != vocab.pad_id).sum()), len(whole))
-            share = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
-                                 cfg.label_smoothing, global_counts=counts)
-            share = share * (1.0 if len(whole) > rank else 0.0)
-            value = float(distributed.all_reduce_sum(share.detach().clone()))
-            loss = share * world
+        loss, value = _xe_loss(decoder, out, targets, whole, len(whole) > rank, all_targets,
+                               vocab, cfg)
         epoch_loss += _xe_update(loss, params, all_lengths[whole], len(whole), cfg, opt, sched,
                                  device, loop, t0, cb, value=value)
     return epoch_loss / max(1, len(steps))
+
+
+def _xe_loss(decoder, out, targets, whole, present: bool, all_targets, vocab, cfg):
+    """A cross-entropy step's loss to back-propagate and its value: in one process the batch
+    loss and None; in a distributed run this rank's share of the global batch's loss (caption
+    pairs ``whole``; zero weight when the rank has none, ``present`` False) times ``W``, since
+    DDP averages the ranks' gradients, and the global batch's loss (one all-reduce)."""
+    world = distributed.world_size()
+    if world == 1:
+        return caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
+                            cfg.label_smoothing), None
+    counts = (int((all_targets[whole] != vocab.pad_id).sum()), len(whole))
+    share = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
+                         cfg.label_smoothing, global_counts=counts) * (1.0 if present else 0.0)
+    return share * world, float(distributed.all_reduce_sum(share.detach().clone()))
 
 
 def _teacher_batch(idx, all_inputs, all_targets, all_lengths, device, full_length=False):
@@ -573,6 +579,31 @@ def _xe_update(loss, params, lengths, n_pairs: int, cfg, opt, sched, device, loo
     return value
 
 
+def _ddp_encoder(encoder, device: torch.device):
+    """The fine-tuned encoder wrapped in DistributedDataParallel. On CUDA its batch norms
+    become SyncBatchNorm (statistics over the global batch, as in one process); the CPU has
+    no SyncBatchNorm, so there a trainable batch norm normalises with each rank's own images
+    and the run differs from one process's (a CapbenchWarning says so)."""
+    import warnings
+
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.parallel import DistributedDataParallel
+
+    from benchmark.errors import CapbenchWarning
+
+    trainable_bn = any(isinstance(m, _BatchNorm) and any(p.requires_grad for p in m.parameters())
+                       for m in encoder.modules())
+    if trainable_bn and device.type == "cuda":
+        encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
+    elif trainable_bn and distributed.is_main():
+        warnings.warn("fine-tuning a batch-norm encoder on several CPU processes: each process "
+                      "normalises with the batch statistics of its own images (SyncBatchNorm "
+                      "needs CUDA), so the run differs from a single process's",
+                      CapbenchWarning, stacklevel=3)
+    return DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda"
+                                   else None)
+
+
 def _images_per_step(batch_size: int, n_images: int, n_pairs: int) -> int:
     """Images per fine-tuning step so that a step holds about ``batch_size`` captions."""
     return max(1, round(batch_size * n_images / max(1, n_pairs)))
@@ -580,9 +611,18 @@ def _images_per_step(batch_size: int, n_images: int, n_pairs: int) -> int:
 
 def _xe_epoch_finetune(decoder, ft: FineTune, train_images, all_inputs, all_targets,
                        all_lengths, vocab, cfg, device, opt, sched, order, loop: _Loop,
-                       use_amp: bool, cb) -> float:
+                       use_amp: bool, cb, models: tuple | None = None) -> float:
     """One cross-entropy epoch through the live encoder: each training image once (training
-    transform, shuffled), with all its captions; about ``batch_size`` captions a step."""
+    transform, shuffled), with all its captions; about ``batch_size`` captions a step.
+
+    Each image's random crop is seeded from the epoch's seed and the image's place in the
+    epoch (:class:`ImageFolderDataset`), so it does not depend on the DataLoader's workers or
+    on the number of processes. ``models``: the DistributedDataParallel wrappers of the
+    encoder and the decoder in a distributed run. Each step's images are then split over the
+    ranks (rank ``r`` of ``W`` takes images ``r, r+W, ...`` of the step, with all their
+    captions) and each rank's loss is its share of the step's loss times ``W``, as in
+    :func:`_xe_epoch`.
+    """
     from torch.utils.data import DataLoader
 
     from benchmark.features import ImageFolderDataset
@@ -595,32 +635,43 @@ def _xe_epoch_finetune(decoder, ft: FineTune, train_images, all_inputs, all_targ
             pairs.append(torch.arange(start, start + len(im.tokens)))
         start += len(im.tokens)
     ipb = _images_per_step(cfg.batch_size, len(imgs), start)
-    perm = torch.randperm(len(imgs), generator=order)
-    ds = ImageFolderDataset([imgs[i] for i in perm.tolist()], ft.encoder.train_transform())
-    loader = DataLoader(ds, batch_size=ipb, num_workers=ft.num_workers,
+    perm = torch.randperm(len(imgs), generator=order).tolist()
+    crop_seed = int(torch.randint(2**62, (1,), generator=order))  # this epoch's crops
+    world, rank = distributed.world_size(), distributed.rank()
+    steps = [range(b, min(b + ipb, len(imgs))) for b in range(0, len(imgs), ipb)]
+    # places in the epoch of this rank's images, per step; a rank with none takes one (weight 0)
+    mine = [list(st[rank::world]) or [st[0]] for st in steps]
+    places = [q for m in mine for q in m]
+    ds = ImageFolderDataset([imgs[perm[q]] for q in places], ft.encoder.train_transform(),
+                            seeds=[crop_seed + q for q in places])
+    batches, n = [], 0
+    for m in mine:
+        batches.append(list(range(n, n + len(m))))
+        n += len(m)
+    loader = DataLoader(ds, batch_sampler=batches, num_workers=ft.num_workers,
                         pin_memory=device.type == "cuda")
+    encoder, model = models if models is not None else (ft.encoder, decoder)
     decoder.train()
     ft.encoder.train()
     params = [p for g in opt.param_groups for p in g["params"]]
-    epoch_loss, batches = 0.0, 0
-    for b, pixels in enumerate(loader):
+    epoch_loss = 0.0
+    for st, m, pixels in zip(steps, mine, loader, strict=True):
         synchronize(device)
         t0 = time.perf_counter()
-        chosen = perm[b * ipb : (b + 1) * ipb].tolist()
-        idx = torch.cat([pairs[i] for i in chosen])
-        counts = torch.tensor([len(pairs[i]) for i in chosen], device=device)
+        idx = torch.cat([pairs[perm[q]] for q in m])
+        whole = torch.cat([pairs[perm[q]] for q in st])
+        counts = torch.tensor([len(pairs[perm[q]]) for q in m], device=device)
         with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
-            grid, pooled = ft.normalize(*ft.encoder(pixels.to(device, non_blocking=True)))
+            grid, pooled = ft.normalize(*encoder(pixels.to(device, non_blocking=True)))
             grid, pooled = grid.repeat_interleave(counts, 0), pooled.repeat_interleave(counts, 0)
             inputs, targets, lengths = _teacher_batch(idx, all_inputs, all_targets, all_lengths,
                                                       device)
-            out = decoder(grid.float(), pooled.float(), inputs, lengths.to(device))
-        loss = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
-                            cfg.label_smoothing)
-        epoch_loss += _xe_update(loss, params, lengths, len(idx), cfg, opt, sched, device, loop,
-                                 t0, cb)
-        batches += 1
-    return epoch_loss / max(1, batches)
+            out = model(grid.float(), pooled.float(), inputs, lengths.to(device))
+        loss, value = _xe_loss(decoder, out, targets, whole, len(st) > rank, all_targets,
+                               vocab, cfg)
+        epoch_loss += _xe_update(loss, params, all_lengths[whole], len(whole), cfg, opt, sched,
+                                 device, loop, t0, cb, value=value)
+    return epoch_loss / max(1, len(steps))
 
 
 @contextlib.contextmanager

@@ -126,3 +126,34 @@ def test_extraction_uses_one_dataloader_for_all_shards(tiny_shapes, tmp_path, mo
     assert len(made) == 1 and len(store.grid.files) == 3
     # batches never straddle two shards: 2 + 2 | 2 + 2 | 2 + 1
     assert [len(b) for b in made[0]] == [2, 2, 2, 2, 2, 1]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
+def test_a_seeded_training_crop_depends_on_its_seed_alone(tiny_shapes, name):
+    """torchvision's and timm's random crops: the same seed gives the same pixels whatever
+    the generators' state, through DataLoader workers too, and the caller's generators are
+    left as they were."""
+    import random
+
+    from torch.utils.data import DataLoader
+
+    from benchmark.features import ImageFolderDataset
+
+    images = load_karpathy(tiny_shapes).split("train")[:4]
+    transform = create_encoder(name, pretrained=False).train_transform()
+    ds = ImageFolderDataset(images, transform, seeds=[7, 8, 9, 7])
+    torch.manual_seed(0)
+    random.seed(0)
+    first = torch.stack([ds[i] for i in range(4)])
+    after = (torch.rand(1), random.random())
+    torch.manual_seed(0)
+    random.seed(0)
+    assert (torch.rand(1), random.random()) == after  # the caller's generators untouched
+    torch.manual_seed(123)
+    random.seed(123)
+    assert torch.equal(torch.stack([ds[i] for i in (0, 1, 2, 3)]), first)
+    assert torch.equal(next(iter(DataLoader(ds, batch_size=4, num_workers=2))), first)
+    other = ImageFolderDataset(images[:1], transform, seeds=[8])
+    assert not torch.equal(other[0], first[0])  # another seed, another crop of image 0
+    with pytest.raises(ValueError, match="2 seeds for 4 images"):
+        ImageFolderDataset(images, transform, seeds=[1, 2])
