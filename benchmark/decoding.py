@@ -203,9 +203,11 @@ def sample_decode(decoder, grid, pooled, *, temperature=1.0, top_k=0, top_p=1.0,
             drop = probs.cumsum(-1) - probs > top_p  # keep the token that crosses p
             logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
         cdf = logits.softmax(-1).cumsum(-1)
-        # the first token whose cumulative probability exceeds u * total has probability > 0
-        u = next(step).unsqueeze(1) * cdf[:, -1:]
-        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+        total = cdf[:, -1:]
+        # x < total, so the first token whose cumulative probability exceeds x has probability
+        # > 0 (a filtered token never: u * total may round up to total, hence the minimum)
+        x = torch.minimum(next(step).unsqueeze(1) * total, torch.nextafter(total, total.new_zeros(())))
+        return torch.searchsorted(cdf, x, right=True).squeeze(1)
 
     return _autoregressive(decoder, grid, pooled, pick, bos_id=bos_id, eos_id=eos_id,
                            pad_id=pad_id, max_len=max_len, unk_id=unk_id)

@@ -79,7 +79,7 @@ class ImageFolderDataset(Dataset):
             return self.transform(rgb)
         python_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seeds[i])
+            torch.default_generator.manual_seed(self.seeds[i])  # not CUDA's (manual_seed would)
             random.seed(self.seeds[i])  # timm's random crop draws from Python's generator
             try:
                 return self.transform(rgb)

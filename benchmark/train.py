@@ -349,8 +349,7 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
     the same batch up to float rounding (in XE with dropout off: each rank draws its own
     dropout masks, from the global generator re-seeded per rank; SCST runs without dropout).
     Raises ValueError when the train split has no captions, SCST has no train references or
-    is combined with fine-tuning, fine-tuning runs in several processes (not supported yet),
-    CapbenchError for an unreadable or mismatched state file.
+    is combined with fine-tuning, CapbenchError for an unreadable or mismatched state file.
     """
     from benchmark.cider import CiderD
     from benchmark.errors import CapbenchError
@@ -369,7 +368,8 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        ddp = DistributedDataParallel(decoder, device_ids=ids)  # every parameter is used
+        # every decoder uses every parameter (tested): no find_unused_parameters traversal
+        ddp = DistributedDataParallel(decoder, device_ids=ids)
         if finetune is not None:
             ft_models = (_ddp_encoder(finetune.encoder.to(device), device), ddp)
         if distributed.rank() > 0:  # its own dropout masks (DDP gave every rank rank 0's weights)
@@ -429,6 +429,8 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise CapbenchError(f"cannot continue from {path}: {exc}. Resume on the device the "
                                 "run started on, or delete the file to start afresh") from exc
+        if distributed.rank() > 0:  # the state holds rank 0's generators: own dropout masks
+            torch.manual_seed(seed + 7919 * distributed.rank() + loop.epoch)
     resumed_from = loop.epoch
 
     image_rows = store.row_ids(train_images)
@@ -583,7 +585,9 @@ def _ddp_encoder(encoder, device: torch.device):
     """The fine-tuned encoder wrapped in DistributedDataParallel. On CUDA its batch norms
     become SyncBatchNorm (statistics over the global batch, as in one process); the CPU has
     no SyncBatchNorm, so there a trainable batch norm normalises with each rank's own images
-    and the run differs from one process's (a CapbenchWarning says so)."""
+    and the run differs from one process's (a CapbenchWarning says so). (A rank without an
+    image in a short last step encodes one with zero loss weight; SyncBatchNorm still counts
+    it in that step's statistics.)"""
     import warnings
 
     from torch.nn.modules.batchnorm import _BatchNorm
@@ -600,8 +604,10 @@ def _ddp_encoder(encoder, device: torch.device):
                       "normalises with the batch statistics of its own images (SyncBatchNorm "
                       "needs CUDA), so the run differs from a single process's",
                       CapbenchWarning, stacklevel=3)
+    # CLIP's projection trains but feeds only the pooled vector, which the transformer and
+    # attn_lstm decoders do not read: let DDP look for parameters without a gradient
     return DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda"
-                                   else None)
+                                   else None, find_unused_parameters=True)
 
 
 def _images_per_step(batch_size: int, n_images: int, n_pairs: int) -> int:
@@ -744,7 +750,7 @@ def _scst_steps(decoder, store, image_rows, image_ids, cider, vocab, cfg, device
         else:  # the whole batch's token count, policy-gradient sum and reward sum, at once
             mine = torch.tensor([float(mask.sum()), -float((advantage.unsqueeze(1) * token_logp)
                                                            .sum()), float(scores.sum())],
-                                dtype=torch.float64)
+                                dtype=torch.float64, device=device)  # nccl: device tensors
             tokens, pg_sum, batch_reward = distributed.all_reduce_sum(mine * weight).tolist()
             value = pg_sum / max(1.0, tokens)
             # this rank's share of the batch loss, times W: DDP averages the ranks' gradients

@@ -132,6 +132,9 @@ def test_sampling_draws_each_word_with_its_probability():
     top2 = sample_decode(dec, grid[:2000], pooled[:2000], max_len=1, top_k=2,
                          generator=torch.Generator().manual_seed(1))
     assert {s[0] if s else 2 for s in top2} == {3, 5}  # logits 1.0 and 0.5
+    # the largest uniform below 1 picks the last word still allowed, never a filtered one
+    top = torch.full((1, 50), 1 - 2**-24)
+    assert sample_decode(dec, grid[:50], pooled[:50], max_len=1, top_k=2, noise=top) == [[5]] * 50
 
 
 @pytest.mark.parametrize("name", ["lstm", "transformer"])

@@ -85,29 +85,22 @@ def test_two_gloo_processes_fine_tune_like_one(tmp_path):
     assert two.predictions == one.predictions and two.metrics == one.metrics
 
 
-@pytest.mark.parametrize("name", ["attn_lstm", "lstm", "rnn", "transformer", "resnet18",
-                                  "vit_tiny"])
-def test_every_trainable_parameter_gets_a_gradient(name):
-    """DistributedDataParallel runs without ``find_unused_parameters`` (which costs a graph
-    traversal a step and warns on every rank): each decoder, and each fine-tuned encoder, must
-    use every parameter it trains."""
+@pytest.mark.parametrize("name", ["attn_lstm", "lstm", "rnn", "transformer"])
+def test_every_decoder_parameter_gets_a_gradient(name):
+    """The decoder's DistributedDataParallel runs without ``find_unused_parameters`` (which
+    costs a graph traversal a step and warns on every rank), so each decoder must use every
+    parameter. (The fine-tuned encoder's DDP looks for unused ones: CLIP's projection
+    feeds only the pooled vector, which the transformer and attn_lstm do not read.)"""
     import torch
 
-    from architectures import create_decoder, create_encoder, list_decoders
+    from architectures import create_decoder
 
     torch.manual_seed(0)
-    if name in list_decoders():
-        model = create_decoder(name, vocab_size=20, grid_dim=16, pooled_dim=8)
-        out = model(torch.randn(3, 5, 16), torch.randn(3, 8), torch.randint(3, 20, (3, 6)),
-                    torch.tensor([6, 4, 3]))
-        out.logits.sum().backward()
-    else:
-        model = create_encoder(name, pretrained=False)
-        model.set_trainable("all")
-        model.train()
-        grid, pooled = model(torch.randn(2, 3, 224, 224))
-        (grid.sum() + pooled.sum()).backward()
-    assert [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    model = create_decoder(name, vocab_size=20, grid_dim=16, pooled_dim=8)
+    out = model(torch.randn(3, 5, 16), torch.randn(3, 8), torch.randint(3, 20, (3, 6)),
+                torch.tensor([6, 4, 3]))
+    out.logits.sum().backward()
+    assert [k for k, p in model.named_parameters() if p.grad is None] == []
 
 
 def test_nproc_below_one_is_refused():
