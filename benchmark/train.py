@@ -363,6 +363,7 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         raise ValueError("SCST needs the train split's references (train_references)")
     if cfg.scst_epochs and finetune is not None:
         raise ValueError("SCST trains the decoder on frozen features; fine-tune with XE only")
+    encoder = finetune.encoder.to(device) if finetune is not None else None
     ddp = ft_models = None
     if distributed.world_size() > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -371,11 +372,10 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
         # every decoder uses every parameter (tested): no find_unused_parameters traversal
         ddp = DistributedDataParallel(decoder, device_ids=ids)
         if finetune is not None:
-            ft_models = (_ddp_encoder(finetune.encoder.to(device), device), ddp)
+            ft_models = (_ddp_encoder(encoder, device), ddp)
         if distributed.rank() > 0:  # its own dropout masks (DDP gave every rank rank 0's weights)
             torch.manual_seed(seed + 7919 * distributed.rank())
     model = torch.compile(decoder if ddp is None else ddp, dynamic=True) if cfg.compile else ddp
-    encoder = finetune.encoder.to(device) if finetune is not None else None
     # Encode every training caption once; a batch is then a row gather, not Python work.
     all_inputs, all_targets, all_lengths = vocab.batch(caps, cfg.max_caption_len)
     gens = {"order": torch.Generator().manual_seed(seed),
@@ -748,13 +748,13 @@ def _scst_steps(decoder, store, image_rows, image_ids, cider, vocab, cfg, device
             loss = scst_loss(token_logp, mask, advantage)
             value, batch_reward = float(loss.detach()), float(scores.sum())
         else:  # the whole batch's token count, policy-gradient sum and reward sum, at once
-            mine = torch.tensor([float(mask.sum()), -float((advantage.unsqueeze(1) * token_logp)
-                                                           .sum()), float(scores.sum())],
+            pg_sum = scst_loss(token_logp, mask, advantage, global_tokens=1)  # un-normalised
+            mine = torch.tensor([float(mask.sum()), float(pg_sum.detach()), float(scores.sum())],
                                 dtype=torch.float64, device=device)  # nccl: device tensors
-            tokens, pg_sum, batch_reward = distributed.all_reduce_sum(mine * weight).tolist()
-            value = pg_sum / max(1.0, tokens)
+            tokens, total, batch_reward = distributed.all_reduce_sum(mine * weight).tolist()
+            value = total / max(1.0, tokens)
             # this rank's share of the batch loss, times W: DDP averages the ranks' gradients
-            loss = scst_loss(token_logp, mask, advantage, int(tokens)) * (weight * world)
+            loss = pg_sum * (weight * world / max(1.0, tokens))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
