@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["launched_by_torchrun", "init", "shutdown", "rank", "world_size", "local_rank",
-           "is_main", "barrier", "all_gather_object", "all_reduce_sum", "broadcast_object"]
+           "is_main", "share", "barrier", "all_gather_object", "all_reduce_sum",
+           "broadcast_object"]
 
 
 def launched_by_torchrun() -> bool:
@@ -66,6 +67,13 @@ def local_rank() -> int:
 def is_main() -> bool:
     """Whether this process writes records, checkpoints and the console output (rank 0)."""
     return rank() == 0
+
+
+def share(items: list) -> list:
+    """This rank's items of a sharded job: ``items[r::W]`` for rank ``r`` of ``W``, as torch's
+    DistributedSampler assigns them without shuffling or padding (every item in a single
+    process; an empty list for a rank beyond the last item)."""
+    return items[rank()::world_size()]
 
 
 def barrier() -> None:

@@ -46,7 +46,7 @@ def caption_features_all_ranks(decoder, store: FeatureStore, images: list[ImageR
     world = distributed.world_size()
     if world == 1:
         return caption_features(decoder, store, images, vocab, cfg, device)
-    mine = images[distributed.rank()::world]
+    mine = distributed.share(images)
     synchronize(device)
     t0 = time.perf_counter()
     part, _ = caption_features(decoder, store, mine, vocab, cfg, device) if mine else ({}, 0.0)

@@ -119,7 +119,7 @@ class _Trained:
     encoder: torch.nn.Module  # the run's own copy when fine-tuned, else the shared one
     encoder_trainable: int  # parameters of the encoder that training updated
     vocab: CaptionTokenizer
-    store: FeatureStore
+    store: FeatureStore  # holds the test split; only the test split when fine-tuned
     feature_stats: dict | None
     result: TrainResult
     encoder_identity: dict
@@ -227,9 +227,9 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
         finally:
             tracker.close()
     decoder.load_state_dict(result.best_state)
-    if finetune is not None:  # the best encoder, and every image's features under it
+    if finetune is not None:  # the best encoder, and the test images' features under it,
         encoder.apply_finetuned(result.best_encoder_state, cfg.encoder_trainable)
-        store = finetune.store(dataset.images, device)
+        store = finetune.store_all_ranks(dataset.split("test"), device)  # what evaluation reads
     return _Trained(decoder, encoder, n_trainable, vocab, store, stats, result,
                     encoder.cache_identity(), mean_tokens)
 

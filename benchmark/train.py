@@ -115,13 +115,37 @@ class FineTune:
 
     def store(self, images: list[ImageRecord], device) -> FeatureStore:
         """The images' features under the current encoder (eval transform), in memory and
-        stored at the feature cache's precision, normalised with :attr:`stats`."""
+        stored at the feature cache's precision, normalised with :attr:`stats`.
+
+        Raises DatasetError when ``images`` is empty."""
         from benchmark.features import extract_features, storage_precision
 
         grid, pooled, _ = extract_features(self.encoder, images, batch_size=self.batch_size,
                                            device=device, num_workers=self.num_workers)
         return FeatureStore(storage_precision(grid), storage_precision(pooled),
                             [im.image_id for im in images], "fine-tuned", stats=self.stats)
+
+    def store_all_ranks(self, images: list[ImageRecord], device) -> FeatureStore:
+        """:meth:`store` with the encoding sharded over the ranks of a distributed run: rank
+        ``r`` of ``W`` encodes images ``r, r+W, ...`` (as :func:`caption_features_all_ranks`
+        decodes them) and every rank receives all the images' features, gathered in the
+        order of ``images``: ``grid (N, L, D)``, ``pooled (N, P)``, on the CPU. A part that
+        had to stay float32 (:func:`storage_precision`) makes the whole store float32. In a
+        single process it is :meth:`store`."""
+        world = distributed.world_size()
+        if world == 1 or len(images) < world:  # one process, or fewer images than ranks:
+            return self.store(images, device)  # every rank alike encodes them all
+        part = self.store(distributed.share(images), device)
+        parts = distributed.all_gather_object((part.grid, part.pooled))  # every rank has some
+        out = []
+        for k in (0, 1):  # grid, then pooled
+            wide = torch.float32 if any(p[k].dtype == torch.float32 for p in parts) \
+                else parts[0][k].dtype
+            t = torch.empty((len(images), *parts[0][k].shape[1:]), dtype=wide)
+            for r, p in enumerate(parts):
+                t[r::world] = p[k]
+            out.append(t)
+        return FeatureStore(*out, [im.image_id for im in images], "fine-tuned", stats=self.stats)
 
 
 def caption_pairs(images: list[ImageRecord], store: FeatureStore):
@@ -306,8 +330,9 @@ def load_train_state(path: Path) -> dict:
 def _validate(decoder, store, val_images, vocab, cfg, device, val_references,
               finetune: FineTune | None = None) -> float:
     val_decode = DecodeConfig(beam_size=1, max_len=cfg.max_caption_len)
-    if finetune is not None:  # the encoder changed: encode the val images again
-        store = finetune.store(val_images, device)
+    mine = distributed.share(val_images)
+    if finetune is not None and mine:  # the encoder changed: encode the val images again,
+        store = finetune.store(mine, device)  # each rank those it decodes
     preds, _ = caption_features_all_ranks(decoder, store, val_images, vocab, val_decode, device)
     return cider_d(preds, val_references)
 

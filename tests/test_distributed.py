@@ -118,6 +118,7 @@ def test_a_single_process_is_rank_0_of_1():
     assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
     assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
     assert distributed.broadcast_object("x") == "x"
+    assert distributed.share([5, 6, 7]) == [5, 6, 7]
 
 
 def test_compile_is_refused_for_a_decoder_it_does_not_suit():
@@ -128,3 +129,63 @@ def test_compile_is_refused_for_a_decoder_it_does_not_suit():
     check_run_settings(load_config("tiny", {"arch": "transformer", "train.compile": True}))
     with pytest.raises(ConfigError, match="--compile with attn_lstm: its forward runs only"):
         check_run_settings(load_config("tiny", {"arch": "attn_lstm", "train.compile": True}))
+
+
+def _thirteen_images(dataset: str) -> list:
+    from benchmark.data import resolve_dataset
+
+    ds = resolve_dataset(dataset)
+    return ds.split("test") + ds.split("val") + ds.split("train")[:1]
+
+
+def _encode_test_split(rank: int, world: int, port: int, dataset: str, out: str) -> None:
+    """One rank of :func:`test_the_fine_tuned_encoder_s_test_features_are_encoded_in_shards`."""
+    import torch
+
+    from architectures import create_encoder
+    from benchmark import distributed
+    from benchmark.train import FineTune
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    distributed.init(torch.device("cpu"))
+    torch.manual_seed(0)  # the same random weights on every rank
+    encoder = create_encoder("resnet18", pretrained=False).eval()
+    seen = []
+    encoder.register_forward_hook(lambda m, args, o: seen.append(len(args[0])))
+    images = _thirteen_images(dataset)
+    store = FineTune(encoder, None, 1e-4, num_workers=0, batch_size=4).store_all_ranks(
+        images, torch.device("cpu"))
+    torch.save({"grid": store.grid, "pooled": store.pooled, "ids": store.image_ids,
+                "encoded": sum(seen)}, f"{out}.{rank}")
+    distributed.shutdown()
+
+
+def test_the_fine_tuned_encoder_s_test_features_are_encoded_in_shards(tiny_shapes, tmp_path):
+    """After fine-tuning, rank r of 2 encodes the test images r, r+2, ... and every rank
+    receives all the features, in order, equal to one process's (13 images: 7 and 6)."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from architectures import create_encoder
+    from benchmark.train import FineTune
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "part")
+    mp.spawn(_encode_test_split, args=(2, port, str(tiny_shapes), out), nprocs=2)
+    torch.manual_seed(0)
+    encoder = create_encoder("resnet18", pretrained=False).eval()
+    images = _thirteen_images(str(tiny_shapes))
+    one = FineTune(encoder, None, 1e-4, num_workers=0, batch_size=4).store(
+        images, torch.device("cpu"))
+    parts = [torch.load(f"{out}.{r}") for r in (0, 1)]
+    assert [p["encoded"] for p in parts] == [7, 6]
+    for p in parts:
+        assert p["ids"] == one.image_ids and p["grid"].dtype == one.grid.dtype == torch.float16
+        torch.testing.assert_close(p["grid"].float(), one.grid.float(), rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(p["pooled"].float(), one.pooled.float(), rtol=2e-3, atol=2e-3)
+        assert torch.equal(p["grid"][1::2], parts[1]["grid"][1::2])
