@@ -344,6 +344,66 @@ def bench_reward(dataset_spec: str, *, batches: int = 20, images: int = 32, samp
             "ciderd_build_s": build, **{f"{k}_captions_per_s": v for k, v in out.items()}}
 
 
+def bench_extraction(dataset_spec: str, encoders: list[str], device: torch.device, *,
+                     images: int = 256, batch_size: int = 256, rounds: int = 3,
+                     num_workers: int | None = None, log=None) -> list[dict]:
+    """Feature extraction of the first ``images`` images of a dataset with each image decoder
+    (``features.image_decoder``): ``pil`` (Pillow and the library's transform in the
+    DataLoader's ``num_workers`` workers) and ``torchvision`` (TorchCodec's ``decode_jpeg`` and
+    tensor transforms on ``device``; nvJPEG on CUDA). Two figures each: images/s of the pixels
+    alone (read, decode, preprocess, on ``device``: what the encoder is fed) and end to end
+    (with the encoder's forward, bf16 autocast on CUDA). Extraction is limited by the CPU when
+    the ``pil`` pixel rate is below the end-to-end rate the GPU could reach. One untimed batch
+    of each warms up (cuDNN autotuning, nvJPEG's handle), then ``rounds`` alternating rounds.
+    Returns one row per encoder (random weights: speed does not depend on them) with the
+    medians and the end-to-end speedup of ``torchvision`` over ``pil``. Raises DatasetError for
+    a bad dataset and ConfigError for an encoder whose transform has no tensor version."""
+    from architectures import create_encoder
+    from benchmark.data import resolve_dataset
+    from benchmark.device import synchronize
+    from benchmark.features import default_num_workers, extract_features
+    from benchmark.pixels import pixel_batches
+
+    pics = resolve_dataset(dataset_spec).images[:images]
+    workers = default_num_workers() if num_workers is None else num_workers
+    batches = [list(range(a, min(a + batch_size, len(pics)))) for a in range(0, len(pics), batch_size)]
+    rows = []
+    for name in encoders:
+        enc = create_encoder(name, pretrained=False)
+        decoders = ("pil", "torchvision")
+        rates: dict[str, list[float]] = {f"{d}_{k}": [] for d in decoders for k in ("pixels", "e2e")}
+
+        def pixels(decoder: str, enc=enc) -> float:
+            t0 = time.perf_counter()
+            for _ in pixel_batches(enc.transform, pics, batches, device, num_workers=workers,
+                                   image_decoder=decoder):
+                pass
+            synchronize(device)
+            return len(pics) / (time.perf_counter() - t0)
+
+        def e2e(decoder: str, subset: list, enc=enc) -> float:
+            return extract_features(enc, subset, batch_size=batch_size, device=device,
+                                    num_workers=workers, image_decoder=decoder)[2]
+
+        for decoder in decoders:  # warm-up
+            e2e(decoder, pics[:batch_size])
+        for _ in range(rounds):
+            for decoder in decoders:
+                rates[f"{decoder}_pixels"].append(pixels(decoder))
+                rates[f"{decoder}_e2e"].append(e2e(decoder, pics))
+        row = {"encoder": name, "images": len(pics), "batch_size": batch_size,
+               "device": device.type, "num_workers": workers,
+               **{f"{k}_images_per_s": float(statistics.median(v)) for k, v in rates.items()}}
+        row["speedup"] = row["torchvision_e2e_images_per_s"] / row["pil_e2e_images_per_s"]
+        if log:
+            log(f"{name}: pixels pil {row['pil_pixels_images_per_s']:.1f} / torchvision "
+                f"{row['torchvision_pixels_images_per_s']:.1f} img/s; end to end pil "
+                f"{row['pil_e2e_images_per_s']:.1f} / torchvision "
+                f"{row['torchvision_e2e_images_per_s']:.1f} img/s ({row['speedup']:.2f}x)")
+        rows.append(row)
+    return rows
+
+
 def bench_store(n_images: int, device: torch.device, *, folder: str | None = None,
                 grid_size: int = 49, grid_dim: int = 2048, pooled_dim: int = 2048,
                 shard_size: int | None = None, batch_size: int = 32, train_steps: int = 20,

@@ -137,12 +137,13 @@ def _features_for(run: LoadedRun, dataset, images, console=None):
     from benchmark.features import load_or_extract, open_store, store_folder
 
     feats = run.config.get("features") or {}
-    cache_dir = feats.get("cache_dir")
-    whole = open_store(store_folder(run.encoder, dataset.images, cache_dir),
+    cache_dir, decoder = feats.get("cache_dir"), feats.get("image_decoder", "pil")
+    whole = open_store(store_folder(run.encoder, dataset.images, cache_dir, decoder),
                        [im.image_id for im in dataset.images])
     store = whole or load_or_extract(run.encoder, images, cache_dir=cache_dir,
                                      batch_size=int(feats.get("batch_size", 32)),
-                                     device=run.device, num_workers=feats.get("num_workers"))
+                                     device=run.device, num_workers=feats.get("num_workers"),
+                                     image_decoder=decoder)
     store.stats = run.feature_stats
     return store
 

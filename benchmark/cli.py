@@ -714,6 +714,9 @@ def bench(
     compile: Annotated[bool, typer.Option("--compile", help="also time each decoder's training step through torch.compile and report the speedup over eager")] = False,
     store: Annotated[int | None, typer.Option(help="scale benchmark of the feature store: build a synthetic store of N images at ResNet-50's grid size (49 x 2048, float16; 0.2 MB an image) and report peak RSS and samples/s of reading, training and decoding from it")] = None,
     store_dir: Annotated[Path | None, typer.Option(help="where --store builds its synthetic store (default: the system temp folder); it is deleted afterwards")] = None,
+    extraction: Annotated[str | None, typer.Option(help="time end-to-end feature extraction of --encoder (default resnet50) on this dataset's first --images images at --batch-size, with each image decoder: pil (Pillow in the DataLoader's workers) and torchvision (decode_jpeg and tensor transforms on the device; nvJPEG on CUDA)")] = None,
+    images: Annotated[int, typer.Option(help="images for --extraction")] = 256,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers for --extraction (default: auto)")] = None,
 ):
     """Time decoders on synthetic features and encoders on random pixels (defaults: the
     Show-Attend-Tell setting: 196 x 2048 grid, 512-d, 10k words, batch 32, 20 words)."""
@@ -762,6 +765,29 @@ def bench(
                       f"samples/s: read {res['read_samples_per_s']:,.0f}, train "
                       f"{res['train_samples_per_s']:,.1f} ({res['arch']}), greedy decode "
                       f"{res['decode_captions_per_s']:,.1f}")
+        return
+    if extraction:
+        from benchmark.bench import bench_extraction
+
+        for name, value in (("--images", images), ("--batch-size", batch_size), ("--iters", iters)):
+            if value < 1:
+                _fail(f"{name} {value}: must be at least 1")
+        if num_workers is not None and num_workers < 0:
+            _fail(f"--num-workers {num_workers}: must be at least 0")
+        from architectures import list_encoders
+
+        names = (list_encoders(ci=False) if encoder == "all"
+                 else [e for e in (encoder or "resnet50").split(",") if e])
+        res = bench_extraction(extraction, names, select_device(device), images=images,
+                               batch_size=batch_size, rounds=iters, num_workers=num_workers,
+                               log=err.print)
+        _print_result(res, format, "\n".join(
+            f"{r['encoder']}: {r['images']} images at batch {r['batch_size']} on {r['device']} "
+            f"({r['num_workers']} workers), images/s, median of {iters} alternating rounds: "
+            f"pixels alone pil {r['pil_pixels_images_per_s']:.1f}, torchvision "
+            f"{r['torchvision_pixels_images_per_s']:.1f}; end to end pil "
+            f"{r['pil_e2e_images_per_s']:.1f}, torchvision {r['torchvision_e2e_images_per_s']:.1f}"
+            f" ({r['speedup']:.2f}x)" for r in res))
         return
     if reward:
         from benchmark.bench import bench_reward

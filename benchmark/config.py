@@ -77,7 +77,9 @@ class FeatureConfig:
     ``throughput_images``: test images re-encoded from pixels to time end-to-end inference
     (0 = all; a sample keeps the matrix fast, captions still come from every test image);
     ``shard_size``: images per feature-store shard (None = about 256 MiB of float16 features
-    a shard, see :func:`benchmark.features.shard_images`)."""
+    a shard, see :func:`benchmark.features.shard_images`); ``image_decoder``: ``pil`` (the
+    encoder library's own PIL preprocessing in the DataLoader's workers) or ``torchvision``
+    (decoding with nvJPEG and preprocessing on the GPU, see :mod:`benchmark.pixels`)."""
 
     batch_size: int = _r(32, min=1)
     normalize: bool = True
@@ -85,6 +87,7 @@ class FeatureConfig:
     num_workers: int | None = _r(None, min=0)
     cache_dir: str | None = None
     shard_size: int | None = _r(None, min=1)
+    image_decoder: str = _r("pil", choices=("pil", "torchvision"))
 
 
 @dataclass
@@ -337,7 +340,8 @@ def config_id(resolved: dict) -> str:
             train.pop(k, None)
     keep["train"] = train
     if "features" in keep:  # how features are stored does not change them
-        keep["features"] = {k: v for k, v in keep["features"].items() if k != "shard_size"}
+        keep["features"] = {k: v for k, v in keep["features"].items() if k != "shard_size"
+                            and (k, v) != ("image_decoder", "pil")}
     if not keep.get("encoder_grad_checkpointing"):  # memory, not the model: ids stay
         keep.pop("encoder_grad_checkpointing", None)
     if keep.get("encoder_trainable", "none") == "none":

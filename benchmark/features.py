@@ -5,7 +5,7 @@ The cache key hashes everything that determines the features: the encoder name, 
 storage dtype and the image set (ids, paths, sizes and modification times). Any change of a
 part gives a new key, so a stale store is never read. Every decoder and every later run on
 the same images reuses one store. (Fine-tuning an encoder bypasses this cache: the harness
-then calls the encoder on pixels, see :class:`ImageFolderDataset`.)
+then calls the encoder on pixels, see :class:`benchmark.pixels.ImageFolderDataset`.)
 
 A store is a folder of fixed-size safetensors shards plus a manifest written last, so that
 extraction, statistics, training and decoding all stream: memory holds a shard while
@@ -21,14 +21,12 @@ import hashlib
 import json
 import math
 import os
-import random
 import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
@@ -42,49 +40,10 @@ FORMAT_VERSION = 2  # 2: a folder of shards (1: one safetensors file)
 SHARD_BYTES = 256 * 2**20  # float16 features per shard file
 MANIFEST = "manifest.json"
 
-__all__ = ["FeatureStore", "ShardedRows", "ImageFolderDataset", "feature_cache_key",
+__all__ = ["FeatureStore", "ShardedRows", "feature_cache_key",
            "extract_features", "encode_batches", "load_or_extract", "open_store", "store_folder",
            "shard_images", "channel_stats", "take_rows", "write_shard", "write_manifest",
-           "default_num_workers", "feature_bytes"]
-
-
-class ImageFolderDataset(Dataset):
-    """Images of a list of :class:`ImageRecord` through an encoder's transform: ``(3, H, W)``.
-
-    ``seeds``: one seed per image for a random (training) transform. Item ``i`` is then
-    transformed with torch's and Python's generators seeded with ``seeds[i]`` (and both put
-    back afterwards), so its random crop depends on its seed alone, not on the DataLoader's
-    workers or the process that reads it. Raises DatasetError for an unreadable image.
-    """
-
-    def __init__(self, images: list[ImageRecord], transform,
-                 seeds: list[int] | None = None) -> None:
-        if seeds is not None and len(seeds) != len(images):
-            raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
-        self.images = images
-        self.transform = transform
-        self.seeds = seeds
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        path = self.images[i].path
-        try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")
-        except OSError as exc:
-            raise DatasetError(f"cannot read image {path}: {exc}") from exc
-        if self.seeds is None:
-            return self.transform(rgb)
-        python_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(self.seeds[i])  # not CUDA's (manual_seed would)
-            random.seed(self.seeds[i])  # timm's random crop draws from Python's generator
-            try:
-                return self.transform(rgb)
-            finally:
-                random.setstate(python_state)
+           "default_num_workers", "feature_bytes", "store_identity"]
 
 
 class ShardedRows:
@@ -399,18 +358,23 @@ def default_num_workers() -> int:
 
 def encode_batches(encoder, images: list[ImageRecord], batches: list[list[int]], *,
                    device: str | torch.device = "cpu", num_workers: int | None = None,
-                   progress=None):
+                   progress=None, image_decoder: str = "pil"):
     """Yield ``(grid (b, L, D), pooled (b, P))`` (float32, CPU) for each list of positions in
     ``batches``, in order, reading ``images`` from disk through one DataLoader (one pool of
     ``num_workers`` workers for all batches). On CUDA: bf16 autocast, channels-last memory
     format, ``cudnn.benchmark`` (restored afterwards), pinned memory and non-blocking copies.
-    ``progress`` is an optional callable(n_done)."""
+    ``image_decoder``: ``pil`` (the workers decode and preprocess with the encoder's own
+    transform) or ``torchvision`` (the workers read bytes; decoding and preprocessing run on
+    ``device``, see :mod:`benchmark.pixels`; ConfigError before any work when the transform
+    has a step without a tensor version). ``progress`` is an optional callable(n_done)."""
+    from benchmark.pixels import pixel_batches
+
     device = torch.device(device)
     workers = default_num_workers() if num_workers is None else num_workers
-    loader = DataLoader(ImageFolderDataset(images, encoder.transform), batch_sampler=batches,
-                        num_workers=workers, pin_memory=device.type == "cuda")
-    encoder = encoder.to(device).eval()
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    pixels_of = pixel_batches(encoder.transform, images, batches, device, num_workers=workers,
+                              image_decoder=image_decoder, memory_format=memory_format)
+    encoder = encoder.to(device).eval()
     benchmark_before = torch.backends.cudnn.benchmark
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" \
         else contextlib.nullcontext()
@@ -418,9 +382,9 @@ def encode_batches(encoder, images: list[ImageRecord], batches: list[list[int]],
         if device.type == "cuda":  # cuDNN picks the fastest convolution for the fixed size
             torch.backends.cudnn.benchmark = True
             encoder = encoder.to(memory_format=memory_format)  # NHWC: the tensor cores' layout
-        with torch.inference_mode(), autocast:
-            for pixels in loader:
-                g, p = encoder(pixels.to(device, non_blocking=True, memory_format=memory_format))
+        with torch.inference_mode(), autocast, contextlib.closing(pixels_of):
+            for pixels in pixels_of:
+                g, p = encoder(pixels)
                 if progress:
                     progress(len(pixels))
                 yield g.float().cpu(), p.float().cpu()
@@ -430,8 +394,10 @@ def encode_batches(encoder, images: list[ImageRecord], batches: list[list[int]],
 
 def extract_features(encoder, images: list[ImageRecord], *, batch_size: int = 32,
                      device: str | torch.device = "cpu", num_workers: int | None = None,
-                     progress=None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Run ``encoder`` over ``images`` from disk (:func:`encode_batches`).
+                     progress=None, image_decoder: str = "pil",
+                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Run ``encoder`` over ``images`` from disk (:func:`encode_batches`, which describes
+    ``image_decoder``).
 
     Returns ``grid (N, L, D)``, ``pooled (N, P)`` (float32, CPU) and end-to-end images/s
     (decode + preprocess + forward). ``progress`` is an optional callable(n_done).
@@ -442,7 +408,8 @@ def extract_features(encoder, images: list[ImageRecord], *, batch_size: int = 32
                for a in range(0, len(images), batch_size)]
     t0 = time.perf_counter()
     with contextlib.closing(encode_batches(encoder, images, batches, device=device,
-                                           num_workers=num_workers, progress=progress)) as out:
+                                           num_workers=num_workers, progress=progress,
+                                           image_decoder=image_decoder)) as out:
         grids, pooleds = zip(*out, strict=True)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -469,10 +436,27 @@ def shard_images(image_bytes: int) -> int:
     return max(1, SHARD_BYTES // image_bytes)
 
 
-def store_folder(encoder, images: list[ImageRecord], cache_dir: str | Path | None = None) -> Path:
+def store_identity(encoder, image_decoder: str = "pil") -> dict:
+    """What the features of ``encoder`` depend on (the cache key's part besides the images):
+    :meth:`cache_identity`, plus ``image_decoder`` when it is not ``pil`` (so stores written
+    before that setting keep their keys). Raises ConfigError, before any work, when the
+    encoder's transform cannot run on tensors (:func:`benchmark.pixels.tensor_transform`)."""
+    from benchmark.pixels import IMAGE_DECODERS, tensor_transform
+
+    if image_decoder not in IMAGE_DECODERS:
+        raise ValueError(f"image_decoder {image_decoder!r}: expected one of {IMAGE_DECODERS}")
+    identity = encoder.cache_identity()
+    if image_decoder == "pil":
+        return identity
+    tensor_transform(encoder.transform)
+    return {**identity, "image_decoder": image_decoder}
+
+
+def store_folder(encoder, images: list[ImageRecord], cache_dir: str | Path | None = None,
+                 image_decoder: str = "pil") -> Path:
     """The cache folder of ``encoder``'s features of ``images``:
     ``<cache>/features/<encoder>-<key>/`` (``cache_dir`` replaces ``<cache>/features``)."""
-    identity = encoder.cache_identity()
+    identity = store_identity(encoder, image_decoder)
     return _folder(identity, feature_cache_key(identity, images), cache_dir)
 
 
@@ -542,7 +526,7 @@ def open_store(folder: str | Path, image_ids: list | None = None) -> FeatureStor
 def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path | None = None,
                     batch_size: int = 32, device: str | torch.device = "cpu",
                     num_workers: int | None = None, progress=None,
-                    shard_size: int | None = None) -> FeatureStore:
+                    shard_size: int | None = None, image_decoder: str = "pil") -> FeatureStore:
     """Features of ``images`` from the cache, or extracted now into it, shard by shard.
 
     The store is the folder :func:`store_folder`: ``shard-00000.safetensors``, ... with
@@ -558,11 +542,12 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
     are removed. A shard that cannot be written raises StorageError; the shards already
     written are kept for the next run. The returned store reads rows from the shards on
     demand (:class:`ShardedRows`); its ``extraction_images_per_s`` is the end-to-end rate of
-    the images this process encoded (None when it encoded none).
+    the images this process encoded (None when it encoded none). ``image_decoder``
+    (:func:`encode_batches`): ``torchvision`` features get their own key.
     """
     from benchmark import distributed
 
-    identity = encoder.cache_identity()
+    identity = store_identity(encoder, image_decoder)
     key = feature_cache_key(identity, images)  # hashes every image file's size and time: once
     folder = _folder(identity, key, cache_dir)
     ids = [im.image_id for im in images]
@@ -596,8 +581,8 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
                    for first, n, _ in todo for a in range(first, first + n, batch_size)]
         t0 = time.perf_counter()
         with contextlib.closing(encode_batches(encoder, images, batches, device=device,
-                                               num_workers=num_workers,
-                                               progress=progress)) as stream:
+                                               num_workers=num_workers, progress=progress,
+                                               image_decoder=image_decoder)) as stream:
             for first, n, path in todo:
                 parts = [next(stream) for _ in range(math.ceil(n / batch_size))]
                 write_shard(path, torch.cat([g for g, _ in parts]),

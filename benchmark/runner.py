@@ -91,7 +91,8 @@ def prepare_features(cfg: RunConfig, dataset: CaptionDataset, device, console=No
                                 batch_size=cfg.features.batch_size, device=device,
                                 num_workers=cfg.features.num_workers,
                                 progress=lambda n: prog.advance(task, n),
-                                shard_size=cfg.features.shard_size)
+                                shard_size=cfg.features.shard_size,
+                                image_decoder=cfg.features.image_decoder)
         prog.update(task, completed=len(dataset.images),
                     info="cache hit" if store.extraction_images_per_s is None
                     else f"{store.extraction_images_per_s:.1f} img/s")

@@ -656,7 +656,7 @@ def _xe_epoch_finetune(decoder, ft: FineTune, train_images, all_inputs, all_targ
     """
     from torch.utils.data import DataLoader
 
-    from benchmark.features import ImageFolderDataset
+    from benchmark.pixels import ImageFolderDataset
 
     # caption_pairs lists each image's captions contiguously, in train_images order
     imgs, pairs, start = [], [], 0

@@ -110,16 +110,16 @@ def test_the_store_streams_from_shards_and_resumes_a_killed_extraction(tiny_shap
 
 def test_extraction_uses_one_dataloader_for_all_shards(tiny_shapes, tmp_path, monkeypatch):
     """One worker pool for the whole extraction, not one per shard (a COCO store has ~100)."""
-    from benchmark import features
+    from benchmark import pixels
 
     made = []
-    real = features.DataLoader
+    real = pixels.DataLoader
 
     def counting(*args, **kwargs):
         made.append(kwargs.get("batch_sampler"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(features, "DataLoader", counting)
+    monkeypatch.setattr(pixels, "DataLoader", counting)
     images = load_karpathy(tiny_shapes).images[:11]
     store = load_or_extract(create_encoder("resnet18", pretrained=False), images,
                             cache_dir=tmp_path, batch_size=2, shard_size=4)
@@ -137,7 +137,7 @@ def test_a_seeded_training_crop_depends_on_its_seed_alone(tiny_shapes, name):
 
     from torch.utils.data import DataLoader
 
-    from benchmark.features import ImageFolderDataset
+    from benchmark.pixels import ImageFolderDataset
 
     images = load_karpathy(tiny_shapes).split("train")[:4]
     transform = create_encoder(name, pretrained=False).train_transform()
