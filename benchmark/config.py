@@ -312,6 +312,11 @@ def resolved_config(cfg: RunConfig) -> dict:
         why = grad_checkpointing_unsupported(cfg.encoder)
         if why:
             raise ConfigError(f"--grad-checkpointing with {cfg.encoder}: {why}")
+    if cfg.encoder_trainable != "none" and cfg.features.image_decoder != "pil":
+        raise ConfigError(f"encoder_trainable = {cfg.encoder_trainable!r} with "
+                          f"features.image_decoder = {cfg.features.image_decoder!r}: fine-tuning "
+                          "reads images through the library's own PIL transforms (training "
+                          "crops); use features.image_decoder: pil")
     if cfg.encoder_trainable != "none" and cfg.train.scst_epochs:
         raise ConfigError(f"encoder_trainable = {cfg.encoder_trainable!r} with train.scst_epochs = "
                           f"{cfg.train.scst_epochs}: SCST trains the decoder on frozen features; "

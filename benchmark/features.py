@@ -436,27 +436,27 @@ def shard_images(image_bytes: int) -> int:
     return max(1, SHARD_BYTES // image_bytes)
 
 
-def store_identity(encoder, image_decoder: str = "pil") -> dict:
+def store_identity(encoder, image_decoder: str = "pil", device: str | torch.device = "cpu") -> dict:
     """What the features of ``encoder`` depend on (the cache key's part besides the images):
-    :meth:`cache_identity`, plus ``image_decoder`` when it is not ``pil`` (so stores written
-    before that setting keep their keys). Raises ConfigError, before any work, when the
-    encoder's transform cannot run on tensors (:func:`benchmark.pixels.tensor_transform`)."""
-    from benchmark.pixels import IMAGE_DECODERS, tensor_transform
+    :meth:`cache_identity`, plus, when ``image_decoder`` is ``torchvision``, the decoder and
+    the device type that decodes (nvJPEG's pixels differ from libjpeg-turbo's), so stores
+    written before that setting keep their keys. Raises ConfigError, before any work, for a
+    bad ``image_decoder`` (:func:`benchmark.pixels.check_image_decoder`)."""
+    from benchmark.pixels import check_image_decoder
 
-    if image_decoder not in IMAGE_DECODERS:
-        raise ValueError(f"image_decoder {image_decoder!r}: expected one of {IMAGE_DECODERS}")
+    check_image_decoder(image_decoder, encoder.transform)
     identity = encoder.cache_identity()
     if image_decoder == "pil":
         return identity
-    tensor_transform(encoder.transform)
-    return {**identity, "image_decoder": image_decoder}
+    where = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    return {**identity, "image_decoder": f"{image_decoder}-{where}"}
 
 
 def store_folder(encoder, images: list[ImageRecord], cache_dir: str | Path | None = None,
-                 image_decoder: str = "pil") -> Path:
+                 image_decoder: str = "pil", device: str | torch.device = "cpu") -> Path:
     """The cache folder of ``encoder``'s features of ``images``:
     ``<cache>/features/<encoder>-<key>/`` (``cache_dir`` replaces ``<cache>/features``)."""
-    identity = store_identity(encoder, image_decoder)
+    identity = store_identity(encoder, image_decoder, device)
     return _folder(identity, feature_cache_key(identity, images), cache_dir)
 
 
@@ -547,7 +547,7 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
     """
     from benchmark import distributed
 
-    identity = store_identity(encoder, image_decoder)
+    identity = store_identity(encoder, image_decoder, device)
     key = feature_cache_key(identity, images)  # hashes every image file's size and time: once
     folder = _folder(identity, key, cache_dir)
     ids = [im.image_id for im in images]

@@ -60,16 +60,18 @@ def caption_features_all_ranks(decoder, store: FeatureStore, images: list[ImageR
 
 def caption_pixels(encoder, decoder, images: list[ImageRecord], vocab: CaptionTokenizer,
                    cfg: DecodeConfig, device: torch.device, batch_size: int = 32,
-                   num_workers: int | None = None, stats: dict | None = None):
+                   num_workers: int | None = None, stats: dict | None = None,
+                   image_decoder: str = "pil"):
     """End-to-end captioning from image files (decode + preprocess + encoder + decoder).
 
     ``stats``: the feature normalisation the decoder was trained with
-    (:meth:`FeatureStore.standardize`). Returns ``({image_id: text}, images/s)``; the figure
-    includes JPEG/PNG decoding.
+    (:meth:`FeatureStore.standardize`); ``image_decoder``: as the run's features were
+    extracted (:func:`benchmark.features.encode_batches`). Returns ``({image_id: text},
+    images/s)``; the figure includes JPEG/PNG decoding.
     """
     t0 = time.perf_counter()
     grid, pooled, _ = extract_features(encoder, images, batch_size=batch_size, device=device,
-                                       num_workers=num_workers)
+                                       num_workers=num_workers, image_decoder=image_decoder)
     store = FeatureStore(grid, pooled, [im.image_id for im in images], key="pixels", stats=stats)
     caps, _ = caption_features(decoder, store, images, vocab, cfg, device)
     return caps, len(images) / max(time.perf_counter() - t0, 1e-9)

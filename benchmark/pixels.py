@@ -1,25 +1,28 @@
-"""Image decoding and preprocessing on the encoder's device, for feature extraction.
+"""Image files to preprocessed pixels, for feature extraction and captioning.
 
 The default path (``features.image_decoder: pil``) reads each image with Pillow in the
 DataLoader's workers and applies the encoder library's own PIL transform: the reference
-preprocessing. On a GPU the CPU can become the bottleneck of extraction: JPEG decoding and
-resizing full-size COCO photographs costs more CPU time than a ResNet-50 forward costs GPU
-time. ``features.image_decoder: torchvision`` instead has the workers read only the files'
-bytes; the main process decodes them with TorchCodec's ``decode_jpeg`` on the encoder's
-device (nvJPEG on CUDA, libjpeg-turbo on the CPU; TorchCodec 0.16 took over torchvision's
-image decoders, deprecated since torchvision 0.29, with the same API) and applies the
-encoder's resize, centre crop and normalisation as torchvision tensor transforms there
-(:func:`tensor_transform`). Resizing a tensor is not bit-identical to Pillow's resize, and
-the JPEG decoders differ in rounding, so these features differ slightly from the PIL path's
-and get their own feature-cache key and run id.
+preprocessing (:class:`ImageFolderDataset`). On a GPU the CPU can become the bottleneck of
+extraction: decoding and resizing full-size COCO photographs costs more CPU time than a
+ResNet-50 forward costs GPU time. ``features.image_decoder: torchvision`` instead has the
+workers read only the files' bytes; the main process decodes the JPEGs with TorchCodec's
+``decode_jpeg`` (nvJPEG on CUDA; TorchCodec took over torchvision's image decoders, which are
+deprecated since torchvision 0.29) and applies the encoder's resize, centre crop and
+normalisation as torchvision tensor transforms on the device (:func:`tensor_transform`).
+Other files are read with Pillow (:func:`decode_images`). Tensor resizing is not
+bit-identical to Pillow's, and JPEG decoders round differently (nvJPEG also upsamples
+chroma differently from libjpeg-turbo), so these features differ slightly from the PIL
+path's and get their own feature-cache key per decoding device and their own run id.
 """
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -27,15 +30,11 @@ from torch.utils.data import DataLoader, Dataset
 from benchmark.data import ImageRecord
 from benchmark.errors import ConfigError, DatasetError
 
-__all__ = ["IMAGE_DECODERS", "ImageFolderDataset", "ImageBytesDataset", "tensor_transform",
-           "decode_images", "pixel_batches"]
+__all__ = ["IMAGE_DECODERS", "ImageFolderDataset", "ImageBytesDataset", "TensorPreprocess",
+           "tensor_transform", "decode_images", "read_bytes", "pixel_batches",
+           "check_image_decoder"]
 
 IMAGE_DECODERS = ("pil", "torchvision")
-
-_TO_FLOAT = {"ToTensor", "MaybeToTensor"}  # PIL/uint8 -> float in [0, 1]
-_RGB = {"MaybeConvertMode", "_convert_to_rgb", "convert_to_rgb"}  # decoding gives RGB already
-_AS_IS = {"Resize", "CenterCrop", "Normalize"}  # torchvision steps that take tensors
-
 
 class ImageFolderDataset(Dataset):
     """Images of a list of :class:`ImageRecord` through an encoder's transform: ``(3, H, W)``.
@@ -76,39 +75,67 @@ class ImageFolderDataset(Dataset):
                 random.setstate(python_state)
 
 
-def tensor_transform(transform) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The steps of an encoder's eval ``transform`` for a decoded image: ``uint8 (3, H, W)``
-    on any device -> ``float32 (3, h, w)`` normalised, on that device.
+_TO_FLOAT = {"ToTensor", "MaybeToTensor"}  # PIL/uint8 -> float in [0, 1]
+_RGB = {"MaybeConvertMode", "_convert_to_rgb", "convert_to_rgb"}  # decoding gives RGB already
 
-    torchvision's weight presets (``ImageClassification``) take tensors as they are; a
-    ``Compose`` of ``Resize``, ``CenterCrop``, ``ToTensor``/``MaybeToTensor``, an RGB
-    conversion and ``Normalize`` (timm's and open_clip's eval transforms) is rebuilt with the
-    conversion to float in place of ``ToTensor``. Raises ConfigError for a step it does not
-    know (use ``features.image_decoder: pil`` then)."""
+
+class TensorPreprocess:
+    """An encoder's eval transform for decoded images on any device: :meth:`__call__` takes
+    ``uint8 (3, H_i, W_i)`` images (sizes may differ) and returns the batch ``float32 (B, 3,
+    h, w)`` on their device. The geometric steps (resize, centre crop) run per image; the
+    conversion to float and the normalisation run once on the stacked batch."""
+
+    def __init__(self, geometry: list[Callable], mean=None, std=None) -> None:
+        self.geometry = geometry
+        self.mean, self.std = mean, std
+
+    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        from torchvision.transforms import functional as F
+
+        out = []
+        for img in images:
+            for step in self.geometry:
+                img = step(img)
+            out.append(img)
+        batch = torch.stack(out).float().div_(255.0)
+        return batch if self.mean is None else F.normalize(batch, self.mean, self.std, inplace=True)
+
+
+def tensor_transform(transform) -> TensorPreprocess:
+    """The steps of an encoder's eval ``transform`` for decoded images (:class:`TensorPreprocess`).
+
+    torchvision's weight presets (``ImageClassification``: resize, centre crop, to float,
+    normalise) and a ``Compose`` of torchvision ``Resize`` and ``CenterCrop``, ``ToTensor`` or
+    timm's ``MaybeToTensor``, an RGB conversion (open_clip's ``MaybeConvertMode``) and
+    ``Normalize`` (timm's and open_clip's eval transforms) are supported: torchvision's
+    functional resize on a uint8 tensor interpolates in float, rounds and clamps back to uint8
+    as Pillow does. Raises ConfigError for another step (use ``features.image_decoder: pil``
+    then)."""
+    from torchvision import transforms as T
+    from torchvision.transforms import functional as F
+
     if type(transform).__name__ == "ImageClassification":
-        return transform
-    steps = []
+        t = transform
+        return TensorPreprocess([lambda im: F.resize(im, t.resize_size, t.interpolation,
+                                                     antialias=t.antialias),
+                                 lambda im: F.center_crop(im, t.crop_size)], t.mean, t.std)
+    geometry, norm, seen_float = [], None, False
     for step in getattr(transform, "transforms", [transform]):
-        name = type(step).__name__ if type(step).__name__ != "function" else step.__name__
-        if name in _AS_IS:
-            steps.append(step)
-        elif name in _TO_FLOAT:
-            steps.append(_to_float)
+        name = getattr(step, "__name__", type(step).__name__)
+        if isinstance(step, T.Resize | T.CenterCrop) and not seen_float and norm is None:
+            geometry.append(step)
+        elif name in _TO_FLOAT and not seen_float:
+            seen_float = True
+        elif isinstance(step, T.Normalize) and seen_float and norm is None:
+            norm = step
         elif name not in _RGB:
             raise ConfigError(f"features.image_decoder: torchvision cannot run the encoder's "
-                              f"preprocessing step {name!r} on tensors; use "
+                              f"preprocessing step {name!r} (in that place) on tensors; use "
                               "features.image_decoder: pil")
-
-    def run(img: torch.Tensor) -> torch.Tensor:
-        for s in steps:
-            img = s(img)
-        return img
-
-    return run
-
-
-def _to_float(img: torch.Tensor) -> torch.Tensor:
-    return img.float().div_(255.0)
+    if not seen_float:
+        raise ConfigError("features.image_decoder: torchvision: the encoder's preprocessing has "
+                          "no ToTensor step; use features.image_decoder: pil")
+    return TensorPreprocess(geometry, *((norm.mean, norm.std) if norm is not None else ()))
 
 
 class ImageBytesDataset(Dataset):
@@ -122,12 +149,16 @@ class ImageBytesDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        path = self.images[i].path
-        try:
-            data = bytearray(Path(path).read_bytes())
-        except OSError as exc:
-            raise DatasetError(f"cannot read image {path}: {exc}") from exc
-        return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return read_bytes(self.images[i].path)
+
+
+def read_bytes(path) -> torch.Tensor:
+    """The file at ``path`` as ``uint8 (n_bytes,)``. Raises DatasetError naming it."""
+    try:
+        data = bytearray(Path(path).read_bytes())
+    except OSError as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from exc
+    return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
 def as_list(batch: list) -> list:
@@ -135,37 +166,79 @@ def as_list(batch: list) -> list:
     return batch
 
 
+def _plain_jpeg(data: torch.Tensor) -> bool:
+    """A JPEG without an EXIF orientation other than 1 (TorchCodec always applies the
+    orientation; Pillow, the reference path, does not), read from the header alone."""
+    if data[:3].tolist() != [0xFF, 0xD8, 0xFF]:
+        return False
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+            return img.getexif().get(0x0112, 1) == 1
+    except (OSError, ValueError, SyntaxError):
+        return False  # let Pillow name the problem
+
+
 def decode_images(data: list[torch.Tensor], paths: list, device: torch.device) -> list[torch.Tensor]:
     """Decode files' bytes (``uint8 (n_bytes,)`` each, on the CPU) to RGB ``uint8 (3, H, W)``
-    on ``device``: the JPEGs in one TorchCodec ``decode_jpeg`` call there (nvJPEG's batched
-    decoder on CUDA), other formats (PNG, ...) with ``decode_image`` on the CPU, then moved.
-    ``paths`` name the files in errors. Raises DatasetError for a file that does not decode
-    (with the decoder's message, which also says when nvJPEG is unavailable)."""
-    from torchcodec.decoders import decode_image, decode_jpeg
+    on ``device``, pixel for pixel as Pillow reads them up to the JPEG decoder's rounding.
 
+    Plain JPEGs go through one TorchCodec ``decode_jpeg`` call: on CUDA it is nvJPEG's batched
+    decoder, elsewhere libjpeg-turbo on the CPU and a copy. A JPEG nvJPEG rejects (CMYK, a
+    damaged file libjpeg still reads), JPEGs with an EXIF orientation, and other formats (PNG,
+    GIF's first frame, ...) are read with Pillow, as the reference path does, and copied.
+    ``paths`` name the files in errors. Raises DatasetError for a file Pillow cannot read
+    either; CUDA's out-of-memory error passes through."""
+    from torchcodec.decoders import decode_jpeg
+
+    on_gpu = device.type == "cuda"
     out: list[torch.Tensor | None] = [None] * len(data)
-    jpeg = [i for i, d in enumerate(data) if d[:3].tolist() == [0xFF, 0xD8, 0xFF]]
+    jpeg = [i for i, d in enumerate(data) if _plain_jpeg(d)]
     try:
         if jpeg:
-            decoded = decode_jpeg([data[i] for i in jpeg], mode="RGB", device=device)
+            decoded = decode_jpeg([data[i] for i in jpeg], mode="RGB",
+                                  device=device if on_gpu else "cpu")
             for i, img in zip(jpeg, decoded, strict=True):
-                out[i] = img
-    except RuntimeError:  # find the file: decode them one by one
+                out[i] = img.to(device)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:  # one file failed the batch: decode them one by one
         for i in jpeg:
-            out[i] = _decode_one(decode_jpeg, data[i], paths[i], device, on_device=True)
+            try:
+                out[i] = decode_jpeg(data[i], mode="RGB", device=device if on_gpu else "cpu")
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError:
+                pass  # Pillow below
     for i, d in enumerate(data):
         if out[i] is None:
-            out[i] = _decode_one(decode_image, d, paths[i], device, on_device=False)
+            out[i] = _pil_decode(d, paths[i]).to(device)
     return out
 
 
-def _decode_one(fn, data: torch.Tensor, path, device: torch.device, *,
-                on_device: bool) -> torch.Tensor:
+def _pil_decode(data: torch.Tensor, path) -> torch.Tensor:
     try:
-        img = fn(data, mode="RGB", **({"device": device} if on_device else {}))
-    except (RuntimeError, ValueError) as exc:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+            rgb = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"cannot decode image {path}: {exc}") from exc
-    return img.to(device)
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def check_image_decoder(image_decoder: str, transform) -> None:
+    """ConfigError, before any work, for an unknown ``image_decoder``, or for ``torchvision``
+    when TorchCodec cannot load or ``transform`` has no tensor version."""
+    if image_decoder not in IMAGE_DECODERS:
+        raise ConfigError(f"features.image_decoder {image_decoder!r}: choose one of "
+                          f"{', '.join(IMAGE_DECODERS)}")
+    if image_decoder == "pil":
+        return
+    try:
+        import torchcodec.decoders  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as exc:
+        raise ConfigError(f"features.image_decoder: torchvision needs TorchCodec, which did not "
+                          f"load ({exc}); reinstall capbench (`make install`) or use "
+                          "features.image_decoder: pil") from exc
+    tensor_transform(transform)
 
 
 def pixel_batches(transform, images: list[ImageRecord], batches: list[list[int]],
@@ -179,6 +252,7 @@ def pixel_batches(transform, images: list[ImageRecord], batches: list[list[int]]
     (the workers read bytes; :func:`decode_images` and :func:`tensor_transform` run on
     ``device``). Raises ConfigError, before reading anything, for a ``transform`` without a
     tensor version, and DatasetError for an unreadable image."""
+    check_image_decoder(image_decoder, transform)
     on_device = image_decoder == "torchvision"
     steps = tensor_transform(transform) if on_device else None
     dataset = ImageBytesDataset(images) if on_device else ImageFolderDataset(images, transform)
@@ -191,6 +265,5 @@ def pixel_batches(transform, images: list[ImageRecord], batches: list[list[int]]
 def _pixel_stream(loader, steps, images, batches, device, memory_format):
     for b, batch in enumerate(loader):
         if steps is not None:
-            decoded = decode_images(batch, [images[i].path for i in batches[b]], device)
-            batch = torch.stack([steps(img) for img in decoded])
+            batch = steps(decode_images(batch, [images[i].path for i in batches[b]], device))
         yield batch.to(device, non_blocking=True, memory_format=memory_format)

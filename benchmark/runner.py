@@ -400,7 +400,8 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                                      cfg.decode,
                                      device, batch_size=cfg.features.batch_size,
                                      num_workers=cfg.features.num_workers,
-                                     stats=trained.store.stats)
+                                     stats=trained.store.stats,
+                                     image_decoder=cfg.features.image_decoder)
     ckpt = Path(cfg.results_dir) / "checkpoints" / run_id
     result = trained.result
     record = make_record(

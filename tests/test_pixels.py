@@ -5,6 +5,7 @@ feature-cache key, and clear errors. Run here on the CPU; on CUDA decode_jpeg us
 from __future__ import annotations
 
 import dataclasses
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +16,7 @@ from architectures import create_encoder
 from benchmark.data import load_karpathy
 from benchmark.errors import ConfigError, DatasetError
 from benchmark.features import extract_features, load_or_extract
-from benchmark.pixels import ImageBytesDataset, decode_images, tensor_transform
+from benchmark.pixels import ImageBytesDataset, decode_images, read_bytes, tensor_transform
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_tensor_preprocessing_matches_the_library_s_pil_transform(photos, name):
     decoded = decode_images(data, [p.path for p in photos], torch.device("cpu"))
     assert [tuple(d.shape) for d in decoded][:3] == [(3, 128, 128), (3, 128, 128), (3, 240, 320)]
     assert all(d.dtype == torch.uint8 for d in decoded)
-    ours = torch.stack([steps(d) for d in decoded])
+    ours = steps(decoded)
     ref = torch.stack([enc.transform(Image.open(p.path).convert("RGB")) for p in photos])
     assert ours.shape == ref.shape == (6, 3, 224, 224) and ours.dtype == torch.float32
     diff = (ours - ref).abs()
@@ -60,6 +61,8 @@ def test_extraction_on_the_device_path_has_its_own_cache_key_and_close_features(
     pil = load_or_extract(enc, photos, cache_dir=tmp_path, batch_size=4)
     tv = load_or_extract(enc, photos, cache_dir=tmp_path, batch_size=4, image_decoder="torchvision")
     assert not tv.cache_hit and tv.key != pil.key and len(list(tmp_path.glob("resnet18-*"))) == 2
+    assert json.loads((tv.path / "manifest.json").read_text())["identity"]["image_decoder"] == \
+        "torchvision-cpu"  # nvJPEG's pixels would get another key
     again = load_or_extract(enc, photos, cache_dir=tmp_path, image_decoder="torchvision")
     assert again.cache_hit and torch.equal(again.grid.all(), tv.grid.all())
     a, b = tv.pooled.all().float(), pil.pooled.all().float()
@@ -118,3 +121,76 @@ def test_the_extraction_benchmark_times_both_decoders(tiny_shapes):
     assert row["speedup"] == row["torchvision_e2e_images_per_s"] / row["pil_e2e_images_per_s"]
     bad = CliRunner().invoke(app, ["bench", "--extraction", str(tiny_shapes), "--images", "0"])
     assert bad.exit_code == 2 and "--images 0: must be at least 1" in bad.output
+
+
+def test_exif_orientation_and_animated_files_read_as_pillow_reads_them(tmp_path):
+    """TorchCodec applies a JPEG's EXIF orientation; Pillow (the reference path) does not, so
+    such files go through Pillow; a GIF gives its first frame; a wrong file is named."""
+    from torchvision.transforms import functional as F
+
+    grad = torch.arange(40 * 20 * 3, dtype=torch.uint8).reshape(20, 40, 3)
+    pic = Image.fromarray(grad.numpy())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    rotated, plain = tmp_path / "rot.jpg", tmp_path / "plain.jpg"
+    pic.save(rotated, quality=95, exif=exif)
+    pic.save(plain, quality=95)
+    frames = [Image.new("RGB", (8, 6), c) for c in ("red", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    paths = [rotated, plain, tmp_path / "anim.gif"]
+    data = [read_bytes(p) for p in paths]
+    rot, flat, gif = decode_images(data, paths, torch.device("cpu"))
+    assert rot.shape == flat.shape == (3, 20, 40) and gif.shape == (3, 6, 8)
+    ref = F.pil_to_tensor(Image.open(rotated).convert("RGB"))
+    assert torch.equal(rot, ref)  # read by Pillow, exactly
+    assert (flat.int() - ref.int()).abs().float().mean() < 1.0  # libjpeg-turbo's rounding
+    assert gif[:, 0, 0].tolist() == [255, 0, 0]
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(DatasetError, match="cannot decode image .*notes.jpg"):
+        decode_images([read_bytes(tmp_path / "notes.jpg")], [tmp_path / "notes.jpg"],
+                      torch.device("cpu"))
+
+
+def test_fine_tuning_with_the_device_decoder_is_refused_up_front():
+    from benchmark.config import load_config, resolved_config
+
+    cfg = load_config("tiny", {"encoder_trainable": "last", "features.image_decoder": "torchvision"})
+    with pytest.raises(ConfigError, match="fine-tuning reads images through the library's own PIL"):
+        resolved_config(cfg)
+
+
+@pytest.mark.slow
+def test_a_torchvision_run_captions_its_files_as_recorded(tiny_shapes, tmp_path, monkeypatch):
+    """The run's features, its throughput figure and `capbench caption` all decode on the
+    device path: captioning the test files reproduces the recorded test captions."""
+    from benchmark import captioner, inference
+    from benchmark.config import load_config
+    from benchmark.runner import run_experiment
+    from tests.conftest import captions_of
+
+    used = {"throughput": [], "caption": []}
+
+    def spy(real, kind, pick):
+        def wrapped(*args, **kwargs):
+            used[kind].append(pick(args, kwargs))
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(inference, "extract_features", spy(
+        inference.extract_features, "throughput", lambda a, k: k.get("image_decoder", "pil")))
+    monkeypatch.setattr(captioner, "load_pixels", spy(
+        captioner.load_pixels, "caption", lambda a, k: a[2] if len(a) > 2 else "pil"))
+
+    cfg = load_config("tiny", {"dataset": str(tiny_shapes), "train.epochs": 2,
+                               "features.image_decoder": "torchvision",
+                               "features.cache_dir": str(tmp_path / "cache"),
+                               "results_dir": str(tmp_path)})
+    record, _ = run_experiment(cfg)
+    assert record.config["features"]["image_decoder"] == "torchvision"
+    (store,) = (tmp_path / "cache").glob("resnet18-*")
+    assert json.loads((store / "manifest.json").read_text())["identity"]["image_decoder"] == \
+        "torchvision-cpu"
+    recorded = {p["filename"]: p["caption"] for p in record.predictions}
+    assert captions_of(record, tiny_shapes.parent / "images", tmp_path) == recorded
+    assert used["throughput"] == ["torchvision"] and set(used["caption"]) == {"torchvision"}
+    assert len(used["caption"]) == len(recorded)
