@@ -78,19 +78,19 @@ def expand_paths(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     return list(dict.fromkeys(files)), failures
 
 
-def load_pixels(path: Path, transform, image_decoder: str = "pil",
-                device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(3, H, W)`` float tensor of the image at ``path`` through an encoder's ``transform``:
-    with Pillow (``image_decoder`` ``pil``, on the CPU) or decoded and preprocessed on
-    ``device`` as a ``torchvision`` run's features were (:mod:`benchmark.pixels`).
+def load_pixels(path: Path, transform, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(3, H, W)`` float tensor of the image at ``path`` through an encoder's ``transform``
+    (read with Pillow, on the CPU), or, when ``transform`` is a
+    :class:`~benchmark.pixels.TensorPreprocess` (a ``torchvision`` run), decoded and
+    preprocessed on ``device`` as that run's features were (:mod:`benchmark.pixels`).
 
     Raises DatasetError naming the file: not an image PIL can read, truncated, or unreadable.
     """
-    if image_decoder == "torchvision":
-        from benchmark.pixels import decode_images, read_bytes, tensor_transform
+    from benchmark.pixels import TensorPreprocess, decode_images, read_bytes
 
+    if isinstance(transform, TensorPreprocess):
         device = torch.device(device)
-        return tensor_transform(transform)(decode_images([read_bytes(path)], [path], device))[0]
+        return transform(decode_images([read_bytes(path)], [path], device))[0]
     try:
         with Image.open(path) as img:
             img.load()
@@ -113,7 +113,12 @@ def caption_files(run: LoadedRun, files: list[Path], *, batch_size: int | None =
     """
     feats = run.config.get("features") or {}
     bs = batch_size or int(feats.get("batch_size", 32))
-    decoder = feats.get("image_decoder", "pil")
+    transform = run.encoder.transform
+    if run.image_decoder != "pil":  # checked once, before any file is read
+        from benchmark.pixels import check_image_decoder, tensor_transform
+
+        check_image_decoder(run.image_decoder, transform)
+        transform = tensor_transform(transform)
     out = CaptionResult()
     t0 = time.perf_counter()
     pending: list[tuple[Path, torch.Tensor]] = []
@@ -130,7 +135,7 @@ def caption_files(run: LoadedRun, files: list[Path], *, batch_size: int | None =
 
     for path in files:
         try:
-            pending.append((path, load_pixels(path, run.encoder.transform, decoder, run.device)))
+            pending.append((path, load_pixels(path, transform, run.device)))
         except DatasetError as exc:
             out.failures.append((str(path), str(exc).removeprefix(f"{path}: ")))
             continue
@@ -147,7 +152,7 @@ def _features_for(run: LoadedRun, dataset, images, console=None):
     from benchmark.features import load_or_extract, open_store, store_folder
 
     feats = run.config.get("features") or {}
-    cache_dir, decoder = feats.get("cache_dir"), feats.get("image_decoder", "pil")
+    cache_dir, decoder = feats.get("cache_dir"), run.image_decoder
     whole = open_store(store_folder(run.encoder, dataset.images, cache_dir, decoder, run.device),
                        [im.image_id for im in dataset.images])
     store = whole or load_or_extract(run.encoder, images, cache_dir=cache_dir,
@@ -214,7 +219,7 @@ def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
                                      run.decode, run.device,
                                      batch_size=int(feats.get("batch_size", 32)),
                                      num_workers=feats.get("num_workers"), stats=run.feature_stats,
-                                     image_decoder=feats.get("image_decoder", "pil"))
+                                     image_decoder=run.image_decoder)
     cfg = {**source.config, "decode": {**source.config.get("decode", {}),
                                        **{k: getattr(run.decode, k) for k in ("beam_size", "max_len")}}}
     evaluation = {"of": source.run_id, "split": split, "trained_on": source.dataset.name}

@@ -85,6 +85,26 @@ class LoadedRun:
         """The decoder's registered name (``attn_lstm``, ``transformer``, ...)."""
         return self.config["arch"]
 
+    @property
+    def image_decoder(self) -> str:
+        """How the run's features were made from image files: ``pil`` (the default) or
+        ``torchvision`` (:mod:`benchmark.pixels`)."""
+        return (self.config.get("features") or {}).get("image_decoder", "pil")
+
+    def preprocess(self, image) -> torch.Tensor:
+        """An RGB PIL ``image`` -> pixels ``float32 (3, H, W)`` as the run's features were
+        preprocessed: the encoder library's transform, or for an ``image_decoder:
+        torchvision`` run its tensor version (:func:`benchmark.pixels.tensor_transform`).
+        Raises ConfigError when that cannot run here."""
+        if self.image_decoder == "pil":
+            return self.encoder.transform(image)
+        from torchvision.transforms.functional import pil_to_tensor
+
+        from benchmark.pixels import check_image_decoder, tensor_transform
+
+        check_image_decoder(self.image_decoder, self.encoder.transform)
+        return tensor_transform(self.encoder.transform)([pil_to_tensor(image)])[0]
+
     def normalize(self, grid: torch.Tensor, pooled: torch.Tensor):
         """Z-score raw features with the run's train statistics, exactly as
         :meth:`benchmark.features.FeatureStore.rows` does: ``grid (B, N, D)``, ``pooled (B, P)``

@@ -8,6 +8,7 @@ harness calls :func:`init` once: backend ``nccl`` for CUDA and ``gloo`` for the 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["launched_by_torchrun", "init", "shutdown", "rank", "world_size", "local_rank",
-           "is_main", "share", "barrier", "all_gather_object", "all_reduce_sum",
+           "is_main", "share", "all_or_none", "barrier", "all_gather_object", "all_reduce_sum",
            "broadcast_object"]
 
 
@@ -74,6 +75,26 @@ def share(items: list) -> list:
     DistributedSampler assigns them without shuffling or padding (every item in a single
     process; an empty list for a rank beyond the last item)."""
     return items[rank()::world_size()]
+
+
+def all_or_none(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank, where ranks do different work before a collective: when it
+    raises on any rank, every rank raises (that rank its own error, the others a
+    CapbenchError naming it) instead of the others waiting in the next collective until the
+    timeout. One extra ``all_gather_object``; in a single process just ``fn()``."""
+    from benchmark.errors import CapbenchError
+
+    try:
+        out, err = fn(), None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        out, err = None, exc
+    errors = all_gather_object(None if err is None else f"{type(err).__name__}: {err}")
+    if err is not None:
+        raise err
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        raise CapbenchError(f"rank {failed[0][0]} failed, so this rank stops too: {failed[0][1]}")
+    return out
 
 
 def barrier() -> None:

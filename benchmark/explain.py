@@ -311,7 +311,7 @@ def explain_image(run: LoadedRun, image: Image.Image, methods=("attention",), *,
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ExplainError(f"--method {bad[0]!r}: choose {' or '.join(METHODS)}")
-    pixels = run.encoder.transform(image).unsqueeze(0)
+    pixels = run.preprocess(image).unsqueeze(0)
     grid, pooled = run.raw_features(pixels)
     if ids is None:
         ids = run.caption_ids(grid, pooled)[0]

@@ -90,7 +90,12 @@ class TensorPreprocess:
         self.mean, self.std = mean, std
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """``uint8 (3, H_i, W_i)`` images, at least one -> ``float32 (B, 3, h, w)``; ValueError
+        for an empty list."""
         from torchvision.transforms import functional as F
+
+        if not images:
+            raise ValueError("no images to preprocess")
 
         out = []
         for img in images:
@@ -157,7 +162,7 @@ def read_bytes(path) -> torch.Tensor:
     try:
         data = bytearray(Path(path).read_bytes())
     except OSError as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}") from exc
+        raise DatasetError(f"{path}: cannot read the image ({exc})") from exc
     return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
@@ -180,7 +185,7 @@ def _plain_jpeg(data: torch.Tensor) -> bool:
 
 def decode_images(data: list[torch.Tensor], paths: list, device: torch.device) -> list[torch.Tensor]:
     """Decode files' bytes (``uint8 (n_bytes,)`` each, on the CPU) to RGB ``uint8 (3, H, W)``
-    on ``device``, pixel for pixel as Pillow reads them up to the JPEG decoder's rounding.
+    on ``device``, as Pillow reads them up to the JPEG decoder's rounding.
 
     Plain JPEGs go through one TorchCodec ``decode_jpeg`` call: on CUDA it is nvJPEG's batched
     decoder, elsewhere libjpeg-turbo on the CPU and a copy. A JPEG nvJPEG rejects (CMYK, a
@@ -201,13 +206,13 @@ def decode_images(data: list[torch.Tensor], paths: list, device: torch.device) -
                 out[i] = img.to(device)
     except torch.OutOfMemoryError:
         raise
-    except RuntimeError:  # one file failed the batch: decode them one by one
+    except (RuntimeError, ValueError):  # one file failed the batch: decode them one by one
         for i in jpeg:
             try:
                 out[i] = decode_jpeg(data[i], mode="RGB", device=device if on_gpu else "cpu")
             except torch.OutOfMemoryError:
                 raise
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 pass  # Pillow below
     for i, d in enumerate(data):
         if out[i] is None:
@@ -220,7 +225,7 @@ def _pil_decode(data: torch.Tensor, path) -> torch.Tensor:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
             rgb = np.asarray(img.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"cannot decode image {path}: {exc}") from exc
+        raise DatasetError(f"{path}: cannot decode the image ({exc})") from exc
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 

@@ -114,10 +114,11 @@ class FineTune:
                 (pooled - st["pooled_mean"]) / st["pooled_std"])
 
     def store(self, images: list[ImageRecord], device) -> FeatureStore:
-        """The images' features under the current encoder (eval transform), in memory and
-        stored at the feature cache's precision, normalised with :attr:`stats`.
+        """The images' features under the current encoder (eval transform): ``grid (N, L,
+        D)`` and ``pooled (N, P)`` in CPU memory at the feature cache's precision, normalised
+        with :attr:`stats` when read.
 
-        Raises DatasetError when ``images`` is empty."""
+        Raises DatasetError when ``images`` is empty or an image cannot be read."""
         from benchmark.features import extract_features, storage_precision
 
         grid, pooled, _ = extract_features(self.encoder, images, batch_size=self.batch_size,
@@ -131,11 +132,16 @@ class FineTune:
         decodes them) and every rank receives all the images' features, gathered in the
         order of ``images``: ``grid (N, L, D)``, ``pooled (N, P)``, on the CPU. A part that
         had to stay float32 (:func:`storage_precision`) makes the whole store float32. In a
-        single process it is :meth:`store`."""
+        single process it is :meth:`store`.
+
+        A collective: every rank calls it with the same ``images``. With fewer images than
+        ranks, every rank encodes them all. Raises DatasetError for no images or an
+        unreadable one; an error on one rank is raised on every rank
+        (:func:`distributed.all_or_none`)."""
         world = distributed.world_size()
         if world == 1 or len(images) < world:  # one process, or fewer images than ranks:
             return self.store(images, device)  # every rank alike encodes them all
-        part = self.store(distributed.share(images), device)
+        part = distributed.all_or_none(lambda: self.store(distributed.share(images), device))
         parts = distributed.all_gather_object((part.grid, part.pooled))  # every rank has some
         out = []
         for k in (0, 1):  # grid, then pooled
@@ -331,8 +337,10 @@ def _validate(decoder, store, val_images, vocab, cfg, device, val_references,
               finetune: FineTune | None = None) -> float:
     val_decode = DecodeConfig(beam_size=1, max_len=cfg.max_caption_len)
     mine = distributed.share(val_images)
-    if finetune is not None and mine:  # the encoder changed: encode the val images again,
-        store = finetune.store(mine, device)  # each rank those it decodes
+    if finetune is not None:  # the encoder changed: encode the val images again, each rank
+        ft_store = distributed.all_or_none(  # those it decodes
+            lambda: finetune.store(mine, device) if mine else None)
+        store = store if ft_store is None else ft_store
     preds, _ = caption_features_all_ranks(decoder, store, val_images, vocab, val_decode, device)
     return cider_d(preds, val_references)
 

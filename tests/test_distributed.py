@@ -138,6 +138,30 @@ def _thirteen_images(dataset: str) -> list:
     return ds.split("test") + ds.split("val") + ds.split("train")[:1]
 
 
+def _join(rank: int, world: int, port: int) -> None:
+    """Join a gloo process group as ``torchrun`` would set it up (collectives time out after
+    30 s, so a rank left waiting fails the test instead of hanging it)."""
+    import torch
+
+    from benchmark import distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CAPBENCH_DIST_TIMEOUT="30")
+    distributed.init(torch.device("cpu"))
+
+
+def _spawn(fn, *args) -> None:
+    """Run ``fn(rank, 2, port, *args)`` in 2 processes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(fn, args=(2, port, *args), nprocs=2)
+
+
 def _encode_test_split(rank: int, world: int, port: int, dataset: str, out: str) -> None:
     """One rank of :func:`test_the_fine_tuned_encoder_s_test_features_are_encoded_in_shards`."""
     import torch
@@ -146,9 +170,7 @@ def _encode_test_split(rank: int, world: int, port: int, dataset: str, out: str)
     from benchmark import distributed
     from benchmark.train import FineTune
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    distributed.init(torch.device("cpu"))
+    _join(rank, world, port)
     torch.manual_seed(0)  # the same random weights on every rank
     encoder = create_encoder("resnet18", pretrained=False).eval()
     seen = []
@@ -164,19 +186,13 @@ def _encode_test_split(rank: int, world: int, port: int, dataset: str, out: str)
 def test_the_fine_tuned_encoder_s_test_features_are_encoded_in_shards(tiny_shapes, tmp_path):
     """After fine-tuning, rank r of 2 encodes the test images r, r+2, ... and every rank
     receives all the features, in order, equal to one process's (13 images: 7 and 6)."""
-    import socket
-
     import torch
-    import torch.multiprocessing as mp
 
     from architectures import create_encoder
     from benchmark.train import FineTune
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "part")
-    mp.spawn(_encode_test_split, args=(2, port, str(tiny_shapes), out), nprocs=2)
+    _spawn(_encode_test_split, str(tiny_shapes), out)
     torch.manual_seed(0)
     encoder = create_encoder("resnet18", pretrained=False).eval()
     images = _thirteen_images(str(tiny_shapes))
@@ -189,3 +205,31 @@ def test_the_fine_tuned_encoder_s_test_features_are_encoded_in_shards(tiny_shape
         torch.testing.assert_close(p["grid"].float(), one.grid.float(), rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(p["pooled"].float(), one.pooled.float(), rtol=2e-3, atol=2e-3)
         assert torch.equal(p["grid"][1::2], parts[1]["grid"][1::2])
+
+
+def _fail_on_rank_1(rank: int, world: int, port: int, out: str) -> None:
+    from benchmark import distributed
+
+    _join(rank, world, port)
+
+    def work():
+        if rank == 1:
+            raise OSError("disk gone")
+        return "encoded"
+
+    try:
+        said = distributed.all_or_none(work)
+    except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
+        said = f"{type(exc).__name__}: {exc}"
+    Path(f"{out}.{rank}").write_text(said)
+    distributed.shutdown()
+
+
+def test_an_error_on_one_rank_stops_every_rank(tmp_path):
+    """Ranks that encode different images: rank 1's error reaches rank 0 at once (rank 0
+    would otherwise wait in the next collective until the timeout)."""
+    out = str(tmp_path / "said")
+    _spawn(_fail_on_rank_1, out)
+    said = [Path(f"{out}.{r}").read_text() for r in (0, 1)]
+    assert said == ["CapbenchError: rank 1 failed, so this rank stops too: OSError: disk gone",
+                    "OSError: disk gone"]

@@ -16,7 +16,13 @@ from architectures import create_encoder
 from benchmark.data import load_karpathy
 from benchmark.errors import ConfigError, DatasetError
 from benchmark.features import extract_features, load_or_extract
-from benchmark.pixels import ImageBytesDataset, decode_images, read_bytes, tensor_transform
+from benchmark.pixels import (
+    ImageBytesDataset,
+    TensorPreprocess,
+    decode_images,
+    read_bytes,
+    tensor_transform,
+)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,7 @@ def test_a_step_without_a_tensor_version_and_a_broken_file_are_named(photos, tmp
     bad.write_bytes(b"\xff\xd8\xff" + b"not a jpeg" * 10)
     broken = [*photos[:2], dataclasses.replace(photos[0], path=bad)]
     data = [ImageBytesDataset(broken)[i] for i in range(3)]
-    with pytest.raises(DatasetError, match="cannot decode image .*bad.jpg"):
+    with pytest.raises(DatasetError, match="bad.jpg: cannot decode the image"):
         decode_images(data, [p.path for p in broken], torch.device("cpu"))
 
 
@@ -146,7 +152,7 @@ def test_exif_orientation_and_animated_files_read_as_pillow_reads_them(tmp_path)
     assert (flat.int() - ref.int()).abs().float().mean() < 1.0  # libjpeg-turbo's rounding
     assert gif[:, 0, 0].tolist() == [255, 0, 0]
     (tmp_path / "notes.jpg").write_text("not an image")
-    with pytest.raises(DatasetError, match="cannot decode image .*notes.jpg"):
+    with pytest.raises(DatasetError, match="notes.jpg: cannot decode the image"):
         decode_images([read_bytes(tmp_path / "notes.jpg")], [tmp_path / "notes.jpg"],
                       torch.device("cpu"))
 
@@ -179,7 +185,8 @@ def test_a_torchvision_run_captions_its_files_as_recorded(tiny_shapes, tmp_path,
     monkeypatch.setattr(inference, "extract_features", spy(
         inference.extract_features, "throughput", lambda a, k: k.get("image_decoder", "pil")))
     monkeypatch.setattr(captioner, "load_pixels", spy(
-        captioner.load_pixels, "caption", lambda a, k: a[2] if len(a) > 2 else "pil"))
+        captioner.load_pixels, "caption",
+        lambda a, k: "torchvision" if isinstance(a[1], TensorPreprocess) else "pil"))
 
     cfg = load_config("tiny", {"dataset": str(tiny_shapes), "train.epochs": 2,
                                "features.image_decoder": "torchvision",
@@ -194,3 +201,14 @@ def test_a_torchvision_run_captions_its_files_as_recorded(tiny_shapes, tmp_path,
     assert captions_of(record, tiny_shapes.parent / "images", tmp_path) == recorded
     assert used["throughput"] == ["torchvision"] and set(used["caption"]) == {"torchvision"}
     assert len(used["caption"]) == len(recorded)
+    # attention maps and Grad-CAM (explain, gallery, pointing game) preprocess as the run did
+    from benchmark.checkpoint import load_run
+
+    run = load_run(record.run_id, tmp_path)
+    assert run.image_decoder == "torchvision"
+    img = Image.open(tiny_shapes.parent / "images" / record.predictions[0]["filename"]).convert("RGB")
+    ours = run.preprocess(img)
+    from torchvision.transforms.functional import pil_to_tensor
+
+    want = tensor_transform(run.encoder.transform)([pil_to_tensor(img)])[0]
+    assert torch.equal(ours, want) and not torch.equal(ours, run.encoder.transform(img))
