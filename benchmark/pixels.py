@@ -209,7 +209,8 @@ def decode_images(data: list[torch.Tensor], paths: list, device: torch.device) -
     except (RuntimeError, ValueError):  # one file failed the batch: decode them one by one
         for i in jpeg:
             try:
-                out[i] = decode_jpeg(data[i], mode="RGB", device=device if on_gpu else "cpu")
+                out[i] = decode_jpeg(data[i], mode="RGB",
+                                     device=device if on_gpu else "cpu").to(device)
             except torch.OutOfMemoryError:
                 raise
             except (RuntimeError, ValueError):
