@@ -439,17 +439,21 @@ def shard_images(image_bytes: int) -> int:
 def store_identity(encoder, image_decoder: str = "pil", device: str | torch.device = "cpu") -> dict:
     """What the features of ``encoder`` depend on (the cache key's part besides the images):
     :meth:`cache_identity`, plus, when ``image_decoder`` is ``torchvision``, the decoder and
-    the device type that decodes (nvJPEG's pixels differ from libjpeg-turbo's), so stores
-    written before that setting keep their keys. Raises ConfigError, before any work, for a
-    bad ``image_decoder`` (:func:`benchmark.pixels.check_image_decoder`)."""
-    from benchmark.pixels import check_image_decoder
+    the device type that decodes (nvJPEG's pixels differ from libjpeg-turbo's), and the JPEG
+    library when it is torchvision.io's rather than TorchCodec's
+    (:func:`benchmark.pixels.jpeg_decoder`), so stores written before that setting keep
+    their keys. Raises ConfigError, before any work, for a bad ``image_decoder``
+    (:func:`benchmark.pixels.check_image_decoder`)."""
+    from benchmark.pixels import check_image_decoder, jpeg_decoder
 
     check_image_decoder(image_decoder, encoder.transform)
     identity = encoder.cache_identity()
     if image_decoder == "pil":
         return identity
     where = "cuda" if torch.device(device).type == "cuda" else "cpu"
-    return {**identity, "image_decoder": f"{image_decoder}-{where}"}
+    library = jpeg_decoder()[0]
+    return {**identity, "image_decoder": f"{image_decoder}-{where}",
+            **({} if library == "torchcodec" else {"jpeg_decoder": library})}
 
 
 def store_folder(encoder, images: list[ImageRecord], cache_dir: str | Path | None = None,

@@ -7,18 +7,21 @@ extraction: decoding and resizing full-size COCO photographs costs more CPU time
 ResNet-50 forward costs GPU time. ``features.image_decoder: torchvision`` instead has the
 workers read only the files' bytes; the main process decodes the JPEGs with TorchCodec's
 ``decode_jpeg`` (nvJPEG on CUDA; TorchCodec took over torchvision's image decoders, which are
-deprecated since torchvision 0.29) and applies the encoder's resize, centre crop and
-normalisation as torchvision tensor transforms on the device (:func:`tensor_transform`).
-Other files are read with Pillow (:func:`decode_images`). Tensor resizing is not
-bit-identical to Pillow's, and JPEG decoders round differently (nvJPEG also upsamples
-chroma differently from libjpeg-turbo), so these features differ slightly from the PIL
-path's and get their own feature-cache key per decoding device and their own run id.
+deprecated since torchvision 0.29; where TorchCodec has no image decoders, as on a machine with
+an older preinstalled torch, ``torchvision.io.decode_jpeg`` does the same: see
+:func:`jpeg_decoder`) and applies the encoder's resize, centre crop and normalisation as
+torchvision tensor transforms on the device (:func:`tensor_transform`). Other files are read
+with Pillow (:func:`decode_images`). Tensor resizing is not bit-identical to Pillow's, and JPEG
+decoders round differently (nvJPEG also upsamples chroma differently from libjpeg-turbo), so
+these features differ slightly from the PIL path's and get their own feature-cache key per
+decoding device and their own run id.
 """
 
 from __future__ import annotations
 
 import io
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from benchmark.errors import ConfigError, DatasetError
 
 __all__ = ["IMAGE_DECODERS", "ImageFolderDataset", "ImageBytesDataset", "TensorPreprocess",
            "tensor_transform", "decode_images", "read_bytes", "pixel_batches",
-           "check_image_decoder"]
+           "check_image_decoder", "jpeg_decoder"]
 
 IMAGE_DECODERS = ("pil", "torchvision")
 
@@ -187,21 +190,19 @@ def decode_images(data: list[torch.Tensor], paths: list, device: torch.device) -
     """Decode files' bytes (``uint8 (n_bytes,)`` each, on the CPU) to RGB ``uint8 (3, H, W)``
     on ``device``, as Pillow reads them up to the JPEG decoder's rounding.
 
-    Plain JPEGs go through one TorchCodec ``decode_jpeg`` call: on CUDA it is nvJPEG's batched
+    Plain JPEGs go through one ``decode_jpeg`` call (:func:`jpeg_decoder`): on CUDA it is nvJPEG's batched
     decoder, elsewhere libjpeg-turbo on the CPU and a copy. A JPEG nvJPEG rejects (CMYK, a
     damaged file libjpeg still reads), JPEGs with an EXIF orientation, and other formats (PNG,
     GIF's first frame, ...) are read with Pillow, as the reference path does, and copied.
     ``paths`` name the files in errors. Raises DatasetError for a file Pillow cannot read
     either; CUDA's out-of-memory error passes through."""
-    from torchcodec.decoders import decode_jpeg
-
+    decode_jpeg = jpeg_decoder()[1]
     on_gpu = device.type == "cuda"
     out: list[torch.Tensor | None] = [None] * len(data)
     jpeg = [i for i, d in enumerate(data) if _plain_jpeg(d)]
     try:
         if jpeg:
-            decoded = decode_jpeg([data[i] for i in jpeg], mode="RGB",
-                                  device=device if on_gpu else "cpu")
+            decoded = decode_jpeg([data[i] for i in jpeg], device if on_gpu else "cpu")
             for i, img in zip(jpeg, decoded, strict=True):
                 out[i] = img.to(device)
     except torch.OutOfMemoryError:
@@ -209,8 +210,7 @@ def decode_images(data: list[torch.Tensor], paths: list, device: torch.device) -
     except (RuntimeError, ValueError):  # one file failed the batch: decode them one by one
         for i in jpeg:
             try:
-                out[i] = decode_jpeg(data[i], mode="RGB",
-                                     device=device if on_gpu else "cpu").to(device)
+                out[i] = decode_jpeg([data[i]], device if on_gpu else "cpu")[0].to(device)
             except torch.OutOfMemoryError:
                 raise
             except (RuntimeError, ValueError):
@@ -230,20 +230,49 @@ def _pil_decode(data: torch.Tensor, path) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
+def jpeg_decoder() -> tuple[str, Callable[[list[torch.Tensor], str | torch.device], list[torch.Tensor]]]:
+    """The library that decodes JPEGs for ``features.image_decoder: torchvision`` and its
+    batched decoder ``fn(files, device) -> images``: ``uint8 (n_bytes,)`` CPU tensors in,
+    RGB ``uint8 (3, H, W)`` tensors on ``device`` out (nvJPEG on CUDA, libjpeg-turbo on the
+    CPU), neither applying the EXIF orientation.
+
+    ``"torchcodec"`` (``torchcodec.decoders.decode_jpeg``: TorchCodec's image decoders, which
+    0.11 lacks and the pinned 0.17 has), else ``"torchvision.io"``
+    (``torchvision.io.decode_jpeg``, the same decoders under the API that TorchCodec's
+    replaced; deprecated since torchvision 0.29, and the only one on a machine whose
+    preinstalled torch is older, such as 2.11 with torchvision 0.26). Raises ConfigError when
+    neither loads."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+
+        return "torchcodec", lambda files, device: decode_jpeg(files, mode="RGB", device=device)
+    except (ImportError, OSError, RuntimeError) as exc:
+        reason = exc
+    try:
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_jpeg as tv_decode_jpeg
+    except (ImportError, OSError, RuntimeError):
+        raise ConfigError(f"features.image_decoder: torchvision needs TorchCodec's decode_jpeg "
+                          f"(or torchvision.io's), which did not load ({reason}); reinstall "
+                          "capbench (`make install`) or use features.image_decoder: pil") from reason
+
+    def decode(files, device):
+        with warnings.catch_warnings():  # torchvision >= 0.29 deprecates it for TorchCodec's
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return tv_decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+
+    return "torchvision.io", decode
+
+
 def check_image_decoder(image_decoder: str, transform) -> None:
     """ConfigError, before any work, for an unknown ``image_decoder``, or for ``torchvision``
-    when TorchCodec cannot load or ``transform`` has no tensor version."""
+    when no JPEG decoder loads (:func:`jpeg_decoder`) or ``transform`` has no tensor version."""
     if image_decoder not in IMAGE_DECODERS:
         raise ConfigError(f"features.image_decoder {image_decoder!r}: choose one of "
                           f"{', '.join(IMAGE_DECODERS)}")
     if image_decoder == "pil":
         return
-    try:
-        import torchcodec.decoders  # noqa: F401
-    except (ImportError, OSError, RuntimeError) as exc:
-        raise ConfigError(f"features.image_decoder: torchvision needs TorchCodec, which did not "
-                          f"load ({exc}); reinstall capbench (`make install`) or use "
-                          "features.image_decoder: pil") from exc
+    jpeg_decoder()
     tensor_transform(transform)
 
 
