@@ -52,6 +52,7 @@ METEOR_STATS_KEY = "METEOR_stats"
 METEOR_STATS_LENGTH = 23
 
 __all__ = ["ScoreResult", "score_captions", "ptb_tokenize", "java_version", "metric_status",
+           "java_tokenizer_available",
            "ALL_METRICS", "PER_IMAGE_METRICS", "MeteorJar", "meteor_jar", "close_meteor_jar",
            "METEOR_STATS_KEY", "METEOR_STATS_LENGTH"]
 
@@ -83,6 +84,10 @@ def _java_major() -> int:
     return int(m.group(2)) if major == 1 and m.group(2) else major
 
 
+#: what pycocoevalcap's METEOR 1.5 reads, under its ``meteor/`` folder
+METEOR_FILES = ("meteor-1.5.jar", "data/paraphrase-en.gz")
+
+
 def corenlp_dir() -> Path | None:
     """Folder holding the CoreNLP 3.6.0 jars SPICE needs, or None when they are absent."""
     for d in (os.environ.get("CAPBENCH_CORENLP"), _pkg_dir() / "spice" / "lib"):
@@ -98,6 +103,14 @@ def metric_status() -> dict[str, str | None]:
         reason = "no Java runtime on PATH: install a JDK/JRE (e.g. apt-get install default-jre)"
         status["METEOR"] = reason
         status["SPICE"] = reason
+        return status
+    missing = [f for f in METEOR_FILES if not (_pkg_dir() / "meteor" / f).is_file()]
+    if missing:  # a trimmed install (the GPU bundle leaves out METEOR's 65 MB)
+        status["METEOR"] = (f"{', '.join(missing)} missing from {_pkg_dir() / 'meteor'}: "
+                            "reinstall pycocoevalcap (pip install --force-reinstall pycocoevalcap)")
+    if not (_pkg_dir() / "spice" / "spice-1.0.jar").is_file():
+        status["SPICE"] = (f"spice-1.0.jar missing from {_pkg_dir() / 'spice'}: reinstall "
+                           "pycocoevalcap (pip install --force-reinstall pycocoevalcap)")
     elif corenlp_dir() is None:
         status["SPICE"] = (
             "Stanford CoreNLP 3.6.0 jars not found (" + ", ".join(CORENLP_JARS) + "): put them in "
@@ -109,6 +122,15 @@ def metric_status() -> dict[str, str | None]:
 
 # ------------------------------------------------------------------------------ tokenizer
 _PY_TOKEN = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)?|n't|[^\sA-Za-z0-9]")
+
+
+def java_tokenizer_available() -> bool:
+    """Whether Stanford's PTB tokenizer can run: a Java runtime on PATH and pycocoevalcap's
+    CoreNLP 3.4.1 jar in place (a trimmed install, such as the GPU bundle, lacks it)."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import STANFORD_CORENLP_3_4_1_JAR
+
+    return java_version() is not None and \
+        (_pkg_dir() / "tokenizer" / STANFORD_CORENLP_3_4_1_JAR).is_file()
 
 
 def _python_ptb(text: str) -> list[str]:
@@ -127,7 +149,7 @@ def ptb_tokenize(captions: dict, *, use_java: bool | None = None) -> dict:
     ids = [k for k, v in captions.items() for _ in v]
     sentences = [c.replace("\n", " ") for v in captions.values() for c in v]
     if use_java is None:
-        use_java = java_version() is not None
+        use_java = java_tokenizer_available()
     if use_java:
         jar = _pkg_dir() / "tokenizer" / STANFORD_CORENLP_3_4_1_JAR
         with tempfile.TemporaryDirectory(prefix=f"capbench-ptb-{os.getpid()}-") as tmp:
@@ -377,7 +399,7 @@ def score_captions(predictions: dict, references: dict, *, metrics=ALL_METRICS,
         raise ValueError(f"{len(missing)} predicted image ids have no references, e.g. {missing[:3]}")
     ids = list(predictions)
     status = metric_status()
-    use_java = java_version() is not None
+    use_java = java_tokenizer_available()
     gts = ptb_tokenize({i: list(references[i]) for i in ids}, use_java=use_java)
     res = ptb_tokenize({i: [predictions[i]] for i in ids}, use_java=use_java)
     out = ScoreResult(ids, {}, tokenizer="ptb-java" if use_java else "python-approximation")

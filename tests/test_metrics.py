@@ -68,6 +68,32 @@ def test_without_java_meteor_is_unavailable_and_the_rest_computed(monkeypatch):
     assert res.metrics["CIDEr"] > 0 and res.metrics["Bleu_1"] > 0
 
 
+def test_a_trimmed_pycocoevalcap_install_falls_back_and_names_what_is_missing(monkeypatch, tmp_path):
+    """`make gpu-bundle` copies pycocoevalcap without its jars and METEOR's paraphrase table:
+    with Java on PATH the tokenizer falls back to Python, METEOR and SPICE say which files are
+    missing, and BLEU, ROUGE-L and CIDEr-D are those of the full install's Python tokenizer."""
+    if metrics.java_version() is None:
+        pytest.skip("no Java on PATH: the trimmed install behaves as without Java")
+    assert score_captions(PREDS, REFS, metrics=("CIDEr",)).tokenizer == "ptb-java"
+    assert metrics.java_tokenizer_available()
+    (tmp_path / "meteor" / "data").mkdir(parents=True)
+    (tmp_path / "meteor" / "meteor-1.5.jar").write_bytes(b"")  # the jar alone: no paraphrases
+    monkeypatch.setattr(metrics, "_pkg_dir", lambda: tmp_path)
+    assert not metrics.java_tokenizer_available()
+    status = metrics.metric_status()
+    assert "data/paraphrase-en.gz missing from" in status["METEOR"]
+    assert "meteor-1.5.jar" not in status["METEOR"]
+    assert "spice-1.0.jar missing" in status["SPICE"]
+    res = score_captions(PREDS, REFS)
+    assert res.tokenizer == "python-approximation"
+    assert res.metrics["METEOR"] is None and res.metrics["SPICE"] is None
+    assert res.metrics["CIDEr"] > 0 and res.metrics["Bleu_1"] > 0
+    monkeypatch.setattr(metrics, "java_version", lambda: None)
+    no_java = score_captions(PREDS, REFS)
+    assert {k: res.metrics[k] for k in ("Bleu_4", "ROUGE_L", "CIDEr")} == \
+        {k: no_java.metrics[k] for k in ("Bleu_4", "ROUGE_L", "CIDEr")}
+
+
 def test_ptb_tokenizer_lowercases_and_strips_punctuation():
     out = ptb_tokenize({7: ["A man's dog, running!", "Shapes: red & blue."]})
     assert out[7] == ["a man 's dog running", "shapes red & blue"]
