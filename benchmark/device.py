@@ -16,13 +16,22 @@ __all__ = ["select_device", "synchronize", "seed_everything", "peak_memory", "pe
 
 def select_device(name: str = "auto") -> torch.device:
     """``auto`` picks cuda > mps > cpu; anything else is checked to exist. Under ``torchrun``,
-    ``cuda`` without a number is this process's GPU (``cuda:LOCAL_RANK``).
+    ``cuda`` without a number is this process's GPU (``cuda:LOCAL_RANK``); with
+    ``CAPBENCH_DIST_BACKEND=gloo`` ranks beyond the machine's GPUs share them
+    (``cuda:LOCAL_RANK % count``; NCCL refuses two ranks on one GPU).
 
     Raises ConfigError for a name torch does not know or a device this machine lacks.
     """
     dev = _select_device(name)
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        rank, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if rank >= count:
+            if os.environ.get("CAPBENCH_DIST_BACKEND", "").strip().lower() != "gloo":
+                raise ConfigError(f"local rank {rank} has no GPU of its own (this machine has "
+                                  f"{count}): start at most one process a GPU, or set "
+                                  "CAPBENCH_DIST_BACKEND=gloo to let ranks share them")
+            rank %= count
+        return torch.device("cuda", rank)
     return dev
 
 

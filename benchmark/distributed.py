@@ -2,7 +2,9 @@
 
 Every helper works unchanged in a single process (rank 0 of 1), so the harness calls them
 unconditionally. Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set) the
-harness calls :func:`init` once: backend ``nccl`` for CUDA and ``gloo`` for the CPU.
+harness calls :func:`init` once: backend ``nccl`` for CUDA and ``gloo`` for the CPU, or the
+one ``CAPBENCH_DIST_BACKEND`` names (:func:`backend`; ``gloo`` lets several ranks share a GPU,
+which NCCL refuses, so a one-GPU machine can run the CUDA code paths of DDP).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["launched_by_torchrun", "init", "shutdown", "rank", "world_size", "local_rank",
+__all__ = ["launched_by_torchrun", "backend", "init", "shutdown", "rank", "world_size", "local_rank",
            "is_main", "share", "all_or_none", "barrier", "all_gather_object", "all_reduce_sum",
            "broadcast_object"]
 
@@ -25,19 +27,44 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
+BACKENDS = ("gloo", "nccl")
+
+
+def backend(device_type: str) -> str:
+    """The process-group backend for ranks on ``device_type`` (``"cuda"``, ``"cpu"``, ...):
+    ``$CAPBENCH_DIST_BACKEND`` when set, else ``nccl`` on CUDA and ``gloo`` elsewhere. gloo
+    also reduces CUDA tensors (through host memory, slower than NCCL) and, unlike NCCL, lets
+    several ranks share one GPU. Raises ConfigError for another name, or for ``nccl``
+    without CUDA."""
+    from benchmark.errors import ConfigError
+
+    name = os.environ.get("CAPBENCH_DIST_BACKEND", "").strip().lower()
+    if not name:
+        return "nccl" if device_type == "cuda" else "gloo"
+    if name not in BACKENDS:
+        raise ConfigError(f"CAPBENCH_DIST_BACKEND={name!r}: choose gloo or nccl (or leave it "
+                          "unset: nccl on CUDA, gloo on the CPU)")
+    if name == "nccl" and device_type != "cuda":
+        raise ConfigError(f"CAPBENCH_DIST_BACKEND=nccl needs CUDA, but the ranks run on "
+                          f"{device_type}: unset it or say --device cuda")
+    return name
+
+
 def init(device: torch.device) -> None:
     """Join the process group that ``torchrun`` set up (no-op when not launched by it or
-    already joined): ``nccl`` when ``device`` is CUDA (each rank then uses GPU
-    ``LOCAL_RANK``), else ``gloo``; collectives time out after ``CAPBENCH_DIST_TIMEOUT``
-    seconds (default 4 hours: the other ranks wait while rank 0 scores and writes)."""
+    already joined), with :func:`backend`'s backend; on CUDA each rank first makes
+    ``device`` (its GPU, :func:`benchmark.device.select_device`) the current one.
+    Collectives time out after ``CAPBENCH_DIST_TIMEOUT`` seconds (default 4 hours: the other
+    ranks wait while rank 0 scores and writes)."""
     if not launched_by_torchrun() or dist.is_initialized():
         return
+    name = backend(device.type)
     if device.type == "cuda":
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(device if device.index is not None else local_rank())
     # rank 0 alone scores the test split and writes the record while the others wait: give
     # collectives far more than the default 10 minutes (CAPBENCH_DIST_TIMEOUT, seconds)
     timeout = timedelta(seconds=int(os.environ.get("CAPBENCH_DIST_TIMEOUT", "14400")))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    dist.init_process_group(name, timeout=timeout)
 
 
 def shutdown() -> None:
