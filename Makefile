@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint clean gpu-bundle
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,21 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/ruff check architectures benchmark tests
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# For a GPU machine without network that has its own PyTorch, timm and transformers (README:
+# "Measuring a GPU"): the pure-Python packages it lacks, copied from this venv without the
+# Java jars and METEOR's 59 MiB paraphrase table (METEOR and SPICE report themselves
+# unavailable there; BLEU, ROUGE-L and CIDEr-D run), and flickr8k-mini. About 37 MB in .gpu/.
+GPU_PKGS := open_clip ftfy wcwidth platformdirs pycocoevalcap
+GPU_DATA ?= ../shared/data/flickr8k-mini
+gpu-bundle: $(STAMP)
+	rm -rf .gpu && mkdir -p .gpu/site .gpu/data
+	cd "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" && \
+	  tar cf - --exclude='*.jar' --exclude='paraphrase-*' --exclude='__pycache__' $(GPU_PKGS) \
+	    open_clip_torch-*.dist-info ftfy-*.dist-info wcwidth-*.dist-info \
+	    platformdirs-*.dist-info pycocoevalcap-*.dist-info | tar xf - -C "$(CURDIR)/.gpu/site"
+	cp -r $(GPU_DATA) .gpu/data/
+	du -sh .gpu
 
 lint: $(STAMP)
 	$(BIN)/ruff check architectures benchmark tests

@@ -39,7 +39,7 @@ from benchmark.train import caption_loss, fused_adam
 
 __all__ = ["DecoderWorkload", "time_fn", "bench_decoder", "bench_encoder", "run_bench",
            "table_columns", "count_flops", "matmul_peak", "matmul_rate", "add_utilisation", "bf16_supported",
-           "bench_store"]
+           "bench_store", "bench_extraction", "pixel_difference"]
 
 
 @dataclass
@@ -119,10 +119,15 @@ def matmul_rate(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype
     return 2 * m * k * n / best / 1e9
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int = 4096, iters: int = 3) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int | None = None,
+                iters: int | None = None) -> float:
     """The device's own matrix-multiply peak in GFLOP/s: :func:`matmul_rate` of a large
-    square ``(n, n) @ (n, n)`` product. Check :func:`bf16_supported` before asking for bf16."""
-    return matmul_rate(n, n, n, device, dtype, iters=iters)
+    square ``(n, n) @ (n, n)`` product (n = 4096, best of 3, on the CPU; 8192, best of 10, on
+    CUDA, where a 4096 product lasts about 0.2 ms on an H100 and would time the launch).
+    Check :func:`bf16_supported` before asking for bf16."""
+    cuda = device.type == "cuda"
+    return matmul_rate(*(n or (8192 if cuda else 4096),) * 3, device, dtype,
+                       iters=iters or (10 if cuda else 3))
 
 
 def add_utilisation(row: dict, peaks: dict[str, float]) -> dict:
@@ -230,24 +235,35 @@ def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters:
 
 def bench_encoder(name: str, device: torch.device, *, batch_size: int = 16, iters: int = 3,
                   warmup: int = 1) -> dict:
-    """Forward images/s on random pixels, GFLOPs per image and batch-1 latency of an encoder."""
+    """Forward images/s on random pixels, GFLOPs per image and batch-1 latency of an encoder
+    (random weights). On CUDA it runs as extraction does: bf16 autocast, channels-last and
+    ``cudnn.benchmark``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     enc = create_encoder(name, pretrained=False).to(device).eval()
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     shape = enc.input_size()
     x = torch.randn(batch_size, *shape, device=device)
     with FlopCounterMode(display=False) as counter:
         enc(x[:1])
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    if cuda:  # as extraction runs (features.encode_batches): NHWC, cuDNN autotuning
+        enc = enc.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
 
     def fwd(inp):
         with torch.inference_mode(), amp:
             enc(inp)
 
-    t = time_fn(lambda: fwd(x), device, warmup=warmup, iters=iters)
-    lat = time_fn(lambda: fwd(x[:1]), device, warmup=warmup, iters=max(iters * 3, 10))
+    benchmark_before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = cuda or benchmark_before
+    try:
+        t = time_fn(lambda: fwd(x), device, warmup=warmup, iters=iters)
+        lat = time_fn(lambda: fwd(x[:1]), device, warmup=warmup, iters=max(iters * 3, 10))
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_before
     return {"encoder": enc.name, "device": str(device), "batch_size": batch_size,
             "input": "x".join(map(str, shape)), "grid": f"{enc.grid_size}x{enc.grid_dim}",
             "params": sum(p.numel() for p in enc.parameters()),
@@ -259,9 +275,10 @@ def bench_encoder(name: str, device: torch.device, *, batch_size: int = 16, iter
 
 def run_bench(archs: list[str], encoders: list[str], workload: DecoderWorkload,
               device: torch.device, *, iters: int = 5, log=None, peak: bool = False,
-              compile: bool = False) -> list[dict]:
+              compile: bool = False, encoder_batch_size: int | None = None) -> list[dict]:
     """Rows of :func:`bench_decoder` for each decoder and :func:`bench_encoder` for each
-    encoder (batch ``min(workload.batch_size, 16)``); ``log(text)`` reports progress. With
+    encoder (batch ``encoder_batch_size``, default ``min(workload.batch_size, 16)``);
+    ``log(text)`` reports progress. With
     ``peak``, the device's matmul peak is measured first (fp32 and bf16) and every decoder
     row gets its utilisation (:func:`add_utilisation`). ``compile``: see :func:`bench_decoder`."""
     log = log or (lambda text: None)
@@ -280,7 +297,8 @@ def run_bench(archs: list[str], encoders: list[str], workload: DecoderWorkload,
         rows.append(add_utilisation(row, peaks) if peaks else row)
     for e in encoders:
         log(f"timing encoder {e} ...")
-        rows.append(bench_encoder(e, device, batch_size=min(workload.batch_size, 16),
+        rows.append(bench_encoder(e, device, batch_size=encoder_batch_size
+                                  or min(workload.batch_size, 16),
                                   iters=max(2, iters // 2)))
     return rows
 
@@ -356,8 +374,9 @@ def bench_extraction(dataset_spec: str, encoders: list[str], device: torch.devic
     the ``pil`` pixel rate is below the end-to-end rate the GPU could reach. One untimed batch
     of each warms up (cuDNN autotuning, nvJPEG's handle), then ``rounds`` alternating rounds.
     Returns one row per encoder (random weights: speed does not depend on them) with the
-    medians and the end-to-end speedup of ``torchvision`` over ``pil``. Raises DatasetError for
-    a bad dataset and ConfigError for an encoder whose transform has no tensor version."""
+    medians, the end-to-end speedup of ``torchvision`` over ``pil`` and how far the two
+    decoders' pixels are apart (:func:`pixel_difference`). Raises DatasetError for a bad
+    dataset and ConfigError for an encoder whose transform has no tensor version."""
     from architectures import create_encoder
     from benchmark.data import resolve_dataset
     from benchmark.device import synchronize
@@ -387,13 +406,15 @@ def bench_extraction(dataset_spec: str, encoders: list[str], device: torch.devic
 
         for decoder in decoders:  # warm-up
             e2e(decoder, pics[:batch_size])
+        diff = pixel_difference(enc.transform, pics, batches, device, num_workers=workers)
         for _ in range(rounds):
             for decoder in decoders:
                 rates[f"{decoder}_pixels"].append(pixels(decoder))
                 rates[f"{decoder}_e2e"].append(e2e(decoder, pics))
         row = {"encoder": name, "images": len(pics), "batch_size": batch_size,
                "device": device.type, "num_workers": workers,
-               **{f"{k}_images_per_s": float(statistics.median(v)) for k, v in rates.items()}}
+               **{f"{k}_images_per_s": float(statistics.median(v)) for k, v in rates.items()},
+               **diff}
         row["speedup"] = row["torchvision_e2e_images_per_s"] / row["pil_e2e_images_per_s"]
         if log:
             log(f"{name}: pixels pil {row['pil_pixels_images_per_s']:.1f} / torchvision "
@@ -402,6 +423,32 @@ def bench_extraction(dataset_spec: str, encoders: list[str], device: torch.devic
                 f"{row['torchvision_e2e_images_per_s']:.1f} img/s ({row['speedup']:.2f}x)")
         rows.append(row)
     return rows
+
+
+def pixel_difference(transform, images, batches: list[list[int]], device: torch.device, *,
+                     num_workers: int = 0) -> dict:
+    """How far ``features.image_decoder: torchvision`` pixels (decoded on ``device``: nvJPEG
+    on CUDA) are from the reference ``pil`` ones, over every image of ``batches``, in
+    normalised units (the encoder's input after its mean/std): ``pixel_mean_abs_diff`` (the
+    mean of ``|tv - pil|`` over every value), ``pixel_max_abs_diff`` and ``pixel_rel_l2``
+    (``||tv - pil|| / ||pil||``). With the same decoder (libjpeg-turbo on the CPU) only
+    resampling differs: 1.3e-4 to 3.9e-4 of mean difference on tests/test_pixels.py's images,
+    1.5e-3 to 3.1e-3 on flickr8k-mini's (README); a decoder that rounds otherwise adds to it."""
+    from benchmark.pixels import pixel_batches
+
+    streams = [pixel_batches(transform, images, batches, device, num_workers=num_workers,
+                             image_decoder=d) for d in ("pil", "torchvision")]
+    total = peak = sq_diff = sq_ref = 0.0
+    n = 0
+    for ref, ours in zip(*streams, strict=True):
+        d = (ours.float() - ref.float()).abs()
+        total += float(d.sum(dtype=torch.float64))
+        peak = max(peak, float(d.max()))
+        sq_diff += float(d.double().square().sum())
+        sq_ref += float(ref.double().square().sum())
+        n += d.numel()
+    return {"pixel_mean_abs_diff": total / max(n, 1), "pixel_max_abs_diff": peak,
+            "pixel_rel_l2": (sq_diff / sq_ref) ** 0.5 if sq_ref else 0.0}
 
 
 def bench_store(n_images: int, device: torch.device, *, folder: str | None = None,

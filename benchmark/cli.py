@@ -144,7 +144,9 @@ def _check_nproc(cfg, nproc: int) -> None:
     """What ``--nproc`` cannot take, said once before any process starts."""
     import torch
 
+    from benchmark import distributed
     from benchmark.config import resolved_config
+    from benchmark.device import select_device
     from benchmark.runner import check_run_settings
 
     resolved_config(cfg)
@@ -152,9 +154,12 @@ def _check_nproc(cfg, nproc: int) -> None:
     if cfg.device.startswith("cuda:"):
         _fail(f"--nproc with --device {cfg.device}: each process takes its own GPU; say --device "
               "cuda (or auto)")
+    kind = select_device(cfg.device).type  # ConfigError for a device this machine lacks
+    name = distributed.backend(kind)  # ConfigError for a bad CAPBENCH_DIST_BACKEND
     gpus = torch.cuda.device_count()
-    if cfg.device in ("cuda", "auto") and 0 < gpus < nproc:
-        _fail(f"--nproc {nproc}: this machine has {gpus} GPU(s); use at most one process a GPU")
+    if kind == "cuda" and gpus < nproc and name != "gloo":
+        _fail(f"--nproc {nproc}: this machine has {gpus} GPU(s); use at most one process a GPU "
+              "(or set CAPBENCH_DIST_BACKEND=gloo to let processes share them)")
 
 
 def _launch_torchrun(nproc: int) -> int:
@@ -717,6 +722,7 @@ def bench(
     extraction: Annotated[str | None, typer.Option(help="time end-to-end feature extraction of --encoder (default resnet50) on this dataset's first --images images at --batch-size, with each image decoder: pil (Pillow in the DataLoader's workers) and torchvision (decode_jpeg and tensor transforms on the device; nvJPEG on CUDA)")] = None,
     images: Annotated[int, typer.Option(help="images for --extraction")] = 256,
     num_workers: Annotated[int | None, typer.Option(help="DataLoader workers for --extraction (default: auto)")] = None,
+    encoder_batch_size: Annotated[int | None, typer.Option(help="batch size of the --encoder rows (default: --batch-size, at most 16)")] = None,
 ):
     """Time decoders on synthetic features and encoders on random pixels (defaults: the
     Show-Attend-Tell setting: 196 x 2048 grid, 512-d, 10k words, batch 32, 20 words)."""
@@ -787,7 +793,8 @@ def bench(
             f"pixels alone pil {r['pil_pixels_images_per_s']:.1f}, torchvision "
             f"{r['torchvision_pixels_images_per_s']:.1f}; end to end pil "
             f"{r['pil_e2e_images_per_s']:.1f}, torchvision {r['torchvision_e2e_images_per_s']:.1f}"
-            f" ({r['speedup']:.2f}x)" for r in res))
+            f" ({r['speedup']:.2f}x); pixels apart by {r['pixel_mean_abs_diff']:.2e} on average"
+            f" (largest {r['pixel_max_abs_diff']:.2f})" for r in res))
         return
     if reward:
         from benchmark.bench import bench_reward
@@ -807,7 +814,8 @@ def bench(
     for name, value, low in (("--batch-size", batch_size, 1), ("--iters", iters, 1),
                              ("--beam-size", beam_size, 1), ("--caption-len", caption_len, 1),
                              ("--grid-size", grid_size, 1), ("--grid-dim", grid_dim, 1),
-                             ("--vocab-size", vocab_size, 5)):
+                             ("--vocab-size", vocab_size, 5),
+                             ("--encoder-batch-size", 1 if encoder_batch_size is None else encoder_batch_size, 1)):
         if value < low:
             _fail(f"{name} {value}: must be at least {low}")
     dev = select_device(device)
@@ -816,7 +824,8 @@ def bench(
                         beam_size)
     archs = list_decoders() if arch == "all" else [a for a in (arch or "").split(",") if a]
     encs = list_encoders(ci=False) if encoder == "all" else [e for e in (encoder or "").split(",") if e]
-    rows = run_bench(archs, encs, w, dev, iters=iters, log=err.print, peak=peak, compile=compile)
+    rows = run_bench(archs, encs, w, dev, iters=iters, log=err.print, peak=peak, compile=compile,
+                     encoder_batch_size=encoder_batch_size)
     df = pd.DataFrame(rows).convert_dtypes()  # decoder and encoder rows merged: keep ints ints
     if output:
         from benchmark.fsutil import atomic_write_text
@@ -836,6 +845,30 @@ def bench(
             table.add_row(*("-" if pd.isna(v) else f"{v:,.1f}" if isinstance(v, float) else str(v)
                             for v in r))
         console.print(table)
+
+
+@app.command("gpu-table")
+@_guard
+def gpu_table(
+    out: Annotated[Path, typer.Option(help="folder for gpu-table.json, gpu-table.md and gpu-table.log")] = Path("gpu-table"),
+    dataset: Annotated[Path, typer.Option(help="Karpathy dataset.json for the extraction and matrix steps")] = Path("../shared/data/flickr8k-mini/dataset.json"),
+    device: Annotated[str, typer.Option(help="cuda (the table's purpose), cuda:N or cpu")] = "cuda",
+    steps: Annotated[str | None, typer.Option(help="comma-separated subset of: encoders, decoders, extraction, ddp, matrix, compile (default: all, in that order)")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="tiny encoders, workloads and epochs: checks that every step runs (seconds each on a CPU); not figures")] = False,
+    work: Annotated[Path | None, typer.Option(help="folder for the steps' run records and feature cache (default: a temporary one, deleted afterwards)")] = None,
+):
+    """Measure the README's GPU table on this machine: encoder and decoder throughput and MFU,
+    extraction with both image decoders, DDP against one process, the 12-cell matrix end to
+    end and the torch.compile speedup, each step a subprocess with its own time limit (1.5 to 7
+    minutes); prints the tables last."""
+    from benchmark.gpu_table import gpu_table as measure
+
+    chosen = [s.strip() for s in steps.split(",") if s.strip()] if steps else None
+    result = measure(out, str(dataset), device=device, quick=quick, steps=chosen, work=work,
+                     log=err.print)
+    sys.stdout.write((out / "gpu-table.md").read_text())
+    if not all(s["ok"] for s in result["steps"].values()):
+        raise typer.Exit(1)
 
 
 def _print_result(res: dict | list, format: str, text: str) -> None:

@@ -55,13 +55,14 @@ def local_weights() -> list[str]:
 
 
 def doctor_rows() -> list[tuple[str, str]]:
-    """``(item, status)`` rows of ``capbench doctor``: versions, devices, Java metrics, caches
-    and local weights (rich markup in the status)."""
+    """``(item, status)`` rows of ``capbench doctor``: versions, devices, Java metrics, the
+    device image decoder, caches and local weights (rich markup in the status)."""
     import platform
 
     import torch
 
-    from benchmark.metrics import ALL_METRICS, java_version, metric_status
+    from benchmark.errors import ConfigError
+    from benchmark.metrics import ALL_METRICS, java_tokenizer_available, java_version, metric_status
 
     rows = [("python", platform.python_version()),
             ("torch", f"{torch.__version__} (threads {torch.get_num_threads()})")]
@@ -71,6 +72,15 @@ def doctor_rows() -> list[tuple[str, str]]:
     rows.append(("mps", "available" if mps and mps.is_available() else "not available"))
     rows.append(("java", java_version()
                  or "[red]not found[/] (METEOR, SPICE and the PTB tokenizer need it)"))
+    if java_version() and not java_tokenizer_available():
+        rows.append(("ptb tokenizer", "[yellow]Python approximation[/]: pycocoevalcap's CoreNLP "
+                                      "jar is missing (reinstall pycocoevalcap)"))
+    try:
+        from benchmark.pixels import jpeg_decoder
+
+        rows.append(("image_decoder: torchvision", f"[green]ok[/] ({jpeg_decoder()[0]} decode_jpeg)"))
+    except ConfigError as exc:
+        rows.append(("image_decoder: torchvision", f"[yellow]unavailable[/]: {exc}"))
     for m, why in metric_status().items():
         if m in ALL_METRICS:
             rows.append((f"metric {m}", "[green]ok[/]" if why is None else f"[yellow]unavailable[/]: {why}"))

@@ -105,7 +105,7 @@ def metric_status() -> dict[str, str | None]:
         status["SPICE"] = reason
         return status
     missing = [f for f in METEOR_FILES if not (_pkg_dir() / "meteor" / f).is_file()]
-    if missing:  # a trimmed install (the GPU bundle leaves out METEOR's 65 MB)
+    if missing:  # a trimmed install (make gpu-bundle leaves out METEOR's jar and paraphrases)
         status["METEOR"] = (f"{', '.join(missing)} missing from {_pkg_dir() / 'meteor'}: "
                             "reinstall pycocoevalcap (pip install --force-reinstall pycocoevalcap)")
     if not (_pkg_dir() / "spice" / "spice-1.0.jar").is_file():

@@ -19,6 +19,7 @@ decoding device and their own run id.
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 import warnings
@@ -230,6 +231,7 @@ def _pil_decode(data: torch.Tensor, path) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
+@functools.cache
 def jpeg_decoder() -> tuple[str, Callable[[list[torch.Tensor], str | torch.device], list[torch.Tensor]]]:
     """The library that decodes JPEGs for ``features.image_decoder: torchvision`` and its
     batched decoder ``fn(files, device) -> images``: ``uint8 (n_bytes,)`` CPU tensors in,
@@ -240,8 +242,8 @@ def jpeg_decoder() -> tuple[str, Callable[[list[torch.Tensor], str | torch.devic
     0.11 lacks and the pinned 0.17 has), else ``"torchvision.io"``
     (``torchvision.io.decode_jpeg``, the same decoders under the API that TorchCodec's
     replaced; deprecated since torchvision 0.29, and the only one on a machine whose
-    preinstalled torch is older, such as 2.11 with torchvision 0.26). Raises ConfigError when
-    neither loads."""
+    preinstalled torch is older, such as 2.11 with torchvision 0.26). Looked up once a process
+    (``jpeg_decoder.cache_clear()`` looks again). Raises ConfigError when neither loads."""
     try:
         from torchcodec.decoders import decode_jpeg
 

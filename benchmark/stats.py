@@ -87,12 +87,13 @@ def corpus_meteor(summed: np.ndarray) -> np.ndarray:
 def meteor_statistic(per_image: dict) -> str | None:
     """Which METEOR a ``per_image`` block can be resampled for.
 
-    ``"corpus"`` (the reported METEOR) when it holds ``METEOR_stats`` and Java runs here;
+    ``"corpus"`` (the reported METEOR) when it holds ``METEOR_stats`` and METEOR can run here
+    (Java and its files: :func:`benchmark.metrics.metric_status`);
     ``"mean"`` (mean of per-image METEOR, reported under :data:`METEOR_MEAN_KEY`) when it
     only holds per-image ``METEOR`` scores; None without METEOR. Raises ValueError when
     ``METEOR_stats`` does not hold one row of 23 numbers per image.
     """
-    from benchmark.metrics import java_version
+    from benchmark.metrics import metric_status
 
     stats = per_image.get(METEOR_STATS_KEY)
     if stats:
@@ -100,7 +101,7 @@ def meteor_statistic(per_image: dict) -> str | None:
         if len(stats) != m or any(len(row) != METEOR_STATS_LENGTH for row in stats):
             raise ValueError(f"per_image {METEOR_STATS_KEY} should hold {m} rows of "
                              f"{METEOR_STATS_LENGTH} numbers, one per image")
-        if java_version() is not None:
+        if metric_status()["METEOR"] is None:  # Java and METEOR's files are here
             return "corpus"
     return "mean" if per_image.get("METEOR") else None
 

@@ -47,6 +47,22 @@ def test_bench_cli_json_with_every_dimension_as_a_flag():
     assert row["arch"] == "transformer" and row["grid_size"] == 9 and row["beam2_captions_per_s"] > 0
 
 
+def test_encoder_rows_take_their_own_batch_size():
+    """`--encoder-batch-size` (the GPU table's batch 256) replaces the default of
+    min(--batch-size, 16); 0 is refused before any model is built."""
+    args = ["bench", "--encoder", "resnet18", "--batch-size", "32", "--iters", "2",
+            "--device", "cpu", "--format", "json"]
+    default = CliRunner().invoke(app, args)
+    assert default.exit_code == 0, default.output
+    assert json.loads(default.stdout)[0]["batch_size"] == 16
+    own = CliRunner().invoke(app, [*args, "--encoder-batch-size", "3"])
+    assert own.exit_code == 0, own.output
+    (row,) = json.loads(own.stdout)
+    assert row["batch_size"] == 3 and row["encoder_images_per_s"] > 0
+    bad = CliRunner().invoke(app, [*args, "--encoder-batch-size", "0"])
+    assert bad.exit_code == 2 and "--encoder-batch-size 0: must be at least 1" in bad.output
+
+
 def test_pareto_front():
     x = np.array([1.0, 2.0, 3.0, 2.5, 0.5])
     y = np.array([5.0, 4.0, 1.0, 3.0, 6.0])

@@ -233,3 +233,47 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path):
     said = [Path(f"{out}.{r}").read_text() for r in (0, 1)]
     assert said == ["CapbenchError: rank 1 failed, so this rank stops too: OSError: disk gone",
                     "OSError: disk gone"]
+
+
+def test_the_backend_follows_the_device_unless_capbench_dist_backend_names_one(monkeypatch):
+    """nccl on CUDA and gloo elsewhere; CAPBENCH_DIST_BACKEND=gloo lets ranks share a GPU
+    (NCCL refuses two ranks on one); a wrong name, or nccl without CUDA, is refused before
+    torchrun starts."""
+    from typer.testing import CliRunner
+
+    from benchmark import distributed
+    from benchmark.cli import app
+    from benchmark.errors import ConfigError
+
+    monkeypatch.delenv("CAPBENCH_DIST_BACKEND", raising=False)
+    assert (distributed.backend("cuda"), distributed.backend("cpu")) == ("nccl", "gloo")
+    monkeypatch.setenv("CAPBENCH_DIST_BACKEND", "Gloo")
+    assert distributed.backend("cuda") == "gloo"
+    monkeypatch.setenv("CAPBENCH_DIST_BACKEND", "mpi")
+    with pytest.raises(ConfigError, match="CAPBENCH_DIST_BACKEND='mpi': choose gloo or nccl"):
+        distributed.backend("cpu")
+    out = CliRunner().invoke(app, ["run", "--config", "tiny", "--device", "cpu", "--nproc", "2"])
+    assert out.exit_code == 2 and "choose gloo or nccl" in out.output
+    monkeypatch.setenv("CAPBENCH_DIST_BACKEND", "nccl")
+    out = CliRunner().invoke(app, ["run", "--config", "tiny", "--device", "cpu", "--nproc", "2"])
+    assert out.exit_code == 2 and "CAPBENCH_DIST_BACKEND=nccl needs CUDA" in out.output
+
+
+def test_ranks_beyond_the_gpus_share_them_only_with_gloo(monkeypatch):
+    """Under torchrun, `cuda` is GPU LOCAL_RANK; a rank beyond the machine's GPUs is an error,
+    or with CAPBENCH_DIST_BACKEND=gloo takes GPU LOCAL_RANK % count (here 3 % 2 = 1)."""
+    import torch
+
+    from benchmark import device as devices
+    from benchmark.errors import ConfigError
+
+    monkeypatch.setattr(devices, "_select_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CAPBENCH_DIST_BACKEND", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert devices.select_device("cuda") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(ConfigError, match="local rank 3 has no GPU of its own .this machine has 2"):
+        devices.select_device("cuda")
+    monkeypatch.setenv("CAPBENCH_DIST_BACKEND", "gloo")
+    assert devices.select_device("cuda") == torch.device("cuda", 1)

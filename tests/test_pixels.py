@@ -125,6 +125,10 @@ def test_the_extraction_benchmark_times_both_decoders(tiny_shapes):
     assert all(r > 0 for r in rates)
     assert row["pil_pixels_images_per_s"] > row["pil_e2e_images_per_s"]  # the forward costs
     assert row["speedup"] == row["torchvision_e2e_images_per_s"] / row["pil_e2e_images_per_s"]
+    # the shapes images are 128 px, so resnet18's Resize(256) resamples: the two paths differ
+    # by rounding (as in the test above), never by a wrong channel order or normalisation
+    assert 0 < row["pixel_mean_abs_diff"] < 3e-3 and 0 < row["pixel_rel_l2"] < 0.01, row
+    assert row["pixel_mean_abs_diff"] < row["pixel_max_abs_diff"] < 1.0
     bad = CliRunner().invoke(app, ["bench", "--extraction", str(tiny_shapes), "--images", "0"])
     assert bad.exit_code == 2 and "--images 0: must be at least 1" in bad.output
 
@@ -212,3 +216,40 @@ def test_a_torchvision_run_captions_its_files_as_recorded(tiny_shapes, tmp_path,
 
     want = tensor_transform(run.encoder.transform)([pil_to_tensor(img)])[0]
     assert torch.equal(ours, want) and not torch.equal(ours, run.encoder.transform(img))
+
+
+def test_without_torchcodec_s_image_decoders_torchvision_io_decodes_the_same_pixels(
+        photos, monkeypatch, request):
+    """A machine whose preinstalled torch is older than TorchCodec's image decoders (such as
+    torch 2.11 with torchvision 0.26) decodes through torchvision.io: on the CPU the same
+    libjpeg-turbo pixels, under a cache key that names the library; neither: ConfigError."""
+    import sys
+
+    from benchmark.features import store_identity
+    from benchmark.pixels import jpeg_decoder
+
+    enc = create_encoder("resnet18", pretrained=False)
+    data = [ImageBytesDataset(photos)[i] for i in range(len(photos))]
+    paths = [p.path for p in photos]
+    request.addfinalizer(jpeg_decoder.cache_clear)  # later tests look up TorchCodec again
+    jpeg_decoder.cache_clear()
+    assert jpeg_decoder()[0] == "torchcodec"
+    ours, key = decode_images(data, paths, torch.device("cpu")), store_identity(enc, "torchvision")
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # import fails
+    assert jpeg_decoder()[0] == "torchcodec"  # looked up once a process
+    jpeg_decoder.cache_clear()
+    assert jpeg_decoder()[0] == "torchvision.io"
+    theirs = decode_images(data, paths, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    fallback = store_identity(enc, "torchvision")
+    assert fallback == {**key, "jpeg_decoder": "torchvision.io"} and "jpeg_decoder" not in key
+    assert store_identity(enc, "pil") == enc.cache_identity()
+    from benchmark.doctor import doctor_rows
+
+    assert dict(doctor_rows())["image_decoder: torchvision"] == "[green]ok[/] (torchvision.io decode_jpeg)"
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)
+    jpeg_decoder.cache_clear()
+    with pytest.raises(ConfigError, match="TorchCodec's decode_jpeg .or torchvision.io's.*"
+                                          "features.image_decoder: pil"):
+        store_identity(enc, "torchvision")
+    assert dict(doctor_rows())["image_decoder: torchvision"].startswith("[yellow]unavailable[/]")
