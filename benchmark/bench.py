@@ -278,9 +278,9 @@ def run_bench(archs: list[str], encoders: list[str], workload: DecoderWorkload,
               compile: bool = False, encoder_batch_size: int | None = None) -> list[dict]:
     """Rows of :func:`bench_decoder` for each decoder and :func:`bench_encoder` for each
     encoder (batch ``encoder_batch_size``, default ``min(workload.batch_size, 16)``);
-    ``log(text)`` reports progress. With
-    ``peak``, the device's matmul peak is measured first (fp32 and bf16) and every decoder
-    row gets its utilisation (:func:`add_utilisation`). ``compile``: see :func:`bench_decoder`."""
+    ``log(text)`` reports progress. With ``peak``, the device's matmul peak is measured first
+    (fp32 and bf16) and every decoder row gets its utilisation (:func:`add_utilisation`).
+    ``compile``: see :func:`bench_decoder`."""
     log = log or (lambda text: None)
     rows = []
     peaks = {}

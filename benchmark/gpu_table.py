@@ -3,9 +3,9 @@ work asks of a GPU, measured by capbench's own benchmarks on the machine at hand
 
 Each step runs capbench in a subprocess of its own, with its own time limit, so a step that
 fails (a CUDA error, an op the local torch lacks) or runs out of time is reported with the end
-of its output while the others go on. A lent GPU is held for minutes, not hours, so the steps run in
-order of value, each under a limit (:func:`plan`), and ``--steps`` splits the table over
-several calls:
+of its output while the others go on. A lent GPU is held for minutes, not hours, so the steps
+run in order of value, each under a limit (:func:`plan`), and ``--steps`` splits the table
+over several calls:
 
 ==============  ==========================================================================
 ``encoders``    the three encoders' forward images/s at batch 256, bf16 autocast,
@@ -127,21 +127,25 @@ def environment(device: str) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "device": device, "cpu_count": os.cpu_count()}
     if device.startswith("cuda") and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
+        index = torch.device(device).index or 0
+        props = torch.cuda.get_device_properties(index)
+        env.update(gpu=torch.cuda.get_device_name(index), gpu_count=torch.cuda.device_count(),
                    gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     return env
 
 
-def _ddp_config(path: Path) -> None:
+def _ddp_config(path: Path, quick: bool = False) -> None:
     """The DDP step's config: the tiny preset without dropout (each rank draws its own
-    masks), 2 XE + 1 SCST epochs, a global batch of 37 so that the last batches are short."""
+    masks), 2 XE + 1 SCST epochs, a global batch of 37 so that the last batches are short;
+    ``quick``: 1 + 1 epochs on 48 shapes images instead of 160."""
     import yaml
 
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg["decoder"]["dropout"] = 0.0
-    cfg["train"].update(epochs=2, scst_epochs=1, batch_size=37)
+    cfg["train"].update(epochs=1 if quick else 2, scst_epochs=1, batch_size=37)
+    if quick:
+        cfg["dataset"] = "shapes:48"
     path.write_text(yaml.safe_dump(cfg))
 
 
@@ -280,7 +284,7 @@ def gpu_table(out: Path, dataset: str, *, device: str = "cuda", quick: bool = Fa
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             if step.name == "ddp":
-                _ddp_config(folder / "ddp.yaml")
+                _ddp_config(folder / "ddp.yaml", quick)
             note(f"== {step.name}")
             env = {"CAPBENCH_CACHE": str(folder / "cache"), **step.env}
             runs = [_run(argv, step.timeout, env, note) for argv in step.runs]

@@ -20,11 +20,12 @@ def test_the_table_runs_its_steps_and_writes_what_they_measured(tiny_shapes, tmp
     out, work = tmp_path / "out", tmp_path / "work"
     res = CliRunner().invoke(app, ["gpu-table", "--quick", "--device", "cpu", "--dataset",
                                    str(tiny_shapes), "--out", str(out), "--work", str(work),
-                                   ])
+                                   # compile: 30 s of torch.compile; its bench is tested alone
+                                   "--steps", "encoders,decoders,extraction,ddp,matrix"])
     assert res.exit_code == 0, res.output
     data = json.loads((out / "gpu-table.json").read_text())
     steps = data["steps"]
-    assert list(steps) == ["encoders", "decoders", "extraction", "ddp", "matrix", "compile"]
+    assert list(steps) == ["encoders", "decoders", "extraction", "ddp", "matrix"]
     assert all(s["ok"] and s["seconds"] > 0 for s in steps.values())
     assert data["environment"]["device"] == "cpu" and data["quick"] is True
     enc = steps["encoders"]["rows"]
@@ -34,13 +35,11 @@ def test_the_table_runs_its_steps_and_writes_what_they_measured(tiny_shapes, tmp
     assert all(0 < r["train_util"] < 1 and r["peak_fp32_gflops"] > 1 for r in dec.values())
     (ext,) = steps["extraction"]["rows"]
     assert ext["images"] == 8 and 0 < ext["pixel_mean_abs_diff"] < 3e-3
-    # two gloo processes against one (the tiny config, XE then SCST), as tests/test_distributed
+    # two gloo processes against one (tiny config, shapes:48, XE then SCST), as test_distributed
     ddp = steps["ddp"]["rows"]
     assert steps["ddp"]["backend"] == "gloo" and ddp["world_size"] == 2
-    assert ddp["phases"] == ["xe", "xe", "scst"] and ddp["max_loss_diff"] < 1e-5
+    assert ddp["phases"] == ["xe", "scst"] and ddp["max_loss_diff"] < 1e-5
     assert ddp["max_reward_diff"] < 1e-9 and ddp["same_predictions"] and ddp["same_metrics"]
-    (comp,) = steps["compile"]["rows"]
-    assert comp["arch"] == "rnn" and comp["compile_speedup"] > 0
     # the matrix's cells are its run records, read back
     records, _ = load_records(work / "matrix" / "runs")
     cells = steps["matrix"]["rows"]["cells"]
@@ -50,9 +49,8 @@ def test_the_table_runs_its_steps_and_writes_what_they_measured(tiny_shapes, tmp
     assert md == res.stdout  # the tables are printed last
     assert "| resnet18 | 4 |" in md and "| attn_lstm |" in md and "Matrix end to end: 2 cells" in md
     assert f"{cells[0]['CIDEr']:.4f}" in md and "DDP, 2 processes (gloo) against 1" in md
-    assert f"{comp['compile_speedup']:.2f}x |" in md
     log = (out / "gpu-table.log").read_text()
-    assert log.count("$ -m benchmark.cli ") == 7 and log.count("rc 0 in") == 7
+    assert log.count("$ -m benchmark.cli ") == 6 and log.count("rc 0 in") == 6
 
 
 @pytest.mark.slow
