@@ -26,7 +26,9 @@ def select_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
         rank, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
         if rank >= count:
-            if os.environ.get("CAPBENCH_DIST_BACKEND", "").strip().lower() != "gloo":
+            from benchmark.distributed import backend
+
+            if backend("cuda") != "gloo":
                 raise ConfigError(f"local rank {rank} has no GPU of its own (this machine has "
                                   f"{count}): start at most one process a GPU, or set "
                                   "CAPBENCH_DIST_BACKEND=gloo to let ranks share them")

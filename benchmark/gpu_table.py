@@ -310,9 +310,10 @@ def _entry(step: Step, runs: list[dict], work: Path, device: str) -> dict:
     try:
         if step.name == "ddp":
             entry["rows"] = _ddp_result(work)
-            entry["backend"] = (step.env.get("CAPBENCH_DIST_BACKEND")
-                                or os.environ.get("CAPBENCH_DIST_BACKEND", "").strip().lower()
-                                or ("nccl" if device.startswith("cuda") else "gloo"))
+            from benchmark.distributed import backend
+
+            entry["backend"] = step.env.get("CAPBENCH_DIST_BACKEND") or \
+                backend("cuda" if device.startswith("cuda") else "cpu")
         elif step.name == "matrix":
             entry["rows"] = _matrix_result(work, seconds)
         else:
