@@ -323,6 +323,7 @@ class _RawBatches(Dataset):
 
 
 _DTYPES = {"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16}
+_MAX_HEADER = 100_000_000  # bytes; the safetensors format's own limit on its JSON header
 
 
 def _safetensors_header(path: Path) -> tuple[int, dict]:
@@ -331,6 +332,8 @@ def _safetensors_header(path: Path) -> tuple[int, dict]:
     try:
         with open(path, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
+            if n > _MAX_HEADER:  # a damaged file: do not try to read terabytes
+                raise ValueError(f"header length {n} exceeds safetensors' limit")
             return 8 + n, json.loads(fh.read(n))
     except (OSError, struct.error, ValueError) as exc:
         raise DatasetError(f"cannot read the feature shard {path}: {exc}") from exc
@@ -438,19 +441,24 @@ def shard_images(image_bytes: int) -> int:
 
 def store_identity(encoder, image_decoder: str = "pil", device: str | torch.device = "cpu") -> dict:
     """What the features of ``encoder`` depend on (the cache key's part besides the images):
-    :meth:`cache_identity`, plus, when ``image_decoder`` is ``torchvision``, the decoder and
-    the device type that decodes (nvJPEG's pixels differ from libjpeg-turbo's), and the JPEG
-    library when it is torchvision.io's rather than TorchCodec's
-    (:func:`benchmark.pixels.jpeg_decoder`), so stores written before that setting keep
-    their keys. Raises ConfigError, before any work, for a bad ``image_decoder``
+    :meth:`cache_identity`; on CUDA, the bf16 autocast :func:`encode_batches` runs the
+    encoder under (its features differ from float32 ones by about 1% relative L2, so a CUDA
+    store is never reused on the CPU or mixed with CPU shards on resume); and, when
+    ``image_decoder`` is ``torchvision``, the decoder and the device type that decodes
+    (nvJPEG's pixels differ from libjpeg-turbo's), and the JPEG library when it is
+    torchvision.io's rather than TorchCodec's (:func:`benchmark.pixels.jpeg_decoder`). Parts
+    are only added where they apply, so CPU stores written before them keep their keys.
+    Raises ConfigError, before any work, for a bad ``image_decoder``
     (:func:`benchmark.pixels.check_image_decoder`)."""
     from benchmark.pixels import check_image_decoder, jpeg_decoder
 
     check_image_decoder(image_decoder, encoder.transform)
     identity = encoder.cache_identity()
+    where = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    if where == "cuda":
+        identity = {**identity, "autocast": "bfloat16"}
     if image_decoder == "pil":
         return identity
-    where = "cuda" if torch.device(device).type == "cuda" else "cpu"
     library = jpeg_decoder()[0]
     return {**identity, "image_decoder": f"{image_decoder}-{where}",
             **({} if library == "torchcodec" else {"jpeg_decoder": library})}
@@ -509,7 +517,9 @@ def write_manifest(folder: Path, key: str, identity: dict, shard_size: int, shar
 
 def open_store(folder: str | Path, image_ids: list | None = None) -> FeatureStore | None:
     """The sharded store in ``folder`` when its manifest is complete (and lists exactly
-    ``image_ids`` when given), else None. Nothing is read but the shards' headers."""
+    ``image_ids`` when given), and every shard is whole and holds the manifest's ids in order
+    (a shard a concurrent job rewrote with another ``shard_size`` fails that), else None.
+    Nothing is read but the shards' headers."""
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -518,6 +528,9 @@ def open_store(folder: str | Path, image_ids: list | None = None) -> FeatureStor
         if image_ids is not None and manifest["image_ids"] != image_ids:
             return None
         files = [folder / name for name in manifest["shards"]]
+        held = [_shard_ids(f) for f in files]
+        if None in held or [i for ids in held for i in ids] != manifest["image_ids"]:
+            return None
         grid, pooled = ShardedRows(files, "grid"), ShardedRows(files, "pooled")
     except (OSError, ValueError, KeyError, TypeError, DatasetError):
         return None
@@ -525,6 +538,28 @@ def open_store(folder: str | Path, image_ids: list | None = None) -> FeatureStor
         return None
     return FeatureStore(grid, pooled, manifest["image_ids"], manifest["key"], folder,
                         cache_hit=True)
+
+
+def _encode_shards(encoder, images: list[ImageRecord], todo: list[tuple[int, int, Path]], *,
+                   batch_size: int, device, num_workers, progress, image_decoder: str,
+                   ) -> tuple[int, float]:
+    """Encode and write the shards ``todo`` (``(first row, rows, path)`` each) through one
+    DataLoader (one worker pool for all of them; batches never straddle a shard). Returns
+    ``(images encoded, seconds)``."""
+    if not todo:
+        return 0, 0.0
+    ids = [im.image_id for im in images]
+    batches = [list(range(a, min(a + batch_size, first + n)))
+               for first, n, _ in todo for a in range(first, first + n, batch_size)]
+    t0 = time.perf_counter()
+    with contextlib.closing(encode_batches(encoder, images, batches, device=device,
+                                           num_workers=num_workers, progress=progress,
+                                           image_decoder=image_decoder)) as stream:
+        for first, n, path in todo:
+            parts = [next(stream) for _ in range(math.ceil(n / batch_size))]
+            write_shard(path, torch.cat([g for g, _ in parts]),
+                        torch.cat([p for _, p in parts]), ids[first : first + n], first)
+    return sum(n for _, n, _ in todo), time.perf_counter() - t0
 
 
 def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path | None = None,
@@ -539,18 +574,24 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
     are encoded, so memory holds one shard at a time, a half-written shard is never read, and
     an extraction that was killed resumes at the first missing shard. Under
     ``torchrun``/``capbench run --nproc`` every rank encodes every ``world_size``-th shard and
-    rank 0 writes the manifest once all are there.
+    rank 0 writes the manifest once all are there; an error on one rank (an unreadable
+    image, a full disk) stops every rank (:func:`benchmark.distributed.all_or_none`).
 
-    Before extracting, the cache folder must be writable with room for the store
-    (StorageError otherwise, so no extraction is wasted); temp files of killed extractions
-    are removed. A shard that cannot be written raises StorageError; the shards already
-    written are kept for the next run. The returned store reads rows from the shards on
-    demand (:class:`ShardedRows`); its ``extraction_images_per_s`` is the end-to-end rate of
-    the images this process encoded (None when it encoded none). ``image_decoder``
-    (:func:`encode_batches`): ``torchvision`` features get their own key.
+    Before extracting, the cache folder must be writable with room for the shards still
+    missing (StorageError otherwise, so no extraction is wasted); temp files of killed
+    extractions are removed. A shard that cannot be written raises StorageError; the shards
+    already written are kept for the next run. DatasetError for an empty ``images``.
+
+    The returned store reads rows from the shards on demand (:class:`ShardedRows`); its
+    ``extraction_images_per_s`` is the end-to-end rate of the images this process encoded
+    (None when it encoded none). ``image_decoder`` (:func:`encode_batches`): ``torchvision``
+    features get their own key, and so do features extracted on CUDA
+    (:func:`store_identity`).
     """
     from benchmark import distributed
 
+    if not images:
+        raise DatasetError("no images to encode")
     identity = store_identity(encoder, image_decoder, device)
     key = feature_cache_key(identity, images)  # hashes every image file's size and time: once
     folder = _folder(identity, key, cache_dir)
@@ -558,18 +599,9 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
     found = open_store(folder, ids)
     if all(distributed.all_gather_object(found is not None)):  # every rank decides alike
         return found
-    ensure_writable(folder.parent, need_bytes=feature_bytes(encoder, len(images)),
-                    what="feature cache",
-                    hint="Set CAPBENCH_CACHE (or features.cache_dir in the config) to a writable "
-                         "folder with enough space; `capbench doctor` shows the caches.")
-    folder.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():  # one cleaner: another machine's live temp files look dead here
-        remove_stale_temps(folder.parent)
-        remove_stale_temps(folder)
-    distributed.barrier()
     per = shard_size or shard_images(feature_bytes(encoder, 1))
     rank, world = distributed.rank(), distributed.world_size()
-    names, todo = [], []
+    names, todo, missing = [], [], 0  # missing: images of every rank's shards still to write
     for s, first in enumerate(range(0, len(images), per)):
         n = len(images[first : first + per])
         path = folder / f"shard-{s:05d}.safetensors"
@@ -577,22 +609,25 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
         if _shard_ids(path) == ids[first : first + n]:
             if progress and rank == 0:
                 progress(n)
-        elif s % world == rank:  # this rank's shard
+            continue
+        missing += n
+        if s % world == rank:  # this rank's shard
             todo.append((first, n, path))
-    encoded, seconds = 0, 0.0
-    if todo:  # one DataLoader (one worker pool) for all this rank's shards; batches stay in one
-        batches = [list(range(a, min(a + batch_size, first + n)))
-                   for first, n, _ in todo for a in range(first, first + n, batch_size)]
-        t0 = time.perf_counter()
-        with contextlib.closing(encode_batches(encoder, images, batches, device=device,
-                                               num_workers=num_workers, progress=progress,
-                                               image_decoder=image_decoder)) as stream:
-            for first, n, path in todo:
-                parts = [next(stream) for _ in range(math.ceil(n / batch_size))]
-                write_shard(path, torch.cat([g for g, _ in parts]),
-                            torch.cat([p for _, p in parts]), ids[first : first + n], first)
-                encoded += n
-        seconds = time.perf_counter() - t0
+    # room for the shards still missing: a resumed extraction needs no more than what is left
+    # (checked on every rank, whose machines may mount the cache differently)
+    distributed.all_or_none(lambda: ensure_writable(
+        folder.parent, need_bytes=feature_bytes(encoder, missing), what="feature cache",
+        hint="Set CAPBENCH_CACHE (or features.cache_dir in the config) to a writable folder "
+             "with enough space; `capbench doctor` shows the caches."))
+    folder.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():  # one cleaner: another machine's live temp files look dead here
+        remove_stale_temps(folder.parent)
+        remove_stale_temps(folder)
+    distributed.barrier()
+    # a rank whose images fail stops the others too, instead of leaving them at the barrier
+    encoded, seconds = distributed.all_or_none(lambda: _encode_shards(
+        encoder, images, todo, batch_size=batch_size, device=device, num_workers=num_workers,
+        progress=progress, image_decoder=image_decoder))
     distributed.barrier()
     if rank == 0:
         write_manifest(folder, key, identity, per, names, ids)

@@ -2,8 +2,11 @@
 writability and free-space checks before expensive work, and removal of the temp files that
 killed processes leave behind.
 
-Temp files and folders carry the writing process's id (``.<name>.<pid>.<random>.tmp``), so a
-later run can tell a dead process's leftovers from a live writer's and remove only those.
+Temp files and folders carry the writing process's id and machine
+(``.<name>.<pid>@<host>.<random>.tmp``), so a later run can tell a dead process's leftovers
+from a live writer's and remove only those; on a filesystem shared by several machines (the
+feature cache of a multi-node job), another machine's temp files are left alone unless they
+are old.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,10 +23,10 @@ from pathlib import Path
 from benchmark.errors import StorageError
 
 __all__ = ["atomic_write", "atomic_write_text", "utc_timestamp", "TIMESTAMP_FORMAT",
-           "ensure_writable", "remove_stale_temps", "temp_prefix", "pid_alive"]
+           "ensure_writable", "remove_stale_temps", "temp_prefix", "host_tag", "pid_alive"]
 
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-_PID_TEMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+_PID_TEMP = re.compile(r"^\..+\.(\d+)(?:@([A-Za-z0-9-]+))?\.[^.]+\.tmp$")  # no host: older
 _PID_PREFIXED = re.compile(r"^(?:capbench-[a-z]+|\.tmp-shapes)-(\d+)-")
 
 
@@ -31,9 +35,16 @@ def utc_timestamp() -> str:
     return time.strftime(TIMESTAMP_FORMAT, time.gmtime())
 
 
+def host_tag() -> str:
+    """This machine's name as temp names carry it: the host name's first label, letters,
+    digits and ``-`` only (at most 32 characters)."""
+    name = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:32]
+    return name or "host"
+
+
 def temp_prefix(name: str) -> str:
-    """Prefix of a temp file or folder for ``name`` written by this process."""
-    return f".{name}.{os.getpid()}."
+    """Prefix of a temp file or folder for ``name`` written by this process on this machine."""
+    return f".{name}.{os.getpid()}@{host_tag()}."
 
 
 def pid_alive(pid: int) -> bool:
@@ -116,9 +127,11 @@ def remove_stale_temps(folder: str | Path, *, legacy_age_s: float = 3600.0,
                        own_folder: bool = True) -> list[Path]:
     """Remove temp files and folders in ``folder`` that dead processes left behind.
 
-    Matches this module's ``.<name>.<pid>.<random>.tmp`` names and the ``capbench-<kind>-<pid>-``
-    / ``.tmp-shapes-<pid>-`` prefixes; a live process's temps are kept. Temps of older capbench
-    versions (no pid in the name) are removed once older than ``legacy_age_s``; with
+    Matches this module's ``.<name>.<pid>@<host>.<random>.tmp`` names (and, from older
+    versions, ``.<name>.<pid>.<random>.tmp``) and the ``capbench-<kind>-<pid>-`` /
+    ``.tmp-shapes-<pid>-`` prefixes; a live process's temps are kept. Another machine's temps
+    (its pid means nothing here) and those of older capbench versions (no pid in the name)
+    are removed once older than ``legacy_age_s``; with
     ``own_folder=False`` (a shared folder such as the system temp folder) only names that
     start with ``capbench-`` are considered, never another program's ``tmp*.tmp``.
     Returns what was removed; never raises.
@@ -132,7 +145,10 @@ def remove_stale_temps(folder: str | Path, *, legacy_age_s: float = 3600.0,
     for p in entries:
         m = _PID_TEMP.match(p.name) or _PID_PREFIXED.match(p.name)
         try:
-            if m:
+            host = m.group(2) if m and m.re is _PID_TEMP else None
+            if m and host not in (None, host_tag()):  # written on another machine
+                stale = now - p.stat().st_mtime > legacy_age_s
+            elif m:
                 stale = int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1)))
             else:
                 legacy = (own_folder and p.name.startswith("tmp") and p.name.endswith(".tmp")) \

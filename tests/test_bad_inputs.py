@@ -236,7 +236,7 @@ def test_leftovers_of_killed_processes_are_removed(tmp_path, tiny_shapes, monkey
     from architectures import create_encoder
     from benchmark.data import load_karpathy
     from benchmark.features import load_or_extract
-    from benchmark.fsutil import remove_stale_temps
+    from benchmark.fsutil import host_tag, remove_stale_temps
     from benchmark.runner import preflight
 
     dead, alive = _dead_pid(), os.getpid()
@@ -246,10 +246,19 @@ def test_leftovers_of_killed_processes_are_removed(tmp_path, tiny_shapes, monkey
     orphan.write_bytes(b"0" * 1000)
     live = feats / f".resnet18-abc.safetensors.{alive}.x1y2.tmp"
     live.write_bytes(b"1")
+    here = feats / f".manifest.json.{dead}@{host_tag()}.k3j4.tmp"  # this machine's: pid decides
+    # another machine's (on a shared cache): its pid means nothing here, only its age does
+    elsewhere = feats / f".shard-00001.safetensors.{dead}@other-node7.a1b2.tmp"
+    old_elsewhere = feats / f".shard-00002.safetensors.{dead}@other-node7.c3d4.tmp"
+    for p in (here, elsewhere, old_elsewhere):
+        p.write_bytes(b"2")
+    two_hours_ago = time.time() - 7200
+    os.utime(old_elsewhere, (two_hours_ago, two_hours_ago))
     images = load_karpathy(tiny_shapes).images[:3]
     load_or_extract(create_encoder("resnet18", pretrained=False), images, cache_dir=feats)
-    assert not orphan.exists() and live.exists()
-    assert not list(feats.glob(f"*.{alive}.*.tmp"))[1:]  # only the planted one of this process
+    assert not orphan.exists() and live.exists() and not here.exists()
+    assert elsewhere.exists() and not old_elsewhere.exists()
+    assert [p.name for p in feats.glob(f"*.{alive}*.tmp")] == [live.name]  # no temp of ours left
 
     tmp = tmp_path / "systemp"
     for name in (f"capbench-ptb-{dead}-abcd", f"capbench-check-{dead}-abcd", f".tmp-shapes-{dead}-q"):

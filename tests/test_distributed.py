@@ -235,6 +235,43 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path):
                     "OSError: disk gone"]
 
 
+def _extract_with_a_bad_image_on_rank_1(rank: int, world: int, port: int, dataset: str,
+                                        out: str) -> None:
+    import dataclasses
+
+    from architectures import create_encoder
+    from benchmark import distributed
+    from benchmark.features import load_or_extract
+
+    _join(rank, world, port)
+    images = _thirteen_images(dataset)
+    bad = Path(out).with_name("broken.jpg")
+    images[4] = dataclasses.replace(images[4], path=bad)  # in shard 1 of 3 images: rank 1's
+    encoder = create_encoder("resnet18", pretrained=False)
+    try:
+        load_or_extract(encoder, images, cache_dir=Path(out).with_name("cache"), shard_size=3,
+                        batch_size=3, num_workers=0)
+        said = "extracted"
+    except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
+        said = f"{type(exc).__name__}: {exc}"
+    Path(f"{out}.{rank}").write_text(said)
+    distributed.shutdown()
+
+
+def test_an_unreadable_image_in_one_rank_s_shard_stops_every_rank(tiny_shapes, tmp_path):
+    """Sharded extraction: rank 1 cannot read an image of its shard; rank 0, which encoded its
+    own shards, stops with rank 1's error instead of waiting at the barrier (or failing with
+    gloo's 'Connection closed by peer'), and no manifest is written."""
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    out = str(tmp_path / "said")
+    _spawn(_extract_with_a_bad_image_on_rank_1, str(tiny_shapes), out)
+    said = [Path(f"{out}.{r}").read_text() for r in (0, 1)]
+    assert said[1].startswith("DatasetError: cannot read image ") and "broken.jpg" in said[1]
+    assert said[0] == f"CapbenchError: rank 1 failed, so this rank stops too: {said[1]}"
+    assert not list((tmp_path / "cache").rglob("manifest.json"))
+    assert len(list((tmp_path / "cache").rglob("shard-*.safetensors"))) >= 2  # rank 0's: kept
+
+
 def test_the_backend_follows_the_device_unless_capbench_dist_backend_names_one(monkeypatch):
     """nccl on CUDA and gloo elsewhere; CAPBENCH_DIST_BACKEND=gloo lets ranks share a GPU
     (NCCL refuses two ranks on one); a wrong name, or nccl without CUDA, is refused before

@@ -5,6 +5,7 @@ import torch
 
 from architectures import create_encoder
 from benchmark.data import load_karpathy
+from benchmark.errors import DatasetError, StorageError
 from benchmark.features import (
     FeatureStore,
     channel_stats,
@@ -12,6 +13,7 @@ from benchmark.features import (
     load_or_extract,
     open_store,
     store_folder,
+    store_identity,
 )
 
 
@@ -33,6 +35,10 @@ def test_cache_miss_hit_and_invalidation(tiny_shapes, tmp_path):
     assert not load_or_extract(other_weights, images, cache_dir=tmp_path).cache_hit
 
     assert feature_cache_key(enc.cache_identity(), images[:5]) != first.key  # image set
+    # CUDA extraction runs under bf16 autocast: its store is another one; CPU keys stay
+    assert store_identity(enc, "pil", "cpu") == enc.cache_identity()
+    assert store_identity(enc, "pil", "cuda") == {**enc.cache_identity(), "autocast": "bfloat16"}
+    assert store_folder(enc, images, tmp_path, "pil", "cuda") != first.path
 
     st = images[2].path.stat()  # an image file changes on disk
     os.utime(images[2].path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
@@ -106,6 +112,50 @@ def test_the_store_streams_from_shards_and_resumes_a_killed_extraction(tiny_shap
     for (g1, p1), (g2, p2) in zip(store.batches(batches, "cpu", num_workers=1),
                                   memory.batches(batches, "cpu"), strict=True):
         assert torch.equal(g1, g2) and torch.equal(p1, p2)
+
+
+def test_a_resumed_extraction_needs_room_only_for_the_missing_shards(tiny_shapes, tmp_path,
+                                                                      monkeypatch):
+    from benchmark import fsutil
+
+    images = load_karpathy(tiny_shapes).images[:11]
+    enc = create_encoder("resnet18", pretrained=False)
+    row = (49 * 512 + 512) * 2  # bytes of one image's float16 features
+    load_or_extract(enc, images, cache_dir=tmp_path / "a", batch_size=4, shard_size=4)
+    folder = store_folder(enc, images, tmp_path / "a")
+    (folder / "manifest.json").unlink()
+    (folder / "shard-00002.safetensors").unlink()  # 3 of 11 images left to encode
+    free = type("Usage", (), {"free": 5 * row})()  # room for 3 (with 10% to spare), not 11
+    monkeypatch.setattr(fsutil.shutil, "disk_usage", lambda path: free)
+    with pytest.raises(StorageError, match="free but this run needs about"):
+        load_or_extract(enc, images, cache_dir=tmp_path / "b", shard_size=4)  # all 11
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").rglob("shard-*"))
+    resumed = load_or_extract(enc, images, cache_dir=tmp_path / "a", shard_size=4)
+    assert not resumed.cache_hit and resumed.extraction_images_per_s is not None
+    assert len(resumed.grid) == 11 and (folder / "manifest.json").exists()
+
+
+def test_a_shard_that_does_not_match_its_manifest_is_encoded_again(tiny_shapes, tmp_path):
+    """A shard that holds other images than the manifest says (as when another job rewrote it),
+    or one whose header is damaged, is never read as this store's rows: the store is refused
+    and that shard re-encoded."""
+    images = load_karpathy(tiny_shapes).images[:11]
+    enc = create_encoder("resnet18", pretrained=False)
+    whole = load_or_extract(enc, images, cache_dir=tmp_path / "a", batch_size=4, shard_size=3)
+    folder = whole.path
+    (folder / "shard-00001.safetensors").write_bytes(  # rows 6..8 where 3..5 belong: same size
+        (folder / "shard-00002.safetensors").read_bytes())
+    assert open_store(folder) is None
+    store = load_or_extract(enc, images, cache_dir=tmp_path / "a", batch_size=4, shard_size=3)
+    assert store.extraction_images_per_s is not None and torch.equal(store.grid.all(),
+                                                                      whole.grid.all())
+    damaged = folder / "shard-00002.safetensors"  # a header length of 2**40 bytes
+    damaged.write_bytes((2**40).to_bytes(8, "little") + damaged.read_bytes()[8:])
+    assert open_store(folder) is None
+    again = load_or_extract(enc, images, cache_dir=tmp_path / "a", batch_size=4, shard_size=3)
+    assert torch.equal(again.pooled.all(), whole.pooled.all())
+    with pytest.raises(DatasetError, match="no images to encode"):
+        load_or_extract(enc, [], cache_dir=tmp_path / "a")
 
 
 def test_extraction_uses_one_dataloader_for_all_shards(tiny_shapes, tmp_path, monkeypatch):
