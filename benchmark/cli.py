@@ -1011,7 +1011,7 @@ def data_flickr8k(
     captions: Annotated[list[Path], typer.Option(help="Kaggle captions.txt (image,caption), Flickr8k.token.txt or Karpathy's dataset_flickr8k.json")],
     images: Annotated[Path, typer.Option(help="folder holding the .jpg files (e.g. Flicker8k_Dataset/ or Images/)")],
     out: Annotated[Path, typer.Option(help="dataset.json to write")],
-    splits: Annotated[list[Path] | None, typer.Option(help="Flickr_8k.trainImages.txt, Flickr_8k.devImages.txt, Flickr_8k.testImages.txt (dev = val), or Karpathy's dataset_flickr8k.json; " + _SPLITS_HELP)] = None,
+    splits: Annotated[list[Path] | None, typer.Option(help="Karpathy's dataset_flickr8k.json, or Flickr_8k.trainImages.txt, Flickr_8k.devImages.txt (dev = val) and Flickr_8k.testImages.txt (repeat the option); without it: a seeded split in Karpathy proportions")] = None,
     seed: Annotated[int, typer.Option(help="seed of the split made when no --splits is given")] = 0,
     force: Annotated[bool, typer.Option(help="overwrite an existing --out file")] = False,
     check_images: Annotated[bool, typer.Option("--check-images/--no-check-images", help="open every image with PIL (verify); --no-check-images only checks that files exist")] = True,

@@ -27,6 +27,10 @@ Caption formats (detected from the content, not the file name):
   ``dataset_coco.json``; https://cs.stanford.edu/people/karpathy/deepimagesent/): validated and
   rewritten with ``filepath`` pointing at ``<images>``; its splits are kept.
 
+A file that belongs to another dataset than the one asked for (a COCO annotation file or the
+Flickr30k ``results.csv`` to ``flickr8k``, a Karpathy JSON whose ``dataset`` names another,
+COCO 2014 and 2017 files together) is refused, saying which command fits it.
+
 Splits (``splits=``), in this order of preference:
 
 - Karpathy's JSON: each image takes the split of the entry with its ``cocoid`` (COCO; so the
@@ -76,6 +80,13 @@ _TOKEN_LINE = re.compile(r"^(\S+?)#(\d+)\s+(.*)$")
 _NUMBER_THEN_CAPTION = re.compile(r"^\s*(\d+)\s+(\S.*)$")
 _SPLIT_ORDER = {"train": 0, "restval": 0, "val": 1, "test": 2}
 _EXAMPLES = 5
+_ARCHIVES = ((b"PK\x03\x04", "zip archive"), (b"\x1f\x8b", "gzip file"),
+             (b"7z\xbc\xaf", "7-Zip archive"))
+#: caption formats by what they belong to (:func:`_check_format`); token files are Flickr's
+_FORMAT_OF = {"captions.txt": ("Kaggle Flickr8k captions.txt", ("flickr8k", "flickr30k")),
+              "results.csv": ("Kaggle Flickr30k results.csv", ("flickr30k",)),
+              "token": ("Flickr token file", ("flickr8k", "flickr30k")),
+              "coco": ("COCO annotation file", ("coco",))}
 
 
 @dataclass
@@ -176,11 +187,17 @@ def _read_lines(path: Path) -> list[str]:
         data = path.read_bytes()
     except FileNotFoundError:
         raise DatasetError(f"{path} does not exist") from None
+    for magic, kind in _ARCHIVES:
+        if data.startswith(magic):
+            raise DatasetError(f"{path} is a {kind}; unpack it and pass the caption file inside "
+                               "(e.g. Flickr8k.token.txt, results.csv, captions_train2014.json)")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
-        raise DatasetError(f"{path}:{line}: not UTF-8 text (byte {exc.start})") from None
+        raise DatasetError(f"{path}:{line}: not UTF-8 text (byte offset {exc.start}); convert the "
+                           f"file to UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > "
+                           f"{path.with_name(path.stem + '.utf8' + path.suffix)}") from None
     return text.splitlines()
 
 
@@ -210,7 +227,7 @@ def _read_captions(path: Path, acc: _Collect) -> str:
     first = lines[first_i].strip()
     if first.startswith(("{", "[")):
         return _read_caption_json(path, acc)
-    if _TOKEN_LINE.match(first) and "\t" in first:
+    if _TOKEN_LINE.match(first):  # a tab after '#n' in the originals; spaces read too
         _read_token(path, lines, acc)
         return "token"
     if "|" in first:
@@ -299,8 +316,28 @@ def _read_caption_json(path: Path, acc: _Collect) -> str:
     if "annotations" in data:
         _read_coco(path, data, acc)
         return "coco"
+    _check_karpathy_dataset(path, data, acc.kind)
     _read_karpathy(path, data, acc)
     return "karpathy"
+
+
+def _check_karpathy_dataset(path: Path, data: dict, kind: str) -> None:
+    """DatasetError when a Karpathy JSON says (its ``dataset`` field) it is another dataset."""
+    said = data.get("dataset")
+    if isinstance(said, str) and said in KINDS and said != kind:
+        raise DatasetError(f"{path} is Karpathy's {said} file (its 'dataset' is {said!r}), not "
+                           f"{kind}'s: use `capbench data {said}`, or pass dataset_{kind}.json")
+
+
+def _check_format(path: Path, fmt: str, kind: str) -> None:
+    """DatasetError when a caption file's format belongs to another dataset than ``kind``."""
+    name, kinds = _FORMAT_OF.get(fmt, (None, KINDS))
+    if kind not in kinds:
+        use = " or ".join(f"`capbench data {k}`" for k in kinds)
+        want = ("captions_train2014.json + captions_val2014.json (or the 2017 pair) or "
+                "Karpathy's dataset_coco.json") if kind == "coco" else f"{kind}'s caption file"
+        raise DatasetError(f"{path} is a {name}, which is not {kind}: use {use} for it, or "
+                           f"pass {want}")
 
 
 def _read_coco(path: Path, data: dict, acc: _Collect) -> None:
@@ -419,6 +456,7 @@ def _read_splits(paths: list[Path], acc: _Collect
             if not isinstance(data, dict) or not isinstance(data.get("images"), list):
                 raise DatasetError(f"{path}: a split JSON must be Karpathy's dataset_*.json "
                                    "(an object with an 'images' list)")
+            _check_karpathy_dataset(path, data, acc.kind)
             for i, entry in enumerate(data["images"]):
                 split = entry.get("split") if isinstance(entry, dict) else None
                 if split not in _SPLIT_ORDER or not isinstance(entry.get("filename"), str):
@@ -547,6 +585,23 @@ def _filepath(folder: Path, out_dir: Path) -> str:
 # ---------------------------------------------------------------------------------------- prepare
 
 
+def _check_out_folder(out: Path) -> None:
+    """DatasetError, before any image is checked, when ``out``'s folder cannot be written:
+    probes its nearest existing folder (nothing is created)."""
+    from benchmark.errors import StorageError
+    from benchmark.fsutil import ensure_writable
+
+    folder = Path(os.path.abspath(out)).parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DatasetError(f"--out {out}: {folder} is a file, not a folder; choose another --out")
+    try:
+        ensure_writable(folder, what="folder of --out")
+    except StorageError as exc:
+        raise DatasetError(f"--out {out}: {exc} Choose another --out") from None
+
+
 def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
             splits: Path | list[Path] | None = None, seed: int = 0, force: bool = False,
             check_images: bool | Literal["decode"] = True,
@@ -563,9 +618,14 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
     ``verify()``; ``"decode"`` also decodes it (catches truncated JPEGs; slower); False only
     checks that files exist. ``progress(done, total)`` is called while images are checked.
 
-    Raises :class:`DatasetError` (naming the file and line) for input that cannot be read at
-    all (unknown format or header, invalid JSON, conflicting split lists), when ``out`` exists,
-    and when a split would be empty; ConfigError for an unknown ``kind``.
+    Raises :class:`DatasetError` (naming the file and line, and what to do) before any image
+    is checked for input that cannot be read at all (unknown format or header, invalid JSON,
+    not UTF-8, an archive, conflicting split lists), for a file of another dataset than
+    ``kind`` (a COCO annotation file to ``flickr8k``, Karpathy's ``dataset_coco.json`` to
+    ``flickr30k``, ...), for COCO 2014 and 2017 files together, for a file given twice, when
+    ``out`` is one of the inputs (even with ``force``), exists (without ``force``) or its
+    folder cannot be written; and, after the check, when a split would be empty.
+    ConfigError for an unknown ``kind``. Nothing is written unless all of it succeeds.
     """
     if kind not in KINDS:
         raise ConfigError(f"unknown dataset kind {kind!r}; choose {', '.join(KINDS)}")
@@ -577,16 +637,37 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
     out, images = Path(out), Path(images)
     if out.is_dir():
         out = out / "dataset.json"
-    if out.exists() and not force:
-        raise DatasetError(f"{out} already exists; choose another --out or pass --force to overwrite it")
     if not images.is_dir():
         raise DatasetError(f"--images {images} is not a folder")
     for p in [*captions, *split_paths]:
         if not p.is_file():
             raise DatasetError(f"{p} does not exist")
+    inputs = [*captions, *split_paths]
+    for i, p in enumerate(inputs):
+        if out.exists() and os.path.samefile(p, out):
+            raise DatasetError(f"--out {out} is also an input ({p}); choose another --out "
+                               "(--force never overwrites an input)")
+        if any(os.path.samefile(p, q) for q in inputs[:i]):
+            raise DatasetError(f"{p} is given twice (--captions/--splits); pass each file once")
+    if out.exists() and not force:
+        raise DatasetError(f"{out} already exists; choose another --out or pass --force to overwrite it")
+    _check_out_folder(out)
 
     acc = _Collect(kind)
-    formats = [_read_captions(p, acc) for p in captions]
+    formats = []
+    for p in captions:
+        formats.append(_read_captions(p, acc))
+        _check_format(p, formats[-1], kind)
+    years = {}  # COCO: the 2014 and 2017 files hold the same images, split differently
+    for im in acc.images.values() if kind == "coco" else ():
+        if m := re.search(r"(20\d\d)$", im.subset):
+            years.setdefault(m.group(1), im.subset)
+    if len(years) > 1:
+        raise DatasetError(f"--captions mixes COCO {' and '.join(sorted(years))} files "
+                           f"({', '.join(p.name for p in captions)}): they hold the same images, "
+                           "split differently; pass captions_train2014.json + "
+                           "captions_val2014.json, or captions_train2017.json + "
+                           "captions_val2017.json")
     if not acc.images:
         raise DatasetError(f"no captions found in {', '.join(map(str, captions))}")
     for key, im in list(acc.images.items()):
@@ -617,7 +698,9 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
             acc.images[key].split = split
     messages.insert(0, rule)
     if not acc.images:
-        raise DatasetError(f"no captioned image is in the split files ({rule})")
+        raise DatasetError(f"no captioned image is in the split files ({rule}); do they belong to "
+                           f"these captions? ({kind}: Karpathy's dataset_{kind}.json"
+                           + (", or Flickr_8k.trainImages.txt, ...)" if kind == "flickr8k" else ")"))
 
     keys = list(acc.images)
     # COCO: the annotations' id; Flickr: the split file's imgid, else the captions file's
@@ -660,11 +743,18 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
                               "imgid": entry["imgid"], "sentid": sentid})
             sentid += 1
         entry["sentences"] = sentences
+        entry["sentids"] = [x["sentid"] for x in sentences]
         entries.append(entry)
+    listed = {im.split for im in acc.images.values()}
     for s in ("train", "val", "test"):
         if counts[s] == 0 and not (s == "train" and counts.get("restval")):
+            hint = ""
+            if split_paths and s not in listed and not (s == "train" and "restval" in listed):
+                hint = (f"; no split file gives {s!r} images: pass every split's list "
+                        "(e.g. Flickr_8k.trainImages.txt, Flickr_8k.devImages.txt and "
+                        "Flickr_8k.testImages.txt) or Karpathy's dataset_*.json")
             raise DatasetError(f"split {s!r} would have no images ({rule}; {len(missing)} missing, "
-                               f"{len(unreadable)} unreadable); nothing written to {out}")
+                               f"{len(unreadable)} unreadable){hint}; nothing written to {out}")
     if counts.get("restval"):
         messages.append(f"{counts['restval']} restval image(s) kept as 'restval' "
                         "(load_karpathy counts them as train)")

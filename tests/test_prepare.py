@@ -320,3 +320,82 @@ def test_cli_data_flickr8k_reports_and_refuses_to_overwrite(flickr8k):
     assert len(ds.images) == 8  # one missing and one corrupt image left out
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "--force" in again.output and "Traceback" not in again.output
+
+
+def test_files_of_another_dataset_are_refused_before_any_image_is_checked(flickr8k, tmp_path):
+    """The wrong subcommand for a file, the wrong split file, a COCO 2014 + 2017 mix: each a
+    DatasetError that says which command or file fits, raised before the image check."""
+    img, checked = flickr8k / "Flicker8k_Dataset", []
+
+    def refused(kind, captions, match, **kw):
+        with pytest.raises(DatasetError, match=match):
+            prepare(kind, captions=captions, images=img, out=tmp_path / "o.json",
+                    progress=lambda done, total: checked.append(done), **kw)
+
+    coco = tmp_path / "captions_val2014.json"
+    coco.write_text(json.dumps(_coco_ann("val2014", [1, 2, 3], "COCO_val2014_")))
+    refused("flickr8k", coco, r"captions_val2014.json is a COCO annotation file, which is not "
+            r"flickr8k: use `capbench data coco`")
+    results = tmp_path / "results.csv"
+    results.write_text("image_name| comment_number| comment\n1.jpg| 0| A dog runs .\n")
+    refused("flickr8k", results, r"Kaggle Flickr30k results.csv, which is not flickr8k: use "
+            r"`capbench data flickr30k`")
+    refused("coco", flickr8k / "Flickr8k.token.txt", r"Flickr token file, which is not coco: use "
+            r"`capbench data flickr8k` or `capbench data flickr30k` for it, or pass "
+            r"captions_train2014.json")
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"dataset": "coco", "images": [
+        {"filename": "COCO_val2014_000000000001.jpg", "cocoid": 1, "split": "test",
+         "sentences": [{"raw": "a dog", "tokens": ["a", "dog"]}]}]}))
+    refused("flickr30k", karpathy, r"dataset_coco.json is Karpathy's coco file \(its 'dataset' "
+            r"is 'coco'\), not flickr30k's: use `capbench data coco`, or pass dataset_flickr30k.json")
+    refused("flickr8k", flickr8k / "captions.txt", r"dataset_coco.json is Karpathy's coco file",
+            splits=karpathy)
+    c17 = tmp_path / "captions_train2017.json"
+    c17.write_text(json.dumps(_coco_ann("train2017", [1, 4], "")))
+    refused("coco", [c17, coco], r"--captions mixes COCO 2014 and 2017 files "
+            r"\(captions_train2017.json, captions_val2014.json\): they hold the same images")
+    assert checked == [] and not (tmp_path / "o.json").exists()
+
+
+def test_inputs_are_never_overwritten_and_bad_files_say_what_to_do(flickr8k, tmp_path):
+    img, caps = flickr8k / "Flicker8k_Dataset", flickr8k / "captions.txt"
+    before = caps.read_bytes()
+    with pytest.raises(DatasetError, match=r"--out .*captions.txt is also an input .*--force "
+                                           r"never overwrites an input"):
+        prepare("flickr8k", captions=caps, images=img, out=caps, force=True)
+    assert caps.read_bytes() == before
+    with pytest.raises(DatasetError, match=r"captions.txt is given twice"):
+        prepare("flickr8k", captions=[caps, flickr8k / "." / "captions.txt"], images=img,
+                out=tmp_path / "o.json")
+    zipped = tmp_path / "Flickr8k_text.zip"
+    zipped.write_bytes(b"PK\x03\x04" + bytes(40))
+    with pytest.raises(DatasetError, match=r"Flickr8k_text.zip is a zip archive; unpack it"):
+        prepare("flickr8k", captions=zipped, images=img, out=tmp_path / "o.json")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("image,caption\n1000_0000abc.jpg,un caf\xe9 .\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin1.txt:2: not UTF-8 text \(byte offset 37\); "
+                                           r"convert the file to UTF-8, e.g. iconv"):
+        prepare("flickr8k", captions=latin, images=img, out=tmp_path / "o.json")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(DatasetError, match=r"a-file is a file, not a folder; choose another --out"):
+        prepare("flickr8k", captions=caps, images=img, out=blocker / "sub" / "dataset.json")
+    # only the train list: the error says which lists are missing
+    with pytest.raises(DatasetError, match=r"split 'val' would have no images .*no split file "
+                                           r"gives 'val' images: pass every split's list"):
+        prepare("flickr8k", captions=caps, images=img, out=tmp_path / "o.json",
+                splits=_split_lists(flickr8k)[:1])
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_token_lines_with_spaces_read_and_every_image_lists_its_sentids(flickr8k, tmp_path):
+    spaced = tmp_path / "Flickr8k.token.txt"
+    spaced.write_text((flickr8k / "Flickr8k.token.txt").read_text().replace("\t", "  "))
+    rep = prepare("flickr8k", captions=spaced, images=flickr8k / "Flicker8k_Dataset",
+                  splits=_split_lists(flickr8k), out=tmp_path / "d.json")
+    assert rep.counts == {"train": 5, "val": 1, "test": 2} and rep.captions == 24
+    images = json.loads(rep.out.read_text())["images"]
+    assert [im["sentids"] for im in images] == [[s["sentid"] for s in im["sentences"]]
+                                                for im in images]
+    assert sorted(i for im in images for i in im["sentids"]) == list(range(24))
