@@ -146,8 +146,9 @@ def _check_nproc(cfg, nproc: int) -> None:
 
     from benchmark import distributed
     from benchmark.config import resolved_config
+    from benchmark.data import resolve_dataset
     from benchmark.device import select_device
-    from benchmark.runner import check_run_settings
+    from benchmark.runner import check_run_settings, preflight
 
     resolved_config(cfg)
     check_run_settings(cfg)
@@ -156,16 +157,19 @@ def _check_nproc(cfg, nproc: int) -> None:
               "cuda (or auto)")
     kind = select_device(cfg.device).type  # ConfigError for a device this machine lacks
     name = distributed.backend(kind)  # ConfigError for a bad CAPBENCH_DIST_BACKEND
+    distributed.timeout_seconds()  # and for a bad CAPBENCH_DIST_TIMEOUT
     gpus = torch.cuda.device_count()
     if kind == "cuda" and gpus < nproc and name != "gloo":
         _fail(f"--nproc {nproc}: this machine has {gpus} GPU(s); use at most one process a GPU "
               "(or set CAPBENCH_DIST_BACKEND=gloo to let processes share them)")
+    # what every rank would check first (dataset, results folder), said once, not N times
+    preflight(cfg, resolve_dataset(cfg.dataset), resolved_config(cfg))
 
 
 def _launch_torchrun(nproc: int) -> int:
     """Run this very command again under ``torchrun --nproc-per-node nproc`` (without
-    ``--nproc``); returns its exit code."""
-    import subprocess
+    ``--nproc``, :func:`benchmark.distributed.launch`); returns its exit code."""
+    from benchmark import distributed
 
     argv, skip = [], False
     for a in sys.argv[1:]:
@@ -178,7 +182,11 @@ def _launch_torchrun(nproc: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "benchmark.cli", *argv]
     err.print(f"launching: {' '.join(cmd)}", highlight=False)
-    return subprocess.call(cmd)
+    code = distributed.launch(nproc, argv)
+    if code:
+        err.print(f"error: the {nproc} processes stopped (exit code {code}); each failed rank's "
+                  "error is printed above. Records already written are kept.", highlight=False)
+    return code
 
 
 def _parse_seeds(text: str) -> list[int]:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 __all__ = ["launched_by_torchrun", "backend", "init", "shutdown", "rank", "world_size", "local_rank",
            "is_main", "share", "all_or_none", "barrier", "all_gather_object", "all_reduce_sum",
-           "broadcast_object"]
+           "broadcast_object", "launch", "timeout_seconds"]
 
 
 def launched_by_torchrun() -> bool:
@@ -61,10 +61,50 @@ def init(device: torch.device) -> None:
     name = backend(device.type)
     if device.type == "cuda":
         torch.cuda.set_device(device if device.index is not None else local_rank())
-    # rank 0 alone scores the test split and writes the record while the others wait: give
-    # collectives far more than the default 10 minutes (CAPBENCH_DIST_TIMEOUT, seconds)
-    timeout = timedelta(seconds=int(os.environ.get("CAPBENCH_DIST_TIMEOUT", "14400")))
-    dist.init_process_group(name, timeout=timeout)
+    dist.init_process_group(name, timeout=timedelta(seconds=timeout_seconds()))
+
+
+def timeout_seconds() -> int:
+    """How long a collective waits for the other ranks: ``$CAPBENCH_DIST_TIMEOUT`` seconds,
+    default 14400 (4 hours: rank 0 alone scores the test split and writes the record while
+    the others wait, far longer than torch's default 10 minutes). Raises ConfigError for a
+    value that is not a whole number of seconds >= 1."""
+    from benchmark.errors import ConfigError
+
+    text = os.environ.get("CAPBENCH_DIST_TIMEOUT", "").strip()
+    if not text:
+        return 14400
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"CAPBENCH_DIST_TIMEOUT={text!r}: give a whole number of seconds, at "
+                          "least 1 (or leave it unset: 14400, 4 hours)")
+    return value
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run ``python -m benchmark.cli *argv`` as ``nproc`` processes on this machine through
+    PyTorch's own launcher, in this process: exactly ``torchrun --standalone
+    --nproc-per-node nproc -m benchmark.cli *argv`` (``torch.distributed.run``). Returns the
+    exit code: 0; the largest exit code of the failed ranks (2 when they reported a user
+    mistake); or 130 when interrupted. Each failed rank has printed its own error, so
+    torchrun's traceback of the failure is not shown again."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m",
+                                "benchmark.cli", *argv])
+    try:
+        torchrun.run(args)
+    except ChildFailedError as exc:
+        codes = [f.exitcode for f in exc.failures.values()]
+        return max([c for c in codes if c > 0], default=1)
+    except (SignalException, KeyboardInterrupt):
+        return 130
+    return 0
 
 
 def shutdown() -> None:

@@ -378,6 +378,14 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                           f"{previous}; --resume continues it (this run starts afresh)",
                           highlight=False)
         previous = None
+    elif console is not None:
+        if previous is not None:
+            console.print(f"resuming {previous.stem} from its last completed epoch ({previous})",
+                          highlight=False)
+        elif resume:
+            console.print(f"[yellow]note:[/] --resume: no unfinished run of this config and seed "
+                          f"in {Path(cfg.results_dir) / 'unfinished'}; this run starts afresh",
+                          highlight=False)
     # rank 0 decides the run id and whether it resumes, for every rank alike
     run_id, resuming = distributed.broadcast_object(
         (previous.stem if previous else new_run_id(resolved["arch"], resolved["encoder"],

@@ -133,8 +133,11 @@ def test_cli_on_coco_mini(tmp_path):
 
 @pytest.mark.slow
 def test_seeds_compare_and_aggregate(tiny_shapes, tmp_path):
-    _run("run", "--config", "tiny", "--dataset", str(tiny_shapes), "--arch", "lstm",
-         "--epochs", "1", "--seeds", "0,1", "--results-dir", str(tmp_path))
+    said = _run("run", "--config", "tiny", "--dataset", str(tiny_shapes), "--arch", "lstm",
+                "--epochs", "1", "--seeds", "0,1", "--results-dir", str(tmp_path), "--resume")
+    # nothing to resume: said for each seed, and both run afresh
+    assert " ".join(said.output.split()).count("--resume: no unfinished run of this config and "
+                                               "seed in") == 2
     recs = sorted((json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")),
                   key=lambda r: r["seed"])
     assert [r["seed"] for r in recs] == [0, 1] and recs[0]["config_id"] == recs[1]["config_id"]

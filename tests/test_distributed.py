@@ -296,6 +296,60 @@ def test_the_backend_follows_the_device_unless_capbench_dist_backend_names_one(m
     assert out.exit_code == 2 and "CAPBENCH_DIST_BACKEND=nccl needs CUDA" in out.output
 
 
+def test_what_every_rank_would_refuse_is_said_once_before_torchrun_starts(monkeypatch, tmp_path):
+    """A bad CAPBENCH_DIST_TIMEOUT, a missing dataset or an unwritable results folder: one
+    error from the launcher (exit 2), and torchrun never starts."""
+    from typer.testing import CliRunner
+
+    from benchmark import distributed
+    from benchmark.cli import app
+    from benchmark.errors import ConfigError
+
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda nproc, argv: launched.append(argv) or 0)
+    args = ["run", "--config", "tiny", "--device", "cpu", "--nproc", "2"]
+    monkeypatch.delenv("CAPBENCH_DIST_TIMEOUT", raising=False)
+    assert distributed.timeout_seconds() == 14400
+    for bad in ("abc", "0", "-5", "1.5"):
+        monkeypatch.setenv("CAPBENCH_DIST_TIMEOUT", bad)
+        with pytest.raises(ConfigError, match=f"CAPBENCH_DIST_TIMEOUT='{bad}': give a whole"):
+            distributed.timeout_seconds()
+    out = CliRunner().invoke(app, [*args, "--results-dir", str(tmp_path / "r")])
+    assert out.exit_code == 2 and "CAPBENCH_DIST_TIMEOUT='1.5': give a whole number" in out.output
+    monkeypatch.setenv("CAPBENCH_DIST_TIMEOUT", " 60 ")
+    assert distributed.timeout_seconds() == 60
+    out = CliRunner().invoke(app, [*args, "--dataset", str(tmp_path / "no" / "dataset.json")])
+    assert out.exit_code == 2 and "no/dataset.json does not exist" in out.output
+    (tmp_path / "a-file").write_text("")
+    out = CliRunner().invoke(app, [*args, "--results-dir", str(tmp_path / "a-file")])
+    assert out.exit_code == 2 and "Pass --results-dir with a writable folder" in out.output
+    assert launched == []
+    out = CliRunner().invoke(app, [*args, "--results-dir", str(tmp_path / "r")])
+    assert out.exit_code == 0 and len(launched) == 1
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_ends_the_launch_with_its_error_and_no_traceback(tmp_path):
+    """An image no rank can read (found only while extracting): each rank prints its error,
+    the launcher says the processes stopped and exits 2, and no Python traceback (torchrun's
+    ChildFailedError) is shown."""
+    from benchmark.shapes import generate_shapes
+
+    dataset = generate_shapes(tmp_path / "ds", 40, 0)
+    (tmp_path / "ds" / "images" / "shapes_00004.png").write_text("not an image")
+    env = {**os.environ, "CAPBENCH_CACHE": str(tmp_path / "c"), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "benchmark.cli", "run", "--config", "tiny",
+                          "--dataset", str(dataset), "--device", "cpu", "--results-dir",
+                          str(tmp_path / "r"), "--nproc", "2"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text[-3000:]
+    assert "Traceback" not in text and "ChildFailedError" not in text
+    assert "error: cannot read image" in text and "shapes_00004.png" in text
+    assert "so this rank stops too" in text
+    assert "error: the 2 processes stopped (exit code 2)" in text
+
+
 def test_ranks_beyond_the_gpus_share_them_only_with_gloo(monkeypatch):
     """Under torchrun, `cuda` is GPU LOCAL_RANK; a rank beyond the machine's GPUs is an error,
     or with CAPBENCH_DIST_BACKEND=gloo takes GPU LOCAL_RANK % count (here 3 % 2 = 1)."""
