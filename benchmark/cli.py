@@ -283,8 +283,12 @@ def report(
         else:
             where = ", ".join(str(f / "runs") for f in folders)
             err.print(f"[yellow]no run records in {where}: no gallery written[/]", highlight=False)
+    if df.empty:
+        err.print(f"no runs found in {', '.join(str(f / 'runs') for f in folders)}",
+                  highlight=False)
     if format == "table" and output is None:
-        render_rich(df, console, columns=cols, wide=wide)
+        if not df.empty:
+            render_rich(df, console, columns=cols, wide=wide)
         return
     text = render(df, "markdown" if format == "table" else format)
     if output:
@@ -619,7 +623,7 @@ def matrix(
     With --shard i/N, only this machine's share of the cells (the same split on every machine)."""
     from benchmark.config import load_config
     from benchmark.errors import ConfigError
-    from benchmark.matrix import matrix_plan, parse_shard, run_matrix
+    from benchmark.matrix import matrix_plan, parse_shard, run_matrix, shard_units, shards_with_cells
     from benchmark.records import load_records
     from benchmark.report import leaderboard, render_rich
 
@@ -638,7 +642,15 @@ def matrix(
     def on_plan(cells, planned):
         counter["of"] = len(cells)
         if part is not None:
-            console.print(f"[bold]matrix shard {part}[/]: {len(cells)} of {planned} cells", highlight=False)
+            console.print(f"[bold]matrix shard {part}[/]: {len(cells)} of {len(planned)} cells",
+                          highlight=False)
+        if part is not None and not cells:
+            busy = shards_with_cells(planned, part.count)
+            units = len(shard_units(planned))
+            console.print(f"[yellow]note:[/] nothing to run on this shard: the matrix has {units} "
+                          f"(encoder, decoder, variant) unit(s), each run whole (all its seeds) "
+                          f"by one shard, so only shard(s) {', '.join(map(str, busy))} of "
+                          f"{part.count} get cells", highlight=False)
 
     def on_cell(cell):
         counter["n"] += 1

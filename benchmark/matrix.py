@@ -45,7 +45,7 @@ from benchmark.records import load_records
 from benchmark.runner import preflight, prepare_features, run_experiment
 
 __all__ = ["Cell", "MatrixResult", "MatrixPlan", "Shard", "matrix_plan", "parse_shard", "plan_cells",
-           "run_matrix", "shard_cells"]
+           "run_matrix", "shard_cells", "shard_units", "shards_with_cells"]
 
 
 @dataclass
@@ -184,10 +184,23 @@ def shard_cells(cells: list[Cell], shard: Shard | None) -> list[Cell]:
     get none."""
     if shard is None:
         return list(cells)
-    units = sorted({_shard_unit(c) for c in cells})
+    units = shard_units(cells)
     mine = set(units[(shard.index - 1) * len(units) // shard.count:
                      shard.index * len(units) // shard.count])
     return [c for c in cells if _shard_unit(c) in mine]
+
+
+def shard_units(cells: list[Cell]) -> list[tuple[str, str, str]]:
+    """The sorted (encoder, decoder, variant) units of ``cells``: what moves between shards
+    as a whole (:func:`shard_cells`)."""
+    return sorted({_shard_unit(c) for c in cells})
+
+
+def shards_with_cells(cells: list[Cell], count: int) -> list[int]:
+    """The shard numbers (1-based) of ``count`` that :func:`shard_cells` gives any of the
+    planned ``cells``: all of them unless there are more shards than (encoder, decoder,
+    variant) units."""
+    return [i for i in range(1, count + 1) if shard_cells(cells, Shard(i, count))]
 
 
 @dataclass
@@ -250,17 +263,17 @@ def _failure_path(results_dir: Path, cell: Cell) -> Path:
 def run_matrix(base: RunConfig, archs: list[str], encoders: list[str], seeds: list[int],
                console=None, on_cell=None, variants: dict[str, dict] | None = None, *,
                shard: Shard | None = None,
-               on_plan: Callable[[list[Cell], int], None] | None = None) -> MatrixResult:
+               on_plan: Callable[[list[Cell], list[Cell]], None] | None = None) -> MatrixResult:
     """Run every pending cell (of ``shard`` only, when given: :func:`shard_cells`).
 
     ``on_plan(cells, planned)`` is called once the cells are planned, before any work, with
-    the cells this call runs and the whole matrix's cell count; ``on_cell(cell)`` after each
+    the cells this call runs and the whole matrix's cells; ``on_cell(cell)`` after each
     cell finishes."""
     t0 = time.perf_counter()
     planned = plan_cells(base, archs, encoders, seeds, variants)
     cells = shard_cells(planned, shard)
     if on_plan:
-        on_plan(cells, len(planned))
+        on_plan(cells, planned)
     dataset = resolve_dataset(base.dataset)
     fingerprint = dataset.fingerprint
     results_dir = Path(base.results_dir)

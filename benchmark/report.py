@@ -491,8 +491,9 @@ def load_records_from(results_dirs: str | Path | Sequence[str | Path]):
 
     A run id met in two folders counts once when both records hold the same content (a
     folder copied twice, a shared file system); records of one folder are kept as they are.
-    Raises RecordError when a folder does not exist (naming it), and when one run id has
-    records of different content in two folders (naming both files)."""
+    Raises RecordError when a folder does not exist, is a file, or is itself a ``runs/``
+    folder (naming it and its parent), and when one run id has records of different content
+    in two folders (naming both files)."""
     from benchmark.errors import RecordError
     from benchmark.records import load_records
 
@@ -500,9 +501,16 @@ def load_records_from(results_dirs: str | Path | Sequence[str | Path]):
     if not folders:
         raise RecordError("no --results-dir given")
     for folder in folders:
+        if folder.is_file():
+            raise RecordError(f"--results-dir {folder} is a file, not a folder; pass the folder "
+                              "that holds runs/ (runs are written to <results-dir>/runs/)")
         if not folder.is_dir():
             raise RecordError(f"--results-dir {folder} does not exist (runs are written to "
                               "<results-dir>/runs/)")
+        if folder.name == "runs" and not (folder / "runs").is_dir() and any(folder.glob("*.json")):
+            raise RecordError(f"--results-dir {folder} holds the run records themselves; pass "
+                              f"its parent folder, --results-dir {folder.parent} (records are "
+                              "read from <results-dir>/runs/)")
     records, problems = [], []
     seen: dict[str, tuple[Path, RunRecord]] = {}
     for folder in folders:

@@ -229,7 +229,19 @@ def test_report_names_a_missing_folder_among_several(tmp_path):
     a = _folder(tmp_path / "a", A1)
     code, text = _report("--results-dir", a, "--results-dir", tmp_path / "nowhere")
     assert code == 2 and f"--results-dir {tmp_path / 'nowhere'} does not exist" in " ".join(text.split())
+    (tmp_path / "a-file").write_text("")
+    code, text = _report("--results-dir", a, "--results-dir", tmp_path / "a-file")
+    assert code == 2 and f"--results-dir {tmp_path / 'a-file'} is a file, not a folder" in \
+        " ".join(text.split())
+    # the runs/ folder itself: the records are there, the board is one level up
+    code, text = _report("--results-dir", a / "runs")
+    assert code == 2 and (f"--results-dir {a / 'runs'} holds the run records themselves; pass "
+                          f"its parent folder, --results-dir {a}") in " ".join(text.split())
     assert not (a / "LEADERBOARD.md").exists()  # nothing written before the error
+    (tmp_path / "empty").mkdir()
+    out = runner.invoke(app, ["report", "--results-dir", str(tmp_path / "empty")])
+    assert out.exit_code == 0 and f"no runs found in {tmp_path / 'empty' / 'runs'}" in \
+        " ".join(out.output.split())
 
 
 def test_a_shard_without_cells_runs_nothing_and_leaves_an_empty_folder(tiny_shapes, tmp_path,
@@ -239,6 +251,9 @@ def test_a_shard_without_cells_runs_nothing_and_leaves_an_empty_folder(tiny_shap
                               "--results-dir", str(tmp_path / "s1")])
     assert out.exit_code == 0, out.output
     assert fake_cells == [] and "matrix shard 1/2: 0 of 1 cells, 0 run" in out.output
+    assert ("nothing to run on this shard: the matrix has 1 (encoder, decoder, variant) unit(s), "
+            "each run whole (all its seeds) by one shard, so only shard(s) 2 of 2 get cells") \
+        in " ".join(out.output.split())
     assert (tmp_path / "s1" / "runs").is_dir()  # so a report over every shard folder finds it
     code, text = _report("--results-dir", tmp_path / "s1", "--format", "csv")
     assert code == 0
