@@ -49,7 +49,7 @@ import torch
 
 from benchmark.errors import ConfigError
 
-__all__ = ["STEPS", "Step", "plan", "gpu_table", "render", "environment"]
+__all__ = ["STEPS", "Step", "plan", "gpu_table", "render", "environment", "compare_ddp_runs"]
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the steps, in the order they run (most wanted first, the optional compile timing last)
@@ -207,13 +207,15 @@ def _json_rows(stdout: str):
         return None
 
 
-def _ddp_result(work: Path) -> dict:
-    """The two DDP runs' records side by side: loss and reward differences, identical
-    predictions and metrics."""
+def compare_ddp_runs(one_dir: Path, two_dir: Path) -> dict:
+    """The records of one run in ``one_dir`` (1 process) and one in ``two_dir`` (several),
+    side by side: ``world_size``, ``phases``, the largest per-epoch loss and SCST reward
+    differences, whether predictions and metrics are identical, and both CIDEr-D values.
+    Raises ValueError unless each folder holds exactly one record."""
     from benchmark.records import load_records
 
-    (one,), _ = load_records(work / "ddp" / "ranks-1")
-    (two,), _ = load_records(work / "ddp" / "ranks-2")
+    (one,), _ = load_records(one_dir)
+    (two,), _ = load_records(two_dir)
     h1, h2 = one.training["history"], two.training["history"]
     losses = [abs(a["loss"] - b["loss"]) for a, b in zip(h1, h2, strict=True)]
     rewards = [abs(a["reward"] - b["reward"]) for a, b in zip(h1, h2, strict=True)
@@ -309,7 +311,7 @@ def _entry(step: Step, runs: list[dict], work: Path, device: str) -> dict:
     entry: dict = {"ok": True, "seconds": seconds}
     try:
         if step.name == "ddp":
-            entry["rows"] = _ddp_result(work)
+            entry["rows"] = compare_ddp_runs(work / "ddp" / "ranks-1", work / "ddp" / "ranks-2")
             from benchmark.distributed import backend
 
             entry["backend"] = step.env.get("CAPBENCH_DIST_BACKEND") or \

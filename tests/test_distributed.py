@@ -55,6 +55,19 @@ def test_two_gloo_processes_train_like_one_with_the_same_global_batch(tmp_path):
     manifest = json.loads((store / "manifest.json").read_text())
     assert len(manifest["shards"]) == -(-len(manifest["image_ids"]) // 16) > 2
     assert not list((tmp_path / "two" / "unfinished").glob("**/*.pt"))
+    # capbench gpu-table's DDP step reads the same two folders into these figures
+    from benchmark.gpu_table import compare_ddp_runs, environment, render
+
+    got = compare_ddp_runs(tmp_path / "one", tmp_path / "two")
+    assert got == {"world_size": 2, "phases": ["xe", "xe", "scst", "scst"],
+                   "max_loss_diff": max(abs(x - y) for x, y in zip(a, b, strict=True)),
+                   "max_reward_diff": max(abs(x - y) for x, y in zip(r1, r2, strict=True)),
+                   "same_predictions": True, "same_metrics": True,
+                   "cider_one": one.metrics["CIDEr"], "cider_two": two.metrics["CIDEr"]}
+    md = render({"environment": environment("cpu"), "quick": True,
+                 "steps": {"ddp": {"ok": True, "seconds": 1.0, "backend": "gloo", "rows": got}}})
+    assert (f"DDP, 2 processes (gloo) against 1, phases xe/xe/scst/scst: largest loss difference "
+            f"{got['max_loss_diff']:.1e}") in md and f"CIDEr {one.metrics['CIDEr']:.4f} vs" in md
 
 
 @pytest.mark.slow
