@@ -284,8 +284,8 @@ def report(
             where = ", ".join(str(f / "runs") for f in folders)
             err.print(f"[yellow]no run records in {where}: no gallery written[/]", highlight=False)
     if df.empty:
-        err.print(f"no runs found in {', '.join(str(f / 'runs') for f in folders)}",
-                  highlight=False)
+        err.print(f"no {'readable ' if problems else ''}runs found in "
+                  f"{', '.join(str(f / 'runs') for f in folders)}", highlight=False)
     if format == "table" and output is None:
         if not df.empty:
             render_rich(df, console, columns=cols, wide=wide)

@@ -88,9 +88,11 @@ def launch(nproc: int, argv: list[str]) -> int:
     """Run ``python -m benchmark.cli *argv`` as ``nproc`` processes on this machine through
     PyTorch's own launcher, in this process: exactly ``torchrun --standalone
     --nproc-per-node nproc -m benchmark.cli *argv`` (``torch.distributed.run``). Returns the
-    exit code: 0; the largest exit code of the failed ranks (2 when they reported a user
-    mistake); or 130 when interrupted. Each failed rank has printed its own error, so
-    torchrun's traceback of the failure is not shown again."""
+    exit code: 0; the exit code of the rank that failed first (2 when it reported a user
+    mistake; the ranks it stopped exit 2 as well, so the first is the one that counts); or
+    128 + the signal number when interrupted (130 for Ctrl-C, 143 for SIGTERM). Each failed
+    rank has printed its own error, so torchrun's traceback of the failure is not shown
+    again."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -100,9 +102,11 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         torchrun.run(args)
     except ChildFailedError as exc:
-        codes = [f.exitcode for f in exc.failures.values()]
-        return max([c for c in codes if c > 0], default=1)
-    except (SignalException, KeyboardInterrupt):
+        _, first = exc.get_first_failure()
+        return first.exitcode if first.exitcode > 0 else 1
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    except KeyboardInterrupt:
         return 130
     return 0
 

@@ -629,9 +629,8 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
         encoder, images, todo, batch_size=batch_size, device=device, num_workers=num_workers,
         progress=progress, image_decoder=image_decoder))
     distributed.barrier()
-    if rank == 0:
-        write_manifest(folder, key, identity, per, names, ids)
-    distributed.barrier()
+    distributed.all_or_none(  # rank 0 writes the manifest; a full disk there stops them all
+        lambda: write_manifest(folder, key, identity, per, names, ids) if rank == 0 else None)
     store = open_store(folder, ids)
     if store is None:
         raise StorageError(f"the feature store {folder} is incomplete after extraction; "

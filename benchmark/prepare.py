@@ -642,13 +642,14 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
     for p in [*captions, *split_paths]:
         if not p.is_file():
             raise DatasetError(f"{p} does not exist")
-    inputs = [*captions, *split_paths]
-    for i, p in enumerate(inputs):
+    for p in [*captions, *split_paths]:
         if out.exists() and os.path.samefile(p, out):
             raise DatasetError(f"--out {out} is also an input ({p}); choose another --out "
                                "(--force never overwrites an input)")
-        if any(os.path.samefile(p, q) for q in inputs[:i]):
-            raise DatasetError(f"{p} is given twice (--captions/--splits); pass each file once")
+    for flag, paths in (("--captions", captions), ("--splits", split_paths)):
+        for i, p in enumerate(paths):  # one Karpathy JSON as --captions and --splits is fine
+            if any(os.path.samefile(p, q) for q in paths[:i]):
+                raise DatasetError(f"{flag} {p} is given twice; pass each file once")
     if out.exists() and not force:
         raise DatasetError(f"{out} already exists; choose another --out or pass --force to overwrite it")
     _check_out_folder(out)

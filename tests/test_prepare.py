@@ -365,7 +365,7 @@ def test_inputs_are_never_overwritten_and_bad_files_say_what_to_do(flickr8k, tmp
                                            r"never overwrites an input"):
         prepare("flickr8k", captions=caps, images=img, out=caps, force=True)
     assert caps.read_bytes() == before
-    with pytest.raises(DatasetError, match=r"captions.txt is given twice"):
+    with pytest.raises(DatasetError, match=r"--captions .*captions.txt is given twice"):
         prepare("flickr8k", captions=[caps, flickr8k / "." / "captions.txt"], images=img,
                 out=tmp_path / "o.json")
     zipped = tmp_path / "Flickr8k_text.zip"
@@ -395,6 +395,10 @@ def test_token_lines_with_spaces_read_and_every_image_lists_its_sentids(flickr8k
     rep = prepare("flickr8k", captions=spaced, images=flickr8k / "Flicker8k_Dataset",
                   splits=_split_lists(flickr8k), out=tmp_path / "d.json")
     assert rep.counts == {"train": 5, "val": 1, "test": 2} and rep.captions == 24
+    # one Karpathy JSON as both --captions and --splits, as before
+    karpathy = prepare("flickr8k", captions=rep.out, splits=rep.out,
+                       images=flickr8k / "Flicker8k_Dataset", out=tmp_path / "again.json")
+    assert karpathy.counts == rep.counts
     images = json.loads(rep.out.read_text())["images"]
     assert [im["sentids"] for im in images] == [[s["sentid"] for s in im["sentences"]]
                                                 for im in images]
