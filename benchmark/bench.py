@@ -126,8 +126,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int | None = Non
     CUDA, where a 4096 product lasts about 0.2 ms on an H100 and would time the launch).
     Check :func:`bf16_supported` before asking for bf16."""
     cuda = device.type == "cuda"
-    return matmul_rate(*(n or (8192 if cuda else 4096),) * 3, device, dtype,
-                       iters=iters or (10 if cuda else 3))
+    size = n or (8192 if cuda else 4096)
+    return matmul_rate(size, size, size, device, dtype, iters=iters or (10 if cuda else 3))
 
 
 def add_utilisation(row: dict, peaks: dict[str, float]) -> dict:
@@ -236,34 +236,23 @@ def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters:
 def bench_encoder(name: str, device: torch.device, *, batch_size: int = 16, iters: int = 3,
                   warmup: int = 1) -> dict:
     """Forward images/s on random pixels, GFLOPs per image and batch-1 latency of an encoder
-    (random weights). On CUDA it runs as extraction does: bf16 autocast, channels-last and
-    ``cudnn.benchmark``."""
+    (random weights), run as extraction runs it (:func:`benchmark.features.extraction_mode`:
+    on CUDA bf16 autocast, channels-last and ``cudnn.benchmark``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from benchmark.features import extraction_mode
+
     enc = create_encoder(name, pretrained=False).to(device).eval()
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     shape = enc.input_size()
     x = torch.randn(batch_size, *shape, device=device)
     with FlopCounterMode(display=False) as counter:
         enc(x[:1])
-    if cuda:  # as extraction runs (features.encode_batches): NHWC, cuDNN autotuning
-        enc = enc.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
-
-    def fwd(inp):
-        with torch.inference_mode(), amp:
-            enc(inp)
-
-    benchmark_before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = cuda or benchmark_before
-    try:
-        t = time_fn(lambda: fwd(x), device, warmup=warmup, iters=iters)
-        lat = time_fn(lambda: fwd(x[:1]), device, warmup=warmup, iters=max(iters * 3, 10))
-    finally:
-        torch.backends.cudnn.benchmark = benchmark_before
+    with extraction_mode(enc, device) as (run, memory_format):
+        x = x.contiguous(memory_format=memory_format)
+        t = time_fn(lambda: run(x), device, warmup=warmup, iters=iters)
+        lat = time_fn(lambda: run(x[:1]), device, warmup=warmup, iters=max(iters * 3, 10))
     return {"encoder": enc.name, "device": str(device), "batch_size": batch_size,
             "input": "x".join(map(str, shape)), "grid": f"{enc.grid_size}x{enc.grid_dim}",
             "params": sum(p.numel() for p in enc.parameters()),

@@ -43,7 +43,7 @@ MANIFEST = "manifest.json"
 __all__ = ["FeatureStore", "ShardedRows", "feature_cache_key",
            "extract_features", "encode_batches", "load_or_extract", "open_store", "store_folder",
            "shard_images", "channel_stats", "take_rows", "write_shard", "write_manifest",
-           "default_num_workers", "feature_bytes", "store_identity"]
+           "default_num_workers", "feature_bytes", "store_identity", "extraction_mode"]
 
 
 class ShardedRows:
@@ -58,10 +58,12 @@ class ShardedRows:
     ``shape``: ``(N, *row_shape)``; ``dtype``: float16, or float32 when any shard is float32.
     """
 
-    def __init__(self, files: list[Path], name: str) -> None:
+    def __init__(self, files: list[Path], name: str, headers: list[tuple[int, dict]] | None = None,
+                 ) -> None:
         self.files, self.name = [Path(f) for f in files], name
         self._fds: dict[int, int] = {}
-        headers = [_safetensors_header(f) for f in self.files]
+        # headers: the files' (data offset, header) when the caller has read them already
+        headers = headers or [_safetensors_header(f) for f in self.files]
         infos = [h[name] for _, h in headers]
         self._data_start = [start + info["data_offsets"][0]
                             for (start, _), info in zip(headers, infos, strict=True)]
@@ -372,25 +374,37 @@ def encode_batches(encoder, images: list[ImageRecord], batches: list[list[int]],
     has a step without a tensor version). ``progress`` is an optional callable(n_done)."""
     from benchmark.pixels import pixel_batches
 
-    device = torch.device(device)
     workers = default_num_workers() if num_workers is None else num_workers
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    pixels_of = pixel_batches(encoder.transform, images, batches, device, num_workers=workers,
-                              image_decoder=image_decoder, memory_format=memory_format)
+    with extraction_mode(encoder, device) as (encoder, memory_format), \
+            contextlib.closing(pixel_batches(encoder.transform, images, batches, torch.device(device),
+                                             num_workers=workers, image_decoder=image_decoder,
+                                             memory_format=memory_format)) as pixels_of:
+        for pixels in pixels_of:
+            g, p = encoder(pixels)
+            if progress:
+                progress(len(pixels))
+            yield g.float().cpu(), p.float().cpu()
+
+
+@contextlib.contextmanager
+def extraction_mode(encoder, device: str | torch.device):
+    """Run ``encoder`` as feature extraction does, for the block's duration: in eval mode on
+    ``device``, under inference mode; on CUDA also under bf16 autocast, with channels-last
+    weights (NHWC, the tensor cores' layout) and ``cudnn.benchmark`` (cuDNN picks the
+    fastest convolution for the fixed input size; the setting is restored afterwards).
+    Yields ``(encoder, memory_format)``: the encoder to call and the memory format its
+    pixels should have. :func:`benchmark.bench.bench_encoder` times encoders this way."""
+    cuda = torch.device(device).type == "cuda"
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
     encoder = encoder.to(device).eval()
     benchmark_before = torch.backends.cudnn.benchmark
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" \
-        else contextlib.nullcontext()
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
     try:
-        if device.type == "cuda":  # cuDNN picks the fastest convolution for the fixed size
+        if cuda:
             torch.backends.cudnn.benchmark = True
-            encoder = encoder.to(memory_format=memory_format)  # NHWC: the tensor cores' layout
-        with torch.inference_mode(), autocast, contextlib.closing(pixels_of):
-            for pixels in pixels_of:
-                g, p = encoder(pixels)
-                if progress:
-                    progress(len(pixels))
-                yield g.float().cpu(), p.float().cpu()
+            encoder = encoder.to(memory_format=memory_format)
+        with torch.inference_mode(), autocast:
+            yield encoder, memory_format
     finally:
         torch.backends.cudnn.benchmark = benchmark_before
 
@@ -477,10 +491,11 @@ def _folder(identity: dict, key: str, cache_dir: str | Path | None) -> Path:
     return root / f"{identity['encoder']}-{key}"
 
 
-def _shard_ids(path: Path) -> list | None:
-    """The image ids a complete shard file holds (None when absent, unreadable or short)."""
+def _shard_ids(path: Path, header: tuple[int, dict] | None = None) -> list | None:
+    """The image ids a complete shard file holds (None when absent, unreadable or short);
+    ``header``: its ``(data offset, header)`` when read already."""
     try:
-        start, header = _safetensors_header(path)
+        start, header = header or _safetensors_header(path)
         end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
         if path.stat().st_size < start + end:
             return None
@@ -528,10 +543,11 @@ def open_store(folder: str | Path, image_ids: list | None = None) -> FeatureStor
         if image_ids is not None and manifest["image_ids"] != image_ids:
             return None
         files = [folder / name for name in manifest["shards"]]
-        held = [_shard_ids(f) for f in files]
+        headers = [_safetensors_header(f) for f in files]  # each read once, for all three
+        held = [_shard_ids(f, h) for f, h in zip(files, headers, strict=True)]
         if None in held or [i for ids in held for i in ids] != manifest["image_ids"]:
             return None
-        grid, pooled = ShardedRows(files, "grid"), ShardedRows(files, "pooled")
+        grid, pooled = ShardedRows(files, "grid", headers), ShardedRows(files, "pooled", headers)
     except (OSError, ValueError, KeyError, TypeError, DatasetError):
         return None
     if len(grid) != len(manifest["image_ids"]) or len(pooled) != len(grid):
