@@ -17,6 +17,11 @@ class RecordError(CapbenchError):
     """A run record cannot be read or does not fit the requested operation."""
 
 
+class ScoringError(CapbenchError):
+    """Captions cannot be scored as given (e.g. the tokenizer's output does not match them one
+    to one); nothing is scored rather than a wrong number."""
+
+
 class StorageError(CapbenchError):
     """A folder capbench must write to is unwritable or too full (the message names it and
     says what to do)."""

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmark.errors import ScoringError
+
 ALL_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 #: metrics scored per image (BLEU is corpus-level: its per-image n-gram counts are kept instead)
 PER_IMAGE_METRICS = tuple(m for m in ALL_METRICS if not m.startswith("Bleu_"))
@@ -52,7 +54,7 @@ METEOR_STATS_KEY = "METEOR_stats"
 METEOR_STATS_LENGTH = 23
 
 __all__ = ["ScoreResult", "score_captions", "ptb_tokenize", "java_version", "metric_status",
-           "java_tokenizer_available",
+           "java_tokenizer_available", "one_line", "LINE_BREAKS",
            "ALL_METRICS", "PER_IMAGE_METRICS", "MeteorJar", "meteor_jar", "close_meteor_jar",
            "METEOR_STATS_KEY", "METEOR_STATS_LENGTH"]
 
@@ -137,33 +139,59 @@ def _python_ptb(text: str) -> list[str]:
     return _PY_TOKEN.findall(text.lower())
 
 
+# Every character that ends a line for Python (``str.splitlines``) or for the Java side: the
+# line readers (``\n``, ``\r``) and CoreNLP's PTBLexer, which also breaks lines at \v, \f,
+# U+2028 and U+2029 (and reads U+0085 as "..."). One of them inside a caption would shift every
+# later caption of ``-preserveLines`` output onto another image's line.
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_ONE_LINE = str.maketrans(dict.fromkeys(LINE_BREAKS, " "))
+
+
+def one_line(caption: str) -> str:
+    """``caption`` with every character of :data:`LINE_BREAKS` replaced by a space, as
+    COCOEvalCap's ``PTBTokenizer`` replaces ``\n`` (its only one): the tokens are those of the
+    caption with a space there, so a stray ``\r`` scores exactly as a space would."""
+    return caption.translate(_ONE_LINE)
+
+
+def _java_ptb(sentences: list[str]) -> list[list[str]]:
+    """Stanford's ``PTBTokenizer -preserveLines -lowerCase`` over one caption a line, in a
+    temporary folder. Raises ScoringError unless it returns exactly one line per caption."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import STANFORD_CORENLP_3_4_1_JAR
+
+    jar = _pkg_dir() / "tokenizer" / STANFORD_CORENLP_3_4_1_JAR
+    with tempfile.TemporaryDirectory(prefix=f"capbench-ptb-{os.getpid()}-") as tmp:
+        src = Path(tmp) / "sentences.txt"
+        src.write_bytes("\n".join(sentences).encode())
+        cmd = ["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
+               "-preserveLines", "-lowerCase", src.name]
+        out = subprocess.run(cmd, cwd=tmp, capture_output=True, check=True).stdout.decode()
+    lines = out.split("\n")
+    if len(lines) != len(sentences):
+        raise ScoringError(f"the PTB tokenizer returned {len(lines)} lines for {len(sentences)} "
+                           "captions, so its lines cannot be matched to images; nothing was "
+                           "scored (a caption holds a line break capbench does not know?)")
+    return [line.rstrip().split(" ") for line in lines]
+
+
 def ptb_tokenize(captions: dict, *, use_java: bool | None = None) -> dict:
     """PTB-tokenize ``{image_id: [caption, ...]}`` and drop punctuation, as COCOEvalCap does.
 
-    Runs Stanford's ``PTBTokenizer -preserveLines -lowerCase`` (the jar shipped in
-    pycocoevalcap) in a temporary folder. ``use_java=False`` (or no Java) uses a Python
-    approximation instead. Returns ``{image_id: [tokenized caption, ...]}`` in input order.
+    Every line-breaking character becomes a space first (:func:`one_line`), for both
+    tokenizers. Runs Stanford's ``PTBTokenizer -preserveLines -lowerCase`` (the jar shipped in
+    pycocoevalcap); ``use_java=False`` (or no Java) uses a Python approximation instead.
+    Returns ``{image_id: [tokenized caption, ...]}`` in input order. Raises ScoringError when
+    the tokenizer's output does not hold one line per caption.
     """
-    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, STANFORD_CORENLP_3_4_1_JAR
+    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
     ids = [k for k, v in captions.items() for _ in v]
-    sentences = [c.replace("\n", " ") for v in captions.values() for c in v]
+    sentences = [one_line(c) for v in captions.values() for c in v]
     if use_java is None:
         use_java = java_tokenizer_available()
-    if use_java:
-        jar = _pkg_dir() / "tokenizer" / STANFORD_CORENLP_3_4_1_JAR
-        with tempfile.TemporaryDirectory(prefix=f"capbench-ptb-{os.getpid()}-") as tmp:
-            src = Path(tmp) / "sentences.txt"
-            src.write_bytes("\n".join(sentences).encode())
-            cmd = ["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
-                   "-preserveLines", "-lowerCase", src.name]
-            out = subprocess.run(cmd, cwd=tmp, capture_output=True, check=True).stdout.decode()
-        lines = out.split("\n")
-        token_lists = [line.rstrip().split(" ") for line in lines[: len(sentences)]]
-    else:
-        token_lists = [_python_ptb(s) for s in sentences]
+    token_lists = _java_ptb(sentences) if use_java else [_python_ptb(s) for s in sentences]
     result: dict = {k: [] for k in captions}
-    for k, tokens in zip(ids, token_lists, strict=False):
+    for k, tokens in zip(ids, token_lists, strict=True):
         result[k].append(" ".join(w for w in tokens if w not in PUNCTUATIONS))
     return result
 

@@ -28,6 +28,28 @@ def tiny_shapes(tmp_path_factory) -> Path:
     return generate_shapes(tmp_path_factory.mktemp("shapes"), n_images=40, seed=1)
 
 
+@pytest.fixture(scope="session")
+def coco_demo_cli() -> dict:
+    """``capbench eval --format json`` of the official COCO caption demo file against COCO's
+    val2014 references (scored once a session; skipped where shared data is absent)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from benchmark.cli import app
+    from benchmark.metrics import _pkg_dir
+
+    if not COCO_DEMO.exists():
+        pytest.skip(f"{COCO_DEMO} not found (shared data absent)")
+    before = sorted(p.name for p in _pkg_dir().rglob("*"))
+    result = CliRunner().invoke(app, ["eval", str(COCO_DEMO), "--references", "coco-val2014",
+                                      "--format", "json"])
+    assert result.exit_code == 0, result.output
+    # nothing was written inside pycocoevalcap's install folder (scoring works read-only)
+    assert sorted(p.name for p in _pkg_dir().rglob("*")) == before
+    return json.loads(result.output)
+
+
 def needs(path: Path):
     """Skip cleanly where ../shared/data is absent."""
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not found (shared data absent)")
