@@ -9,21 +9,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from benchmark.decoding import DecodeConfig
 from benchmark.errors import ConfigError
+from benchmark.userfiles import quote, read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 __all__ = ["RunConfig", "TrainConfig", "FeatureConfig", "load_config", "config_to_dict",
            "CONFIG_DIR", "resolve_config_path", "read_config_file", "resolved_config", "config_id",
-           "apply_overrides",
-           "check_ranges"]
+           "apply_overrides", "check_ranges", "check_seeds", "MAX_SEED", "MAX_EPOCHS", "MAX_BATCH"]
+
+
+#: numpy's and PyTorch's seeds are 32-bit (``np.random.seed`` refuses more)
+MAX_SEED = 2**32 - 1
+#: epochs of one phase (cross-entropy or SCST); far beyond any captioning schedule
+MAX_EPOCHS = 10_000
+#: images or captions per batch
+MAX_BATCH = 65_536
 
 
 def _r(default, **bounds):
@@ -53,19 +60,19 @@ class TrainConfig:
     speedup).
     """
 
-    epochs: int = _r(10, min=1)
-    batch_size: int = _r(64, min=1)
+    epochs: int = _r(10, min=1, max=MAX_EPOCHS)
+    batch_size: int = _r(64, min=1, max=MAX_BATCH)
     lr: float = _r(5e-4, min_exclusive=0.0)
     weight_decay: float = _r(0.01, min=0.0)
     warmup_frac: float = _r(0.05, min=0.0, max=1.0)
     grad_clip: float = _r(5.0, min=0.0)
     label_smoothing: float = _r(0.0, min=0.0, max_exclusive=1.0)
-    max_caption_len: int = _r(20, min=1)
-    min_word_count: int = _r(2, min=1)
-    val_every: int = _r(1, min=1)
-    patience: int = _r(0, min=0)
-    scst_epochs: int = _r(0, min=0)
-    scst_samples: int = _r(5, min=2)
+    max_caption_len: int = _r(20, min=1, max=1024)
+    min_word_count: int = _r(2, min=1, max=1_000_000)
+    val_every: int = _r(1, min=1, max=MAX_EPOCHS)
+    patience: int = _r(0, min=0, max=MAX_EPOCHS)
+    scst_epochs: int = _r(0, min=0, max=MAX_EPOCHS)
+    scst_samples: int = _r(5, min=2, max=64)
     scst_lr: float = _r(5e-5, min_exclusive=0.0)
     compile: bool = False
 
@@ -81,12 +88,12 @@ class FeatureConfig:
     encoder library's own PIL preprocessing in the DataLoader's workers) or ``torchvision``
     (decoding with nvJPEG and preprocessing on the GPU, see :mod:`benchmark.pixels`)."""
 
-    batch_size: int = _r(32, min=1)
+    batch_size: int = _r(32, min=1, max=MAX_BATCH)
     normalize: bool = True
-    throughput_images: int = _r(64, min=0)
-    num_workers: int | None = _r(None, min=0)
+    throughput_images: int = _r(64, min=0, max=10_000_000)
+    num_workers: int | None = _r(None, min=0, max=256)
     cache_dir: str | None = None
-    shard_size: int | None = _r(None, min=1)
+    shard_size: int | None = _r(None, min=1, max=10_000_000)
     image_decoder: str = _r("pil", choices=("pil", "torchvision"))
 
 
@@ -110,12 +117,12 @@ class RunConfig:
     dataset: str = "shapes"
     pretrained: bool = True
     weights: str | None = None
-    encoder_init_seed: int = _r(0, min=0)
-    seed: int = _r(0, min=0)
+    encoder_init_seed: int = _r(0, min=0, max=MAX_SEED)
+    seed: int = _r(0, min=0, max=MAX_SEED)
     device: str = "auto"
     results_dir: str = "results"
     tokenizer: str = "word"
-    tokenizer_vocab_size: int = _r(1000, min=8)
+    tokenizer_vocab_size: int = _r(1000, min=8, max=1_000_000)
     log: str = _r("none", choices=("none", "tensorboard", "wandb"))
     encoder_trainable: str = _r("none", choices=("none", "last", "all"))
     encoder_lr: float = _r(1e-4, min_exclusive=0.0)
@@ -138,24 +145,26 @@ def _coerce(value: Any, default: Any, where: str, key: str = "") -> Any:
         return value
     if default is None:
         if key in _INT_FIELDS_WITH_NONE and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{where}: expected an integer or null, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer or null, got {quote(value)}")
         if key not in _INT_FIELDS_WITH_NONE and not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string or null, got {value!r}")
+            raise ConfigError(f"{where}: expected a string or null, got {quote(value)}")
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigError(f"{where}: expected true/false, got {quote(value)}")
         return value
     if isinstance(default, int) and not isinstance(default, bool):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {quote(value)}")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {quote(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if isinstance(default, str) and not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {quote(value)}")
     return value
 
 
@@ -194,6 +203,22 @@ def check_ranges(obj: Any, source: str = "config", prefix: str = "") -> None:
         why = _range_problem(value, dict(f.metadata))
         if why:
             raise ConfigError(f"{source}: {prefix}{f.name} = {value!r} is out of range ({why})")
+
+
+def check_seeds(seeds: list, where: str) -> list[int]:
+    """``seeds`` as given, checked: integers in ``[0, 2**32 - 1]``, each once (a repeated seed
+    would be aggregated as another run, n = 2 of the same numbers). Raises ConfigError naming
+    ``where`` (``--seeds``, or a matrix file's ``matrix.seeds``)."""
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise ConfigError(f"{where}: give integers, e.g. [0, 1, 2]")
+    bad = [x for x in seeds if not 0 <= x <= MAX_SEED]
+    if bad:
+        raise ConfigError(f"{where}: seed {bad[0]} is out of range (allowed: 0 to {MAX_SEED})")
+    repeated = sorted({x for x in seeds if seeds.count(x) > 1})
+    if repeated:
+        raise ConfigError(f"{where}: seed {repeated[0]} is given twice; each seed is one run, "
+                          "and the board's mean and std count every run")
+    return list(seeds)
 
 
 def _apply(obj: Any, values: dict, source: str, prefix: str = "") -> None:
@@ -235,15 +260,11 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 def read_config_file(name_or_path: str) -> tuple[Path, dict]:
     """``(path, mapping)`` of a preset or YAML file. Raises ConfigError naming the file when it
-    is missing, unreadable, not YAML (tags such as ``!!python`` are refused, never run) or not a
-    mapping at the top level."""
+    is missing, unreadable, not YAML (tags such as ``!!python`` are refused, never run), not a
+    mapping at the top level, or ambiguous (see :func:`benchmark.userfiles.read_yaml`:
+    duplicate keys, alias bombs, deep nesting)."""
     path = resolve_config_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the config file: {exc}") from exc
+    data = read_yaml(path, "config file", ConfigError) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return path, data

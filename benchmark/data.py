@@ -9,7 +9,6 @@ split is folded into ``train`` (the usual Karpathy convention).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import sys
 import unicodedata
@@ -18,7 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from benchmark.errors import ConfigError, DatasetError
+from benchmark.shapes import MAX_IMAGES as MAX_SHAPES
 from benchmark.shapes import default_shapes_path
+from benchmark.userfiles import describe, read_json
 
 SPLITS = ("train", "val", "test")
 
@@ -148,12 +149,33 @@ class CaptionDataset:
         return self.split_fingerprints()["all"]
 
 
-def _field(entry: dict, key: str, where: str, kind: type | tuple[type, ...]):
-    if key not in entry:
+def _field(entry: dict, key: str, where: str, kind: type, default=None):
+    """``entry[key]`` (``default`` when absent and not None), refused unless a ``kind``."""
+    if key not in entry and default is None:
         raise DatasetError(f"{where}: missing field {key!r}")
-    if not isinstance(entry[key], kind):
-        raise DatasetError(f"{where}: field {key!r} should be {getattr(kind, '__name__', kind)}")
-    return entry[key]
+    value = entry.get(key, default)
+    if not isinstance(value, kind):
+        name = {str: "a string", list: "a list"}.get(kind, kind.__name__)
+        raise DatasetError(f"{where}: field {key!r} must be {name}, got {describe(value)}")
+    return value
+
+
+def _sentence(s, where: str, filename: str) -> tuple[str, list[str]]:
+    """``(raw, tokens)`` of one Karpathy sentence (DatasetError naming ``where`` when a
+    field has the wrong type: ``raw`` a string, ``tokens`` a list of strings or null)."""
+    if not isinstance(s, dict) or ("raw" not in s and "tokens" not in s):
+        raise DatasetError(f"{where}: needs 'raw' text or 'tokens'")
+    raw, given = s.get("raw", ""), s.get("tokens") or []
+    if not isinstance(raw, str):
+        raise DatasetError(f"{where}.raw (image {filename}): a caption must be a string, got "
+                           f"{describe(raw)}")
+    bad = given if not isinstance(given, list) else \
+        next((t for t in given if not isinstance(t, str)), None)
+    if bad is not None:
+        raise DatasetError(f"{where}.tokens (image {filename}): must be a list of words (strings), "
+                           f"got {describe(bad)}; give the words as a list, or only 'raw'")
+    tokens = [normalize_text(t) for t in given] or caption_tokens(raw, where)
+    return raw or " ".join(tokens), tokens
 
 
 def load_karpathy(path: str | Path, *, check_images: bool = True) -> CaptionDataset:
@@ -171,13 +193,7 @@ def load_karpathy(path: str | Path, *, check_images: bool = True) -> CaptionData
         path = path / "dataset.json"
     if not path.is_file():
         raise DatasetError(f"dataset file {path} does not exist (pass a Karpathy dataset.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON (line {exc.lineno}, col {exc.colno})") from exc
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it "
-                           "as UTF-8") from exc
+    data = read_json(path, "dataset", DatasetError, walk=False)  # fields checked one by one
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{path}: expected an object with an 'images' list (Karpathy format)")
     root = path.parent
@@ -198,22 +214,21 @@ def load_karpathy(path: str | Path, *, check_images: bool = True) -> CaptionData
             raise DatasetError(f"{where} ({filename}): has no sentences")
         raws, toks = [], []
         for j, s in enumerate(sentences):
-            if not isinstance(s, dict) or not isinstance(s.get("raw", s.get("tokens")), str | list):
-                raise DatasetError(f"{where}.sentences[{j}]: needs 'raw' text or 'tokens'")
-            given = [normalize_text(str(t)) for t in s.get("tokens") or []]
-            tokens = given or caption_tokens(str(s.get("raw", "")), f"{where}.sentences[{j}]")
-            raws.append(s.get("raw") or " ".join(tokens))
+            raw, tokens = _sentence(s, f"{where}.sentences[{j}]", filename)
+            raws.append(raw)
             toks.append(tuple(tokens))
-        image_id = entry.get("cocoid", entry.get("imgid", i))
+        id_field = "cocoid" if "cocoid" in entry else "imgid"
+        image_id = entry.get(id_field, i)
         if not isinstance(image_id, int | str | float) or isinstance(image_id, bool):
-            raise DatasetError(f"{where}: image id {image_id!r} should be an integer or a string")
+            raise DatasetError(f"{where}: field {id_field!r} (the image id) must be an integer or "
+                               f"a string, got {describe(image_id)}")
         key = image_id_key(image_id)
         if key in seen:
             j, first = seen[key]
             raise DatasetError(f"{where}: image id {image_id!r} appears twice: images[{j}] has id "
                                f"{first!r} (ids are compared as text: 42 and \"42\" are the same)")
         seen[key] = (i, image_id)
-        file = root / entry.get("filepath", "") / filename
+        file = root / _field(entry, "filepath", where, str, "") / filename
         if check_images and not file.is_file():
             missing.append(str(file))
         images.append(ImageRecord(image_id, filename, file, split, tuple(raws), tuple(toks)))
@@ -241,7 +256,7 @@ def resolve_dataset(spec: str) -> CaptionDataset:
         n = spec.partition(":")[2]
         if n and not n.isdigit():
             raise ConfigError(f"dataset {spec!r}: use shapes or shapes:N with N images (>= 10)")
-        if n and int(n) < 10:
-            raise ConfigError(f"dataset {spec!r}: shapes needs at least 10 images")
+        if n and not 10 <= int(n) <= MAX_SHAPES:
+            raise ConfigError(f"dataset {spec!r}: shapes takes 10 to {MAX_SHAPES:,} images")
         return load_karpathy(default_shapes_path(int(n) if n else 600))
     return load_karpathy(spec)

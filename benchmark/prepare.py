@@ -65,7 +65,8 @@ from typing import Literal
 
 from benchmark.data import image_id_key, simple_tokenize
 from benchmark.errors import ConfigError, DatasetError
-from benchmark.fsutil import atomic_write_text
+from benchmark.fsutil import atomic_write_text, refuse_overwrite
+from benchmark.userfiles import describe, parse_json, quote
 
 __all__ = ["prepare", "PrepareReport", "seeded_split", "split_counts", "KINDS", "KARPATHY_SIZES",
            "CSV_HEADER", "RESULTS_HEADER"]
@@ -202,11 +203,8 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _read_json(path: Path):
-    lines = _read_lines(path)
-    try:
-        return json.loads("\n".join(lines))
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, col {exc.colno})") from None
+    # a key given twice is refused; the fields are checked one by one, so no depth walk
+    return parse_json("\n".join(_read_lines(path)), path, "caption file", DatasetError, walk=False)
 
 
 def _expected_formats() -> str:
@@ -354,12 +352,15 @@ def _read_coco(path: Path, data: dict, acc: _Collect) -> None:
         ids[key] = acc.image(key, entry["file_name"], entry["id"], subs, subset)
     for j, ann in enumerate(data["annotations"]):
         where = f"{path.name}: annotations[{j}]"
-        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str) or "image_id" not in ann:
+        if not isinstance(ann, dict) or "caption" not in ann or "image_id" not in ann:
             acc.malformed.append(f"{where}: needs 'image_id' and 'caption'")
+            continue
+        if not isinstance(ann["caption"], str):
+            acc.malformed.append(f"{where}: caption must be a string, got {describe(ann['caption'])}")
             continue
         im = ids.get(image_id_key(ann["image_id"]))
         if im is None:
-            acc.malformed.append(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
+            acc.malformed.append(f"{where}: image_id {quote(ann['image_id'])} is not in 'images'")
             continue
         acc.caption(im, ann["caption"], where)
 
@@ -377,8 +378,14 @@ def _read_karpathy(path: Path, data: dict, acc: _Collect) -> None:
         if not isinstance(sentences, list):
             raise DatasetError(f"{path}: images[{i}] needs a 'sentences' list (Karpathy format)")
         image_id = entry.get("cocoid", entry.get("imgid"))
+        if image_id is not None and (not isinstance(image_id, int | str) or isinstance(image_id, bool)):
+            raise DatasetError(f"{path}: images[{i}]: the image id ('cocoid' or 'imgid') must be an "
+                               f"integer or a string, got {describe(image_id)}")
         key = image_id_key(image_id) if coco and image_id is not None else entry["filename"]
         filepath = entry.get("filepath") or ""
+        if not isinstance(filepath, str):
+            raise DatasetError(f"{path}: images[{i}]: field 'filepath' must be a string (a folder), "
+                               f"got {describe(filepath)}")
         im = acc.image(key, entry["filename"], image_id, (filepath, "") if filepath else ("",),
                        subset=filepath)
         im.split = split
@@ -386,9 +393,23 @@ def _read_karpathy(path: Path, data: dict, acc: _Collect) -> None:
             if not isinstance(s, dict):
                 acc.malformed.append(f"{where}.sentences[{j}]: should be an object")
                 continue
-            tokens = s.get("tokens") if isinstance(s.get("tokens"), list) else None
-            raw = s.get("raw") if isinstance(s.get("raw"), str) else " ".join(map(str, tokens or []))
-            acc.caption(im, raw, f"{where}.sentences[{j}]", tokens)
+            problem = _sentence_problem(s)
+            if problem:
+                acc.malformed.append(f"{where}.sentences[{j}] ({entry['filename']}): {problem}")
+                continue
+            tokens = s.get("tokens") or None
+            acc.caption(im, s.get("raw") or " ".join(tokens or []), f"{where}.sentences[{j}]", tokens)
+
+
+def _sentence_problem(s: dict) -> str | None:
+    """Why a Karpathy sentence's fields cannot be read as they are meant, or None."""
+    raw, tokens = s.get("raw"), s.get("tokens")
+    if raw is not None and not isinstance(raw, str):
+        return f"raw must be a string, got {describe(raw)}"
+    if tokens is not None and (not isinstance(tokens, list)
+                               or not all(isinstance(t, str) for t in tokens)):
+        return f"tokens must be a list of words (strings), got {describe(tokens)}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------- splits
@@ -652,6 +673,7 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
                 raise DatasetError(f"{flag} {p} is given twice; pass each file once")
     if out.exists() and not force:
         raise DatasetError(f"{out} already exists; choose another --out or pass --force to overwrite it")
+    refuse_overwrite(out, "--out", dataset_ok=True)  # a run record, even with --force
     _check_out_folder(out)
 
     acc = _Collect(kind)

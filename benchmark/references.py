@@ -17,6 +17,7 @@ from pathlib import Path
 
 from benchmark.data import image_id_key, load_karpathy
 from benchmark.errors import DatasetError
+from benchmark.userfiles import describe, quote, read_json
 
 BUILTIN = {"coco-val2014": "coco/annotations/captions_val2014.json",
            "coco-train2014": "coco/annotations/captions_train2014.json"}
@@ -28,20 +29,15 @@ __all__ = ["load_predictions", "load_references", "match_predictions", "evaluate
 def _read_json(path: Path, what: str):
     if not path.is_file():
         raise DatasetError(f"{what} file {path} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON (line {exc.lineno}, col {exc.colno})") from exc
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it "
-                           "as UTF-8") from exc
+    return read_json(path, what, DatasetError, walk=False)  # fields are checked one by one
 
 
 def load_predictions(path: str | Path) -> dict:
     """``{image_id: caption}`` from a COCO results list, in file order.
 
     Raises DatasetError for a non-list, an entry without ``image_id``/``caption``, an id
-    that is not an integer or a string, an empty caption, or an image id given twice
+    that is not an integer or a string, a caption that is not a string or is empty, or an
+    image id given twice
     (the COCO toolkit would silently keep one). Ids are compared as text, so ``391895`` and
     ``"391895"`` are the same image; the message names both entries.
     """
@@ -56,9 +52,13 @@ def load_predictions(path: str | Path) -> dict:
             raise DatasetError(f"{path}: entry [{i}] needs 'image_id' and 'caption'")
         iid, cap = entry["image_id"], entry["caption"]
         if not isinstance(iid, int | str | float) or isinstance(iid, bool):
-            raise DatasetError(f"{path}: entry [{i}] has image_id {iid!r}: use an integer or a string")
-        if not isinstance(cap, str) or not cap.strip():
-            raise DatasetError(f"{path}: entry [{i}] (image_id {iid!r}) has an empty caption")
+            raise DatasetError(f"{path}: entry [{i}] has image_id {describe(iid)}: use an integer "
+                               "or a string")
+        if not isinstance(cap, str):
+            raise DatasetError(f"{path}: entry [{i}] (image_id {quote(iid)}): caption must be a "
+                               f"string, got {describe(cap)}")
+        if not cap.strip():
+            raise DatasetError(f"{path}: entry [{i}] (image_id {quote(iid)}) has an empty caption")
         key = image_id_key(iid)
         if key in first:
             j, prev = first[key]
@@ -77,7 +77,14 @@ def _from_coco(data: dict, source: str) -> dict:
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
             raise DatasetError(f"{source}: annotations[{i}] needs 'image_id' and 'caption'")
-        refs.setdefault(ann["image_id"], []).append(ann["caption"])
+        iid, cap = ann["image_id"], ann["caption"]
+        if not isinstance(iid, int | str) or isinstance(iid, bool):
+            raise DatasetError(f"{source}: annotations[{i}].image_id must be an integer or a "
+                               f"string, got {describe(iid)}")
+        if not isinstance(cap, str):
+            raise DatasetError(f"{source}: annotations[{i}].caption (image_id {quote(iid)}) must "
+                               f"be a string, got {describe(cap)}")
+        refs.setdefault(iid, []).append(cap)
     return refs
 
 
