@@ -23,11 +23,41 @@ from typing import Any
 
 from benchmark.errors import RecordError
 from benchmark.fsutil import atomic_write_text, utc_timestamp
+from benchmark.userfiles import describe, read_json
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "run_record.schema.json"
 #: fields added after the first records were written: absent from a record while None
 OPTIONAL_FIELDS = ("image_use", "evaluation", "grounding")
+
+_NUM, _NULL = (int, float), type(None)
+#: the JSON types of the fields readers use, by dotted path (``*``: every value of an object
+#: or item of a list); a record breaking one is unreadable (the board skips it with the reason)
+FIELD_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("schema_version", (int,)), ("created", (str,)), ("git_commit", (str, _NULL)),
+    ("encoder_weights", (str,)), ("pretrained", (bool,)), ("config", (dict,)),
+    ("config.decode", (dict, _NULL)), ("config_id", (str,)), ("seed", (int, _NULL)),
+    ("environment", (dict,)), ("vocab_size", (int, _NULL)), ("metrics.*", (*_NUM, _NULL)),
+    ("metrics_unavailable", (dict,)), ("tokenizer", (str,)),
+    ("confidence_intervals.*", (list,)), ("confidence_intervals.*.*", _NUM),
+    ("per_image", (dict,)), ("per_image.*", (list,)), ("diversity.*", (*_NUM, _NULL)),
+    ("training", (dict,)), ("training.history", (list,)), ("training.history.*", (dict,)),
+    ("training.tokenizer", (dict, _NULL)), ("training.tokenizer.vocab_size", (int, _NULL)),
+    ("training.tokenizer.mean_tokens_per_caption", (*_NUM, _NULL)),
+    ("training.encoder", (dict, _NULL)), ("throughput.*", (*_NUM, bool, _NULL)),
+    ("peak_memory", (dict,)), ("parameters.*", (int, _NULL)), ("checkpoint", (str, _NULL)),
+    ("wall_seconds", (*_NUM, _NULL)), ("predictions", (list,)), ("predictions.*", (dict,)),
+    ("predictions.*.image_id", (*_NUM, str)), ("predictions.*.caption", (str,)),
+    ("image_use", (dict, _NULL)), ("image_use.shuffle", (dict, _NULL)),
+    ("image_use.shuffle.drop_ci", (list,)), ("image_use.shuffle.drop_ci.*", _NUM),
+    ("image_use.vs_blind", (dict, _NULL)), ("image_use.baselines", (dict, _NULL)),
+    ("image_use.baselines.*", (dict,)), ("image_use.baselines.*.metrics", (dict,)),
+    ("image_use.baselines.*.metrics.*", (*_NUM, _NULL)), ("evaluation", (dict, _NULL)),
+    ("grounding", (dict, _NULL)), ("grounding.pointing", (dict,)),
+    ("grounding.pointing.*", (*_NUM, _NULL)),
+)
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+               dict: "an object", list: "a list", _NULL: "null"}
 
 __all__ = ["RunRecord", "DatasetInfo", "make_record", "find_record", "new_run_id",
            "write_record", "update_record", "load_records", "load_record", "git_commit", "environment",
@@ -122,7 +152,7 @@ class RunRecord:
     def from_dict(cls, data: Any, source: str = "record") -> RunRecord:
         """Read the JSON form; raises :class:`RecordError` naming ``source`` and the field
         when a required field (run_id, arch, encoder, dataset, metrics) is missing or
-        malformed."""
+        malformed, or a field has the wrong type (see :func:`type_problem`)."""
         if not isinstance(data, dict):
             raise RecordError(f"{source} is not a capbench run record (expected a JSON object)")
         for key, kind in (("run_id", str), ("arch", str), ("encoder", str), ("dataset", dict),
@@ -132,8 +162,11 @@ class RunRecord:
             if not isinstance(data[key], kind):
                 raise RecordError(f"{source}: field {key!r} should be a {kind.__name__}")
         ds = data["dataset"]
-        if not isinstance(ds.get("split_fingerprint"), str) or "name" not in ds:
-            raise RecordError(f"{source}: field 'dataset' needs 'name' and 'split_fingerprint'")
+        if not isinstance(ds.get("split_fingerprint"), str) or not isinstance(ds.get("name"), str):
+            raise RecordError(f"{source}: field 'dataset' needs 'name' and 'split_fingerprint' "
+                              "(strings)")
+        if why := type_problem(data):
+            raise RecordError(f"{source}: {why}; fix the file or remove it")
         names = {f.name for f in dataclasses.fields(cls)} - {"path", "dataset"}
         kwargs = {k: v for k, v in data.items() if k in names}
         cfg = kwargs.get("config") or {}
@@ -144,6 +177,35 @@ class RunRecord:
         info = DatasetInfo(**{k: v for k, v in ds.items()
                               if k in {f.name for f in dataclasses.fields(DatasetInfo)}})
         return cls(dataset=info, **kwargs)
+
+
+def _values_at(data, path: list[str], prefix: str = ""):
+    """``(dotted name, value)`` of every value at ``path`` in ``data`` (absent ones left out;
+    ``*`` goes through every value of an object or item of a list)."""
+    if not path:
+        yield prefix, data
+        return
+    head, rest = path[0], path[1:]
+    if head == "*":
+        items = data.items() if isinstance(data, dict) else \
+            ((f"[{i}]", v) for i, v in enumerate(data)) if isinstance(data, list) else ()
+    else:
+        items = [(head, data[head])] if isinstance(data, dict) and head in data else ()
+    for key, value in items:
+        name = f"{prefix}{key}" if key.startswith("[") or not prefix else f"{prefix}.{key}"
+        yield from _values_at(value, rest, name)
+
+
+def type_problem(data: dict) -> str | None:
+    """``field 'metrics.CIDEr' must be a number or null, got string 'high'`` for the first
+    field of a record's JSON form whose type breaks :data:`FIELD_TYPES`, else None."""
+    for path, kinds in FIELD_TYPES:
+        for name, value in _values_at(data, path.split(".")):
+            if type(value) not in kinds:
+                shown = [n for k, n in _KIND_NAMES.items() if k in kinds
+                         and not (k is int and float in kinds)]
+                return f"field {name!r} must be {' or '.join(shown)}, got {describe(value)}"
+    return None
 
 
 def make_record(*, run_id: str, resolved_config: dict, config_id: str, dataset, encoder,
@@ -258,10 +320,7 @@ def update_record(record: RunRecord, **fields) -> Path:
 def load_record(path: str | Path) -> RunRecord:
     """Read one record (raises :class:`RecordError` naming the file and what is wrong)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecordError(f"cannot read run record {path}: {exc}") from exc
+    data = read_json(path, "run record", RecordError)
     rec = RunRecord.from_dict(data, str(path))
     rec.path = str(path)
     return rec
