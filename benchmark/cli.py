@@ -247,6 +247,10 @@ def report(
     home = folders[0]  # LEADERBOARD.md goes here (checkpoints are found beside each record)
     if format not in ("table", "markdown", "csv", "json"):
         _fail(f"--format {format!r}: choose table, markdown, csv or json")
+    if output is not None:
+        from benchmark.fsutil import refuse_overwrite
+
+        refuse_overwrite(output, "--output")  # a run record or dataset file is never replaced
     cols = [c for c in columns.split(",") if c.strip()] if columns is not None else None
     if cols is not None:
         resolve_columns(cols)  # an unknown name fails before plots/LEADERBOARD.md are written
@@ -756,6 +760,10 @@ def bench(
 
     if format not in ("table", "csv", "json"):
         _fail(f"--format {format!r}: choose table, csv or json")
+    if output is not None:
+        from benchmark.fsutil import refuse_overwrite
+
+        refuse_overwrite(output, "--output")  # a run record or dataset file is never replaced
     if gemm:
         from benchmark.bench import matmul_rate
         from benchmark.device import select_device
@@ -983,10 +991,12 @@ def data_shapes(
     force: Annotated[bool, typer.Option(help="overwrite an existing dataset.json in --out")] = False,
 ):
     """Generate the embedded 'shapes' dataset in Karpathy format."""
+    from benchmark.fsutil import refuse_overwrite
     from benchmark.shapes import generate_shapes
 
     if n_images < 10:
         _fail("--n-images must be at least 10")
+    refuse_overwrite(out / "dataset.json", "--out", dataset_ok=True)  # a run record, even with --force
     path = generate_shapes(out, n_images, seed, overwrite=force)
     console.print(f"wrote {path} ({n_images} images)")
 

@@ -29,3 +29,8 @@ class StorageError(CapbenchError):
 
 class CapbenchWarning(UserWarning):
     """Something the user should know that does not stop the command (the CLI prints it)."""
+
+
+class BusyError(CapbenchError):
+    """Another process is working on the same files (e.g. continuing the same unfinished
+    run); nothing was changed."""

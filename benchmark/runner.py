@@ -6,6 +6,7 @@ call into the module that owns the concept (features, train, inference, metrics,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -33,9 +34,9 @@ from benchmark import distributed
 from benchmark.config import RunConfig, config_id, resolved_config
 from benchmark.data import CaptionDataset, resolve_dataset
 from benchmark.device import seed_everything, select_device
-from benchmark.errors import StorageError
+from benchmark.errors import BusyError, StorageError
 from benchmark.features import FeatureStore, default_num_workers, load_or_extract
-from benchmark.fsutil import ensure_writable, remove_stale_temps, temp_prefix
+from benchmark.fsutil import ensure_writable, exclusive_lock, remove_stale_temps, temp_prefix
 from benchmark.image_use import baseline_scores, image_use_report, shuffle_test
 from benchmark.inference import caption_features_all_ranks, caption_pixels
 from benchmark.metrics import ptb_tokenize, score_captions
@@ -159,6 +160,63 @@ def _state_path(results_dir: str | Path, cid: str, run_id: str) -> Path:
     return Path(results_dir) / "unfinished" / cid / f"{run_id}.pt"
 
 
+def _run_lock(results_dir: str | Path, cid: str, run_id: str,
+              resuming: bool) -> contextlib.ExitStack:
+    """The lock of run ``run_id`` (``unfinished/<cid>/<run_id>.lock``, taken by rank 0), to be
+    held from the moment its id is decided until its record is written and its training
+    state removed: a second process continuing the same unfinished run gets BusyError
+    instead of both training it and one writing over (or removing) the other's record.
+    Under the lock, a resumed run must still have its state and no record yet (BusyError
+    otherwise). Every rank raises when rank 0 cannot take it."""
+    stack = contextlib.ExitStack()
+    state = _state_path(results_dir, cid, run_id)
+
+    def take():
+        if not distributed.is_main():
+            return
+        stack.enter_context(_lock_of(state))
+        try:
+            if resuming:
+                _check_resumable(results_dir, state)
+        except BusyError:
+            stack.close()
+            raise
+
+    distributed.all_or_none(take)
+    return stack
+
+
+def _lock_of(state: Path):
+    """The lock (see :func:`~benchmark.fsutil.exclusive_lock`) of the run whose training
+    state is ``state``."""
+    return exclusive_lock(state.with_suffix(".lock"), what=f"continuing this run ({state.stem})",
+                          hint=" Wait for it to end, or run without --resume to start afresh.")
+
+
+def _check_resumable(results_dir: str | Path, state: Path) -> None:
+    """BusyError when the unfinished run of ``state`` is finished: it has a record already
+    (its process stopped before removing the state), or ``state`` is gone (another process
+    finished it meanwhile)."""
+    record = Path(results_dir) / "runs" / f"{state.stem}.json"
+    if record.exists():
+        raise BusyError(f"run {state.stem} is finished already (its record is {record}); delete "
+                        f"its leftover training state {state} to resume another run")
+    if not state.exists():
+        raise BusyError(f"run {state.stem} was finished by another process while this one "
+                        f"started (its record is {record}); nothing to resume")
+
+
+def _check_not_busy(results_dir: str | Path, cid: str, seeds: list[int]) -> None:
+    """BusyError when another process holds the lock of the unfinished run that ``--resume``
+    would continue for one of ``seeds``, or that run is finished (an early check, before the
+    features; :func:`_run_lock` decides). Rank 0 only."""
+    for seed in seeds if distributed.is_main() else []:
+        state = unfinished_state(results_dir, cid, seed)
+        if state is not None:
+            with _lock_of(state):
+                _check_resumable(results_dir, state)
+
+
 def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encoder,
                  store: FeatureStore, device, console, *, state_path: Path | None = None,
                  resume: bool = False, run_id: str = "run") -> _Trained:
@@ -264,19 +322,24 @@ def _persist(record: RunRecord, trained: _Trained, resolved: dict, results_dir: 
     """Write the checkpoint and then the record; a checkpoint folder appears only together
     with its record (it is written under a temp name and renamed last).
 
-    If a write fails (read-only or full disk), both go to a fallback folder and StorageError
-    says where, so the run is never lost.
+    If a write fails (read-only or full disk), or the run id has a record or checkpoint
+    already, both go to a fallback folder and StorageError says where, so the run is never
+    lost; a record this process did not write is never replaced or removed.
     """
     final = Path(record.checkpoint)
     tmp = final.parent / f"{temp_prefix(final.name)}ckpt.tmp"
+    target, path = Path(results_dir) / "runs" / f"{record.run_id}.json", None
     try:
+        if target.exists() or final.exists():  # never write over (or remove) another's run
+            raise FileExistsError(f"run {record.run_id} has a record or checkpoint there already")
         _save_checkpoint(tmp, trained, resolved)
         path = write_record(record, results_dir)
         os.replace(tmp, final)
         return path
     except (OSError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        (Path(results_dir) / "runs" / f"{record.run_id}.json").unlink(missing_ok=True)
+        if path is not None:  # only the record this process wrote
+            path.unlink(missing_ok=True)
         raise StorageError(_save_elsewhere(record, trained, resolved, results_dir, exc)) from exc
 
 
@@ -354,6 +417,10 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     The training state is saved after every epoch under ``<results_dir>/unfinished/`` and
     removed once the record is written; with ``resume``, the newest unfinished run of the
     same config id and seed continues (keeping its run id) instead of a fresh start.
+    While a process trains a run it holds the run's lock (``unfinished/<cid>/<run_id>.lock``,
+    fcntl.flock, released by the kernel if the process dies): another process that would
+    continue the same run stops at once with BusyError "another process (pid N) is continuing
+    this run", before any work.
     Under ``torchrun`` every rank calls this; the ranks train with DistributedDataParallel
     and decode the test split between them, and rank 0 alone scores it and writes the record:
     the other ranks return ``(None, None)`` (so the return type is ``tuple[RunRecord | None,
@@ -390,6 +457,24 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     run_id, resuming = distributed.broadcast_object(
         (previous.stem if previous else new_run_id(resolved["arch"], resolved["encoder"],
                                                    cfg.seed), previous is not None))
+    with _run_lock(cfg.results_dir, cid, run_id, resuming):  # until the state is removed
+        record, path = _train_and_record(cfg, resolved, dataset, prepared, device, console,
+                                         cid=cid, run_id=run_id, resuming=resuming,
+                                         t_start=t_start)
+    if record is not None:  # the lock file is gone too: remove the folders left empty
+        folder = _state_path(cfg.results_dir, cid, run_id).parent
+        with contextlib.suppress(OSError):  # other unfinished runs are still there
+            folder.rmdir()
+            folder.parent.rmdir()
+    return record, path
+
+
+def _train_and_record(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, prepared,
+                      device, console, *, cid: str, run_id: str, resuming: bool,
+                      t_start: float) -> tuple[RunRecord | None, Path | None]:
+    """The stages of :func:`run_experiment` once its run id is decided and locked: features,
+    training (its state saved every epoch), test captions, scores, then the record and
+    checkpoint, and the training state removed."""
     state_path = _state_path(cfg.results_dir, cid, run_id)
     encoder, store = prepared or prepare_features(cfg, dataset, device, console)
     trained = _train_stage(cfg, resolved, dataset, encoder, store, device, console,
@@ -445,11 +530,6 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
         wall_seconds=time.perf_counter() - t_start, predictions=predictions, image_use=image_use)
     path = _persist(record, trained, resolved, Path(cfg.results_dir))
     state_path.unlink(missing_ok=True)  # finished: nothing left to resume
-    try:
-        state_path.parent.rmdir()
-        state_path.parent.parent.rmdir()
-    except OSError:  # other unfinished runs are still there
-        pass
     return record, path
 
 
@@ -497,6 +577,9 @@ def run_seeds(cfg: RunConfig, seeds: list[int], console: Console | None = None, 
     check_run_settings(cfg)
     dataset = resolve_dataset(cfg.dataset)
     preflight(cfg, dataset, resolved)
+    if resume:  # a run another process continues stops here, before features are extracted
+        distributed.all_or_none(lambda: _check_not_busy(cfg.results_dir, config_id(resolved),
+                                                        seeds))
     prepared = prepare_features(cfg, dataset, device, console)
     for seed in seeds:
         cfg.seed = seed
