@@ -9,6 +9,7 @@ here lists them by hand, so adding a decoder with a new hyperparameter is one ne
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -42,6 +43,24 @@ def known_decoder_hparams() -> set[str]:
     return {k for name in list_decoders() for k in decoder_defaults(name)}
 
 
+#: Allowed ``(low, high)`` of the hyperparameters decoders share (``dropout`` excludes 1).
+#: Any other integer hyperparameter must be >= 0, and every float one finite.
+HPARAM_RANGES: dict[str, tuple[float, float]] = {
+    "embed_dim": (1, 65_536), "hidden_dim": (1, 65_536), "attention_dim": (1, 65_536),
+    "num_layers": (1, 64), "num_heads": (1, 256), "max_len": (1, 4096),
+    "dropout": (0.0, 1.0), "attention_regularization": (0.0, 1e6),
+}
+
+
+def _check_range(where: str, key: str, value: Any) -> None:
+    low, high = HPARAM_RANGES.get(key, (0, float("inf")))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise HyperparameterError(f"{where} should be a finite number")
+    if not low <= value <= high or (key == "dropout" and value == 1.0):
+        top = "< 1" if key == "dropout" else f"<= {high:,}"
+        raise HyperparameterError(f"{where} is out of range (allowed: >= {low} and {top})")
+
+
 def _check_type(name: str, key: str, value: Any, default: Any) -> Any:
     where = f"decoder {name}: hyperparameter {key}={value!r}"
     if default is None or isinstance(default, str):
@@ -49,13 +68,17 @@ def _check_type(name: str, key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise HyperparameterError(f"{where} should be true or false")
-    elif isinstance(default, int):
+        return value
+    if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise HyperparameterError(f"{where} should be an integer")
     elif isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise HyperparameterError(f"{where} should be a number")
-        return float(value)
+        value = float(value)
+    else:
+        return value
+    _check_range(where, key, value)
     return value
 
 
@@ -65,8 +88,9 @@ def resolve_decoder_hparams(name: str, hparams: dict | None = None, *, strict: b
     One config serves every decoder: a name that another registered decoder takes (e.g.
     ``num_heads`` for an LSTM) is dropped, and a nested mapping under a decoder's name
     (``transformer: {num_layers: 3}``) applies to that decoder only. Raises
-    :class:`HyperparameterError` for a name no decoder takes (with ``strict``) and for a value
-    whose type differs from the default's (an int where an int is declared, and so on).
+    :class:`HyperparameterError` for a name no decoder takes (with ``strict``), for a value
+    whose type differs from the default's (an int where an int is declared, and so on) and
+    for a value outside its range (:data:`HPARAM_RANGES`; NaN and infinity never pass).
     """
     entry = get_entry("decoder", name)
     hparams = dict(hparams or {})
@@ -92,14 +116,15 @@ def create_decoder(name: str, vocab_size: int, grid_dim: int, pooled_dim: int,
 
     ``hparams`` (a config's ``decoder`` section) and ``kwargs`` are resolved by
     :func:`resolve_decoder_hparams`. Raises UnknownModelError for an unknown name and
-    :class:`HyperparameterError` for a hyperparameter that is unknown, mistyped or rejected
-    by the decoder's constructor (e.g. ``num_heads`` not dividing ``embed_dim``).
+    :class:`HyperparameterError` for a hyperparameter that is unknown, mistyped, out of its
+    range (:data:`HPARAM_RANGES`) or rejected by the decoder's constructor (e.g.
+    ``num_heads`` not dividing ``embed_dim``).
     """
     entry = get_entry("decoder", name)
     resolved = resolve_decoder_hparams(entry.name, {**(hparams or {}), **kwargs}, strict=strict)
     try:
         return entry.fn(vocab_size=vocab_size, grid_dim=grid_dim, pooled_dim=pooled_dim, **resolved)
-    except (ValueError, TypeError, RuntimeError) as exc:
+    except (ValueError, TypeError, RuntimeError, ArithmeticError) as exc:
         raise HyperparameterError(f"decoder {entry.name} rejects {resolved}: {exc}") from exc
 
 

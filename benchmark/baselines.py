@@ -32,6 +32,9 @@ __all__ = ["BLIND_KINDS", "BaselineCaptions", "most_frequent_caption", "consensu
 
 BLIND_KINDS = ("most-frequent", "consensus")
 
+#: most neighbours the nn baseline pools (its cost grows with the square of their captions)
+MAX_NN_K = 100
+
 
 @dataclass
 class BaselineCaptions:

@@ -59,6 +59,15 @@ class DecoderWorkload:
     num_heads: int = 8
     beam_size: int = 5
 
+    def memory_bytes(self) -> int:
+        """A rough lower bound on the bytes one training step and beam search of this workload
+        hold: float32 features of the batch (and its beams), the logits with their gradient
+        and log-softmax, and the embedding and output layers with AdamW's two moments."""
+        features = self.batch_size * max(self.beam_size, 1) * self.grid_size * self.grid_dim
+        logits = 3 * self.batch_size * self.caption_len * self.vocab_size
+        params = 4 * self.vocab_size * (self.embed_dim + self.hidden_dim)
+        return 4 * (features + logits + params)
+
 
 def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2,
             iters: int = 5) -> dict[str, float]:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmark.errors import CapbenchError
+from benchmark.errors import CapbenchError, user_message
 
 QUICKSTART = """Quickstart:
   capbench run --config demo          train and score the demo model on the embedded `shapes` set
@@ -28,12 +28,17 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2):
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False)  # may quote user text
     raise typer.Exit(code)
 
 
+def _q(text) -> str:
+    """``text`` (a path, name or message that may hold ``[``) safe inside rich markup."""
+    return escape(str(text))
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    err.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+    err.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False)
 
 
 @app.callback(invoke_without_command=True)
@@ -66,7 +71,7 @@ def _guard(fn):
         try:
             return fn(*args, **kwargs)
         except (CapbenchError, ArchitectureError) as exc:
-            _fail(str(exc))
+            _fail(user_message(exc))  # raised in a DataLoader worker: its message, not torch's traceback
         except OSError as exc:  # a file or folder the user named: unreadable, read-only, full
             where = f"{exc.filename}: " if exc.filename else ""
             _fail(f"{where}{exc.strerror or exc}")
@@ -107,10 +112,14 @@ def run(
     test split, write a run record."""
     from benchmark import distributed
     from benchmark.config import load_config
+    from benchmark.limits import cpu_count
     from benchmark.runner import run_seeds
 
     if nproc < 1:
         _fail(f"--nproc {nproc}: must be at least 1")
+    if nproc > cpu_count():
+        _fail(f"--nproc {nproc}: this machine gives capbench {cpu_count()} CPU cores and each "
+              f"process needs one; use at most --nproc {cpu_count()}")
 
     cfg = load_config(config, {
         "arch": arch, "encoder": encoder, "dataset": dataset, "train.epochs": epochs,
@@ -181,7 +190,7 @@ def _launch_torchrun(nproc: int) -> int:
             argv.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "benchmark.cli", *argv]
-    err.print(f"launching: {' '.join(cmd)}", highlight=False)
+    err.print(f"launching: {_q(' '.join(cmd))}", highlight=False)
     code = distributed.launch(nproc, argv)
     if code:
         err.print(f"error: the {nproc} processes stopped (exit code {code}); each failed rank's "
@@ -190,13 +199,15 @@ def _launch_torchrun(nproc: int) -> int:
 
 
 def _parse_seeds(text: str) -> list[int]:
+    from benchmark.config import check_seeds
+
     try:
         out = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         _fail(f"--seeds {text!r}: give integers separated by commas, e.g. 0,1,2")
     if not out:
         _fail("--seeds is empty")
-    return out
+    return check_seeds(out, "--seeds")
 
 
 def _print_run_summary(record, path: Path) -> None:
@@ -204,13 +215,13 @@ def _print_run_summary(record, path: Path) -> None:
 
     render_rich(leaderboard([record]), console)
     for m, why in record.metrics_unavailable.items():
-        console.print(f"[yellow]{m} unavailable:[/] {why}", highlight=False)
+        console.print(f"[yellow]{m} unavailable:[/] {_q(why)}", highlight=False)
     tp = record.throughput
     console.print(f"train {tp['train_tokens_per_s']:.0f} tokens/s, inference "
                   f"{tp['inference_images_per_s']:.1f} images/s (from pixels), decoder "
                   f"{tp['decoder_captions_per_s']:.0f} captions/s; wall "
                   f"{record.wall_seconds:.0f} s")
-    console.print(f"run record: {path}")
+    console.print(f"run record: {_q(path)}")
 
 
 @app.command()
@@ -256,21 +267,21 @@ def report(
         resolve_columns(cols)  # an unknown name fails before plots/LEADERBOARD.md are written
     df, runs, problems = load_board(folders, aggregate)
     for p in problems:
-        err.print(f"[yellow]skipped:[/] {p}", highlight=False)
+        err.print(f"[yellow]skipped:[/] {_q(p)}", highlight=False)
     if plot is not None and not runs.empty:
         from benchmark.plots import write_plots, write_training_curves
 
         try:
             trained = [r for r in load_records_from(folders)[0] if r.evaluation is None]  # not eval --run copies
             for p in [*write_plots(runs, plot), *write_training_curves(trained, plot)]:
-                err.print(f"wrote {p}")
+                err.print(f"wrote {_q(p)}")
         except OSError as exc:
             _fail(f"cannot write the plots to --plot {plot}: {exc.strerror or exc}")
     if leaderboard_file and not df.empty:
         try:
             write_leaderboard_file(df, home, folders)
         except OSError as exc:
-            err.print(f"[yellow]warning:[/] could not write {home / 'LEADERBOARD.md'} "
+            err.print(f"[yellow]warning:[/] could not write {_q(home / 'LEADERBOARD.md')} "
                       f"({exc.strerror or exc}); pass --no-leaderboard-file to skip it", highlight=False)
     if gallery is not None:
         from benchmark.gallery import AttentionStrips, write_gallery
@@ -279,17 +290,17 @@ def report(
         if records:
             strips = AttentionStrips(home) if gallery_strips else None
             pages = write_gallery(records, gallery, max_images=gallery_images, strip_maker=strips)
-            err.print(f"wrote {len(pages) - 1} gallery page(s) and {gallery / 'index.html'}")
+            err.print(f"wrote {len(pages) - 1} gallery page(s) and {_q(gallery / 'index.html')}")
             if strips is not None:
                 err.print(f"{strips.count} attention strip(s) in {strips.seconds:.1f} s", highlight=False)
                 for run_id, why in strips.problems.items():
-                    err.print(f"[yellow]no attention strips for {run_id}:[/] {why}", highlight=False)
+                    err.print(f"[yellow]no attention strips for {_q(run_id)}:[/] {_q(why)}", highlight=False)
         else:
             where = ", ".join(str(f / "runs") for f in folders)
-            err.print(f"[yellow]no run records in {where}: no gallery written[/]", highlight=False)
+            err.print(f"[yellow]no run records in {_q(where)}: no gallery written[/]", highlight=False)
     if df.empty:
         err.print(f"no {'readable ' if problems else ''}runs found in "
-                  f"{', '.join(str(f / 'runs') for f in folders)}", highlight=False)
+                  f"{_q(', '.join(str(f / 'runs') for f in folders))}", highlight=False)
     if format == "table" and output is None:
         if not df.empty:
             render_rich(df, console, columns=cols, wide=wide)
@@ -302,7 +313,7 @@ def report(
             atomic_write_text(output, text)
         except OSError as exc:
             _fail(f"cannot write --output {output}: {exc.strerror or exc}")
-        console.print(f"wrote {output} ({len(df)} runs)")
+        console.print(f"wrote {_q(output)} ({len(df)} runs)")
     else:
         sys.stdout.write(text)
 
@@ -348,7 +359,7 @@ def evaluate(
     if format == "json":
         sys.stdout.write(json.dumps(ev.to_json(), indent=1) + "\n")
         return
-    table = Table(title=f"{predictions.name}: {ev.images} captions vs {references}")
+    table = Table(title=f"{_q(predictions.name)}: {ev.images} captions vs {_q(references)}")
     for c in ("metric", "score", "95% CI"):
         table.add_column(c, justify="right")
     for m, v in ev.result.metrics.items():
@@ -361,7 +372,7 @@ def evaluate(
                       f"{ev.images + ev.missing_references} reference images have no prediction; "
                       f"the scores cover only the {ev.images} predicted images", highlight=False)
     for m, why in ev.result.unavailable.items():
-        console.print(f"[yellow]{m} unavailable:[/] {why}", highlight=False)
+        console.print(f"[yellow]{m} unavailable:[/] {_q(why)}", highlight=False)
     console.print(f"scored in {ev.seconds:.1f} s")
 
 
@@ -384,7 +395,7 @@ def _evaluate_run(run, dataset, split, format, results_dir, beam_size, max_len, 
                                      "unavailable": record.metrics_unavailable,
                                      "record": str(path)}, indent=1) + "\n")
         return
-    table = Table(title=f"run {loaded.run_id} on {record.dataset.name} {split} "
+    table = Table(title=f"run {_q(loaded.run_id)} on {_q(record.dataset.name)} {split} "
                   f"({len(record.predictions)} images, beam {loaded.decode.beam_size})")
     for c in ("metric", "score", "95% CI"):
         table.add_column(c, justify="right")
@@ -394,8 +405,8 @@ def _evaluate_run(run, dataset, split, format, results_dir, beam_size, max_len, 
                       f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "-")
     console.print(table)
     for m, why in record.metrics_unavailable.items():
-        console.print(f"[yellow]{m} unavailable:[/] {why}", highlight=False)
-    console.print(f"run record: {path} (eval of {loaded.run_id}; wall {record.wall_seconds:.0f} s)")
+        console.print(f"[yellow]{m} unavailable:[/] {_q(why)}", highlight=False)
+    console.print(f"run record: {_q(path)} (eval of {_q(loaded.run_id)}; wall {record.wall_seconds:.0f} s)")
 
 
 @app.command()
@@ -433,15 +444,15 @@ def caption(
         sys.stdout.write(json.dumps([{"image_id": i, "file_name": p.name, "caption": c}
                                      for i, (p, c) in zip(ids, res.captions, strict=True)], indent=1) + "\n")
     else:
-        table = Table(title=f"run {loaded.run_id} ({loaded.arch} on {loaded.encoder.name}, beam "
+        table = Table(title=f"run {_q(loaded.run_id)} ({loaded.arch} on {loaded.encoder.name}, beam "
                       f"{loaded.decode.beam_size})")
         table.add_column("file")
         table.add_column("caption")
         for p, c in res.captions:
-            table.add_row(str(p), c)
+            table.add_row(_q(p), _q(c))
         console.print(table)
     for p, why in failures:
-        err.print(f"[bold red]failed:[/] {p}: {why}", highlight=False)
+        err.print(f"[bold red]failed:[/] {_q(p)}: {_q(why)}", highlight=False)
     total = time.perf_counter() - t0
     err.print(f"captioned {len(res.captions)} image(s) in {res.seconds:.2f} s "
               f"({res.images_per_s:.1f} images/s once loaded; model load {loaded.load_seconds:.2f} s, "
@@ -484,8 +495,8 @@ def explain(
                            f"{loaded.encoder.name}): {ex.caption}")
     except OSError as exc:
         _fail(f"cannot write {path} (--out {out}): {exc.strerror or exc}")
-    console.print(f"caption: {ex.caption}", highlight=False)
-    console.print(f"wrote {path} ({len(ex.words)} word panels; {method} {ex.seconds[method]:.2f} s, "
+    console.print(f"caption: {_q(ex.caption)}", highlight=False)
+    console.print(f"wrote {_q(path)} ({len(ex.words)} word panels; {method} {ex.seconds[method]:.2f} s, "
                   f"total {time.perf_counter() - t0:.2f} s after loading the model)", highlight=False)
 
 
@@ -510,7 +521,7 @@ def ground(
 
     from benchmark.captioner import check_split
     from benchmark.checkpoint import load_run
-    from benchmark.grounding import BASELINES, ground_run
+    from benchmark.grounding import BASELINES, check_saved_dataset, ground_run
 
     if format not in ("table", "json"):
         _fail(f"--format {format!r}: choose table or json")
@@ -519,6 +530,8 @@ def ground(
     check_split(split)
     loaded = load_run(run, results_dir)
     path = dataset or _run_dataset_path(loaded)
+    if save:
+        check_saved_dataset(loaded, path)
     res = ground_run(loaded, path, split, tolerance=tolerance, seed=seed, layer=layer)
     saved = None
     if save and loaded.record is not None and loaded.record.path:
@@ -528,7 +541,7 @@ def ground(
     if format == "json":
         sys.stdout.write(json.dumps(res.to_json(details), indent=1) + "\n")
         return
-    table = Table(title=f"grounding of {loaded.run_id} on {split} ({res.images} images, "
+    table = Table(title=f"grounding of {_q(loaded.run_id)} on {split} ({res.images} images, "
                   f"{res.words} colour/shape words; tolerance {tolerance:g} px)")
     for c in ("method", "pointing game", "energy in box", "colour words", "shape words"):
         table.add_column(c, justify="left" if c == "method" else "right")
@@ -542,11 +555,11 @@ def ground(
                       pct(res.by_kind["shape"]["pointing"][m]))
     console.print(table)
     for m, why in res.methods_unavailable.items():
-        console.print(f"[yellow]{m} unavailable:[/] {why}", highlight=False)
+        console.print(f"[yellow]{m} unavailable:[/] {_q(why)}", highlight=False)
     console.print(f"{res.unmatched_words} colour/shape word(s) named nothing in their image (not "
                   f"scored); {res.seconds:.0f} s", highlight=False)
     if saved:
-        console.print(f"saved to the run record {saved} (field `grounding`)", highlight=False)
+        console.print(f"saved to the run record {_q(saved)} (field `grounding`)", highlight=False)
     elif save:
         console.print("[yellow]not saved:[/] this checkpoint has no run record", highlight=False)
 
@@ -571,10 +584,10 @@ def compare(
     """Paired bootstrap test of run B against run A on the same test images."""
     from benchmark.records import find_record
     from benchmark.report import METRIC_COLUMNS
-    from benchmark.stats import compare_runs
+    from benchmark.stats import MAX_RESAMPLES, compare_runs
 
-    if resamples < 1:
-        _fail(f"--resamples {resamples}: give at least 1 (2000 is usual)")
+    if not 1 <= resamples <= MAX_RESAMPLES:
+        _fail(f"--resamples {resamples}: give 1 to {MAX_RESAMPLES:,} (2000 is usual)")
     a, b = find_record(run_a, results_dir), find_record(run_b, results_dir)
     result = compare_runs(a, b, n_resamples=resamples)
     table = Table(title=f"B - A, paired bootstrap over {len(a.per_image['image_ids'])} "
@@ -676,7 +689,7 @@ def matrix(
     console.print(f"{which}, {result.count('ok')} run, {result.count('done')} "
                   f"already done, {result.count('failed')} failed; wall {result.wall_seconds / 60:.1f} min")
     if result.count("failed"):
-        console.print(f"[red]failures recorded in {Path(cfg.results_dir) / 'failures'}[/]")
+        console.print(f"[red]failures recorded in {_q(Path(cfg.results_dir) / 'failures')}[/]")
         raise typer.Exit(1)
 
 
@@ -694,10 +707,10 @@ def check(
     if update:
         records = run_cells(preset, default_cells(), None)
         write_baseline(baseline, preset, records)
-        console.print(f"wrote baseline {baseline} ({len(records)} cells)")
+        console.print(f"wrote baseline {_q(baseline)} ({len(records)} cells)")
         return
     outcome = run_check(baseline)
-    table = Table(title=f"capbench check vs {baseline}")
+    table = Table(title=f"capbench check vs {_q(baseline)}")
     for c in ("cell", "figure", "baseline", "now", "tolerance", "status"):
         table.add_column(c, justify="right" if c in ("baseline", "now", "tolerance") else "left")
     colours = {"ok": "green", "FAIL": "bold red", "slower": "yellow", "faster": "cyan"}
@@ -711,7 +724,7 @@ def check(
                   "(printed only: CI machines are noisy)")
     if outcome.failed:
         for r in outcome.failed:
-            err.print(f"[red]regression:[/] {r.cell} {r.name} {r.now:.4f} < baseline {r.baseline:.4f} "
+            err.print(f"[red]regression:[/] {_q(r.cell)} {r.name} {r.now:.4f} < baseline {r.baseline:.4f} "
                       f"- tolerance {r.tolerance:.3f}", highlight=False)
         raise typer.Exit(1)
 
@@ -757,6 +770,7 @@ def bench(
     from architectures import list_decoders, list_encoders
     from benchmark.bench import DecoderWorkload, run_bench, table_columns
     from benchmark.device import select_device
+    from benchmark.limits import check_memory
 
     if format not in ("table", "csv", "json"):
         _fail(f"--format {format!r}: choose table, csv or json")
@@ -839,17 +853,23 @@ def bench(
             return
     if not arch and not encoder:
         _fail("give --arch and/or --encoder (a name, a comma-separated list, or 'all'), or --reward")
-    for name, value, low in (("--batch-size", batch_size, 1), ("--iters", iters, 1),
-                             ("--beam-size", beam_size, 1), ("--caption-len", caption_len, 1),
-                             ("--grid-size", grid_size, 1), ("--grid-dim", grid_dim, 1),
-                             ("--vocab-size", vocab_size, 5),
-                             ("--encoder-batch-size", 1 if encoder_batch_size is None else encoder_batch_size, 1)):
-        if value < low:
-            _fail(f"{name} {value}: must be at least {low}")
+    for name, value, low, high in (
+            ("--batch-size", batch_size, 1, 65_536), ("--iters", iters, 1, 10_000),
+            ("--beam-size", beam_size, 1, 256), ("--caption-len", caption_len, 1, 1024),
+            ("--grid-size", grid_size, 1, 65_536), ("--grid-dim", grid_dim, 1, 65_536),
+            ("--pooled-dim", pooled_dim or grid_dim, 1, 65_536), ("--vocab-size", vocab_size, 5, 1_000_000),
+            ("--embed-dim", embed_dim, 1, 65_536), ("--hidden-dim", hidden_dim, 1, 65_536),
+            ("--attention-dim", attention_dim, 1, 65_536), ("--num-layers", num_layers, 1, 64),
+            ("--num-heads", num_heads, 1, 256),
+            ("--encoder-batch-size", 1 if encoder_batch_size is None else encoder_batch_size, 1, 65_536)):
+        if not low <= value <= high:
+            _fail(f"{name} {value}: give {low} to {high:,}")
     dev = select_device(device)
     w = DecoderWorkload(grid_size, grid_dim, pooled_dim or grid_dim, vocab_size, batch_size,
                         caption_len, embed_dim, hidden_dim, attention_dim, num_layers, num_heads,
                         beam_size)
+    check_memory(w.memory_bytes(), "this decoder workload", "give smaller sizes (--batch-size, "
+                 "--grid-size, --grid-dim, --vocab-size, --caption-len)")
     archs = list_decoders() if arch == "all" else [a for a in (arch or "").split(",") if a]
     encs = list_encoders(ci=False) if encoder == "all" else [e for e in (encoder or "").split(",") if e]
     rows = run_bench(archs, encs, w, dev, iters=iters, log=err.print, peak=peak, compile=compile,
@@ -859,7 +879,7 @@ def bench(
         from benchmark.fsutil import atomic_write_text
 
         atomic_write_text(output, df.to_csv(index=False))
-        err.print(f"wrote {output}")
+        err.print(f"wrote {_q(output)}")
     if format == "json":
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     elif format == "csv":
@@ -952,25 +972,25 @@ def baseline(
     kinds = ["most-frequent", "consensus", "nn"] if kind == "all" else [x.strip() for x in kind.split(",")]
     cfg = load_config(None, {"encoder": encoder, "pretrained": pretrained, "dataset": dataset})
     ds, encoder, scores = run_baselines(cfg, kinds, split=split, k=k, console=console)
-    table = Table(title=f"baselines on {ds.name} {split} ({len(ds.split(split))} images)")
+    table = Table(title=f"baselines on {_q(ds.name)} {split} ({len(ds.split(split))} images)")
     for c in ("baseline", "caption", "B@4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE"):
         table.add_column(c, justify="left" if c in ("baseline", "caption") else "right")
     for name, b in scores.items():
         m = b["metrics"]
         label = f"nn ({encoder}, k={k})" if name == "nn" else f"blind: {name}"
-        table.add_row(label, b["caption"] or b["detail"],
+        table.add_row(label, _q(b["caption"] or b["detail"]),
                       *("n/a" if m.get(x) is None else f"{100 * m[x]:.1f}"
                         for x in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")))
     console.print(table)
     for name, b in scores.items():
-        console.print(f"{name}: {b['detail']}", highlight=False)
+        console.print(f"{name}: {_q(b['detail'])}", highlight=False)
     if runs is not None:
         from benchmark.image_use import records_vs_blind
 
         verdicts = records_vs_blind(runs, ds, scores) if split == "test" else []
         if not verdicts:
             _fail(f"--runs {runs}: no run record on {ds.name}'s split {ds.fingerprint} (test split)")
-        tests = Table(title=f"runs in {runs} vs the strongest blind baseline (paired bootstrap, CIDEr-D x100)")
+        tests = Table(title=f"runs in {_q(runs)} vs the strongest blind baseline (paired bootstrap, CIDEr-D x100)")
         for c in ("run", "decoder", "encoder", "CIDEr-D", "delta", "95% CI", "p", "better?", "uniq%"):
             tests.add_column(c, justify="left" if c in ("run", "decoder", "encoder", "better?") else "right")
         for r, v in verdicts:
@@ -992,13 +1012,13 @@ def data_shapes(
 ):
     """Generate the embedded 'shapes' dataset in Karpathy format."""
     from benchmark.fsutil import refuse_overwrite
-    from benchmark.shapes import generate_shapes
+    from benchmark.shapes import MAX_IMAGES, generate_shapes
 
-    if n_images < 10:
-        _fail("--n-images must be at least 10")
+    if not 10 <= n_images <= MAX_IMAGES:
+        _fail(f"--n-images {n_images}: give 10 to {MAX_IMAGES:,}")
     refuse_overwrite(out / "dataset.json", "--out", dataset_ok=True)  # a run record, even with --force
     path = generate_shapes(out, n_images, seed, overwrite=force)
-    console.print(f"wrote {path} ({n_images} images)")
+    console.print(f"wrote {_q(path)} ({n_images} images)")
 
 
 def _prepare_command(kind: str, captions: list[Path], images: Path, out: Path, splits: list[Path] | None,
@@ -1025,11 +1045,11 @@ def _prepare_command(kind: str, captions: list[Path], images: Path, out: Path, s
         issues.add_column("count", justify="right")
         issues.add_column("e.g.", overflow="fold")
         for label, count, examples in report.issues():
-            issues.add_row(label, f"{count:,}", "\n".join(examples))
+            issues.add_row(label, f"{count:,}", _q("\n".join(examples)))
         console.print(issues)
     for message in report.messages:
-        console.print(f"- {message}", highlight=False)
-    console.print(f"wrote {report.out}; check it with: capbench run --dataset {report.out} ...", highlight=False)
+        console.print(f"- {_q(message)}", highlight=False)
+    console.print(f"wrote {_q(report.out)}; check it with: capbench run --dataset {_q(report.out)} ...", highlight=False)
 
 
 _SPLITS_HELP = "Karpathy's dataset_*.json, or split lists named *train*/*dev*|*val*/*test* (repeat the option); without it: a seeded split in Karpathy proportions"

@@ -30,15 +30,15 @@ class DecodeConfig:
     loader checks (:func:`benchmark.config.check_ranges`).
     """
 
-    beam_size: int = field(default=1, metadata={"min": 1})
-    max_len: int = field(default=20, metadata={"min": 1})
-    length_penalty: float = field(default=0.0, metadata={"min": 0.0})
+    beam_size: int = field(default=1, metadata={"min": 1, "max": 256})
+    max_len: int = field(default=20, metadata={"min": 1, "max": 1024})
+    length_penalty: float = field(default=0.0, metadata={"min": 0.0, "max": 100.0})
     strategy: str = field(default="beam", metadata={"choices": ("beam", "sample")})
     temperature: float = field(default=1.0, metadata={"min_exclusive": 0.0})
-    top_k: int = field(default=0, metadata={"min": 0})
+    top_k: int = field(default=0, metadata={"min": 0, "max": 1_000_000})
     top_p: float = field(default=1.0, metadata={"min_exclusive": 0.0, "max": 1.0})
     suppress_unk: bool = True
-    batch_size: int = field(default=64, metadata={"min": 1})
+    batch_size: int = field(default=64, metadata={"min": 1, "max": 65_536})
 
 
 def forbid_tokens(logp: torch.Tensor, pad_id: int, bos_id: int, unk_id: int | None = None) -> torch.Tensor:

@@ -22,6 +22,16 @@ class ScoringError(CapbenchError):
     to one); nothing is scored rather than a wrong number."""
 
 
+class ResourceError(CapbenchError):
+    """A requested size does not fit this machine (memory, cores); the message gives the
+    estimate, what is available and what to ask for instead."""
+
+
+class TrainingDivergedError(CapbenchError):
+    """The training loss became NaN or infinite (a learning rate too high, for example); the
+    run stops without a record."""
+
+
 class StorageError(CapbenchError):
     """A folder capbench must write to is unwritable or too full (the message names it and
     says what to do)."""
@@ -34,3 +44,17 @@ class CapbenchWarning(UserWarning):
 class BusyError(CapbenchError):
     """Another process is working on the same files (e.g. continuing the same unfinished
     run); nothing was changed."""
+
+
+def user_message(exc: BaseException) -> str:
+    """The message of ``exc`` without the wrapping torch's DataLoader adds to an error raised
+    in a worker process ("Caught DatasetError in DataLoader worker process 0. Original
+    Traceback ..."): the worker's own message, its last line, as the main process would have
+    said it. Other messages are returned unchanged."""
+    text, cls = str(exc), type(exc)
+    if not text.startswith(f"Caught {cls.__name__} ") or "\nOriginal Traceback" not in text:
+        return text
+    for marker in (f"\n{cls.__module__}.{cls.__qualname__}: ", f"\n{cls.__qualname__}: "):
+        if (at := text.rfind(marker)) >= 0:
+            return text[at + len(marker):].rstrip("\n")
+    return text

@@ -28,7 +28,6 @@ the boxes' share of the image area (the expected energy of a uniform map).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmark.data import resolve_dataset
 from benchmark.errors import DatasetError
 from benchmark.shapes import COLORS, SYNONYMS
+from benchmark.userfiles import field_type_problem, read_json
 
 __all__ = ["SHAPE_WORDS", "COLOUR_WORDS", "point_hit", "box_mask", "energy_in_boxes",
            "centre_point", "centre_prior", "matching_objects", "GroundingResult",
-           "ground_run", "load_objects", "BASELINES"]
+           "ground_run", "load_objects", "BASELINES", "check_saved_dataset"]
 
 COLOUR_WORDS = frozenset(COLORS)
 #: word -> shape it names
@@ -183,6 +184,16 @@ class GroundingResult:
         return {**out, "random_seed": seed, "layer": layer}
 
 
+_NUM = (int, float)
+#: JSON types of the dataset fields grounding reads (see benchmark.userfiles.field_type_problem)
+OBJECT_TYPES = (("images.*", (dict,)), ("images.*.filename", (str,)),
+                ("images.*.filepath", (str,)), ("images.*.split", (str,)),
+                ("images.*.cocoid", (*_NUM, str)), ("images.*.imgid", (*_NUM, str)),
+                ("images.*.objects", (list,)), ("images.*.objects.*", (dict,)),
+                ("images.*.objects.*.bbox", (list,)), ("images.*.objects.*.bbox.*", _NUM),
+                ("images.*.objects.*.shape", (str,)), ("images.*.objects.*.color", (str,)))
+
+
 def load_objects(path: str | Path, split: str = "test") -> list[dict]:
     """Entries ``{"path", "image_id", "filename", "objects"}`` of ``split`` in a shapes
     ``dataset.json``. Raises DatasetError naming the file when it is unreadable or has no
@@ -190,17 +201,18 @@ def load_objects(path: str | Path, split: str = "test") -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / "dataset.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"cannot read dataset {path}: {exc}") from exc
+    data = read_json(path, "dataset", DatasetError, walk=False)  # fields checked below
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise DatasetError(f"{path}: expected a Karpathy dataset.json with an 'images' list")
+    if why := field_type_problem(data, OBJECT_TYPES):
+        raise DatasetError(f"{path}: {why}")
     out = []
     for i, e in enumerate(images):
         if e.get("split") != split:
             continue
+        if "filename" not in e:
+            raise DatasetError(f"{path}: images[{i}]: missing field 'filename'")
         objs = e.get("objects")
         if not objs or not all(isinstance(o, dict) and len(o.get("bbox", [])) == 4 for o in objs):
             raise DatasetError(f"{path}: images[{i}] has no 'objects' with 'bbox'; grounding needs "
@@ -212,6 +224,21 @@ def load_objects(path: str | Path, split: str = "test") -> list[dict]:
     if not out:
         raise DatasetError(f"{path}: split {split!r} has no images")
     return out
+
+
+def check_saved_dataset(run, dataset_path: str | Path) -> None:
+    """Refuse to save figures of ``dataset_path`` into ``run``'s record unless it is the
+    dataset the run was trained and scored on (the same split fingerprint): figures of another
+    set would be recorded as the run's own. Raises DatasetError naming both fingerprints."""
+    if run.record is None:
+        return
+    got = resolve_dataset(str(dataset_path)).fingerprint
+    if got != run.record.split_fingerprint:
+        raise DatasetError(f"--dataset {dataset_path} is not the dataset run {run.run_id} was "
+                           f"trained on (split fingerprint {got}, the run's is "
+                           f"{run.record.split_fingerprint}): its figures would be saved for "
+                           "images the run never saw; pass --no-save to only print them, or "
+                           "give the run's own dataset")
 
 
 def ground_run(run, dataset_path: str | Path, split: str = "test", *, tolerance: float = 15.0,

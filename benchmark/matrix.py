@@ -33,6 +33,7 @@ from architectures import list_decoders, list_encoders
 from benchmark.config import (
     RunConfig,
     apply_overrides,
+    check_seeds,
     config_id,
     read_config_file,
     resolved_config,
@@ -89,8 +90,7 @@ def matrix_plan(config: str | None, archs: list[str] | None, encoders: list[str]
         variants = _variants(spec.pop("variants", None), f"{where}.variants")
         spec = {k: _names(v, f"{where}.{k}") for k, v in spec.items()}
         spec["variants"] = variants
-        if not all(isinstance(s, int) and not isinstance(s, bool) for s in spec.get("seeds", [])):
-            raise ConfigError(f"{where}.seeds: give integers, e.g. [0, 1, 2]")
+        check_seeds(spec.get("seeds", []), f"{where}.seeds")
     return MatrixPlan(archs or spec.get("archs") or list_decoders(),
                       encoders or spec.get("encoders") or list_encoders(ci=False),
                       seeds or spec.get("seeds") or [default_seed],

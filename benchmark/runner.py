@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -442,16 +443,18 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     if previous is not None and not resume:
         if console is not None:
             console.print(f"[yellow]note:[/] an unfinished run of this config and seed is saved at "
-                          f"{previous}; --resume continues it (this run starts afresh)",
+                          f"{escape(str(previous))}; --resume continues it (this run starts afresh)",
                           highlight=False)
         previous = None
     elif console is not None:
         if previous is not None:
-            console.print(f"resuming {previous.stem} from its last completed epoch ({previous})",
+            console.print(f"resuming {previous.stem} from its last completed epoch "
+                          f"({escape(str(previous))})",
                           highlight=False)
         elif resume:
             console.print(f"[yellow]note:[/] --resume: no unfinished run of this config and seed "
-                          f"in {Path(cfg.results_dir) / 'unfinished'}; this run starts afresh",
+                          f"in {escape(str(Path(cfg.results_dir) / 'unfinished'))}; this run "
+                          "starts afresh",
                           highlight=False)
     # rank 0 decides the run id and whether it resumes, for every rank alike
     run_id, resuming = distributed.broadcast_object(
@@ -539,16 +542,18 @@ def run_baselines(cfg: RunConfig, kinds: list[str], *, split: str = "test", k: i
     ``cfg.dataset`` on ``split``; ``nn`` uses ``cfg.encoder``'s cached pooled features.
 
     Returns ``(dataset, encoder name, {kind: {"detail", "metrics", "caption", ...}})``.
-    Raises ConfigError for an unknown kind or ``k`` < 1.
+    Raises ConfigError for an unknown kind or ``k`` outside 1 to ``MAX_NN_K``.
     """
-    from benchmark.baselines import BLIND_KINDS
+    from benchmark.baselines import BLIND_KINDS, MAX_NN_K
     from benchmark.errors import ConfigError
 
     bad = [x for x in kinds if x not in (*BLIND_KINDS, "nn")]
     if bad:
         raise ConfigError(f"--kind {bad[0]!r}: choose most-frequent, consensus, nn or all")
-    if k < 1:
-        raise ConfigError(f"--k {k}: must be at least 1")
+    if not 1 <= k <= MAX_NN_K:
+        raise ConfigError(f"--k {k}: give 1 to {MAX_NN_K} (each test image compares every pair of "
+                          "its neighbours' captions, so time grows with k squared; Devlin et al. "
+                          "pool tens of neighbours)")
     if "nn" in kinds and split == "train":
         raise ConfigError("--split train with the nn baseline: every training image would be its "
                           "own nearest neighbour; score nn on val or test")

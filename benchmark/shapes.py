@@ -23,6 +23,10 @@ from benchmark.fsutil import ensure_writable, remove_stale_temps
 from benchmark.paths import cache_root
 
 VERSION = 4  # bump whenever the images or captions change
+#: disk one image takes, PNG and its dataset.json entry (about 2.6 KB, rounded up to blocks)
+BYTES_PER_IMAGE = 8192
+#: the most images one set may have (about 8 GB on disk)
+MAX_IMAGES = 1_000_000
 CANVAS = 128
 COLORS = {
     "red": (215, 40, 40),
@@ -109,17 +113,21 @@ def generate_shapes(out_dir: str | Path, n_images: int = 600, seed: int = 0,
     """Write ``n_images`` PNGs and a Karpathy ``dataset.json`` into ``out_dir``; return the JSON.
 
     ``fractions`` are the train and val shares (test takes the rest). The same arguments give
-    byte-identical files. Raises ValueError for fewer than 10 images, and DatasetError when
-    ``out_dir`` already holds a ``dataset.json`` and ``overwrite`` is False.
+    byte-identical files. Raises ValueError for fewer than 10 or more than ``MAX_IMAGES``
+    images, DatasetError when ``out_dir`` already holds a ``dataset.json`` and ``overwrite`` is
+    False, and StorageError when ``out_dir`` lacks the disk space (checked before writing).
     """
-    if n_images < 10:
-        raise ValueError("shapes needs at least 10 images (train, val and test must be non-empty)")
+    if not 10 <= n_images <= MAX_IMAGES:
+        raise ValueError(f"shapes takes 10 to {MAX_IMAGES:,} images (train, val and test must be "
+                         f"non-empty), not {n_images:,}")
     out_dir = Path(out_dir)
     if not overwrite and (out_dir / "dataset.json").exists():
         from benchmark.errors import DatasetError
 
         raise DatasetError(f"{out_dir / 'dataset.json'} already exists; choose another --out "
                            "folder or pass --force to overwrite it")
+    ensure_writable(out_dir, need_bytes=n_images * BYTES_PER_IMAGE, what="dataset folder",
+                    hint="Give fewer images or another folder.")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     n_train = int(n_images * fractions[0])
@@ -150,7 +158,7 @@ def default_shapes_path(n_images: int = 600, seed: int = 0) -> Path:
     target = cache_root() / "datasets" / f"shapes-v{VERSION}-n{n_images}-seed{seed}"
     if (target / "dataset.json").is_file():
         return target / "dataset.json"
-    ensure_writable(target.parent, need_bytes=n_images * 4096, what="dataset cache",
+    ensure_writable(target.parent, need_bytes=n_images * BYTES_PER_IMAGE, what="dataset cache",
                     hint="Set CAPBENCH_CACHE to a writable folder.")
     remove_stale_temps(target.parent)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-shapes-{os.getpid()}-"))

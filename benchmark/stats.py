@@ -25,9 +25,13 @@ import math
 
 import numpy as np
 
+from benchmark.limits import available_memory, check_memory
 from benchmark.metrics import METEOR_STATS_KEY, METEOR_STATS_LENGTH, PER_IMAGE_METRICS
 
-__all__ = ["corpus_bleu", "bootstrap_ci", "paired_bootstrap", "compare_runs", "diversity",
+#: most bootstrap resamples ``capbench compare`` takes (METEOR's jar scores about 1,000 a second)
+MAX_RESAMPLES = 100_000
+
+__all__ = ["MAX_RESAMPLES", "corpus_bleu", "bootstrap_ci", "paired_bootstrap", "compare_runs", "diversity",
            "metric_samples", "meteor_aggregable", "corpus_meteor", "meteor_statistic",
            "METEOR_MEAN_KEY"]
 
@@ -241,7 +245,8 @@ def compare_runs(a, b, *, n_resamples: int = 2000) -> dict[str, dict[str, float]
     """:func:`paired_bootstrap` of run records ``b`` against ``a`` (RunRecord objects).
 
     Raises RecordError when the runs are on different splits (their scores are not
-    comparable) and ValueError for ``n_resamples`` < 1.
+    comparable), ValueError for ``n_resamples`` < 1 and ResourceError when the resampled
+    index table would not fit in memory (checked before any work).
     """
     from benchmark.errors import RecordError
 
@@ -251,6 +256,11 @@ def compare_runs(a, b, *, n_resamples: int = 2000) -> dict[str, dict[str, float]
         if not r.per_image.get("image_ids"):
             raise RecordError(f"run {r.run_id} has no per-image scores to compare "
                               f"({r.path or 'record'}: field 'per_image' is empty)")
+    m = len(a.per_image["image_ids"])
+    # the resampled index table and its per-image draw counts, 8 bytes an entry each
+    check_memory(2 * 8 * (n_resamples + 1) * m, f"{n_resamples:,} resamples of {m:,} images",
+                 f"ask for fewer (2000 is usual; at most about {available_memory() // (16 * m):,} "
+                 "fit)")
     if a.split_fingerprint != b.split_fingerprint:
         raise RecordError(f"runs are on different splits ({a.split_fingerprint} vs "
                           f"{b.split_fingerprint}): their scores are not comparable")

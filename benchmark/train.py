@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -304,16 +303,40 @@ def _set_rng_states(states: dict, gens: dict[str, torch.Generator]) -> None:
 
 def _save_state(path: Path, loop: _Loop, decoder, opt, sched, gens, meta: dict,
                 encoder=None) -> None:
-    """Write the training state atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the training state atomically (:func:`write_train_state`)."""
     blob = {"version": TRAIN_STATE_VERSION, "meta": meta, "loop": dict(loop.__dict__),
             "decoder": decoder.state_dict(), "optimizer": opt.state_dict(),
             "encoder": encoder.trainable_state() if encoder is not None else {},
             "scheduler": sched.state_dict() if sched is not None else None,
             "rng": _rng_states(gens)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    write_train_state(path, blob)
+
+
+#: what torch.save's RuntimeError says when the disk fills or a write fails
+_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter", "file write failed", "No space left")
+
+
+def write_train_state(path: Path, blob: dict) -> None:
+    """``torch.save(blob)`` to ``path`` through :func:`~benchmark.fsutil.atomic_write`: a temp
+    file in the same folder, then one rename, so the previous epoch's state stays whole until
+    the new one is; a temp left by a killed process is removed here on the next write
+    (:func:`~benchmark.fsutil.remove_stale_temps`). Raises StorageError naming the folder
+    when it cannot be written (a full disk: torch.save's "unexpected pos"), with no temp
+    file left behind."""
+    from benchmark.errors import StorageError
+    from benchmark.fsutil import atomic_write, remove_stale_temps
+
+    remove_stale_temps(path.parent)
+    try:
+        atomic_write(path, lambda tmp: torch.save(blob, tmp))
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not any(s in str(exc) for s in _WRITE_FAILED):
+            raise
+        why = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1][-160:]
+        raise StorageError(f"cannot write the training state to the folder {path.parent} "
+                           f"({why}); free space there, or pass --results-dir with a folder "
+                           "that has room. Epochs saved before are kept: continue with "
+                           "--resume") from exc
 
 
 def load_train_state(path: Path) -> dict:
@@ -664,7 +687,7 @@ def _xe_epoch_finetune(decoder, ft: FineTune, train_images, all_inputs, all_targ
     """
     from torch.utils.data import DataLoader
 
-    from benchmark.pixels import ImageFolderDataset
+    from benchmark.pixels import ImageFolderDataset, worker_batches
 
     # caption_pairs lists each image's captions contiguously, in train_images order
     imgs, pairs, start = [], [], 0
@@ -694,7 +717,7 @@ def _xe_epoch_finetune(decoder, ft: FineTune, train_images, all_inputs, all_targ
     ft.encoder.train()
     params = [p for g in opt.param_groups for p in g["params"]]
     epoch_loss = 0.0
-    for st, m, pixels in zip(steps, mine, loader, strict=True):
+    for st, m, pixels in zip(steps, mine, worker_batches(loader), strict=True):
         synchronize(device)
         t0 = time.perf_counter()
         idx = torch.cat([pairs[perm[q]] for q in m])

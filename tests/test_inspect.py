@@ -426,3 +426,23 @@ def test_gallery_draws_an_attention_strip_per_word(tiny_run, tmp_path):
             words, rest = divmod(im.size[0], 64)
             assert rest == 0 and im.size[1] == 64 + 14
         assert any(min(len(c.split()), 16) == words for c in captions)  # at most 16 panels
+
+
+@pytest.mark.slow
+def test_ground_refuses_to_save_figures_of_another_dataset(tiny_run, tmp_path):
+    from benchmark.shapes import generate_shapes
+
+    results, record = tiny_run
+    path = results / "runs" / f"{record.run_id}.json"
+    before = path.read_text()
+    other = generate_shapes(tmp_path / "other", 20, seed=7)
+    out = _invoke("ground", "--run", record.run_id, "--results-dir", results, "--dataset", other)
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert f"--dataset {other} is not the dataset run {record.run_id} was trained on" in out.output
+    assert "--no-save" in out.output
+    assert path.read_text() == before  # nothing saved
+    out = _invoke("ground", "--run", record.run_id, "--results-dir", results, "--dataset", other,
+                  "--format", "json", "--no-save")
+    assert out.exit_code == 0, out.output  # looking at another set without saving is fine
+    assert json.loads(out.stdout)["images"] == 3
+    assert path.read_text() == before
