@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from benchmark.checkpoint import LoadedRun
 from benchmark.errors import CapbenchError, DatasetError
+from benchmark.imagefile import file_problem, open_rgb
 
 __all__ = ["IMAGE_EXTENSIONS", "CaptionResult", "expand_paths", "load_pixels", "caption_files",
            "coco_image_id", "evaluate_run", "check_split"]
@@ -55,19 +55,27 @@ def expand_paths(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files to caption from ``paths``: files as given, folders as their image files
     (:data:`IMAGE_EXTENSIONS`, not recursive, sorted by name) and glob patterns (sorted).
 
-    Returns ``(files, failures)``; a path that does not exist, a pattern that matches nothing
-    and a folder without images are failures ``(path, reason)``. Duplicates are dropped.
+    Returns ``(files, failures)``; a path that does not exist, a pattern that matches nothing,
+    a folder without images, and what is not a regular file (a named pipe, which would block,
+    or a symbolic link loop, named as such) are failures ``(path, reason)``. Duplicates are
+    dropped.
     """
     files, failures = [], []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(x for x in p.iterdir() if x.is_file() and x.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
+            named = sorted(x for x in p.iterdir() if x.suffix.lower() in IMAGE_EXTENSIONS)
+            found = [x for x in named if file_problem(x) is None]
+            failures += [(str(x), why) for x in named if (why := file_problem(x))
+                         and not x.is_dir()]
+            if not named:
                 failures.append((raw, f"folder has no image files ({', '.join(IMAGE_EXTENSIONS)})"))
             files.extend(found)
-        elif p.exists():
-            files.append(p)
+        elif p.is_symlink() or p.exists():
+            if why := file_problem(p):
+                failures.append((raw, why))
+            else:
+                files.append(p)
         elif glob.has_magic(raw):
             found = sorted(Path(x) for x in glob.glob(raw) if Path(x).is_file())
             if not found:
@@ -84,22 +92,15 @@ def load_pixels(path: Path, transform, device: torch.device | str = "cpu") -> to
     :class:`~benchmark.pixels.TensorPreprocess` (a ``torchvision`` run), decoded and
     preprocessed on ``device`` as that run's features were (:mod:`benchmark.pixels`).
 
-    Raises DatasetError naming the file: not an image PIL can read, truncated, or unreadable.
+    Raises DatasetError naming the file: not a regular file, not an image Pillow can read,
+    truncated, too large, or unreadable (:func:`benchmark.imagefile.open_rgb`).
     """
     from benchmark.pixels import TensorPreprocess, decode_images, read_bytes
 
     if isinstance(transform, TensorPreprocess):
         device = torch.device(device)
         return transform(decode_images([read_bytes(path)], [path], device))[0]
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return transform(img.convert("RGB"))
-    except UnidentifiedImageError as exc:
-        raise DatasetError(f"{path}: not an image file PIL can read") from exc
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # damaged, huge
-        why = getattr(exc, "strerror", None) or exc
-        raise DatasetError(f"{path}: cannot read the image ({why})") from exc
+    return transform(open_rgb(path))
 
 
 def caption_files(run: LoadedRun, files: list[Path], *, batch_size: int | None = None,

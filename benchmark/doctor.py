@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rich.markup import escape
+
 from benchmark.paths import cache_root
 
-__all__ = ["cache_report", "local_weights", "doctor_rows"]
+__all__ = ["cache_report", "cache_root_problem", "local_weights", "doctor_rows"]
 
 
 def _size(path: Path) -> int:
@@ -30,6 +32,21 @@ def _torch_hub_dir() -> Path:
     import torch
 
     return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def cache_root_problem(root: Path) -> str | None:
+    """Why capbench cannot keep its caches under ``root`` (``None`` when it can): it, or the
+    nearest part of it that exists, is not a folder, or that folder is not writable."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "it" if existing == root else f"{existing}"
+        return (f"{what} is a file, not a folder; set CAPBENCH_CACHE to a folder (or unset it "
+                "for the default)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable; set CAPBENCH_CACHE to a writable folder"
+    return None
 
 
 def cache_report() -> dict[str, tuple[Path, int]]:
@@ -80,13 +97,20 @@ def doctor_rows() -> list[tuple[str, str]]:
 
         rows.append(("image_decoder: torchvision", f"[green]ok[/] ({jpeg_decoder()[0]} decode_jpeg)"))
     except ConfigError as exc:
-        rows.append(("image_decoder: torchvision", f"[yellow]unavailable[/]: {exc}"))
+        rows.append(("image_decoder: torchvision", f"[yellow]unavailable[/]: {escape(str(exc))}"))
     for m, why in metric_status().items():
         if m in ALL_METRICS:
-            rows.append((f"metric {m}", "[green]ok[/]" if why is None else f"[yellow]unavailable[/]: {why}"))
+            rows.append((f"metric {m}", "[green]ok[/]" if why is None
+                         else f"[yellow]unavailable[/]: {escape(str(why))}"))
+    root = cache_root()
+    why = cache_root_problem(root)
+    rows.append(("cache root", escape(str(root)) + (f" [red]unusable[/]: {escape(why)}" if why else "")))
     for name, (path, size) in cache_report().items():
-        rows.append((f"cache {name}", f"{path} ({size / 2**20:.1f} MiB)"))
+        if why and name in ("features", "datasets"):
+            rows.append((f"cache {name}", f"[red]unusable[/] ({escape(str(path))}: see cache root)"))
+        else:
+            rows.append((f"cache {name}", f"{escape(str(path))} ({size / 2**20:.1f} MiB)"))
     weights = local_weights()
-    rows.append(("local weights", "\n".join(weights) if weights
+    rows.append(("local weights", escape("\n".join(weights)) if weights
                  else "none found (use --no-pretrained offline)"))
     return rows

@@ -53,19 +53,16 @@ class ExplainError(CapbenchError):
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """The RGB image at ``path``; raises DatasetError naming the file when it is missing or
-    not an image PIL can read."""
+    """The 8-bit RGB image at ``path``; raises DatasetError naming the file when it is
+    missing, not a regular file, or not an image Pillow can read
+    (:func:`benchmark.imagefile.open_rgb`)."""
     from benchmark.errors import DatasetError
+    from benchmark.imagefile import open_rgb
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise DatasetError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"{path}: not an image PIL can read ({exc})") from exc
+    return open_rgb(path)
 
 
 # ---------------------------------------------------------------------------- geometry

@@ -24,8 +24,9 @@ from pathlib import Path
 from PIL import Image
 
 from benchmark.data import image_id_key, load_karpathy
-from benchmark.errors import CapbenchError, RecordError, StorageError
+from benchmark.errors import CapbenchError, DatasetError, RecordError, StorageError
 from benchmark.fsutil import atomic_write_text, ensure_writable
+from benchmark.imagefile import file_problem, needs_scaling, to_rgb
 from benchmark.records import RunRecord
 
 __all__ = ["write_gallery", "AttentionStrips", "THUMB_SIZE"]
@@ -97,12 +98,17 @@ def _environment():
 
 def _make_thumb(src: Path, dest_dir: Path) -> str:
     """Downscale ``src`` into ``dest_dir`` (named by a hash of its path); return the file name.
-    Raises OSError (or PIL's errors, subclasses of it) when the image cannot be read."""
+    Raises OSError (or PIL's errors, subclasses of it), or DatasetError, when the image cannot
+    be read or is not a regular file (16-bit pixels are scaled, :func:`to_rgb`)."""
     name = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:16] + ".png"
     dest = dest_dir / name
+    if why := file_problem(src):
+        raise DatasetError(f"{src}: {why}")
     if dest.is_file() and dest.stat().st_mtime >= src.stat().st_mtime:
         return name
     with Image.open(src) as im:
+        if needs_scaling(im.mode):
+            im = to_rgb(im, src)
         im.thumbnail((THUMB_SIZE, THUMB_SIZE))
         im = im.convert("RGBA" if im.mode in ("RGBA", "LA", "P") else "RGB")
         tmp = dest.with_suffix(".tmp.png")
@@ -188,7 +194,7 @@ def _build_group(name: str, fp: str, runs: list[RunRecord], out_dir: Path,
             continue
         try:
             row.thumb = "thumbs/" + _make_thumb(Path(src), thumbs)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, DatasetError):
             unreadable += 1
     if unreadable:
         group.notes.append(f"{unreadable} image file(s) could not be read: shown without "

@@ -32,11 +32,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from benchmark.data import ImageRecord
-from benchmark.errors import ConfigError, DatasetError
+from benchmark.errors import CapbenchError, ConfigError, DatasetError, user_message
+from benchmark.imagefile import file_problem, open_rgb
 
 __all__ = ["IMAGE_DECODERS", "ImageFolderDataset", "ImageBytesDataset", "TensorPreprocess",
            "tensor_transform", "decode_images", "read_bytes", "pixel_batches",
-           "check_image_decoder", "jpeg_decoder"]
+           "check_image_decoder", "jpeg_decoder", "worker_batches"]
 
 IMAGE_DECODERS = ("pil", "torchvision")
 
@@ -61,12 +62,7 @@ class ImageFolderDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        path = self.images[i].path
-        try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")
-        except OSError as exc:
-            raise DatasetError(f"cannot read image {path}: {exc}") from exc
+        rgb = open_rgb(self.images[i].path)
         if self.seeds is None:
             return self.transform(rgb)
         python_state = random.getstate()
@@ -162,7 +158,10 @@ class ImageBytesDataset(Dataset):
 
 
 def read_bytes(path) -> torch.Tensor:
-    """The file at ``path`` as ``uint8 (n_bytes,)``. Raises DatasetError naming it."""
+    """The file at ``path`` as ``uint8 (n_bytes,)``. Raises DatasetError naming it (also for
+    a named pipe or anything else that is not a regular file, which would block or mislead)."""
+    if why := file_problem(path):
+        raise DatasetError(f"{path}: {why}")
     try:
         data = bytearray(Path(path).read_bytes())
     except OSError as exc:
@@ -181,9 +180,11 @@ def _plain_jpeg(data: torch.Tensor) -> bool:
     if data[:3].tolist() != [0xFF, 0xD8, 0xFF]:
         return False
     try:
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
-            return img.getexif().get(0x0112, 1) == 1
-    except (OSError, ValueError, SyntaxError):
+        with warnings.catch_warnings():  # a huge one: open_rgb warns, naming the file
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+                return img.getexif().get(0x0112, 1) == 1
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return False  # let Pillow name the problem
 
 
@@ -223,11 +224,7 @@ def decode_images(data: list[torch.Tensor], paths: list, device: torch.device) -
 
 
 def _pil_decode(data: torch.Tensor, path) -> torch.Tensor:
-    try:
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
-            rgb = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"{path}: cannot decode the image ({exc})") from exc
+    rgb = np.asarray(open_rgb(path, data.numpy().tobytes()))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
@@ -299,8 +296,23 @@ def pixel_batches(transform, images: list[ImageRecord], batches: list[list[int]]
     return _pixel_stream(loader, steps, images, batches, device, memory_format)
 
 
+def worker_batches(loader: DataLoader) -> Iterator:
+    """The batches of ``loader``; a CapbenchError raised in one of its worker processes comes
+    out as the same type with the worker's own message (:func:`~benchmark.errors.user_message`),
+    not with the traceback text torch wraps around it."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except CapbenchError as exc:
+            raise type(exc)(user_message(exc)) from None
+        yield batch
+
+
 def _pixel_stream(loader, steps, images, batches, device, memory_format):
-    for b, batch in enumerate(loader):
+    for b, batch in enumerate(worker_batches(loader)):
         if steps is not None:
             batch = steps(decode_images(batch, [images[i].path for i in batches[b]], device))
         yield batch.to(device, non_blocking=True, memory_format=memory_format)

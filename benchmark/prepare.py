@@ -66,6 +66,7 @@ from typing import Literal
 from benchmark.data import image_id_key, simple_tokenize
 from benchmark.errors import ConfigError, DatasetError
 from benchmark.fsutil import atomic_write_text, refuse_overwrite
+from benchmark.imagefile import file_problem
 from benchmark.userfiles import describe, parse_json, quote
 
 __all__ = ["prepare", "PrepareReport", "seeded_split", "split_counts", "KINDS", "KARPATHY_SIZES",
@@ -543,7 +544,7 @@ def _locate(images_dir: Path, acc: _Collect, keys: list[str]) -> tuple[Path, str
     def find(base: Path, im: _Image) -> Path | None:
         for sub in im.subs:
             p = base / sub / im.filename
-            if p.is_file():
+            if p.is_file() or os.path.lexists(p):  # a link loop or a pipe: said, not "missing"
                 return p
         return None
 
@@ -659,7 +660,7 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
     if out.is_dir():
         out = out / "dataset.json"
     if not images.is_dir():
-        raise DatasetError(f"--images {images} is not a folder")
+        raise DatasetError(f"--images {images} is not a folder ({file_problem(images) or 'a file'})")
     for p in [*captions, *split_paths]:
         if not p.is_file():
             raise DatasetError(f"{p} does not exist")
@@ -737,11 +738,13 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
         messages.append(note)
     missing = [acc.images[k].filename for k in keys if acc.images[k].path is None]
     found = [k for k in keys if acc.images[k].path is not None]
-    unreadable: list[str] = []
+    odd = {k: why for k in found if (why := file_problem(acc.images[k].path))}
+    unreadable = [f"{acc.images[k].filename}: {why}" for k, why in odd.items()]
+    found = [k for k in found if k not in odd]
     if check_images:
         reasons = _check_images([acc.images[k].path for k in found], check_images == "decode", progress)
         bad = {k for k, r in zip(found, reasons, strict=True) if r}
-        unreadable = [f"{acc.images[k].filename}: {r}" for k, r in zip(found, reasons, strict=True) if r]
+        unreadable += [f"{acc.images[k].filename}: {r}" for k, r in zip(found, reasons, strict=True) if r]
         found = [k for k in found if k not in bad]
     if missing or unreadable:
         messages.append(f"left out {len(missing) + len(unreadable)} image(s): {len(missing)} missing, "

@@ -388,16 +388,17 @@ def _rich_table(title: str, g: pd.DataFrame, shown: list[str], caption=None):
     rather than get an ellipsis, so a number is never cut; :func:`_fit_columns` picks the
     columns so that nothing needs to fold."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, caption=caption, caption_justify="left", show_edge=False,
-                  pad_edge=False)
+    table = Table(title=Text(title), caption=caption, caption_justify="left", show_edge=False,
+                  pad_edge=False)  # Text: dataset names and run ids are never read as markup
     for c in shown:
         numeric = c in SHORT.values() or c in THROUGHPUT_COLUMNS.values() or \
             c in ("uniq%", "params", "vs blind", "shuffle Δ")
         table.add_column(RICH_HEADERS.get(c, c), justify="right" if numeric else "left",
                          overflow="fold")
     for _, row in g.iterrows():
-        table.add_row(*(_text(row[c]) for c in shown))
+        table.add_row(*(Text(_text(row[c])) for c in shown))
     return table
 
 

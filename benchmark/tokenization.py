@@ -21,14 +21,18 @@ scored by the same PTB tokenizer and metrics.
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from benchmark.errors import ConfigError
 from benchmark.vocab import BOS, EOS, PAD, SPECIALS, UNK, CaptionTokenizer, Vocabulary
 
 __all__ = ["SubwordTokenizer", "build_tokenizer", "load_tokenizer", "check_tokenizer_spec",
-           "TRAINED_KINDS", "mean_tokens_per_caption"]
+           "TRAINED_KINDS", "mean_tokens_per_caption", "hub_offline_reason"]
 
 #: tokenizers capbench trains itself on the train split
 TRAINED_KINDS = ("bpe", "wordpiece")
@@ -113,11 +117,77 @@ def _train(kind: str, texts: list[str], vocab_size: int):
                                    eos_token=EOS, unk_token=UNK)
 
 
+#: seconds :func:`hub_offline_reason` waits for a connection to the Hugging Face hub
+HUB_PROBE_TIMEOUT_S = 3.0
+_TRUE = ("1", "on", "yes", "true")
+
+
+def _hub_cache() -> Path:
+    hf_home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    return Path(os.environ.get("HF_HUB_CACHE", Path(hf_home) / "hub"))
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the hub cache holds a tokenizer file of repository ``name``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        try:
+            if isinstance(try_to_load_from_cache(name, file, cache_dir=_hub_cache()), str):
+                return True
+        except Exception:  # not a valid repository name: not cached
+            return False
+    return False
+
+
+def hub_offline_reason(timeout: float | None = None) -> str | None:
+    """Why the Hugging Face hub cannot be used now, or ``None``: ``HF_HUB_OFFLINE`` (or
+    ``TRANSFORMERS_OFFLINE``) is set, or its host (``HF_ENDPOINT``) takes no connection
+    within ``timeout`` seconds (default :data:`HUB_PROBE_TIMEOUT_S`; not probed behind a
+    proxy). Returns within about ``timeout`` seconds, where ``from_pretrained`` retries for
+    minutes."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return f"{var} is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from huggingface_hub import constants
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    port = url.port or (80 if url.scheme == "http" else 443)
+    wait = HUB_PROBE_TIMEOUT_S if timeout is None else timeout
+    result: list = []
+
+    def probe():  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((url.hostname, port), timeout=wait).close()
+            result.append(None)
+        except OSError as exc:
+            result.append(exc.strerror or str(exc) or type(exc).__name__)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(wait)
+    if not result:
+        return f"{url.hostname} did not answer within {wait:g} s"
+    return f"{url.hostname} cannot be reached ({result[0]})" if result[0] else None
+
+
 def _from_pretrained(spec: str):
     from transformers import PreTrainedTokenizerFast
 
+    kwargs = {}
+    if not Path(spec).exists() and (offline := hub_offline_reason()):
+        if not _in_hub_cache(spec):  # refuse now: from_pretrained would retry for minutes
+            raise ConfigError(
+                f"tokenizer {spec!r}: not word, bpe or wordpiece, not a folder, and not in the "
+                f"local Hugging Face cache ({_hub_cache()}); it cannot be downloaded now "
+                f"({offline}). Download it once with a network (python -c \"from transformers "
+                f"import AutoTokenizer; AutoTokenizer.from_pretrained('{spec}')\"), or pass "
+                "the folder of a saved tokenizer (tokenizer.save_pretrained(FOLDER))")
+        kwargs["local_files_only"] = True
     try:
-        return PreTrainedTokenizerFast.from_pretrained(spec)
+        return PreTrainedTokenizerFast.from_pretrained(spec, **kwargs)
     except Exception as exc:  # missing, offline, or a damaged tokenizer.json: say which
         local = Path(spec).exists()
         raise ConfigError(

@@ -279,7 +279,7 @@ def test_an_unreadable_image_in_one_rank_s_shard_stops_every_rank(tiny_shapes, t
     out = str(tmp_path / "said")
     _spawn(_extract_with_a_bad_image_on_rank_1, str(tiny_shapes), out)
     said = [Path(f"{out}.{r}").read_text() for r in (0, 1)]
-    assert said[1].startswith("DatasetError: cannot read image ") and "broken.jpg" in said[1]
+    assert said[1].startswith("DatasetError: ") and "broken.jpg: cannot read the image" in said[1]
     assert said[0] == f"CapbenchError: rank 1 failed, so this rank stops too: {said[1]}"
     assert not list((tmp_path / "cache").rglob("manifest.json"))
     assert len(list((tmp_path / "cache").rglob("shard-*.safetensors"))) >= 2  # rank 0's: kept
@@ -358,7 +358,7 @@ def test_a_rank_that_fails_ends_the_launch_with_its_error_and_no_traceback(tmp_p
     text = out.stdout + out.stderr
     assert out.returncode == 2, text[-3000:]
     assert "Traceback" not in text and "ChildFailedError" not in text
-    assert "error: cannot read image" in text and "shapes_00004.png" in text
+    assert "shapes_00004.png: cannot read the image" in text and "error: " in text
     assert "error: the 2 processes stopped (exit code 2)" in text
 
 

@@ -93,7 +93,7 @@ def test_a_step_without_a_tensor_version_and_a_broken_file_are_named(photos, tmp
     bad.write_bytes(b"\xff\xd8\xff" + b"not a jpeg" * 10)
     broken = [*photos[:2], dataclasses.replace(photos[0], path=bad)]
     data = [ImageBytesDataset(broken)[i] for i in range(3)]
-    with pytest.raises(DatasetError, match="bad.jpg: cannot decode the image"):
+    with pytest.raises(DatasetError, match="bad.jpg: cannot read the image"):
         decode_images(data, [p.path for p in broken], torch.device("cpu"))
 
 
