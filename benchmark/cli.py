@@ -525,8 +525,8 @@ def ground(
 
     if format not in ("table", "json"):
         _fail(f"--format {format!r}: choose table or json")
-    if tolerance < 0:
-        _fail(f"--tolerance {tolerance}: must be >= 0 pixels")
+    if not 0 <= tolerance < float("inf"):  # NaN fails both
+        _fail(f"--tolerance {tolerance}: give a finite number of pixels >= 0")
     check_split(split)
     loaded = load_run(run, results_dir)
     path = dataset or _run_dataset_path(loaded)

@@ -35,6 +35,8 @@ def _fails(args, *messages):
      "shapes takes 10 to 1,000,000 images"),
     (["baseline", "--k", "1000", "--no-pretrained"], "--k 1000: give 1 to 100"),
     (["bench", "--arch", "lstm", "--grid-dim", "100000"], "--grid-dim 100000: give 1 to 65,536"),
+    (["ground", "--run", "x", "--tolerance", "nan"], "--tolerance nan: give a finite number"),
+    (["ground", "--run", "x", "--tolerance", "inf"], "--tolerance inf: give a finite number"),
 ])
 def test_sizes_beyond_their_bound_are_refused_before_any_work(tmp_path, args, message):
     _fails([a.replace("{tmp}", str(tmp_path)) for a in args], message)
