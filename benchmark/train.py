@@ -54,6 +54,7 @@ from benchmark.config import TrainConfig
 from benchmark.data import ImageRecord
 from benchmark.decoding import DecodeConfig, forbid_tokens, sample_decode
 from benchmark.device import synchronize
+from benchmark.errors import TrainingDivergedError
 from benchmark.features import FeatureStore
 from benchmark.inference import caption_features_all_ranks
 from benchmark.metrics import cider_d
@@ -378,6 +379,29 @@ def fused_adam(device: torch.device) -> bool | None:
     return True if torch.device(device).type in ("cpu", "cuda") else None
 
 
+def check_finite_loss(entry: dict, cfg: TrainConfig, finetuning: bool = False) -> None:
+    """Stop a run whose epoch loss (or SCST reward) in ``entry`` is NaN or infinite: its
+    weights are broken, every later caption would be empty and its record all zeros.
+
+    Raises :class:`TrainingDivergedError` naming the epoch, the phase and the settings that
+    most likely caused it (the phase's learning rate, gradient clipping, warmup). Nothing is
+    recorded; the training state of the last finite epoch is kept."""
+    bad = {k: entry[k] for k in ("loss", "reward") if k in entry and not math.isfinite(entry[k])}
+    if not bad:
+        return
+    what = ", ".join(f"{k} {v}" for k, v in bad.items())
+    if entry["phase"] == "scst":
+        likely = f"train.scst_lr = {cfg.scst_lr:g} (lower it)"
+    else:
+        likely = (f"train.lr = {cfg.lr:g} (lower it), train.grad_clip = {cfg.grad_clip:g} (0 is "
+                  f"off) or train.warmup_frac = {cfg.warmup_frac:g}")
+        if finetuning:
+            likely += " or encoder_lr"
+    raise TrainingDivergedError(f"training diverged: epoch {entry['epoch']} ({entry['phase']}) "
+                                f"ended with {what}; the run is stopped and no record is "
+                                f"written. Most likely {likely}")
+
+
 def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
                   val_images: list[ImageRecord], val_references: dict, vocab: CaptionTokenizer,
                   cfg: TrainConfig, device: torch.device, *, seed: int = 0,
@@ -519,6 +543,7 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
             entry["loss"], entry["reward"] = _scst_epoch(decoder, store, image_rows, image_ids,
                                                          cider, vocab, cfg, device, opt, gens,
                                                          loop, cb, model=ddp)
+        check_finite_loss(entry, cfg, finetune is not None)
         entry["lr"] = opt.param_groups[0]["lr"] if sched is None else sched.get_last_lr()[0]
         if epoch % cfg.val_every == 0 or epoch == last_of_phase[phase]:
             entry["val_CIDEr"] = _validate(decoder, store, val_images, vocab, cfg, device,
