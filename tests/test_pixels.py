@@ -156,7 +156,7 @@ def test_exif_orientation_and_animated_files_read_as_pillow_reads_them(tmp_path)
     assert (flat.int() - ref.int()).abs().float().mean() < 1.0  # libjpeg-turbo's rounding
     assert gif[:, 0, 0].tolist() == [255, 0, 0]
     (tmp_path / "notes.jpg").write_text("not an image")
-    with pytest.raises(DatasetError, match="notes.jpg: cannot decode the image"):
+    with pytest.raises(DatasetError, match="notes.jpg: cannot read the image"):
         decode_images([read_bytes(tmp_path / "notes.jpg")], [tmp_path / "notes.jpg"],
                       torch.device("cpu"))
 
