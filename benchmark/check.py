@@ -26,12 +26,19 @@ from benchmark.fsutil import atomic_write_text, utc_timestamp
 from benchmark.metrics import ALL_METRICS
 from benchmark.records import RunRecord
 from benchmark.runner import run_experiment
+from benchmark.userfiles import field_type_problem, read_json
 
 DEFAULT_TOLERANCE = {"default": 0.02, "CIDEr": 0.05}  # absolute, on pycocoevalcap's scale
 #: the metrics a regression fails on: BLEU-1/4, METEOR, ROUGE-L, CIDEr-D (not the
 #: intermediate BLEUs, which move with BLEU-4, nor SPICE, which needs jars CI lacks)
 CHECKED = tuple(m for m in ALL_METRICS if m not in ("Bleu_2", "Bleu_3", "SPICE"))
 SPEED = ("train_tokens_per_s", "decoder_captions_per_s", "inference_images_per_s")
+_NUM_OR_NULL = (int, float, type(None))
+#: JSON types of a baseline file's fields (see benchmark.userfiles.field_type_problem)
+BASELINE_TYPES = (("preset", (str,)), ("split_fingerprint", (str, type(None))),
+                  ("tolerance", (dict,)), ("tolerance.*", (int, float)),
+                  ("cells.*.metrics.*", _NUM_OR_NULL), ("cells.*.throughput", (dict,)),
+                  ("cells.*.throughput.*", _NUM_OR_NULL))
 
 __all__ = ["CheckRow", "CheckOutcome", "default_cells", "run_cells", "run_check",
            "compare_to_baseline", "write_baseline", "load_baseline"]
@@ -104,11 +111,10 @@ def load_baseline(path: str | Path) -> dict:
     """Read a baseline file (RecordError naming the file and the field when it is missing or
     malformed)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecordError(f"cannot read baseline {path}: {exc}. Create it with "
-                          "`capbench check --baseline PATH --update`") from exc
+    if not path.exists():
+        raise RecordError(f"cannot read baseline {path}: it does not exist. Create it with "
+                          "`capbench check --baseline PATH --update`")
+    data = read_json(path, "baseline", RecordError)
     if not isinstance(data, dict) or "cells" not in data or "preset" not in data:
         raise RecordError(f"{path} is not a capbench check baseline (needs 'preset' and 'cells')")
     if not isinstance(data["cells"], dict) or not data["cells"]:
@@ -119,6 +125,9 @@ def load_baseline(path: str | Path) -> dict:
                 or not isinstance(cell.get("metrics"), dict):
             raise RecordError(f"{path}: cell {key!r} should be 'decoder/encoder' with a "
                               "'metrics' mapping")
+    if why := field_type_problem(data, BASELINE_TYPES):
+        raise RecordError(f"{path}: {why}; fix it, or regenerate the baseline with `capbench "
+                          "check --baseline PATH --update`")
     return data
 
 

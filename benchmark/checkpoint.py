@@ -28,6 +28,7 @@ from benchmark.decoding import DecodeConfig, decode
 from benchmark.errors import CapbenchError, CapbenchWarning, RecordError
 from benchmark.records import RunRecord, find_record, load_records
 from benchmark.tokenization import load_tokenizer
+from benchmark.userfiles import field_type_problem, read_json
 from benchmark.vocab import CaptionTokenizer
 
 __all__ = ["CheckpointError", "LoadedRun", "load_run", "resolve_run", "round_like_cache"]
@@ -35,6 +36,14 @@ __all__ = ["CheckpointError", "LoadedRun", "load_run", "resolve_run", "round_lik
 REQUIRED_FILES = ("config.json", "decoder.safetensors")
 #: one of these holds the caption tokenizer (word vocabulary or Hugging Face tokenizer)
 TOKENIZER_FILES = ("vocab.json", "tokenizer.json")
+#: the z-score statistics in feature_stats.safetensors (see FeatureStore.normalize)
+STATS_KEYS = ("grid_mean", "grid_std", "pooled_mean", "pooled_std")
+#: JSON types of the config.json fields a checkpoint is rebuilt from (see field_type_problem)
+CONFIG_TYPES = (("arch", (str,)), ("encoder", (str,)), ("decoder", (dict,)), ("decode", (dict,)),
+                ("features", (dict, type(None))), ("features.normalize", (bool,)),
+                ("weights", (str, type(None))), ("pretrained", (bool,)),
+                ("encoder_init_seed", (int,)), ("encoder_trainable", (str,)),
+                ("tokenizer", (str,)))
 
 
 class CheckpointError(CapbenchError):
@@ -193,10 +202,35 @@ def resolve_run(ref: str, results_dir: str | Path = "results") -> tuple[Path, Ru
 
 
 def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read the {what} {path}: {exc}") from exc
+    return read_json(path, what, CheckpointError)
+
+
+def _check_config(config, path: Path) -> None:
+    """Raise CheckpointError naming ``path`` and the field when the checkpoint's config.json is
+    not an object, lacks a field :func:`load_run` needs, or has one of the wrong type."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object (the run's config); not a capbench "
+                              "checkpoint")
+    for key in ("arch", "encoder", "decoder", "decode"):
+        if key not in config:
+            raise CheckpointError(f"{path} lacks {key!r}: not a capbench checkpoint")
+    if why := field_type_problem(config, CONFIG_TYPES):
+        raise CheckpointError(f"{path}: {why}; the checkpoint's config was edited: restore it or "
+                              "re-run the training")
+
+
+def _check_stats(stats: dict, encoder, path: Path) -> None:
+    """Raise CheckpointError naming ``path`` unless ``stats`` holds the four float vectors the
+    features are z-scored with, each as long as the encoder's feature dimension."""
+    dims = {"grid": encoder.grid_dim, "pooled": encoder.pooled_dim}
+    for name in STATS_KEYS:
+        t = stats.get(name)
+        want = dims[name.partition("_")[0]]
+        if t is None or not t.is_floating_point() or tuple(t.shape) != (want,):
+            got = "missing" if t is None else \
+                f"{str(t.dtype).removeprefix('torch.')} of shape {tuple(t.shape)}"
+            raise CheckpointError(f"{path}: {name!r} should be a float vector of {want} values (the "
+                                  f"{encoder.name} features), got {got}; re-run the training")
 
 
 def _load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -271,7 +305,7 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
     import time
 
     from architectures import ArchitectureError, create_decoder
-    from benchmark.config import check_ranges
+    from benchmark.config import RunConfig, apply_overrides, check_ranges
 
     t0 = time.perf_counter()
     folder, record = resolve_run(ref, results_dir)
@@ -282,9 +316,7 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
         raise CheckpointError(f"checkpoint {folder} is incomplete: {', '.join(missing)} missing "
                               "(a run killed while saving?); re-run the training")
     config = _read_json(folder / "config.json", "checkpoint config")
-    for key in ("arch", "encoder", "decoder", "decode"):
-        if key not in config:
-            raise CheckpointError(f"{folder / 'config.json'} lacks {key!r}: not a capbench checkpoint")
+    _check_config(config, folder / "config.json")
     try:
         vocab = load_tokenizer(folder)
     except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
@@ -298,6 +330,8 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
                               "re-run the training")
     device = torch.device(device)
     encoder = _build_encoder(config, folder, encoder_weights)
+    if stats is not None:
+        _check_stats(stats, encoder, folder / "feature_stats.safetensors")
     finetuned = folder / "encoder_finetuned.safetensors"
     if finetuned.is_file():  # a fine-tuned run: its encoder part on top of the base weights
         try:
@@ -319,7 +353,9 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
                               f"decoder for {encoder.name} features and {len(vocab)} words: "
                               f"{str(exc).splitlines()[0]}") from exc
     known = {f.name for f in dataclasses.fields(DecodeConfig)}
-    dcfg = DecodeConfig(**{k: v for k, v in config["decode"].items() if k in known})
+    # through the config's own type and range checks, naming config.json and the key
+    dcfg = apply_overrides(RunConfig(), {f"decode.{k}": v for k, v in config["decode"].items()
+                                         if k in known}, str(folder / "config.json")).decode
     if beam_size is not None:
         dcfg.beam_size = beam_size
     if max_len is not None:

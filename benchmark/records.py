@@ -23,7 +23,7 @@ from typing import Any
 
 from benchmark.errors import RecordError
 from benchmark.fsutil import atomic_write_text, utc_timestamp
-from benchmark.userfiles import describe, read_json
+from benchmark.userfiles import field_type_problem, read_json
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "run_record.schema.json"
@@ -56,8 +56,6 @@ FIELD_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("grounding", (dict, _NULL)), ("grounding.pointing", (dict,)),
     ("grounding.pointing.*", (*_NUM, _NULL)),
 )
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false",
-               dict: "an object", list: "a list", _NULL: "null"}
 
 __all__ = ["RunRecord", "DatasetInfo", "make_record", "find_record", "new_run_id",
            "write_record", "update_record", "load_records", "load_record", "git_commit", "environment",
@@ -179,33 +177,10 @@ class RunRecord:
         return cls(dataset=info, **kwargs)
 
 
-def _values_at(data, path: list[str], prefix: str = ""):
-    """``(dotted name, value)`` of every value at ``path`` in ``data`` (absent ones left out;
-    ``*`` goes through every value of an object or item of a list)."""
-    if not path:
-        yield prefix, data
-        return
-    head, rest = path[0], path[1:]
-    if head == "*":
-        items = data.items() if isinstance(data, dict) else \
-            ((f"[{i}]", v) for i, v in enumerate(data)) if isinstance(data, list) else ()
-    else:
-        items = [(head, data[head])] if isinstance(data, dict) and head in data else ()
-    for key, value in items:
-        name = f"{prefix}{key}" if key.startswith("[") or not prefix else f"{prefix}.{key}"
-        yield from _values_at(value, rest, name)
-
-
 def type_problem(data: dict) -> str | None:
     """``field 'metrics.CIDEr' must be a number or null, got string 'high'`` for the first
     field of a record's JSON form whose type breaks :data:`FIELD_TYPES`, else None."""
-    for path, kinds in FIELD_TYPES:
-        for name, value in _values_at(data, path.split(".")):
-            if type(value) not in kinds:
-                shown = [n for k, n in _KIND_NAMES.items() if k in kinds
-                         and not (k is int and float in kinds)]
-                return f"field {name!r} must be {' or '.join(shown)}, got {describe(value)}"
-    return None
+    return field_type_problem(data, FIELD_TYPES)
 
 
 def make_record(*, run_id: str, resolved_config: dict, config_id: str, dataset, encoder,

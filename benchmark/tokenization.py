@@ -236,12 +236,13 @@ def load_tokenizer(folder: str | Path) -> CaptionTokenizer:
     ``vocab.json`` (word). Raises FileNotFoundError when neither exists."""
     folder = Path(folder)
     if (folder / "tokenizer.json").is_file():
-        import json
-
         from transformers import PreTrainedTokenizerFast
 
-        kind = json.loads((folder / "config.json").read_text()).get("tokenizer", "subword") \
-            if (folder / "config.json").is_file() else "subword"
+        from benchmark.userfiles import read_json
+
+        config = read_json(folder / "config.json", "checkpoint config") \
+            if (folder / "config.json").is_file() else {}
+        kind = config.get("tokenizer", "subword") if isinstance(config, dict) else "subword"
         return SubwordTokenizer(PreTrainedTokenizerFast.from_pretrained(str(folder)), kind)
     if (folder / "vocab.json").is_file():
         return Vocabulary.load(folder / "vocab.json")

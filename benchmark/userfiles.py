@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import reprlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ MAX_YAML_NODES = 100_000
 #: longest quoted value in a message, in characters
 QUOTE_LIMIT = 80
 
-__all__ = ["read_json", "parse_json", "read_yaml", "quote", "describe", "MAX_DEPTH",
+__all__ = ["read_json", "parse_json", "read_yaml", "quote", "describe", "field_type_problem", "MAX_DEPTH",
            "MAX_YAML_NODES", "QUOTE_LIMIT"]
 
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
@@ -55,6 +56,43 @@ def describe(value: Any) -> str:
     kind = next((name for t, name in _JSON_TYPES.items() if type(value) is t),
                 type(value).__name__)
     return "null" if value is None else f"{kind} {quote(value)}"
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+               dict: "an object", list: "a list", type(None): "null"}
+
+
+def _values_at(data, path: list[str], prefix: str = ""):
+    """``(dotted name, value)`` of every value at ``path`` in ``data`` (absent ones left out;
+    ``*`` goes through every value of an object or item of a list)."""
+    if not path:
+        yield prefix, data
+        return
+    head, rest = path[0], path[1:]
+    if head == "*":
+        items = data.items() if isinstance(data, dict) else \
+            ((f"[{i}]", v) for i, v in enumerate(data)) if isinstance(data, list) else ()
+    else:
+        items = [(head, data[head])] if isinstance(data, dict) and head in data else ()
+    for key, value in items:
+        name = f"{prefix}{key}" if key.startswith("[") or not prefix else f"{prefix}.{key}"
+        yield from _values_at(value, rest, name)
+
+
+def field_type_problem(data: Any, types: Iterable[tuple[str, tuple[type, ...]]]) -> str | None:
+    """``field 'metrics.CIDEr' must be a number or null, got string 'high'`` for the first
+    value of parsed JSON ``data`` whose type is not one of its ``types`` entry, else None.
+
+    ``types``: ``(dotted path, allowed types)`` pairs, parents before children; ``*`` in a
+    path stands for every value of an object or item of a list; absent fields are fine
+    (``bool`` counts only where listed, although Python's bool is an int)."""
+    for path, kinds in types:
+        for name, value in _values_at(data, path.split(".")):
+            if type(value) not in kinds:
+                shown = [n for k, n in _KIND_NAMES.items()
+                         if k in kinds and not (k is int and float in kinds)]
+                return f"field {name!r} must be {' or '.join(shown)}, got {describe(value)}"
+    return None
 
 
 class _DuplicateKey(ValueError):

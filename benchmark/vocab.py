@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from benchmark.errors import CapbenchError
+from benchmark.userfiles import describe, field_type_problem, read_json
+
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 
@@ -121,4 +124,12 @@ class Vocabulary(CaptionTokenizer):
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
-        return cls(json.loads(Path(path).read_text())["itos"])
+        """The vocabulary in ``vocab.json``. Raises CapbenchError naming the file when it is
+        unreadable (see :func:`benchmark.userfiles.read_json`) or ``itos`` is not a list of
+        words (strings)."""
+        data = read_json(path, "vocabulary")
+        itos = data.get("itos") if isinstance(data, dict) else None
+        if not isinstance(itos, list) or (bad := field_type_problem(itos, [("*", (str,))])):
+            got = bad or f"got {describe(itos)}"
+            raise CapbenchError(f"{path}: 'itos' must be the list of words (strings): {got}")
+        return cls(itos)
