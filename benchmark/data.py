@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmark.errors import ConfigError, DatasetError
 from benchmark.shapes import MAX_IMAGES as MAX_SHAPES
 from benchmark.shapes import default_shapes_path
-from benchmark.userfiles import describe, read_json
+from benchmark.userfiles import describe, quote, read_json
 
 SPLITS = ("train", "val", "test")
 
@@ -208,7 +208,7 @@ def load_karpathy(path: str | Path, *, check_images: bool = True) -> CaptionData
         split = _field(entry, "split", where, str)
         split = "train" if split == "restval" else split
         if split not in SPLITS:
-            raise DatasetError(f"{where}: split {split!r} is not train/val/test/restval")
+            raise DatasetError(f"{where}: split {quote(split)} is not train/val/test/restval")
         sentences = _field(entry, "sentences", where, list)
         if not sentences:
             raise DatasetError(f"{where} ({filename}): has no sentences")
@@ -225,8 +225,8 @@ def load_karpathy(path: str | Path, *, check_images: bool = True) -> CaptionData
         key = image_id_key(image_id)
         if key in seen:
             j, first = seen[key]
-            raise DatasetError(f"{where}: image id {image_id!r} appears twice: images[{j}] has id "
-                               f"{first!r} (ids are compared as text: 42 and \"42\" are the same)")
+            raise DatasetError(f"{where}: image id {quote(image_id)} appears twice: images[{j}] has id "
+                               f"{quote(first)} (ids are compared as text: 42 and \"42\" are the same)")
         seen[key] = (i, image_id)
         file = root / _field(entry, "filepath", where, str, "") / filename
         if check_images and not file.is_file():

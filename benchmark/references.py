@@ -62,8 +62,8 @@ def load_predictions(path: str | Path) -> dict:
         key = image_id_key(iid)
         if key in first:
             j, prev = first[key]
-            raise DatasetError(f"{path}: image_id {iid!r} appears twice: entry [{j}] (image_id "
-                               f"{prev!r}) and entry [{i}] (image_id {iid!r}); entries must be "
+            raise DatasetError(f"{path}: image_id {quote(iid)} appears twice: entry [{j}] (image_id "
+                               f"{quote(prev)}) and entry [{i}] (image_id {quote(iid)}); entries must be "
                                "unique (ids are compared as text: 42 and \"42\" are the same)")
         first[key] = (i, iid)
         out[iid] = cap
@@ -121,8 +121,8 @@ def match_predictions(predictions: dict, references: dict, source: str) -> dict:
     for k in references:
         other = by_key.setdefault(image_id_key(k), k)
         if other is not k and other != k:
-            raise DatasetError(f"references {source} hold image {k!r} twice (as {other!r} and "
-                               f"{k!r}); ids are compared as text")
+            raise DatasetError(f"references {source} hold image {quote(k)} twice (as {quote(other)} and "
+                               f"{quote(k)}); ids are compared as text")
     out, missing, given = {}, [], {}
     for iid, cap in predictions.items():
         key = by_key.get(image_id_key(iid))
@@ -130,14 +130,14 @@ def match_predictions(predictions: dict, references: dict, source: str) -> dict:
             missing.append(iid)
             continue
         if key in given:
-            raise DatasetError(f"two predictions for image {key!r}: image_id {given[key]!r} and "
-                               f"image_id {iid!r} (ids are compared as text: 42 and \"42\" are "
+            raise DatasetError(f"two predictions for image {quote(key)}: image_id {quote(given[key])} and "
+                               f"image_id {quote(iid)} (ids are compared as text: 42 and \"42\" are "
                                "the same); keep one")
         given[key] = iid
         out[key] = cap
     if missing:
         raise DatasetError(f"{len(missing)} predicted image id(s) are not in the references "
-                           f"{source}, e.g. {missing[:5]}; check --references and --split")
+                           f"{source}, e.g. {quote(missing[:5], 300)}; check --references and --split")
     return out
 
 

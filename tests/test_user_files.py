@@ -208,6 +208,13 @@ def test_a_baseline_with_a_wrong_type_names_the_field(tmp_path):
         load_baseline(path)
 
 
+def test_a_huge_value_quoted_in_an_error_is_cut(tmp_path):
+    preds = tmp_path / "p.json"
+    preds.write_text(json.dumps([{"image_id": "x" * 1_000_000, "caption": "a cat"}]))
+    out = _fails(["eval", preds, "--references", _refs(tmp_path)], "not in the references")
+    assert len(out) < 1000
+
+
 def test_quoted_values_stay_short_whatever_their_size():
     huge = [[["x" * 10_000] * 1000] * 1000] * 1000  # a billion strings, shared: repr() never ends
     assert len(quote(huge)) <= 80 and len(quote("x" * 10**8)) <= 80 and "..." in quote("x" * 100)
