@@ -152,6 +152,38 @@ def test_references_of_the_wrong_shape_are_named(tmp_path, annotation, message):
     _fails(["eval", preds, "--references", refs], str(refs), message)
 
 
+def _coco_2017(tmp_path) -> tuple[list[Path], Path]:
+    """COCO 2017 caption files of 16 one-pixel images, two captions each."""
+    from PIL import Image
+
+    captions = []
+    for subset, ids in (("train2017", range(100, 110)), ("val2017", range(200, 206))):
+        for i in ids:
+            (tmp_path / "coco" / subset).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (4, 4), (i % 256, 0, 0)).save(tmp_path / "coco" / subset / f"{i:012d}.png")
+        ann = {"images": [{"id": i, "file_name": f"{i:012d}.png"} for i in ids],
+               "annotations": [{"id": 10 * i + k, "image_id": i, "caption": f"a red square {k}"}
+                               for i in ids for k in range(2)]}
+        captions.append(tmp_path / f"captions_{subset}.json")
+        captions[-1].write_text(json.dumps(ann))
+    return captions, tmp_path / "coco"
+
+
+def test_caption_files_name_a_wrong_type_and_refuse_a_key_given_twice(tmp_path):
+    (train, val), images = _coco_2017(tmp_path)
+    ann = json.loads(train.read_text())
+    ann["annotations"][0]["caption"] = 3
+    train.write_text(json.dumps(ann))
+    args = ["data", "coco", "--captions", train, "--captions", val, "--images", images]
+    result = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "a.json"]])
+    assert "Traceback" not in result.output and result.exit_code == 0, result.output
+    assert "annotations[0]: caption must be a string, got integer 3" in result.output
+    assert len(json.loads((tmp_path / "a.json").read_text())["images"]) == 16
+    val.write_text(val.read_text().replace('"caption": ', '"caption": "x", "caption": ', 1))
+    _fails([*args, "--out", tmp_path / "b.json"], str(val), "gives key 'caption' twice")
+    assert not (tmp_path / "b.json").exists()
+
+
 def _results_with(tmp_path, edits: dict) -> tuple[Path, Path]:
     """A results folder with a committed record and one edited copy per ``edits`` entry."""
     src = sorted((ROOT / "results" / "shapes" / "runs").glob("*.json"))[0]
