@@ -60,7 +60,7 @@ def test_encoder_rows_take_their_own_batch_size():
     (row,) = json.loads(own.stdout)
     assert row["batch_size"] == 3 and row["encoder_images_per_s"] > 0
     bad = CliRunner().invoke(app, [*args, "--encoder-batch-size", "0"])
-    assert bad.exit_code == 2 and "--encoder-batch-size 0: must be at least 1" in bad.output
+    assert bad.exit_code == 2 and "--encoder-batch-size 0: give 1 to 65,536" in bad.output
 
 
 def test_pareto_front():
