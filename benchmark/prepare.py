@@ -652,11 +652,47 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
     if kind not in KINDS:
         raise ConfigError(f"unknown dataset kind {kind!r}; choose {', '.join(KINDS)}")
     captions = [Path(captions)] if isinstance(captions, str | Path) else [Path(c) for c in captions]
-    if not captions:
-        raise DatasetError("no caption file given (--captions)")
     split_paths = [] if splits is None else [Path(splits)] if isinstance(splits, str | Path) \
         else [Path(s) for s in splits]
-    out, images = Path(out), Path(images)
+    out = _check_arguments(captions, split_paths, Path(images), Path(out), force)
+    acc, formats = _collect_captions(kind, captions)
+    rule, ids, not_in_splits, messages = _assign_splits(acc, kind, captions, split_paths,
+                                                        formats, seed)
+    keys = list(acc.images)
+    ids = _image_ids(acc, kind, keys, ids)
+    found, missing, unreadable, note = _find_images(acc, Path(images), keys, check_images,
+                                                    progress)
+    messages += [note] if note else []
+    if missing or unreadable:
+        messages.append(f"left out {len(missing) + len(unreadable)} image(s): {len(missing)} missing, "
+                        f"{len(unreadable)} unreadable")
+    counts = {s: sum(acc.images[k].split == s for k in found) for s in ("train", "val", "test")}
+    if restval := sum(acc.images[k].split == "restval" for k in found):
+        counts["restval"] = restval
+    entries, sentid = _entries(acc, kind, found, ids, out.parent)
+    _check_splits_filled(acc, counts, split_paths, rule,
+                         f"{len(missing)} missing, {len(unreadable)} unreadable", out)
+    if counts.get("restval"):
+        messages.append(f"{counts['restval']} restval image(s) kept as 'restval' "
+                        "(load_karpathy counts them as train)")
+    report = PrepareReport(kind, out, counts, sentid, rule, missing, unreadable, acc.no_captions,
+                           not_in_splits, acc.duplicates, acc.malformed, acc.repaired, messages)
+    payload = {"dataset": kind, "images": entries,
+               "prepared": {"by": "capbench data " + kind, "captions": [p.name for p in captions],
+                            "splits": [p.name for p in split_paths], "split_rule": rule,
+                            "seed": seed, "left_out": {"missing": len(missing),
+                                                       "unreadable": len(unreadable),
+                                                       "not_in_splits": len(not_in_splits)}}}
+    atomic_write_text(out, json.dumps(payload, ensure_ascii=False, indent=1) + "\n")
+    return report
+
+
+def _check_arguments(captions: list[Path], split_paths: list[Path], images: Path, out: Path,
+                     force: bool) -> Path:
+    """The JSON to write (``out``, or ``out/dataset.json`` for a folder), once every file and
+    folder :func:`prepare` was given is checked (DatasetError, see there)."""
+    if not captions:
+        raise DatasetError("no caption file given (--captions)")
     if out.is_dir():
         out = out / "dataset.json"
     if not images.is_dir():
@@ -676,7 +712,12 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
         raise DatasetError(f"{out} already exists; choose another --out or pass --force to overwrite it")
     refuse_overwrite(out, "--out", dataset_ok=True)  # a run record, even with --force
     _check_out_folder(out)
+    return out
 
+
+def _collect_captions(kind: str, captions: list[Path]) -> tuple[_Collect, list[str]]:
+    """Every captioned image of the caption files, and each file's format. DatasetError for
+    a file of another dataset, COCO 2014 and 2017 files together, or no usable caption."""
     acc = _Collect(kind)
     formats = []
     for p in captions:
@@ -700,6 +741,14 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
             del acc.images[key]
     if not acc.images:
         raise DatasetError(f"no usable caption found in {', '.join(map(str, captions))}")
+    return acc, formats
+
+
+def _assign_splits(acc: _Collect, kind: str, captions: list[Path], split_paths: list[Path],
+                   formats: list[str], seed: int) -> tuple[str, dict, list[str], list[str]]:
+    """Give every image of ``acc`` its split: from the split files, the Karpathy JSON itself,
+    or a seeded split. Returns ``(rule, ids from the split files, names left out, messages)``;
+    DatasetError when no captioned image is in the split files."""
     messages: list[str] = []
     ids: dict[str, object] = {}
     not_in_splits: list[str] = []
@@ -725,17 +774,23 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
         raise DatasetError(f"no captioned image is in the split files ({rule}); do they belong to "
                            f"these captions? ({kind}: Karpathy's dataset_{kind}.json"
                            + (", or Flickr_8k.trainImages.txt, ...)" if kind == "flickr8k" else ")"))
+    return rule, ids, not_in_splits, messages
 
-    keys = list(acc.images)
-    # COCO: the annotations' id; Flickr: the split file's imgid, else the captions file's
+
+def _image_ids(acc: _Collect, kind: str, keys: list[str], ids: dict) -> dict:
+    """``{key: image id}``: COCO's annotation id; Flickr's split-file imgid, else the caption
+    file's, else the images numbered by sorted name (before any are dropped)."""
     ids = {k: acc.images[k].image_id if kind == "coco" and acc.images[k].image_id is not None
            else ids.get(k, acc.images[k].image_id) for k in keys}
     if kind != "coco" and (None in ids.values() or len({image_id_key(v) for v in ids.values()}) < len(ids)):
-        # Flickr without Karpathy ids: number the images by sorted name, before any are dropped
         ids = {k: i for i, k in enumerate(sorted(keys, key=lambda k: acc.images[k].filename))}
+    return ids
+
+
+def _find_images(acc: _Collect, images: Path, keys: list[str], check_images, progress):
+    """``(usable keys, missing names, 'name: reason' of unreadable files, note)``: each image
+    located under ``images`` and, with ``check_images``, opened (see :func:`prepare`)."""
     _, note = _locate(images, acc, keys)
-    if note:
-        messages.append(note)
     missing = [acc.images[k].filename for k in keys if acc.images[k].path is None]
     found = [k for k in keys if acc.images[k].path is not None]
     odd = {k: why for k in found if (why := file_problem(acc.images[k].path))}
@@ -746,15 +801,13 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
         bad = {k for k, r in zip(found, reasons, strict=True) if r}
         unreadable += [f"{acc.images[k].filename}: {r}" for k, r in zip(found, reasons, strict=True) if r]
         found = [k for k in found if k not in bad]
-    if missing or unreadable:
-        messages.append(f"left out {len(missing) + len(unreadable)} image(s): {len(missing)} missing, "
-                        f"{len(unreadable)} unreadable")
+    return found, missing, unreadable, note
 
-    counts = {s: sum(acc.images[k].split == s for k in found) for s in ("train", "val", "test")}
-    if restval := sum(acc.images[k].split == "restval" for k in found):
-        counts["restval"] = restval
+
+def _entries(acc: _Collect, kind: str, found: list[str], ids: dict,
+             out_dir: Path) -> tuple[list[dict], int]:
+    """The Karpathy ``images`` entries of ``found`` and the number of sentences."""
     entries, sentid = [], 0
-    out_dir = out.parent
     for k in found:
         im = acc.images[k]
         image_id = ids[k]
@@ -771,6 +824,12 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
         entry["sentences"] = sentences
         entry["sentids"] = [x["sentid"] for x in sentences]
         entries.append(entry)
+    return entries, sentid
+
+
+def _check_splits_filled(acc: _Collect, counts: dict, split_paths: list[Path], rule: str,
+                         left_out: str, out: Path) -> None:
+    """DatasetError when train (or restval), val or test would have no images."""
     listed = {im.split for im in acc.images.values()}
     for s in ("train", "val", "test"):
         if counts[s] == 0 and not (s == "train" and counts.get("restval")):
@@ -779,18 +838,5 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
                 hint = (f"; no split file gives {s!r} images: pass every split's list "
                         "(e.g. Flickr_8k.trainImages.txt, Flickr_8k.devImages.txt and "
                         "Flickr_8k.testImages.txt) or Karpathy's dataset_*.json")
-            raise DatasetError(f"split {s!r} would have no images ({rule}; {len(missing)} missing, "
-                               f"{len(unreadable)} unreadable){hint}; nothing written to {out}")
-    if counts.get("restval"):
-        messages.append(f"{counts['restval']} restval image(s) kept as 'restval' "
-                        "(load_karpathy counts them as train)")
-    report = PrepareReport(kind, out, counts, sentid, rule, missing, unreadable, acc.no_captions,
-                           not_in_splits, acc.duplicates, acc.malformed, acc.repaired, messages)
-    payload = {"dataset": kind, "images": entries,
-               "prepared": {"by": "capbench data " + kind, "captions": [p.name for p in captions],
-                            "splits": [p.name for p in split_paths], "split_rule": rule,
-                            "seed": seed, "left_out": {"missing": len(missing),
-                                                       "unreadable": len(unreadable),
-                                                       "not_in_splits": len(not_in_splits)}}}
-    atomic_write_text(out, json.dumps(payload, ensure_ascii=False, indent=1) + "\n")
-    return report
+            raise DatasetError(f"split {s!r} would have no images ({rule}; {left_out}){hint}; "
+                               f"nothing written to {out}")
