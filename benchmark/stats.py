@@ -68,7 +68,7 @@ def meteor_aggregable(stats) -> np.ndarray:
     words matched, in one chunk) does not add. Zeroing those chunks makes the corpus
     statistics of any multiset of images the plain sum of its rows. Checked against the
     jar's own aggregate (identical to the last digit) on the COCO demo and on resamples
-    of a set with perfect matches (tests/test_numbers.py).
+    of a set with perfect matches (tests/test_intervals_and_ids.py).
     """
     s = np.array(stats, dtype=np.float64).reshape(-1, METEOR_STATS_LENGTH)
     test_matches = s[:, 4:20:2].sum(axis=1)   # test content/function matches, 4 modules

@@ -1,6 +1,7 @@
-"""Issue 24, classes 7-9 in part: images (16-bit pixels, decompression bombs, pipes, link loops,
-worker errors), the environment (offline tokenizers, a cache root that is a file), a full disk
-while the training state is written, and paths that rich would read as markup."""
+"""Images and the environment a careless user can break: 16-bit pixels, decompression bombs,
+pipes, link loops and worker errors; offline tokenizers and a cache root that is a file; a
+full disk while the training state is written; paths that rich would read as markup
+(issue 24, classes 7-9)."""
 
 from __future__ import annotations
 

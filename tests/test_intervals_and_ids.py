@@ -1,5 +1,6 @@
-"""Issue 8: every CI is of the number beside it (METEOR is a corpus score), Unicode captions,
-duplicate ids written as 42 and "42", predictions covering only part of the references."""
+"""Scores and their intervals agree, and ids and captions are read as written: every CI is of
+the number beside it (METEOR is a corpus score), Unicode captions, duplicate ids written as 42
+and "42", predictions covering only part of the references."""
 
 from __future__ import annotations
 
