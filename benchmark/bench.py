@@ -30,16 +30,22 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import pandas as pd
 import torch
 
-from architectures import create_decoder, create_encoder
+from architectures import create_decoder, create_encoder, list_decoders, list_encoders
 from benchmark.decoding import beam_search, greedy_decode
-from benchmark.device import peak_memory_mb, synchronize
+from benchmark.device import peak_memory_mb, select_device, synchronize
+from benchmark.errors import ConfigError
+from benchmark.limits import check_memory
 from benchmark.train import caption_loss, fused_adam
 
 __all__ = ["DecoderWorkload", "time_fn", "bench_decoder", "bench_encoder", "run_bench",
            "table_columns", "count_flops", "matmul_peak", "matmul_rate", "add_utilisation", "bf16_supported",
-           "bench_store", "bench_extraction", "pixel_difference"]
+           "bench_store", "bench_extraction", "pixel_difference", "bench_models", "check_workload",
+           "rows_frame", "table_cells", "parse_gemm", "bench_gemm", "gemm_summary",
+           "check_store_size", "store_summary", "check_extraction", "extraction_names",
+           "extraction_summary", "reward_summary"]
 
 
 @dataclass
@@ -562,3 +568,149 @@ def bench_store(n_images: int, device: torch.device, *, folder: str | None = Non
                 "device": str(device)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- what ``capbench bench`` asks for, checked, and its results as text ---------------------
+
+def check_workload(w: DecoderWorkload, iters: int, encoder_batch_size: int | None,
+                   encoder_flag: str = "--encoder-batch-size") -> None:
+    """Refuse a workload dimension, ``iters`` or ``encoder_batch_size`` (the option
+    ``encoder_flag``) outside its range (ConfigError naming the flag, e.g. ``--batch-size 0:
+    give 1 to 65,536``)."""
+    for name, value, low, high in (
+            ("--batch-size", w.batch_size, 1, 65_536), ("--iters", iters, 1, 10_000),
+            ("--beam-size", w.beam_size, 1, 256), ("--caption-len", w.caption_len, 1, 1024),
+            ("--grid-size", w.grid_size, 1, 65_536), ("--grid-dim", w.grid_dim, 1, 65_536),
+            ("--pooled-dim", w.pooled_dim, 1, 65_536), ("--vocab-size", w.vocab_size, 5, 1_000_000),
+            ("--embed-dim", w.embed_dim, 1, 65_536), ("--hidden-dim", w.hidden_dim, 1, 65_536),
+            ("--attention-dim", w.attention_dim, 1, 65_536), ("--num-layers", w.num_layers, 1, 64),
+            ("--num-heads", w.num_heads, 1, 256),
+            (encoder_flag, 1 if encoder_batch_size is None else encoder_batch_size, 1,
+             65_536)):
+        if not low <= value <= high:
+            raise ConfigError(f"{name} {value}: give {low} to {high:,}")
+
+
+def bench_models(archs: str | None, encoders: str | None, w: DecoderWorkload, device: str, *,
+                 iters: int = 5, peak: bool = False, compile: bool = False,
+                 encoder_batch_size: int | None = None, encoder_flag: str = "--encoder-batch-size",
+                 log=None) -> tuple[list[dict], torch.device]:
+    """``capbench bench decoders|encoders``: :func:`run_bench` of the decoders ``archs`` and
+    the encoders ``encoders`` (each a comma-separated list of names, or ``all``) on
+    ``device`` (a spec such as ``auto`` or ``cuda:1``). Returns the rows and the device.
+    Raises ConfigError when neither is named or a size is out of range
+    (:func:`check_workload`), ResourceError when the workload would not fit in memory."""
+    if not archs and not encoders:
+        raise ConfigError("give --arch and/or --encoder (a name, a comma-separated list, or "
+                          "'all'), or --reward")
+    check_workload(w, iters, encoder_batch_size, encoder_flag)
+    dev = select_device(device)
+    check_memory(w.memory_bytes(), "this decoder workload", "give smaller sizes (--batch-size, "
+                 "--grid-size, --grid-dim, --vocab-size, --caption-len)")
+    names = list_decoders() if archs == "all" else [a for a in (archs or "").split(",") if a]
+    encs = (list_encoders(ci=False) if encoders == "all"
+            else [e for e in (encoders or "").split(",") if e])
+    rows = run_bench(names, encs, w, dev, iters=iters, log=log, peak=peak, compile=compile,
+                     encoder_batch_size=encoder_batch_size)
+    return rows, dev
+
+
+def rows_frame(rows: list[dict]) -> pd.DataFrame:
+    """Bench rows as one DataFrame (decoder and encoder rows merged: ints stay ints)."""
+    return pd.DataFrame(rows).convert_dtypes()
+
+
+def table_cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The terminal table of bench rows: its columns (:func:`table_columns`) and each row's
+    cells as text (``-`` for a figure the row lacks, floats to one decimal)."""
+    show = table_columns(df.columns)
+    cells = [["-" if pd.isna(v) else f"{v:,.1f}" if isinstance(v, float) else str(v) for v in r]
+             for _, r in df[show].iterrows()]
+    return show, cells
+
+
+def parse_gemm(text: str) -> list[tuple[int, int, int]]:
+    """``32x2048x2048,4096x4096x4096`` as ``[(m, k, n), ...]``; ConfigError for a part that is
+    not three integers >= 1."""
+    shapes = []
+    for part in text.split(","):
+        try:
+            m, k, n = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--gemm {part!r}: give M x K x N as three integers, e.g. "
+                              "32x2048x2048") from None
+        if min(m, k, n) < 1:
+            raise ConfigError(f"--gemm {part!r}: every dimension must be at least 1")
+        shapes.append((m, k, n))
+    return shapes
+
+
+def bench_gemm(shapes: str, device: str, iters: int = 5) -> list[dict]:
+    """``capbench bench gemm``: fp32 GFLOP/s (:func:`matmul_rate`, best of ``max(3, iters)``)
+    of each product in ``shapes`` (:func:`parse_gemm`) on ``device`` (a spec)."""
+    parsed = parse_gemm(shapes)
+    dev = select_device(device)
+    return [{"m": m, "k": k, "n": n, "gflops": matmul_rate(m, k, n, dev, iters=max(3, iters))}
+            for m, k, n in parsed]
+
+
+def gemm_summary(rows: list[dict]) -> str:
+    """One line of :func:`bench_gemm`'s rates."""
+    return "  ".join(f"({r['m']}x{r['k']}) @ ({r['k']}x{r['n']}): {r['gflops']:.0f} GFLOP/s"
+                     for r in rows)
+
+
+def check_store_size(n_images: int) -> None:
+    """ConfigError for a store benchmark of fewer than 2 images."""
+    if n_images < 2:
+        raise ConfigError(f"--store {n_images}: give the number of images, at least 2 (e.g. 10000)")
+
+
+def store_summary(res: dict) -> str:
+    """One line of :func:`bench_store`'s figures."""
+    return (f"feature store of {res['images']:,} images ({res['store_gb']:.1f} GB, "
+            f"{res['shards']} shards): peak RSS {res['peak_rss_mb']:,.0f} MB (in memory "
+            f"it would be {res['in_memory_mb']:,.0f} MB); written at "
+            f"{res['write_mb_per_s']:,.0f} MB/s, statistics in {res['stats_s']:.1f} s; "
+            f"samples/s: read {res['read_samples_per_s']:,.0f}, train "
+            f"{res['train_samples_per_s']:,.1f} ({res['arch']}), greedy decode "
+            f"{res['decode_captions_per_s']:,.1f}")
+
+
+def check_extraction(images: int, batch_size: int, iters: int, num_workers: int | None) -> None:
+    """ConfigError for an extraction benchmark's count below its minimum."""
+    for name, value in (("--images", images), ("--batch-size", batch_size), ("--iters", iters)):
+        if value < 1:
+            raise ConfigError(f"{name} {value}: must be at least 1")
+    if num_workers is not None and num_workers < 0:
+        raise ConfigError(f"--num-workers {num_workers}: must be at least 0")
+
+
+def extraction_names(encoders: str | None) -> list[str]:
+    """The encoders an extraction benchmark times: ``all`` (the full-size ones), a
+    comma-separated list, or ``resnet50`` when none is named."""
+    if encoders == "all":
+        return list_encoders(ci=False)
+    return [e for e in (encoders or "resnet50").split(",") if e]
+
+
+def extraction_summary(rows: list[dict], rounds: int) -> str:
+    """One line per encoder of :func:`bench_extraction`'s rows."""
+    return "\n".join(
+        f"{r['encoder']}: {r['images']} images at batch {r['batch_size']} on {r['device']} "
+        f"({r['num_workers']} workers), images/s, median of {rounds} alternating rounds: "
+        f"pixels alone pil {r['pil_pixels_images_per_s']:.1f}, torchvision "
+        f"{r['torchvision_pixels_images_per_s']:.1f}; end to end pil "
+        f"{r['pil_e2e_images_per_s']:.1f}, torchvision {r['torchvision_e2e_images_per_s']:.1f}"
+        f" ({r['speedup']:.2f}x); pixels apart by {r['pixel_mean_abs_diff']:.2e} on average"
+        f" (largest {r['pixel_max_abs_diff']:.2f})" for r in rows)
+
+
+def reward_summary(res: dict, dataset_spec: str) -> str:
+    """One line of :func:`bench_reward`'s figures."""
+    return (f"SCST reward on {dataset_spec} ({res['captions']:,} captions against "
+            f"{res['references']:,} train references of {res['train_images']} images): "
+            f"capbench CiderD {res['capbench_CiderD_captions_per_s']:,.0f} captions/s "
+            f"(document frequencies built once in {res['ciderd_build_s']:.2f} s), "
+            f"pycocoevalcap Cider {res['pycocoevalcap_Cider_captions_per_s']:,.0f} "
+            "captions/s; median of 3 alternating rounds")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +26,30 @@ data_app = typer.Typer(no_args_is_help=True, help="Write datasets to disk: the e
 app.add_typer(data_app, name="data")
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
+
+
+class ReportFormat(str, Enum):
+    """``report --format``."""
+
+    table = "table"
+    markdown = "markdown"
+    csv = "csv"
+    json = "json"
+
+
+class BenchFormat(str, Enum):
+    """``bench --format``."""
+
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+class TableOrJson(str, Enum):
+    """``--format`` of eval, caption, ground and the one-line bench commands."""
+
+    table = "table"
+    json = "json"
 
 
 def _fail(message: str, code: int = 2):
@@ -112,14 +137,9 @@ def run(
     test split, write a run record."""
     from benchmark import distributed
     from benchmark.config import load_config
-    from benchmark.limits import cpu_count
-    from benchmark.runner import run_seeds
+    from benchmark.runner import check_launch, run_seeds
 
-    if nproc < 1:
-        _fail(f"--nproc {nproc}: must be at least 1")
-    if nproc > cpu_count():
-        _fail(f"--nproc {nproc}: this machine gives capbench {cpu_count()} CPU cores and each "
-              f"process needs one; use at most --nproc {cpu_count()}")
+    distributed.check_nproc(nproc)
 
     cfg = load_config(config, {
         "arch": arch, "encoder": encoder, "dataset": dataset, "train.epochs": epochs,
@@ -132,8 +152,9 @@ def run(
     })
     seed_list = _parse_seeds(seeds) if seeds else [cfg.seed]
     if nproc > 1 and not distributed.launched_by_torchrun():
-        _check_nproc(cfg, nproc)
-        raise typer.Exit(_launch_torchrun(nproc))
+        check_launch(cfg, nproc)
+        raise typer.Exit(distributed.relaunch(nproc, sys.argv[1:],
+                                              lambda text: err.print(_q(text), highlight=False)))
     is_rank0 = os.environ.get("RANK", "0") == "0"
 
     def on_start(s: int) -> None:
@@ -147,55 +168,6 @@ def run(
                 _print_run_summary(record, path)
     finally:
         distributed.shutdown()
-
-
-def _check_nproc(cfg, nproc: int) -> None:
-    """What ``--nproc`` cannot take, said once before any process starts."""
-    import torch
-
-    from benchmark import distributed
-    from benchmark.config import resolved_config
-    from benchmark.data import resolve_dataset
-    from benchmark.device import select_device
-    from benchmark.runner import check_run_settings, preflight
-
-    resolved_config(cfg)
-    check_run_settings(cfg)
-    if cfg.device.startswith("cuda:"):
-        _fail(f"--nproc with --device {cfg.device}: each process takes its own GPU; say --device "
-              "cuda (or auto)")
-    kind = select_device(cfg.device).type  # ConfigError for a device this machine lacks
-    name = distributed.backend(kind)  # ConfigError for a bad CAPBENCH_DIST_BACKEND
-    distributed.timeout_seconds()  # and for a bad CAPBENCH_DIST_TIMEOUT
-    gpus = torch.cuda.device_count()
-    if kind == "cuda" and gpus < nproc and name != "gloo":
-        _fail(f"--nproc {nproc}: this machine has {gpus} GPU(s); use at most one process a GPU "
-              "(or set CAPBENCH_DIST_BACKEND=gloo to let processes share them)")
-    # what every rank would check first (dataset, results folder), said once, not N times
-    preflight(cfg, resolve_dataset(cfg.dataset), resolved_config(cfg))
-
-
-def _launch_torchrun(nproc: int) -> int:
-    """Run this very command again under ``torchrun --nproc-per-node nproc`` (without
-    ``--nproc``, :func:`benchmark.distributed.launch`); returns its exit code."""
-    from benchmark import distributed
-
-    argv, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "benchmark.cli", *argv]
-    err.print(f"launching: {_q(' '.join(cmd))}", highlight=False)
-    code = distributed.launch(nproc, argv)
-    if code:
-        err.print(f"error: the {nproc} processes stopped (exit code {code}); each failed rank's "
-                  "error is printed above. Records already written are kept.", highlight=False)
-    return code
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -228,7 +200,7 @@ def _print_run_summary(record, path: Path) -> None:
 @_guard
 def report(
     results_dir: Annotated[list[Path] | None, typer.Option(help="folder holding runs/*.json (default results/); repeat it to merge several into one board, e.g. the folders of `matrix --shard` machines")] = None,
-    format: Annotated[str, typer.Option("--format", help="table, markdown, csv or json")] = "table",
+    format: Annotated[ReportFormat, typer.Option("--format", help="table, markdown, csv or json")] = ReportFormat.table,
     output: Annotated[Path | None, typer.Option(help="write to this file instead of the terminal")] = None,
     aggregate: Annotated[bool, typer.Option(help="fold runs that differ only in seed into mean ± std rows")] = False,
     plot: Annotated[Path | None, typer.Option(help="write PNG plots here (quality vs throughput with Pareto front, per-metric bars, training curves of loss and validation CIDEr-D per epoch)")] = None,
@@ -256,8 +228,6 @@ def report(
 
     folders = list(dict.fromkeys(results_dir or [Path("results")]))
     home = folders[0]  # LEADERBOARD.md goes here (checkpoints are found beside each record)
-    if format not in ("table", "markdown", "csv", "json"):
-        _fail(f"--format {format!r}: choose table, markdown, csv or json")
     if output is not None:
         from benchmark.fsutil import refuse_overwrite
 
@@ -305,7 +275,7 @@ def report(
         if not df.empty:
             render_rich(df, console, columns=cols, wide=wide)
         return
-    text = render(df, "markdown" if format == "table" else format)
+    text = render(df, "markdown" if format == "table" else format.value)
     if output:
         from benchmark.fsutil import atomic_write_text
 
@@ -324,7 +294,7 @@ def evaluate(
     predictions: Annotated[Path | None, typer.Argument(help="COCO results JSON: [{image_id, caption}, ...] (or use --run and --dataset)")] = None,
     references: Annotated[str | None, typer.Option(help="Karpathy dataset.json, COCO captions JSON, or coco-val2014 / coco-train2014 (offline copy in pycocoevalcap)")] = None,
     split: Annotated[str, typer.Option(help="split of a Karpathy references file / of --dataset")] = "test",
-    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    format: Annotated[TableOrJson, typer.Option("--format", help="table or json")] = TableOrJson.table,
     run: Annotated[str | None, typer.Option("--run", help="score this saved run instead: run id (or unique prefix/suffix), checkpoint folder, or 'latest'")] = None,
     dataset: Annotated[str | None, typer.Option(help="with --run: 'shapes', 'shapes:N' or a Karpathy dataset.json to caption and score")] = None,
     results_dir: Annotated[Path, typer.Option(help="with --run: folder holding runs/ and checkpoints/; the new record goes to its runs/")] = Path("results"),
@@ -337,8 +307,6 @@ def evaluate(
     (cross-dataset transfer), writing a new run record."""
     import json
 
-    if format not in ("table", "json"):
-        _fail(f"--format {format!r}: choose table or json")
     file_form = predictions is not None or references is not None
     run_form = run is not None or dataset is not None
     if file_form == run_form:
@@ -417,7 +385,7 @@ def caption(
     results_dir: Annotated[Path, typer.Option(help="folder holding runs/ and checkpoints/")] = Path("results"),
     beam_size: Annotated[int | None, typer.Option(help="override the run's beam size (1 = greedy)")] = None,
     max_len: Annotated[int | None, typer.Option(help="override the run's maximum caption length")] = None,
-    format: Annotated[str, typer.Option("--format", help="table, or json (COCO results: [{image_id, file_name, caption}])")] = "table",
+    format: Annotated[TableOrJson, typer.Option("--format", help="table, or json (COCO results: [{image_id, file_name, caption}])")] = TableOrJson.table,
     encoder_weights: Annotated[Path | None, typer.Option(help="the encoder weights file, if it moved since training")] = None,
 ):
     """Caption images with a saved run. Unreadable files are reported and skipped (exit 1)."""
@@ -427,8 +395,6 @@ def caption(
     from benchmark.captioner import caption_files, coco_image_id, expand_paths
     from benchmark.checkpoint import load_run
 
-    if format not in ("table", "json"):
-        _fail(f"--format {format!r}: choose table or json")
     t0 = time.perf_counter()
     files, failures = expand_paths(paths)
     loaded = load_run(run, results_dir, beam_size=beam_size, max_len=max_len,
@@ -510,7 +476,7 @@ def ground(
     tolerance: Annotated[float, typer.Option(help="pointing-game tolerance in image pixels (Zhang et al. 2016: 15)")] = 15.0,
     layer: Annotated[int, typer.Option(help="transformer: cross-attention layer (-1 = last)")] = -1,
     seed: Annotated[int, typer.Option(help="seed of the random-point baseline")] = 0,
-    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    format: Annotated[TableOrJson, typer.Option("--format", help="table or json")] = TableOrJson.table,
     details: Annotated[bool, typer.Option(help="json: also list every scored word")] = False,
     save: Annotated[bool, typer.Option("--save/--no-save", help="write the figures into the run's record (its `grounding` field, shown on the leaderboard)")] = True,
 ):
@@ -523,8 +489,6 @@ def ground(
     from benchmark.checkpoint import load_run
     from benchmark.grounding import BASELINES, check_saved_dataset, ground_run
 
-    if format not in ("table", "json"):
-        _fail(f"--format {format!r}: choose table or json")
     if not 0 <= tolerance < float("inf"):  # NaN fails both
         _fail(f"--tolerance {tolerance}: give a finite number of pixels >= 0")
     check_split(split)
@@ -729,11 +693,20 @@ def check(
         raise typer.Exit(1)
 
 
-@app.command()
+bench_app = typer.Typer(help="Time decoders, encoders, the feature store, extraction, the SCST reward and matrix products on synthetic inputs.")
+app.add_typer(bench_app, name="bench")
+
+_Names = Annotated[str, typer.Argument(help="names, comma-separated, or 'all'")]
+_Device = Annotated[str, typer.Option(help="auto, cpu, cuda, mps")]
+_Iters = Annotated[int, typer.Option(help="timed iterations (median reported)")]
+
+
+@bench_app.callback(invoke_without_command=True)
 @_guard
 def bench(
-    arch: Annotated[str | None, typer.Option(help="decoder(s) to time on synthetic features, comma-separated, or 'all'")] = None,
-    encoder: Annotated[str | None, typer.Option(help="encoder(s) to time on random pixels, comma-separated, or 'all'")] = None,
+    ctx: typer.Context,
+    arch: Annotated[str | None, typer.Option(help="decoder(s) to time on synthetic features, comma-separated, or 'all' (now: bench decoders)")] = None,
+    encoder: Annotated[str | None, typer.Option(help="encoder(s) to time on random pixels, comma-separated, or 'all' (now: bench encoders)")] = None,
     grid_size: Annotated[int, typer.Option(help="grid tokens N (196 = 14x14)")] = 196,
     grid_dim: Annotated[int, typer.Option(help="grid feature dim D")] = 2048,
     pooled_dim: Annotated[int | None, typer.Option(help="pooled feature dim (default: grid_dim)")] = None,
@@ -746,135 +719,73 @@ def bench(
     num_layers: Annotated[int, typer.Option(help="decoder layers")] = 1,
     num_heads: Annotated[int, typer.Option(help="transformer heads")] = 8,
     beam_size: Annotated[int, typer.Option(help="beam size for the beam-K figure")] = 5,
-    iters: Annotated[int, typer.Option(help="timed iterations (median reported)")] = 5,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps")] = "auto",
-    format: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+    iters: _Iters = 5,
+    device: _Device = "auto",
+    format: Annotated[BenchFormat, typer.Option("--format", help="table, csv or json")] = BenchFormat.table,
     output: Annotated[Path | None, typer.Option(help="also write the rows as CSV here")] = None,
     peak: Annotated[bool, typer.Option("--peak", help="measure the device's matmul peak (fp32, bf16) and report each phase's utilisation = achieved GFLOP/s / peak")] = False,
-    reward: Annotated[str | None, typer.Option(help="time the SCST reward (CIDEr-D with cached document frequencies vs pycocoevalcap's Cider) on this dataset's train split, e.g. shapes")] = None,
-    gemm: Annotated[str | None, typer.Option(help="time matrix products MxKxN (comma-separated, e.g. 32x2048x2048,4096x4096x4096) in fp32: GFLOP/s of the shapes a decoder's step loop multiplies")] = None,
+    reward: Annotated[str | None, typer.Option(help="time the SCST reward on this dataset's train split (now: bench reward)")] = None,
+    gemm: Annotated[str | None, typer.Option(help="time matrix products MxKxN, comma-separated (now: bench gemm)")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="also time each decoder's training step through torch.compile and report the speedup over eager")] = False,
-    store: Annotated[int | None, typer.Option(help="scale benchmark of the feature store: build a synthetic store of N images at ResNet-50's grid size (49 x 2048, float16; 0.2 MB an image) and report peak RSS and samples/s of reading, training and decoding from it")] = None,
+    store: Annotated[int | None, typer.Option(help="scale benchmark of a synthetic feature store of N images (now: bench store)")] = None,
     store_dir: Annotated[Path | None, typer.Option(help="where --store builds its synthetic store (default: the system temp folder); it is deleted afterwards")] = None,
-    extraction: Annotated[str | None, typer.Option(help="time end-to-end feature extraction of --encoder (default resnet50) on this dataset's first --images images at --batch-size, with each image decoder: pil (Pillow in the DataLoader's workers) and torchvision (decode_jpeg and tensor transforms on the device; nvJPEG on CUDA)")] = None,
+    extraction: Annotated[str | None, typer.Option(help="time feature extraction of --encoder (default resnet50) on this dataset (now: bench extraction)")] = None,
     images: Annotated[int, typer.Option(help="images for --extraction")] = 256,
     num_workers: Annotated[int | None, typer.Option(help="DataLoader workers for --extraction (default: auto)")] = None,
     encoder_batch_size: Annotated[int | None, typer.Option(help="batch size of the --encoder rows (default: --batch-size, at most 16)")] = None,
 ):
     """Time decoders on synthetic features and encoders on random pixels (defaults: the
-    Show-Attend-Tell setting: 196 x 2048 grid, 512-d, 10k words, batch 32, 20 words)."""
-    import json
+    Show-Attend-Tell setting: 196 x 2048 grid, 512-d, 10k words, batch 32, 20 words).
 
-    import pandas as pd
+    The options here are the older forms of the commands below (`capbench bench --arch all`
+    is `capbench bench decoders all`); they keep working and name the new form."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from benchmark.bench import DecoderWorkload
+    from benchmark.fsutil import refuse_overwrite
 
-    from architectures import list_decoders, list_encoders
-    from benchmark.bench import DecoderWorkload, run_bench, table_columns
-    from benchmark.device import select_device
-    from benchmark.limits import check_memory
-
-    if format not in ("table", "csv", "json"):
-        _fail(f"--format {format!r}: choose table, csv or json")
     if output is not None:
-        from benchmark.fsutil import refuse_overwrite
-
         refuse_overwrite(output, "--output")  # a run record or dataset file is never replaced
     if gemm:
-        from benchmark.bench import matmul_rate
-        from benchmark.device import select_device
-
-        shapes = []
-        for part in gemm.split(","):
-            try:
-                m, k, n = (int(x) for x in part.lower().split("x"))
-            except ValueError:
-                _fail(f"--gemm {part!r}: give M x K x N as three integers, e.g. 32x2048x2048")
-            if min(m, k, n) < 1:
-                _fail(f"--gemm {part!r}: every dimension must be at least 1")
-            shapes.append((m, k, n))
-        dev = select_device(device)
-        res = [{"m": m, "k": k, "n": n, "gflops": matmul_rate(m, k, n, dev, iters=max(3, iters))}
-               for m, k, n in shapes]
-        _print_result(res, format, "  ".join(f"({r['m']}x{r['k']}) @ ({r['k']}x{r['n']}): "
-                                             f"{r['gflops']:.0f} GFLOP/s" for r in res))
-        return
+        _note(f"--gemm {gemm}", f"gemm {gemm}")
+        return bench_gemm(gemm, iters, device, format)
     if store is not None:
-        from benchmark.bench import bench_store
-        from benchmark.device import select_device
-
-        if store < 2:
-            _fail(f"--store {store}: give the number of images, at least 2 (e.g. 10000)")
-        res = bench_store(store, select_device(device), folder=store_dir, batch_size=batch_size,
-                          log=err.print)
-        _print_result(res, format,
-                      f"feature store of {res['images']:,} images ({res['store_gb']:.1f} GB, "
-                      f"{res['shards']} shards): peak RSS {res['peak_rss_mb']:,.0f} MB (in memory "
-                      f"it would be {res['in_memory_mb']:,.0f} MB); written at "
-                      f"{res['write_mb_per_s']:,.0f} MB/s, statistics in {res['stats_s']:.1f} s; "
-                      f"samples/s: read {res['read_samples_per_s']:,.0f}, train "
-                      f"{res['train_samples_per_s']:,.1f} ({res['arch']}), greedy decode "
-                      f"{res['decode_captions_per_s']:,.1f}")
-        return
+        _note(f"--store {store}", f"store {store}")
+        return bench_store(store, store_dir, batch_size, device, format)
     if extraction:
-        from benchmark.bench import bench_extraction
-
-        for name, value in (("--images", images), ("--batch-size", batch_size), ("--iters", iters)):
-            if value < 1:
-                _fail(f"{name} {value}: must be at least 1")
-        if num_workers is not None and num_workers < 0:
-            _fail(f"--num-workers {num_workers}: must be at least 0")
-        from architectures import list_encoders
-
-        names = (list_encoders(ci=False) if encoder == "all"
-                 else [e for e in (encoder or "resnet50").split(",") if e])
-        res = bench_extraction(extraction, names, select_device(device), images=images,
-                               batch_size=batch_size, rounds=iters, num_workers=num_workers,
-                               log=err.print)
-        _print_result(res, format, "\n".join(
-            f"{r['encoder']}: {r['images']} images at batch {r['batch_size']} on {r['device']} "
-            f"({r['num_workers']} workers), images/s, median of {iters} alternating rounds: "
-            f"pixels alone pil {r['pil_pixels_images_per_s']:.1f}, torchvision "
-            f"{r['torchvision_pixels_images_per_s']:.1f}; end to end pil "
-            f"{r['pil_e2e_images_per_s']:.1f}, torchvision {r['torchvision_e2e_images_per_s']:.1f}"
-            f" ({r['speedup']:.2f}x); pixels apart by {r['pixel_mean_abs_diff']:.2e} on average"
-            f" (largest {r['pixel_max_abs_diff']:.2f})" for r in res))
-        return
+        _note(f"--extraction {extraction}", f"extraction {extraction}")
+        return bench_extraction(extraction, encoder, images, batch_size, iters, num_workers,
+                                device, format)
     if reward:
-        from benchmark.bench import bench_reward
-
-        res = bench_reward(reward)
-        _print_result(res, format,
-                      f"SCST reward on {reward} ({res['captions']:,} captions against "
-                      f"{res['references']:,} train references of {res['train_images']} images): "
-                      f"capbench CiderD {res['capbench_CiderD_captions_per_s']:,.0f} captions/s "
-                      f"(document frequencies built once in {res['ciderd_build_s']:.2f} s), "
-                      f"pycocoevalcap Cider {res['pycocoevalcap_Cider_captions_per_s']:,.0f} "
-                      "captions/s; median of 3 alternating rounds")
+        _note(f"--reward {reward}", f"reward {reward}")
+        bench_reward(reward, format)
         if not arch and not encoder:
             return
-    if not arch and not encoder:
-        _fail("give --arch and/or --encoder (a name, a comma-separated list, or 'all'), or --reward")
-    for name, value, low, high in (
-            ("--batch-size", batch_size, 1, 65_536), ("--iters", iters, 1, 10_000),
-            ("--beam-size", beam_size, 1, 256), ("--caption-len", caption_len, 1, 1024),
-            ("--grid-size", grid_size, 1, 65_536), ("--grid-dim", grid_dim, 1, 65_536),
-            ("--pooled-dim", pooled_dim or grid_dim, 1, 65_536), ("--vocab-size", vocab_size, 5, 1_000_000),
-            ("--embed-dim", embed_dim, 1, 65_536), ("--hidden-dim", hidden_dim, 1, 65_536),
-            ("--attention-dim", attention_dim, 1, 65_536), ("--num-layers", num_layers, 1, 64),
-            ("--num-heads", num_heads, 1, 256),
-            ("--encoder-batch-size", 1 if encoder_batch_size is None else encoder_batch_size, 1, 65_536)):
-        if not low <= value <= high:
-            _fail(f"{name} {value}: give {low} to {high:,}")
-    dev = select_device(device)
+    if arch or encoder:
+        flags = "".join(f" --{k}" for k, on in (("peak", peak), ("compile", compile)) if on)
+        _note(" ".join(f"--{k} {v}" for k, v in (("arch", arch), ("encoder", encoder)) if v) + flags,
+              *([f"decoders {arch}{flags}"] if arch else []), *([f"encoders {encoder}"] if encoder else []))
     w = DecoderWorkload(grid_size, grid_dim, pooled_dim or grid_dim, vocab_size, batch_size,
                         caption_len, embed_dim, hidden_dim, attention_dim, num_layers, num_heads,
                         beam_size)
-    check_memory(w.memory_bytes(), "this decoder workload", "give smaller sizes (--batch-size, "
-                 "--grid-size, --grid-dim, --vocab-size, --caption-len)")
-    archs = list_decoders() if arch == "all" else [a for a in (arch or "").split(",") if a]
-    encs = list_encoders(ci=False) if encoder == "all" else [e for e in (encoder or "").split(",") if e]
-    rows = run_bench(archs, encs, w, dev, iters=iters, log=err.print, peak=peak, compile=compile,
-                     encoder_batch_size=encoder_batch_size)
-    df = pd.DataFrame(rows).convert_dtypes()  # decoder and encoder rows merged: keep ints ints
+    _bench_models(arch, encoder, w, iters, device, format, output, peak=peak, compile=compile,
+                  encoder_batch_size=encoder_batch_size)
+
+
+def _note(old: str, *new: str) -> None:
+    """The one-line note an older ``capbench bench`` form prints, naming its new form(s)."""
+    now = " and ".join(f"`capbench bench {n}`" for n in new)
+    err.print(f"[yellow]note:[/] {_q(f'`capbench bench {old}` is now {now}')}", highlight=False)
+
+
+def _bench_models(archs, encoders, w, iters, device, format, output, **options) -> None:
+    """Time decoders/encoders (:func:`benchmark.bench.bench_models`) and render the rows."""
+    import json
+
+    from benchmark.bench import bench_models, rows_frame, table_cells
+
+    rows, dev = bench_models(archs, encoders, w, device, iters=iters, log=err.print, **options)
+    df = rows_frame(rows)
     if output:
         from benchmark.fsutil import atomic_write_text
 
@@ -885,14 +796,155 @@ def bench(
     elif format == "csv":
         sys.stdout.write(df.to_csv(index=False))
     else:
-        show = table_columns(df.columns)
+        columns, cells = table_cells(df)
         table = Table(title=f"capbench bench on {dev} (median of {iters}; workload: {w})")
-        for c in show:
+        for c in columns:
             table.add_column(c, justify="right")
-        for _, r in df[show].iterrows():
-            table.add_row(*("-" if pd.isna(v) else f"{v:,.1f}" if isinstance(v, float) else str(v)
-                            for v in r))
+        for r in cells:
+            table.add_row(*r)
         console.print(table)
+
+
+@bench_app.command("decoders")
+@_guard
+def bench_decoders(
+    names: _Names = "all",
+    grid_size: Annotated[int, typer.Option(help="grid tokens N (196 = 14x14)")] = 196,
+    grid_dim: Annotated[int, typer.Option(help="grid feature dim D")] = 2048,
+    pooled_dim: Annotated[int | None, typer.Option(help="pooled feature dim (default: grid_dim)")] = None,
+    vocab_size: Annotated[int, typer.Option(help="vocabulary size")] = 10000,
+    batch_size: Annotated[int, typer.Option(help="batch size")] = 32,
+    caption_len: Annotated[int, typer.Option(help="words per caption")] = 20,
+    embed_dim: Annotated[int, typer.Option(help="word embedding dim (d_model for transformer)")] = 512,
+    hidden_dim: Annotated[int, typer.Option(help="RNN hidden dim / transformer FFN dim")] = 512,
+    attention_dim: Annotated[int, typer.Option(help="soft-attention dim")] = 512,
+    num_layers: Annotated[int, typer.Option(help="decoder layers")] = 1,
+    num_heads: Annotated[int, typer.Option(help="transformer heads")] = 8,
+    beam_size: Annotated[int, typer.Option(help="beam size for the beam-K figure")] = 5,
+    iters: _Iters = 5,
+    device: _Device = "auto",
+    format: Annotated[BenchFormat, typer.Option("--format", help="table, csv or json")] = BenchFormat.table,
+    output: Annotated[Path | None, typer.Option(help="also write the rows as CSV here")] = None,
+    peak: Annotated[bool, typer.Option("--peak", help="measure the device's matmul peak (fp32, bf16) and report each phase's utilisation = achieved GFLOP/s / peak")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="also time each decoder's training step through torch.compile and report the speedup over eager")] = False,
+):
+    """Decoders on synthetic features: training tokens/s, beam-1/beam-K captions/s, batch-1
+    latency, FLOPs (defaults: the Show-Attend-Tell setting: 196 x 2048 grid, 512-d, 10k
+    words, batch 32, 20 words)."""
+    from benchmark.bench import DecoderWorkload
+    from benchmark.fsutil import refuse_overwrite
+
+    if output is not None:
+        refuse_overwrite(output, "--output")  # a run record or dataset file is never replaced
+    w = DecoderWorkload(grid_size, grid_dim, pooled_dim or grid_dim, vocab_size, batch_size,
+                        caption_len, embed_dim, hidden_dim, attention_dim, num_layers, num_heads,
+                        beam_size)
+    _bench_models(names, None, w, iters, device, format, output, peak=peak, compile=compile)
+
+
+@bench_app.command("encoders")
+@_guard
+def bench_encoders(
+    names: _Names = "all",
+    batch_size: Annotated[int, typer.Option(help="images a batch")] = 16,
+    iters: Annotated[int, typer.Option(help="twice the timed iterations (half are timed, at least 2; median reported)")] = 5,
+    device: _Device = "auto",
+    format: Annotated[BenchFormat, typer.Option("--format", help="table, csv or json")] = BenchFormat.table,
+    output: Annotated[Path | None, typer.Option(help="also write the rows as CSV here")] = None,
+):
+    """Encoders on random pixels (random weights), run as extraction runs them: images/s,
+    GFLOPs per image, batch-1 latency."""
+    from benchmark.bench import DecoderWorkload
+    from benchmark.fsutil import refuse_overwrite
+
+    if output is not None:
+        refuse_overwrite(output, "--output")  # a run record or dataset file is never replaced
+    _bench_models(None, names, DecoderWorkload(), iters, device, format, output,
+                  encoder_batch_size=batch_size, encoder_flag="--batch-size")
+
+
+@bench_app.command("store")
+@_guard
+def bench_store(
+    n: Annotated[int, typer.Argument(help="images in the synthetic store, at least 2 (e.g. 100000)")],
+    store_dir: Annotated[Path | None, typer.Option(help="where the synthetic store is built (default: the system temp folder); it is deleted afterwards")] = None,
+    batch_size: Annotated[int, typer.Option(help="batch size")] = 32,
+    device: _Device = "auto",
+    format: Annotated[TableOrJson, typer.Option("--format", help="table (one line) or json")] = TableOrJson.table,
+):
+    """The feature store at scale: a synthetic store of N images at ResNet-50's grid size
+    (49 x 2048, float16; 0.2 MB an image): peak RSS and samples/s of reading, training and
+    decoding from it."""
+    from benchmark import bench as b
+    from benchmark.device import select_device
+
+    b.check_store_size(n)
+    res = b.bench_store(n, select_device(device), folder=store_dir, batch_size=batch_size,
+                        log=err.print)
+    _print_result(res, format, b.store_summary(res))
+
+
+@bench_app.command("extraction")
+@_guard
+def bench_extraction(
+    dataset: Annotated[str, typer.Argument(help="'shapes' or a Karpathy dataset.json")],
+    encoder: Annotated[str | None, typer.Option(help="encoder(s), comma-separated, or 'all' (default resnet50)")] = None,
+    images: Annotated[int, typer.Option(help="the dataset's first N images")] = 256,
+    batch_size: Annotated[int, typer.Option(help="batch size")] = 32,
+    iters: Annotated[int, typer.Option(help="alternating rounds (median reported)")] = 5,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: auto)")] = None,
+    device: _Device = "auto",
+    format: Annotated[TableOrJson, typer.Option("--format", help="table (one line each) or json")] = TableOrJson.table,
+):
+    """End-to-end feature extraction with each image decoder: pil (Pillow in the DataLoader's
+    workers) and torchvision (decode_jpeg and tensor transforms on the device; nvJPEG on CUDA)."""
+    from benchmark import bench as b
+    from benchmark.device import select_device
+
+    b.check_extraction(images, batch_size, iters, num_workers)
+    res = b.bench_extraction(dataset, b.extraction_names(encoder), select_device(device),
+                             images=images, batch_size=batch_size, rounds=iters,
+                             num_workers=num_workers, log=err.print)
+    _print_result(res, format, b.extraction_summary(res, iters))
+
+
+@bench_app.command("reward")
+@_guard
+def bench_reward(
+    dataset: Annotated[str, typer.Argument(help="dataset whose train split is scored, e.g. shapes")],
+    format: Annotated[TableOrJson, typer.Option("--format", help="table (one line) or json")] = TableOrJson.table,
+):
+    """The SCST reward: CIDEr-D with cached document frequencies vs pycocoevalcap's Cider."""
+    from benchmark import bench as b
+
+    res = b.bench_reward(dataset)
+    _print_result(res, format, b.reward_summary(res, dataset))
+
+
+@bench_app.command("gemm")
+@_guard
+def bench_gemm(
+    shapes: Annotated[str, typer.Argument(help="MxKxN, comma-separated, e.g. 32x2048x2048,4096x4096x4096")],
+    iters: Annotated[int, typer.Option(help="timed products (best of at least 3)")] = 5,
+    device: _Device = "auto",
+    format: Annotated[TableOrJson, typer.Option("--format", help="table (one line) or json")] = TableOrJson.table,
+):
+    """GFLOP/s of fp32 matrix products of given shapes (the shapes a decoder's step loop
+    multiplies are far from the device's peak)."""
+    from benchmark import bench as b
+
+    res = b.bench_gemm(shapes, device, iters)
+    _print_result(res, format, b.gemm_summary(res))
+
+
+def _print_result(res: dict | list, format: str, text: str) -> None:
+    """A bench result as JSON (``--format json``) or as one line of ``text``."""
+    import json
+
+    if format == "json":
+        sys.stdout.write(json.dumps(res, indent=1) + "\n")
+    else:
+        console.print(text, highlight=False)
 
 
 @app.command("gpu-table")
@@ -917,16 +969,6 @@ def gpu_table(
     sys.stdout.write((out / "gpu-table.md").read_text())
     if not all(s["ok"] for s in result["steps"].values()):
         raise typer.Exit(1)
-
-
-def _print_result(res: dict | list, format: str, text: str) -> None:
-    """A bench result as JSON (``--format json``) or as one line of ``text``."""
-    import json
-
-    if format == "json":
-        sys.stdout.write(json.dumps(res, indent=1) + "\n")
-    else:
-        console.print(text, highlight=False)
 
 
 @app.command("list")

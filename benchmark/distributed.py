@@ -10,6 +10,7 @@ which NCCL refuses, so a one-GPU machine can run the CUDA code paths of DDP).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -17,9 +18,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from benchmark.device import select_device
+from benchmark.errors import CapbenchError, ConfigError
+from benchmark.limits import cpu_count
+
 __all__ = ["launched_by_torchrun", "backend", "init", "shutdown", "rank", "world_size", "local_rank",
            "is_main", "share", "all_or_none", "barrier", "all_gather_object", "all_reduce_sum",
-           "broadcast_object", "launch", "timeout_seconds"]
+           "broadcast_object", "launch", "timeout_seconds", "torchrun_args", "check_nproc",
+           "check_launch", "relaunch"]
 
 
 def launched_by_torchrun() -> bool:
@@ -36,8 +42,6 @@ def backend(device_type: str) -> str:
     also reduces CUDA tensors (through host memory, slower than NCCL) and, unlike NCCL, lets
     several ranks share one GPU. Raises ConfigError for another name, or for ``nccl``
     without CUDA."""
-    from benchmark.errors import ConfigError
-
     name = os.environ.get("CAPBENCH_DIST_BACKEND", "").strip().lower()
     if not name:
         return "nccl" if device_type == "cuda" else "gloo"
@@ -69,8 +73,6 @@ def timeout_seconds() -> int:
     default 14400 (4 hours: rank 0 alone scores the test split and writes the record while
     the others wait, far longer than torch's default 10 minutes). Raises ConfigError for a
     value that is not a whole number of seconds >= 1."""
-    from benchmark.errors import ConfigError
-
     text = os.environ.get("CAPBENCH_DIST_TIMEOUT", "").strip()
     if not text:
         return 14400
@@ -97,8 +99,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m",
-                                "benchmark.cli", *argv])
+    args = torchrun.parse_args(torchrun_args(nproc, argv))
     try:
         torchrun.run(args)
     except ChildFailedError as exc:
@@ -109,6 +110,61 @@ def launch(nproc: int, argv: list[str]) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def torchrun_args(nproc: int, argv: list[str]) -> list[str]:
+    """The arguments of ``torchrun`` that run ``python -m benchmark.cli *argv`` as ``nproc``
+    processes on this machine: the one place the launch command line is built."""
+    return ["--standalone", f"--nproc-per-node={nproc}", "-m", "benchmark.cli", *argv]
+
+
+def check_nproc(nproc: int) -> None:
+    """ConfigError for ``--nproc`` below 1 or above the CPU cores capbench may use (each
+    process needs one, :func:`benchmark.limits.cpu_count`)."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: must be at least 1")
+    if nproc > cpu_count():
+        raise ConfigError(f"--nproc {nproc}: this machine gives capbench {cpu_count()} CPU cores "
+                          f"and each process needs one; use at most --nproc {cpu_count()}")
+
+
+def check_launch(device: str, nproc: int) -> None:
+    """What ``nproc`` ranks on ``device`` (a ``--device`` spec) cannot take, said once before
+    any process starts: a ``cuda:N`` device (each rank takes its own GPU), a device this
+    machine lacks, a bad ``CAPBENCH_DIST_BACKEND`` or ``CAPBENCH_DIST_TIMEOUT``, or more
+    NCCL ranks than GPUs. Raises ConfigError."""
+    if device.startswith("cuda:"):
+        raise ConfigError(f"--nproc with --device {device}: each process takes its own GPU; say "
+                          "--device cuda (or auto)")
+    kind = select_device(device).type
+    name = backend(kind)
+    timeout_seconds()
+    gpus = torch.cuda.device_count()
+    if kind == "cuda" and gpus < nproc and name != "gloo":
+        raise ConfigError(f"--nproc {nproc}: this machine has {gpus} GPU(s); use at most one "
+                          "process a GPU (or set CAPBENCH_DIST_BACKEND=gloo to let processes "
+                          "share them)")
+
+
+def relaunch(nproc: int, argv: list[str], log: Callable[[str], None]) -> int:
+    """Run the command ``argv`` (``sys.argv[1:]``) again as ``nproc`` processes under
+    torchrun (:func:`launch`), without its ``--nproc`` option; ``log(text)`` is told the
+    command line and, when the ranks fail, what happened. Returns the exit code."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(nproc, rest)]
+    log(f"launching: {' '.join(cmd)}")
+    code = launch(nproc, rest)
+    if code:
+        log(f"error: the {nproc} processes stopped (exit code {code}); each failed rank's "
+            "error is printed above. Records already written are kept.")
+    return code
 
 
 def shutdown() -> None:
@@ -153,8 +209,6 @@ def all_or_none(fn: Callable[[], Any]) -> Any:
     raises on any rank, every rank raises (that rank its own error, the others a
     CapbenchError naming it) instead of the others waiting in the next collective until the
     timeout. One extra ``all_gather_object``; in a single process just ``fn()``."""
-    from benchmark.errors import CapbenchError
-
     try:
         out, err = fn(), None
     except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank

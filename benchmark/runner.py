@@ -50,7 +50,7 @@ from benchmark.train import FineTune, TrainResult, train_decoder
 from benchmark.vocab import CaptionTokenizer
 
 __all__ = ["prepare_features", "run_experiment", "run_seeds", "parameter_counts", "preflight",
-           "check_run_settings",
+           "check_run_settings", "check_launch",
            "run_baselines", "unfinished_state"]
 
 
@@ -407,6 +407,17 @@ def check_run_settings(cfg: RunConfig) -> None:
     why = getattr(get_entry("decoder", cfg.arch).fn, "compile_unsuitable", None)
     if cfg.train.compile and why:
         raise ConfigError(f"--compile with {cfg.arch}: {why}; train it without --compile")
+
+
+def check_launch(cfg: RunConfig, nproc: int) -> None:
+    """What ``capbench run --nproc`` cannot take, said once before any process starts: the
+    config and run settings, the launch itself (:func:`benchmark.distributed.check_launch`)
+    and what every rank would check first (dataset, results folder), not ``nproc`` times.
+    Raises ConfigError, DatasetError or StorageError."""
+    resolved = resolved_config(cfg)
+    check_run_settings(cfg)
+    distributed.check_launch(cfg.device, nproc)
+    preflight(cfg, resolve_dataset(cfg.dataset), resolved)
 
 
 def run_experiment(cfg: RunConfig, console: Console | None = None, *,

@@ -176,10 +176,13 @@ def test_compiled_training_step_is_timed_against_eager():
 
 
 def test_gemm_rates_of_given_shapes():
-    out = CliRunner().invoke(app, ["bench", "--gemm", "8x16x32,64X64x64", "--format", "json"])
+    out = CliRunner().invoke(app, ["bench", "gemm", "8x16x32,64X64x64", "--format", "json"])
     assert out.exit_code == 0, out.output
     rows = json.loads(out.output)
     assert [(r["m"], r["k"], r["n"]) for r in rows] == [(8, 16, 32), (64, 64, 64)]
     assert all(r["gflops"] > 0 for r in rows)
+    old = CliRunner().invoke(app, ["bench", "--gemm", "8x16x32", "--format", "json"])
+    assert old.exit_code == 0 and json.loads(old.stdout)[0]["m"] == 8  # the older form works,
+    assert "note: `capbench bench --gemm 8x16x32` is now `capbench bench gemm 8x16x32`" in old.stderr
     bad = CliRunner().invoke(app, ["bench", "--gemm", "32x2048"])
     assert bad.exit_code == 2 and "--gemm '32x2048': give M x K x N" in bad.output
