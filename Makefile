@@ -25,7 +25,7 @@ demo: $(STAMP)
 	@echo "  capbench run --config demo --arch transformer another decoder on the same split"
 	@echo "  capbench matrix --config matrix-shapes --no-pretrained   every decoder x encoder"
 	@echo "  capbench eval PREDS.json --references coco-val2014        score captions from anywhere"
-	@echo "  capbench bench --arch all                     decoder throughput"
+	@echo "  capbench bench decoders all                   decoder throughput"
 	@echo "  capbench doctor                               what works on this machine"
 
 test: $(STAMP)

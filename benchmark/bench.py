@@ -19,7 +19,7 @@ pixels. Figures (units in the keys):
   counted), and ``*_gflops``: those FLOPs divided by the median time (achieved GFLOP/s).
   FlopCounterMode does not count the fused ``nn.LSTM``/``nn.RNN`` kernels that ``rnn`` and
   ``lstm`` use (``flops_exclude_fused_rnn``): their FLOPs and utilisation are lower bounds;
-* with a measured peak (:func:`matmul_peak`, ``capbench bench --peak``): ``peak_fp32_gflops``,
+* with a measured peak (:func:`matmul_peak`, ``capbench bench decoders --peak``): ``peak_fp32_gflops``,
   ``peak_bf16_gflops`` and ``*_util`` = achieved / peak of the dtype the phase ran in.
 """
 
@@ -120,7 +120,7 @@ def matmul_rate(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype
     """GFLOP/s of ``(m, k) @ (k, n)`` in ``dtype``: the best of ``iters`` timed products
     (``2 m k n`` FLOPs each) after one warm-up; on CPU with torch's current thread count.
     A decoder's step loop multiplies matrices of only batch-size rows (``capbench bench
-    --gemm 32x2048x2048``), far from the peak of large ones."""
+    gemm 32x2048x2048``), far from the peak of large ones."""
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
     a @ b

@@ -130,7 +130,7 @@ def run(
     tokenizer: Annotated[str | None, typer.Option(help="caption tokenizer: word, bpe (byte-level, GPT-2 style), wordpiece (BERT style), or a saved Hugging Face tokenizer folder/name")] = None,
     log: Annotated[str | None, typer.Option("--log", help="also log each epoch to tensorboard (<results-dir>/tensorboard/) or wandb (offline without a key), or none")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the newest unfinished run of the same config and seed from its last completed epoch")] = False,
-    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="run the training steps through torch.compile (capbench bench --compile measures the speedup)")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="run the training steps through torch.compile (capbench bench decoders --compile measures the speedup)")] = None,
     nproc: Annotated[int, typer.Option(help="processes on this machine (e.g. one per GPU): launches torchrun with DistributedDataParallel; --batch-size stays the global batch")] = 1,
 ):
     """Train a decoder (on frozen encoder features, or fine-tuning the encoder), score it on the

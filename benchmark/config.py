@@ -56,7 +56,7 @@ class TrainConfig:
     captions per image, the "new self-critical" baseline (Luo 2020) and a constant
     ``scst_lr``. ``compile``: run the cross-entropy steps on cached features through
     ``torch.compile`` (batches padded to the full caption length so that it compiles once;
-    ``dynamic=True`` for the shorter last batch; ``capbench bench --compile`` measures the
+    ``dynamic=True`` for the shorter last batch; ``capbench bench decoders --compile`` measures the
     speedup).
     """
 

@@ -9,13 +9,13 @@ over several calls:
 
 ==============  ==========================================================================
 ``encoders``    the three encoders' forward images/s at batch 256, bf16 autocast,
-                channels-last (``capbench bench --encoder``), random weights
+                channels-last (``capbench bench encoders``), random weights
 ``decoders``    the four decoders' training tokens/s, greedy and beam-5 captions/s and model
                 FLOP utilisation against the bf16 matmul peak the bench measures itself, at
-                the Show-Attend-Tell workload (``capbench bench --arch all --peak``)
+                the Show-Attend-Tell workload (``capbench bench decoders all --peak``)
 ``extraction``  end-to-end extraction images/s with each image decoder (Pillow in the
                 DataLoader's workers, or decode_jpeg on the GPU: nvJPEG) and how far the two
-                decoders' pixels are apart (``capbench bench --extraction``)
+                decoders' pixels are apart (``capbench bench extraction``)
 ``ddp``         two processes against one on the GPU (XE then SCST epochs): largest
                 per-epoch loss difference, SCST reward difference, identical captions; NCCL
                 with two GPUs, gloo on one (NCCL refuses two ranks on one GPU)
@@ -76,24 +76,24 @@ def plan(dataset: str, device: str, work: Path, *, quick: bool = False) -> list[
     take GPUs 0 and 1 (or share GPU 0) whatever ``cuda:N`` says."""
     dev = ["--device", device, "--format", "json"]
     if quick:
-        encoders = ["--encoder", "resnet18,vit_tiny", "--encoder-batch-size", "4", "--iters", "2"]
+        encoders = ["encoders", "resnet18,vit_tiny", "--batch-size", "4", "--iters", "2"]
         workload = ["--grid-size", "16", "--grid-dim", "64", "--vocab-size", "200",
                     "--batch-size", "4", "--caption-len", "6", "--embed-dim", "32",
                     "--hidden-dim", "32", "--attention-dim", "32", "--num-heads", "4",
                     "--iters", "2"]
-        decoders = ["--arch", "all", "--peak", *workload]
-        compile_ = ["--arch", "rnn", "--compile", *workload]
-        extraction = ["--extraction", dataset, "--encoder", "resnet18", "--images", "8",
+        decoders = ["decoders", "all", "--peak", *workload]
+        compile_ = ["decoders", "rnn", "--compile", *workload]
+        extraction = ["extraction", dataset, "--encoder", "resnet18", "--images", "8",
                       "--batch-size", "4", "--iters", "1", "--num-workers", "0"]
         matrix = ["matrix", "--config", "tiny", "--archs", "rnn,attn_lstm", "--encoders",
                   "resnet18", "--dataset", dataset, "--epochs", "1"]
         limits = {"encoders": 300, "decoders": 300, "compile": 600, "extraction": 300,
                   "ddp": 600, "matrix": 600}
     else:
-        encoders = ["--encoder", FULL_ENCODERS, "--encoder-batch-size", "256", "--iters", "10"]
-        decoders = ["--arch", "all", "--peak", "--iters", "10"]
-        compile_ = ["--arch", "rnn,lstm,transformer", "--compile", "--iters", "5"]
-        extraction = ["--extraction", dataset, "--encoder", FULL_ENCODERS, "--images", "1000",
+        encoders = ["encoders", FULL_ENCODERS, "--batch-size", "256", "--iters", "10"]
+        decoders = ["decoders", "all", "--peak", "--iters", "10"]
+        compile_ = ["decoders", "rnn,lstm,transformer", "--compile", "--iters", "5"]
+        extraction = ["extraction", dataset, "--encoder", FULL_ENCODERS, "--images", "1000",
                       "--batch-size", "256", "--iters", "3"]
         matrix = ["matrix", "--config", "matrix-flickr8k-mini", "--dataset", dataset]
         # seconds; the matrix took 20.5 min on the 2-core CPU, mostly extraction and decoding
