@@ -28,17 +28,19 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 import torch
 
 from architectures import create_decoder, create_encoder, list_decoders, list_encoders
+from benchmark.config import TrainConfig
 from benchmark.decoding import beam_search, greedy_decode
 from benchmark.device import peak_memory_mb, select_device, synchronize
 from benchmark.errors import ConfigError
 from benchmark.limits import check_memory
-from benchmark.train import caption_loss, fused_adam
+from benchmark.train import CaptionTable, StepContext, xe_optimizer, xe_step
+from benchmark.vocab import Vocabulary
 
 __all__ = ["DecoderWorkload", "time_fn", "bench_decoder", "bench_encoder", "run_bench",
            "table_columns", "count_flops", "matmul_peak", "matmul_rate", "add_utilisation", "bf16_supported",
@@ -162,6 +164,17 @@ def _decoder_hparams(w: DecoderWorkload) -> dict:
             "num_heads": w.num_heads, "dropout": 0.0, "max_len": max(64, w.caption_len + 2)}
 
 
+def _trainer_step(dec, device: torch.device, amp: bool) -> StepContext:
+    """The step context of the trainer's own cross-entropy step (:func:`xe_step`) for
+    ``dec``: its AdamW groups and warmup-cosine schedule, gradient clipping and label
+    smoothing as a default :class:`TrainConfig` sets them, bf16 autocast when ``amp``, and
+    padding id 0 (that of the synthetic targets)."""
+    cfg = TrainConfig()
+    # a short run's schedule: the learning rate does not change the time of a step
+    opt, sched = xe_optimizer(dec, cfg, 1000, device)
+    return StepContext(dec, dec, opt, sched, cfg, device, Vocabulary([]), autocast=amp)
+
+
 def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters: int = 5,
                   warmup: int = 2, amp: bool | None = None, compile: bool = False) -> dict:
     """Time training steps, beam-1/beam-K decoding and batch-1 latency of decoder ``arch``.
@@ -187,23 +200,18 @@ def bench_decoder(arch: str, w: DecoderWorkload, device: torch.device, *, iters:
     lengths[0] = T
     pad = torch.arange(T)[None] >= lengths[:, None]
     targets[pad.to(device)] = 0
-    lengths = lengths.to(device)
-    opt = torch.optim.AdamW(dec.parameters(), lr=1e-4, fused=fused_adam(device))
+    batch = CaptionTable(tokens, targets, lengths)  # lengths stay on the CPU, as in training
+    eager = _trainer_step(dec, device, use_amp)
 
-    def train_step(model=dec):
+    def train_step(ctx=eager):
         dec.train()
-        with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-            out = model(grid, pooled, tokens, lengths)
-        loss = caption_loss(out, targets, 0, dec.attention_regularization)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        xe_step(ctx, grid, pooled, batch)
 
     train_flop = count_flops(train_step)
     t_train = time_fn(train_step, device, warmup=warmup, iters=iters)
     compiled = {}
     if compile:
-        fast = torch.compile(dec, dynamic=True)
+        fast = replace(eager, model=torch.compile(dec, dynamic=True))
         eager_t, fast_t = [], []
         time_fn(lambda: train_step(fast), device, warmup=2, iters=1)  # compiles
         for _ in range(3):  # alternating rounds: the machine's load hits both alike
@@ -530,11 +538,11 @@ def bench_store(n_images: int, device: torch.device, *, folder: str | None = Non
         torch.manual_seed(0)
         dec = create_decoder(arch, w.vocab_size, grid_dim, pooled_dim, _decoder_hparams(w),
                              strict=False).to(device)
-        opt = torch.optim.AdamW(dec.parameters(), lr=1e-4, fused=fused_adam(device))
+        ctx = _trainer_step(dec, device, device.type == "cuda")
         T = w.caption_len + 1
         tokens = torch.randint(4, w.vocab_size, (batch_size, T), generator=g).to(device)
         targets = torch.randint(4, w.vocab_size, (batch_size, T), generator=g).to(device)
-        lengths = torch.full((batch_size,), T, device=device)
+        batch = CaptionTable(tokens, targets, torch.full((batch_size,), T))
         dec.train()
         batches = store.batches(list(rows[:train_steps]), device, workers)
         t0 = None
@@ -542,11 +550,7 @@ def bench_store(n_images: int, device: torch.device, *, folder: str | None = Non
             if step == 1:  # the first step warms up
                 synchronize(device)
                 t0 = time.perf_counter()
-            loss = caption_loss(dec(gr, po, tokens, lengths), targets, 0,
-                                dec.attention_regularization)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            xe_step(ctx, gr, po, batch)  # the trainer's step
         synchronize(device)
         train_s = time.perf_counter() - t0
         dec.eval()

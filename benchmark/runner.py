@@ -46,7 +46,14 @@ from benchmark.records import RunRecord, make_record, new_run_id, write_record
 from benchmark.stats import bootstrap_ci, diversity
 from benchmark.tokenization import build_tokenizer
 from benchmark.tracking import open_tracker
-from benchmark.train import FineTune, TrainResult, train_decoder
+from benchmark.train import (
+    FineTune,
+    StateFile,
+    TrainCallbacks,
+    TrainData,
+    TrainResult,
+    train_decoder,
+)
 from benchmark.vocab import CaptionTokenizer
 
 __all__ = ["prepare_features", "run_experiment", "run_seeds", "parameter_counts", "preflight",
@@ -218,6 +225,37 @@ def _check_not_busy(results_dir: str | Path, cid: str, seeds: list[int]) -> None
                 _check_resumable(results_dir, state)
 
 
+class _ProgressCallbacks(TrainCallbacks):
+    """Training shown on the progress bar ``task`` of ``prog`` (``total`` epochs), and each
+    epoch's figures logged to ``tracker`` (loss, lr, val CIDEr-D, SCST's reward, and the
+    cross-entropy phase's tokens/s)."""
+
+    def __init__(self, prog: Progress, task, total: int, tracker) -> None:
+        self.prog, self.task, self.total, self.tracker = prog, task, total, tracker
+        self.epoch, self.phase, self.val, self.tokens_per_s = 0, "xe", "-", None
+
+    def on_epoch_start(self, epoch: int, phase: str, steps: int) -> None:
+        self.epoch, self.phase = epoch, phase
+        self.prog.update(self.task, completed=epoch - 1)
+
+    def on_step(self, loss: float, tokens_per_s: float, reward: float | None = None) -> None:
+        self.tokens_per_s = tokens_per_s
+        rate = f"reward {reward:.3f}" if reward is not None else f"{tokens_per_s:.0f} tok/s"
+        self.prog.update(self.task, info=f"epoch {self.epoch}/{self.total} {self.phase}  "
+                         f"loss {loss:.3f}  {rate}  val CIDEr-D {self.val}")
+
+    def on_epoch_end(self, entry: dict) -> None:
+        if "val_CIDEr" in entry:
+            self.val = f"{entry['val_CIDEr']:.3f}"
+        self.prog.advance(self.task)
+        names = {"loss": "train/loss", "lr": "train/lr", "val_CIDEr": "val/CIDEr-D",
+                 "reward": "scst/reward"}
+        values = {names[k]: float(v) for k, v in entry.items() if k in names}
+        if entry["phase"] == "xe" and self.tokens_per_s is not None:
+            values["train/tokens_per_s"] = float(self.tokens_per_s)
+        self.tracker.log(values, entry["epoch"])
+
+
 def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encoder,
                  store: FeatureStore, device, console, *, state_path: Path | None = None,
                  resume: bool = False, run_id: str = "run") -> _Trained:
@@ -251,39 +289,16 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
     with _progress(console) as prog:
         total = cfg.train.epochs + cfg.train.scst_epochs
         task = prog.add_task(f"train {resolved['arch']}", total=total, info="")
-        shown = {"epoch": 0, "val": "-"}
-
-        def callback(event, **info):
-            if event == "epoch_start":
-                shown["epoch"], shown["phase"] = info["epoch"], info["phase"]
-                prog.update(task, completed=info["epoch"] - 1)
-            elif event == "step":
-                shown["tokens_per_s"] = info["tokens_per_s"]
-                rate = (f"reward {info['reward']:.3f}" if "reward" in info
-                        else f"{info['tokens_per_s']:.0f} tok/s")
-                prog.update(task, info=f"epoch {shown['epoch']}/{total} {shown['phase']}  "
-                            f"loss {info['loss']:.3f}  {rate}  val CIDEr-D {shown['val']}")
-            elif event == "epoch_end":
-                if "val_CIDEr" in info:
-                    shown["val"] = f"{info['val_CIDEr']:.3f}"
-                prog.advance(task)
-                names = {"loss": "train/loss", "lr": "train/lr", "val_CIDEr": "val/CIDEr-D",
-                         "reward": "scst/reward"}
-                values = {names[k]: float(v) for k, v in info.items() if k in names}
-                if info["phase"] == "xe" and "tokens_per_s" in shown:
-                    values["train/tokens_per_s"] = float(shown["tokens_per_s"])
-                tracker.log(values, info["epoch"])
-
         meta = {"config_id": config_id(resolved), "seed": cfg.seed,
                 "split_fingerprint": dataset.fingerprint, "device": device.type}
         tracker = open_tracker(cfg.log if distributed.is_main() else "none", cfg.results_dir,
                                run_id, resolved)
         try:
-            result = train_decoder(decoder, store, train, val, val_refs, vocab, cfg.train,
-                                   device, seed=cfg.seed, callback=callback,
-                                   train_references=train_refs, state_path=state_path,
-                                   resume=resume, state_meta=meta, finetune=finetune,
-                                   num_workers=workers)
+            data = TrainData(store, train, val, val_refs, train_refs)
+            state = StateFile(state_path, resume, meta) if state_path else None
+            result = train_decoder(decoder, data, vocab, cfg.train, device, seed=cfg.seed,
+                                   callbacks=_ProgressCallbacks(prog, task, total, tracker),
+                                   state=state, finetune=finetune, num_workers=workers)
         finally:
             tracker.close()
     decoder.load_state_dict(result.best_state)

@@ -48,20 +48,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from benchmark import distributed
+from benchmark.cider import CiderD
 from benchmark.config import TrainConfig
 from benchmark.data import ImageRecord
 from benchmark.decoding import DecodeConfig, forbid_tokens, sample_decode
 from benchmark.device import synchronize
-from benchmark.errors import TrainingDivergedError
+from benchmark.errors import CapbenchError, TrainingDivergedError
 from benchmark.features import FeatureStore
 from benchmark.inference import caption_features_all_ranks
 from benchmark.metrics import cider_d
 from benchmark.vocab import CaptionTokenizer
 
 __all__ = ["TrainResult", "FineTune", "train_decoder", "caption_loss", "caption_pairs", "scst_loss",
-           "sequence_log_probs", "new_self_critical_advantage", "TRAIN_STATE_VERSION"]
+           "sequence_log_probs", "new_self_critical_advantage", "TRAIN_STATE_VERSION",
+           "TrainCallbacks", "TrainData", "StateFile", "CaptionTable", "StepContext", "GlobalBatch",
+           "xe_step", "xe_optimizer", "scst_optimizer"]
 
 #: version of the resumable training-state file (:func:`train_decoder` ``state_path``)
 TRAIN_STATE_VERSION = 1
@@ -258,6 +262,68 @@ def scst_loss(token_logp: torch.Tensor, mask: torch.Tensor, advantage: torch.Ten
 
 
 # ------------------------------------------------------------------------------ the loop
+class TrainCallbacks:
+    """What :func:`train_decoder` reports while it trains (on every rank of a distributed
+    run): subclass it and override the hooks you need; each does nothing here."""
+
+    def on_epoch_start(self, epoch: int, phase: str, steps: int) -> None:
+        """Epoch ``epoch`` (counted from 1 over both phases) of ``phase`` (``"xe"`` or
+        ``"scst"``) starts; it takes ``steps`` optimizer steps."""
+
+    def on_step(self, loss: float, tokens_per_s: float, reward: float | None = None) -> None:
+        """An optimizer step ended: its batch ``loss``, the cross-entropy phase's target
+        tokens per second of training so far, and in SCST the batch's mean sample
+        ``reward`` (CIDEr-D; None in cross-entropy steps)."""
+
+    def on_epoch_end(self, entry: dict) -> None:
+        """An epoch ended; ``entry`` is its row of :attr:`TrainResult.history`: ``epoch``,
+        ``phase``, ``loss``, SCST's mean sample ``reward``, ``lr``, ``val_CIDEr`` when it was
+        validated, ``stopped_early`` when patience ran out."""
+
+
+@dataclass
+class TrainData:
+    """What :func:`train_decoder` trains and validates on: the cached features ``store``, the
+    train and val images, and ``{image_id: [PTB-tokenized reference, ...]}`` of the val
+    split and (needed only for SCST's reward) of the train split."""
+
+    store: FeatureStore
+    train_images: list[ImageRecord]
+    val_images: list[ImageRecord]
+    val_references: dict
+    train_references: dict | None = None
+
+
+@dataclass
+class StateFile:
+    """Where :func:`train_decoder` keeps its resumable state (written after every epoch, by
+    rank 0); with ``resume`` it is read first, and its saved ``meta`` must equal ``meta``."""
+
+    path: str | Path
+    resume: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class CaptionTable:
+    """Teacher-forcing tensors of N captions (:meth:`CaptionTokenizer.batch`): ``inputs (N,
+    T)`` (``<bos> w..``), ``targets (N, T)`` (``w.. <eos>``, ``<pad>`` elsewhere) and
+    ``lengths (N,)`` (tokens fed per caption, on the CPU)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    lengths: torch.Tensor
+
+    def rows(self, idx: torch.Tensor, device: torch.device, full_length: bool = False):
+        """Captions ``idx``: ``inputs``/``targets (B, T)`` on ``device``, cut to the batch's
+        longest caption T (``full_length``: not cut, so that a compiled decoder sees one T
+        and compiles once), and ``lengths (B,)`` on the CPU, as a :class:`CaptionTable`."""
+        lengths = self.lengths[idx]
+        T = self.inputs.shape[1] if full_length else int(lengths.max())
+        return CaptionTable(self.inputs[idx, :T].to(device, non_blocking=True),
+                            self.targets[idx, :T].to(device, non_blocking=True), lengths)
+
+
 @dataclass
 class _Loop:
     """Everything a resumed run needs beyond the weights (written after every epoch)."""
@@ -278,6 +344,121 @@ class _Loop:
     scst_time: float = 0.0
     scst_captions: int = 0
     updates: int = 0  # optimizer steps taken, both phases
+
+
+@dataclass
+class StepContext:
+    """What every training step needs. ``decoder``: the bare decoder (its parameters and
+    weights); ``model``: what a cross-entropy step runs forward (the decoder, its
+    DistributedDataParallel wrapper, or ``torch.compile`` of either); ``policy``: what SCST
+    runs forward (the decoder or its DDP wrapper, never compiled; default the decoder).
+    ``opt``/``sched``: the phase's optimizer and learning-rate scheduler (None in SCST);
+    ``vocab``: the tokenizer (its special ids); ``autocast``: bf16 autocast on ``device``;
+    ``finetune``: the encoder trained with the decoder (None for cached features);
+    ``loop``: the run's counters and history (:class:`_Loop`)."""
+
+    decoder: torch.nn.Module
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler | None
+    cfg: TrainConfig
+    device: torch.device
+    vocab: CaptionTokenizer
+    autocast: bool = False
+    callbacks: TrainCallbacks = field(default_factory=TrainCallbacks)
+    loop: _Loop = field(default_factory=_Loop)
+    policy: torch.nn.Module | None = None
+    finetune: FineTune | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy is None:
+            self.policy = self.decoder
+
+    def clipped_parameters(self) -> list:
+        """What gradient clipping sees: every parameter the optimizer updates when the
+        encoder trains too, else the decoder's (in module order)."""
+        if self.finetune is not None:
+            return [p for g in self.opt.param_groups for p in g["params"]]
+        return list(self.decoder.parameters())
+
+    def amp(self):
+        """The context of a step's forward: bf16 autocast on ``device`` when ``autocast``."""
+        if self.autocast:
+            return torch.autocast(self.device.type, torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    """A distributed step's global batch as one rank sees it: its target ``tokens`` and
+    ``captions`` over all ranks, and whether this rank holds part of it (``present``; if not,
+    it computes one stand-in caption with zero weight, as DDP needs every rank to)."""
+
+    tokens: int
+    captions: int
+    present: bool
+
+
+def xe_step(ctx: StepContext, grid: torch.Tensor, pooled: torch.Tensor, batch: CaptionTable,
+            share: GlobalBatch | None = None) -> float:
+    """One cross-entropy update, the step :func:`train_decoder` takes and ``capbench bench``
+    times: ``ctx.model``'s teacher-forced forward on ``grid (B, N, D)``, ``pooled (B, P)`` and
+    ``batch`` (under bf16 autocast when ``ctx.autocast``), the masked cross-entropy
+    (:func:`caption_loss`, with the decoder's attention penalty and the config's label
+    smoothing), backward, global-norm clipping to ``cfg.grad_clip``, the optimizer's and the
+    scheduler's step. ``share``: this rank's part of a distributed step (None in one
+    process). Returns the batch's loss (a distributed step's: the global batch's)."""
+    with ctx.amp():
+        out = ctx.model(grid, pooled, batch.inputs, batch.lengths.to(ctx.device))
+    loss, value = _xe_loss(ctx, out, batch.targets, share)
+    _update(ctx, loss)
+    return float(loss.detach()) if value is None else value
+
+
+def _xe_loss(ctx: StepContext, out, targets, share: GlobalBatch | None):
+    """A cross-entropy step's loss to back-propagate and its value: in one process the batch
+    loss and None; in a distributed run this rank's share of the global batch's loss (zero
+    weight when the rank has no caption of it) times ``W``, since DDP averages the ranks'
+    gradients, and the global batch's loss (one all-reduce)."""
+    pad, reg = ctx.vocab.pad_id, ctx.decoder.attention_regularization
+    if share is None:
+        return caption_loss(out, targets, pad, reg, ctx.cfg.label_smoothing), None
+    part = caption_loss(out, targets, pad, reg, ctx.cfg.label_smoothing,
+                        global_counts=(share.tokens, share.captions))
+    part = part * (1.0 if share.present else 0.0)
+    return part * distributed.world_size(), float(distributed.all_reduce_sum(part.detach().clone()))
+
+
+def _global_batch(ctx: StepContext, table: CaptionTable, whole, present: bool):
+    """The :class:`GlobalBatch` of captions ``whole`` of ``table`` in a distributed run;
+    None in one process."""
+    if distributed.world_size() == 1:
+        return None
+    return GlobalBatch(int((table.targets[whole] != ctx.vocab.pad_id).sum()), len(whole), present)
+
+
+def _update(ctx: StepContext, loss: torch.Tensor) -> None:
+    """Backward, global-norm clipping, the optimizer's step and the scheduler's (if any)."""
+    ctx.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if ctx.cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(ctx.clipped_parameters(), ctx.cfg.grad_clip)
+    ctx.opt.step()
+    if ctx.sched is not None:
+        ctx.sched.step()
+
+
+def _count_xe_step(ctx: StepContext, t0: float, lengths: torch.Tensor, value: float) -> float:
+    """A cross-entropy step's bookkeeping (begun at ``t0``, captions of ``lengths``);
+    reports it to the callbacks and returns ``value``, its loss."""
+    loop = ctx.loop
+    loop.updates += 1
+    synchronize(ctx.device)
+    loop.train_time += time.perf_counter() - t0
+    loop.n_tokens += int(lengths.sum())
+    loop.n_samples += len(lengths)
+    ctx.callbacks.on_step(value, loop.n_tokens / max(loop.train_time, 1e-9))
+    return value
 
 
 def _rng_states(gens: dict[str, torch.Generator]) -> dict:
@@ -302,15 +483,42 @@ def _set_rng_states(states: dict, gens: dict[str, torch.Generator]) -> None:
         g.set_state(states[f"gen_{k}"])
 
 
-def _save_state(path: Path, loop: _Loop, decoder, opt, sched, gens, meta: dict,
-                encoder=None) -> None:
+def _save_state(path: Path, ctx: StepContext, gens, meta: dict) -> None:
     """Write the training state atomically (:func:`write_train_state`)."""
-    blob = {"version": TRAIN_STATE_VERSION, "meta": meta, "loop": dict(loop.__dict__),
-            "decoder": decoder.state_dict(), "optimizer": opt.state_dict(),
+    encoder = ctx.finetune.encoder if ctx.finetune is not None else None
+    blob = {"version": TRAIN_STATE_VERSION, "meta": meta, "loop": dict(ctx.loop.__dict__),
+            "decoder": ctx.decoder.state_dict(), "optimizer": ctx.opt.state_dict(),
             "encoder": encoder.trainable_state() if encoder is not None else {},
-            "scheduler": sched.state_dict() if sched is not None else None,
+            "scheduler": ctx.sched.state_dict() if ctx.sched is not None else None,
             "rng": _rng_states(gens)}
     write_train_state(path, blob)
+
+
+def _restore_state(path: Path, meta: dict, ctx: StepContext, gens, seed: int) -> None:
+    """Continue from the state file ``path`` (:func:`load_train_state`): the loop's counters
+    and history into ``ctx.loop``, the weights, the phase's optimizer and scheduler into
+    ``ctx``, the generators ``gens`` and the global RNG states. Raises CapbenchError when the
+    file belongs to another run (its ``meta``) or does not fit this model or device."""
+    blob = load_train_state(path)
+    if blob["meta"] != meta:
+        raise CapbenchError(f"{path} belongs to another run ({blob['meta']}); delete it or "
+                            "run without --resume")
+    ctx.loop = _Loop(**blob["loop"])
+    try:
+        ctx.decoder.load_state_dict(blob["decoder"])
+        if ctx.finetune is not None:
+            ctx.finetune.encoder.load_state_dict(blob["encoder"], strict=False)
+        if ctx.loop.phase == "scst":
+            ctx.opt, ctx.sched = scst_optimizer(ctx.decoder, ctx.cfg, ctx.device)
+        ctx.opt.load_state_dict(blob["optimizer"])
+        if ctx.sched is not None and blob["scheduler"] is not None:
+            ctx.sched.load_state_dict(blob["scheduler"])
+        _set_rng_states(blob["rng"], gens)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CapbenchError(f"cannot continue from {path}: {exc}. Resume on the device the "
+                            "run started on, or delete the file to start afresh") from exc
+    if distributed.rank() > 0:  # the state holds rank 0's generators: own dropout masks
+        torch.manual_seed(seed + 7919 * distributed.rank() + ctx.loop.epoch)
 
 
 #: what torch.save's RuntimeError says when the disk fills or a write fails
@@ -344,8 +552,6 @@ def load_train_state(path: Path) -> dict:
     """Read a training-state file (see :func:`train_decoder`); raises
     :class:`~benchmark.errors.CapbenchError` naming the file when it is unreadable (e.g.
     torn by a full disk) or of another version."""
-    from benchmark.errors import CapbenchError
-
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a torn or foreign file: say which, never a traceback
@@ -357,16 +563,39 @@ def load_train_state(path: Path) -> dict:
     return blob
 
 
-def _validate(decoder, store, val_images, vocab, cfg, device, val_references,
-              finetune: FineTune | None = None) -> float:
-    val_decode = DecodeConfig(beam_size=1, max_len=cfg.max_caption_len)
-    mine = distributed.share(val_images)
-    if finetune is not None:  # the encoder changed: encode the val images again, each rank
-        ft_store = distributed.all_or_none(  # those it decodes
-            lambda: finetune.store(mine, device) if mine else None)
+def _validate(ctx: StepContext, data: TrainData) -> float:
+    """Validation CIDEr-D of greedy captions of the val images (decoding sharded over the
+    ranks); with a fine-tuned encoder the val images are encoded again, each rank those it
+    decodes."""
+    val_decode = DecodeConfig(beam_size=1, max_len=ctx.cfg.max_caption_len)
+    mine = distributed.share(data.val_images)
+    store, ft = data.store, ctx.finetune
+    if ft is not None:  # the encoder changed: encode the val images again
+        ft_store = distributed.all_or_none(lambda: ft.store(mine, ctx.device) if mine else None)
         store = store if ft_store is None else ft_store
-    preds, _ = caption_features_all_ranks(decoder, store, val_images, vocab, val_decode, device)
-    return cider_d(preds, val_references)
+    preds, _ = caption_features_all_ranks(ctx.decoder, store, data.val_images, ctx.vocab,
+                                          val_decode, ctx.device)
+    return cider_d(preds, data.val_references)
+
+
+def _after_validation(ctx: StepContext, entry: dict, last_epoch: int) -> None:
+    """After validating epoch ``entry``: on a new best ``val_CIDEr`` keep the weights (the
+    decoder's and the fine-tuned encoder's, on the CPU); else count one more validation
+    without a new best in the phase, and when ``cfg.patience`` of them ran out before the
+    phase's ``last_epoch``, stop the phase (``entry["stopped_early"]``)."""
+    loop, epoch, phase = ctx.loop, entry["epoch"], entry["phase"]
+    if entry["val_CIDEr"] > loop.best_val:
+        loop.best_val, loop.best_epoch, loop.best_phase = entry["val_CIDEr"], epoch, phase
+        loop.best_state = copy.deepcopy({k: v.detach().cpu()
+                                         for k, v in ctx.decoder.state_dict().items()})
+        if ctx.finetune is not None:
+            loop.best_encoder = ctx.finetune.encoder.trainable_state()
+        loop.since_best[phase] = 0
+        return
+    loop.since_best[phase] += 1
+    if ctx.cfg.patience and loop.since_best[phase] >= ctx.cfg.patience and epoch < last_epoch:
+        loop.stopped[phase] = epoch
+        entry["stopped_early"] = True
 
 
 def fused_adam(device: torch.device) -> bool | None:
@@ -377,6 +606,33 @@ def fused_adam(device: torch.device) -> bool | None:
     ``fused`` value (``load_state_dict`` restores the parameter groups).
     """
     return True if torch.device(device).type in ("cpu", "cuda") else None
+
+
+def xe_optimizer(decoder, cfg: TrainConfig, total_steps: int, device: torch.device,
+                 finetune: FineTune | None = None):
+    """The cross-entropy phase's AdamW (weight decay ``cfg.weight_decay`` on the weight
+    matrices, none on biases, norms and embeddings; with ``finetune`` a third group of the
+    encoder's trainable parameters at its own learning rate) and its scheduler: linear
+    warmup over ``cfg.warmup_frac`` of ``total_steps``, then cosine decay to 0 (Loshchilov
+    & Hutter 2019). Returns ``(optimizer, LambdaLR)``."""
+    decay, no_decay = [], []
+    for name, p in decoder.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if finetune is not None:  # the same schedule, scaled to the encoder's own rate
+        groups.append({"params": [p for p in finetune.encoder.parameters() if p.requires_grad],
+                       "weight_decay": cfg.weight_decay, "lr": finetune.encoder_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=fused_adam(device))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total_steps, cfg.warmup_frac))
+
+
+def scst_optimizer(decoder, cfg: TrainConfig, device: torch.device):
+    """SCST's Adam over the decoder's trainable parameters at the constant ``cfg.scst_lr``
+    (as self-critical.pytorch); returns ``(optimizer, None)`` (no scheduler)."""
+    return torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad],
+                            lr=cfg.scst_lr, fused=fused_adam(device)), None
 
 
 def check_finite_loss(entry: dict, cfg: TrainConfig, finetuning: bool = False) -> None:
@@ -402,170 +658,49 @@ def check_finite_loss(entry: dict, cfg: TrainConfig, finetuning: bool = False) -
                                 f"written. Most likely {likely}")
 
 
-def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
-                  val_images: list[ImageRecord], val_references: dict, vocab: CaptionTokenizer,
-                  cfg: TrainConfig, device: torch.device, *, seed: int = 0,
-                  callback: Callable[..., None] | None = None,
-                  train_references: dict | None = None, state_path: str | Path | None = None,
-                  resume: bool = False, state_meta: dict | None = None,
-                  finetune: FineTune | None = None, num_workers: int = 0) -> TrainResult:
-    """Train ``decoder`` on cached features (XE, then ``cfg.scst_epochs`` of SCST); return
-    the best weights by validation CIDEr-D (see the module docstring).
-
-    ``val_references``/``train_references``: ``{image_id: [PTB-tokenized reference, ...]}``
-    (the train ones are needed only for SCST's reward). ``callback(event, **info)`` receives
-    ``epoch_start`` (epoch, steps, phase), ``step`` (loss, tokens_per_s; reward in SCST) and
-    ``epoch_end`` (epoch, phase, loss, lr, SCST's mean sample ``reward``, val_CIDEr when
-    validated, ``stopped_early`` when patience ran out); these entries form ``history``.
-    ``state_path``: where the resumable state goes after each epoch; with ``resume`` it is
-    read first (its ``meta`` must equal ``state_meta``). ``finetune``: train the encoder too
-    (see :class:`FineTune`). ``num_workers``: DataLoader processes reading features ahead.
-
-    **Several processes** (under ``torchrun``, :mod:`benchmark.distributed`): the decoder is
-    wrapped in DistributedDataParallel, ``cfg.batch_size`` is the global batch (of caption
-    pairs in XE, of images in SCST), split over the ranks (see :func:`_xe_epoch` and
-    :func:`_scst_epoch`), validation decoding is sharded and gathered, and only rank 0 writes
-    the state file. The per-epoch losses (and SCST's rewards) equal a single process's with
-    the same batch up to float rounding (in XE with dropout off: each rank draws its own
-    dropout masks, from the global generator re-seeded per rank; SCST runs without dropout).
-    Raises ValueError when the train split has no captions, SCST has no train references or
-    is combined with fine-tuning, CapbenchError for an unreadable or mismatched state file.
-    """
-    from benchmark.cider import CiderD
-    from benchmark.errors import CapbenchError
-
-    cb = callback or (lambda *a, **k: None)
-    decoder.to(device)
-    rows, caps = caption_pairs(train_images, store)
-    if len(rows) == 0:
+def _check_inputs(n_pairs: int, cfg: TrainConfig, data: TrainData,
+                  finetune: FineTune | None) -> None:
+    """ValueError for a train split without captions, SCST without train references, or
+    SCST with a fine-tuned encoder."""
+    if n_pairs == 0:
         raise ValueError("the train split has no captions")
-    if cfg.scst_epochs and not train_references:
+    if cfg.scst_epochs and not data.train_references:
         raise ValueError("SCST needs the train split's references (train_references)")
     if cfg.scst_epochs and finetune is not None:
         raise ValueError("SCST trains the decoder on frozen features; fine-tune with XE only")
-    encoder = finetune.encoder.to(device) if finetune is not None else None
-    ddp = ft_models = None
-    if distributed.world_size() > 1:
-        from torch.nn.parallel import DistributedDataParallel
 
-        ids = [device.index] if device.type == "cuda" else None
-        # every decoder uses every parameter (tested): no find_unused_parameters traversal
-        ddp = DistributedDataParallel(decoder, device_ids=ids)
-        if finetune is not None:
-            ft_models = (_ddp_encoder(encoder, device), ddp)
-        if distributed.rank() > 0:  # its own dropout masks (DDP gave every rank rank 0's weights)
-            torch.manual_seed(seed + 7919 * distributed.rank())
-    model = torch.compile(decoder if ddp is None else ddp, dynamic=True) if cfg.compile else ddp
-    # Encode every training caption once; a batch is then a row gather, not Python work.
-    all_inputs, all_targets, all_lengths = vocab.batch(caps, cfg.max_caption_len)
-    gens = {"order": torch.Generator().manual_seed(seed),
-            "sample": torch.Generator(device=device).manual_seed(seed + 1)}
-    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    if finetune is not None:  # one step per `images per step` images, all their captions
-        n_images = sum(1 for im in train_images if im.tokens)
-        steps_per_epoch = math.ceil(n_images / _images_per_step(cfg.batch_size, n_images,
-                                                                 len(rows)))
-    total = steps_per_epoch * cfg.epochs
-    phases = ["xe"] * cfg.epochs + ["scst"] * cfg.scst_epochs
-    last_of_phase = {ph: max(i + 1 for i, p in enumerate(phases) if p == ph) for ph in set(phases)}
 
-    def xe_optimizer():
-        decay, no_decay = [], []
-        for name, p in decoder.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        if encoder is not None:  # the same schedule, scaled to the encoder's own rate
-            groups.append({"params": [p for p in encoder.parameters() if p.requires_grad],
-                           "weight_decay": cfg.weight_decay, "lr": finetune.encoder_lr})
-        o = torch.optim.AdamW(groups, lr=cfg.lr, fused=fused_adam(device))
-        return o, torch.optim.lr_scheduler.LambdaLR(o, _schedule(total, cfg.warmup_frac))
+def _distribute(decoder, finetune: FineTune | None, device: torch.device, seed: int):
+    """The decoder and the fine-tuned encoder (or None) as the steps run them forward: in one
+    process themselves; in a distributed run their DistributedDataParallel wrappers
+    (:func:`_ddp_encoder`), and every rank past 0 re-seeds torch's global generator for its
+    own dropout masks (DDP gave every rank rank 0's weights)."""
+    encoder = finetune.encoder if finetune is not None else None
+    if distributed.world_size() == 1:
+        return decoder, encoder
+    ids = [device.index] if device.type == "cuda" else None
+    # every decoder uses every parameter (tested): no find_unused_parameters traversal
+    ddp = DistributedDataParallel(decoder, device_ids=ids)
+    if finetune is not None:
+        encoder = _ddp_encoder(encoder, device)
+    if distributed.rank() > 0:
+        torch.manual_seed(seed + 7919 * distributed.rank())
+    return ddp, encoder
 
-    def scst_optimizer():
-        return torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad],
-                                lr=cfg.scst_lr, fused=fused_adam(device)), None
 
-    loop = _Loop()
-    opt, sched = xe_optimizer()
-    meta = dict(state_meta or {})
-    path = Path(state_path) if state_path else None
-    if resume and path is not None and path.is_file():
-        blob = load_train_state(path)
-        if blob["meta"] != meta:
-            raise CapbenchError(f"{path} belongs to another run ({blob['meta']}); delete it or "
-                                "run without --resume")
-        loop = _Loop(**blob["loop"])
-        try:
-            decoder.load_state_dict(blob["decoder"])
-            if encoder is not None:
-                encoder.load_state_dict(blob["encoder"], strict=False)
-            if loop.phase == "scst":
-                opt, sched = scst_optimizer()
-            opt.load_state_dict(blob["optimizer"])
-            if sched is not None and blob["scheduler"] is not None:
-                sched.load_state_dict(blob["scheduler"])
-            _set_rng_states(blob["rng"], gens)
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise CapbenchError(f"cannot continue from {path}: {exc}. Resume on the device the "
-                                "run started on, or delete the file to start afresh") from exc
-        if distributed.rank() > 0:  # the state holds rank 0's generators: own dropout masks
-            torch.manual_seed(seed + 7919 * distributed.rank() + loop.epoch)
-    resumed_from = loop.epoch
+def _steps_per_epoch(cfg: TrainConfig, train_images: list[ImageRecord], n_pairs: int,
+                     finetune: FineTune | None) -> int:
+    """Cross-entropy steps per epoch: ``batch_size`` caption pairs a step on cached
+    features; when fine-tuning, one step per :func:`_images_per_step` images (all their
+    captions)."""
+    if finetune is None:
+        return math.ceil(n_pairs / cfg.batch_size)
+    n_images = sum(1 for im in train_images if im.tokens)
+    return math.ceil(n_images / _images_per_step(cfg.batch_size, n_images, n_pairs))
 
-    image_rows = store.row_ids(train_images)
-    image_ids = [im.image_id for im in train_images]
-    cider = CiderD(train_references) if cfg.scst_epochs else None
-    use_amp = device.type == "cuda"
-    for epoch in range(loop.epoch + 1, len(phases) + 1):
-        phase = phases[epoch - 1]
-        if phase in loop.stopped:
-            loop.epoch = epoch
-            continue
-        if phase == "scst" and loop.phase != "scst":  # SCST starts from the best XE weights
-            if loop.best_state:
-                decoder.load_state_dict(loop.best_state)
-            opt, sched = scst_optimizer()
-            loop.phase = "scst"
-        cb("epoch_start", epoch=epoch, phase=phase,
-           steps=steps_per_epoch if phase == "xe" else math.ceil(len(image_ids) / cfg.batch_size))
-        entry = {"epoch": epoch, "phase": phase}
-        if phase == "xe" and finetune is not None:
-            entry["loss"] = _xe_epoch_finetune(decoder, finetune, train_images, all_inputs,
-                                               all_targets, all_lengths, vocab, cfg, device,
-                                               opt, sched, gens["order"], loop, use_amp, cb,
-                                               models=ft_models)
-        elif phase == "xe":
-            entry["loss"] = _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths,
-                                      vocab, cfg, device, opt, sched, gens["order"], loop,
-                                      use_amp, cb, model=model, num_workers=num_workers)
-        else:
-            entry["loss"], entry["reward"] = _scst_epoch(decoder, store, image_rows, image_ids,
-                                                         cider, vocab, cfg, device, opt, gens,
-                                                         loop, cb, model=ddp)
-        check_finite_loss(entry, cfg, finetune is not None)
-        entry["lr"] = opt.param_groups[0]["lr"] if sched is None else sched.get_last_lr()[0]
-        if epoch % cfg.val_every == 0 or epoch == last_of_phase[phase]:
-            entry["val_CIDEr"] = _validate(decoder, store, val_images, vocab, cfg, device,
-                                           val_references, finetune)
-            if entry["val_CIDEr"] > loop.best_val:
-                loop.best_val, loop.best_epoch, loop.best_phase = entry["val_CIDEr"], epoch, phase
-                loop.best_state = copy.deepcopy({k: v.detach().cpu()
-                                                 for k, v in decoder.state_dict().items()})
-                if encoder is not None:
-                    loop.best_encoder = encoder.trainable_state()
-                loop.since_best[phase] = 0
-            else:
-                loop.since_best[phase] += 1
-                if (cfg.patience and loop.since_best[phase] >= cfg.patience
-                        and epoch < last_of_phase[phase]):
-                    loop.stopped[phase] = epoch
-                    entry["stopped_early"] = True
-        loop.history.append(entry)
-        loop.epoch = epoch
-        if path is not None and distributed.is_main():
-            _save_state(path, loop, decoder, opt, sched, gens, meta, encoder)
-        cb("epoch_end", **entry)
+
+def _train_result(loop: _Loop, resumed_from: int, cfg: TrainConfig) -> TrainResult:
+    """The :class:`TrainResult` of a finished loop."""
     result = TrainResult(loop.best_state, loop.best_epoch, loop.best_val, loop.history,
                          best_phase=loop.best_phase, stopped_early=dict(loop.stopped),
                          resumed_from=resumed_from, best_encoder_state=loop.best_encoder)
@@ -579,87 +714,123 @@ def train_decoder(decoder, store: FeatureStore, train_images: list[ImageRecord],
     return result
 
 
-def _xe_epoch(decoder, store, rows, all_inputs, all_targets, all_lengths, vocab, cfg, device,
-              opt, sched, order, loop: _Loop, use_amp: bool, cb, model=None,
-              num_workers: int = 0) -> float:
-    """One teacher-forced cross-entropy epoch; returns the mean batch loss.
+def train_decoder(decoder, data: TrainData, vocab: CaptionTokenizer, cfg: TrainConfig,
+                  device: torch.device, *, seed: int = 0, callbacks: TrainCallbacks | None = None,
+                  state: StateFile | None = None, finetune: FineTune | None = None,
+                  num_workers: int = 0) -> TrainResult:
+    """Train ``decoder`` on ``data`` (XE, then ``cfg.scst_epochs`` of SCST); return the best
+    weights by validation CIDEr-D (see the module docstring).
 
-    ``model``: the DistributedDataParallel wrapper of ``decoder`` in a distributed run. Each
-    global batch of ``batch_size`` caption pairs is then split over the ranks (rank ``r`` of
-    ``W`` takes pairs ``r, r+W, ...`` of it, as a DistributedSampler does), each rank's loss
-    is its share of the global batch's loss times ``W`` (DDP averages gradients), so every
-    step equals the single-process step on the whole batch. ``num_workers``: DataLoader
-    processes that read the features ahead (:meth:`FeatureStore.batches`).
+    ``callbacks`` hear of every epoch's start and end and of every step
+    (:class:`TrainCallbacks`); the epochs' entries form ``history``. ``state``: where the
+    resumable state goes after each epoch, read first when resuming (:class:`StateFile`).
+    ``finetune``: train the encoder too (see :class:`FineTune`). ``num_workers``: DataLoader
+    processes reading features ahead.
+
+    **Several processes** (under ``torchrun``, :mod:`benchmark.distributed`): the decoder is
+    wrapped in DistributedDataParallel, ``cfg.batch_size`` is the global batch (of caption
+    pairs in XE, of images in SCST), split over the ranks (see :func:`_xe_epoch` and
+    :func:`_scst_epoch`), validation decoding is sharded and gathered, and only rank 0 writes
+    the state file. The per-epoch losses (and SCST's rewards) equal a single process's with
+    the same batch up to float rounding (in XE with dropout off: each rank draws its own
+    dropout masks, from the global generator re-seeded per rank; SCST runs without dropout).
+    Raises ValueError when the train split has no captions, SCST has no train references or
+    is combined with fine-tuning, CapbenchError for an unreadable or mismatched state file.
     """
-    model = decoder if model is None else model
-    decoder.train()
-    params = list(decoder.parameters())
+    callbacks = callbacks or TrainCallbacks()
+    decoder.to(device)
+    rows, caps = caption_pairs(data.train_images, data.store)
+    _check_inputs(len(rows), cfg, data, finetune)
+    if finetune is not None:
+        finetune.encoder.to(device)
+    policy, encoder_model = _distribute(decoder, finetune, device, seed)
+    model = torch.compile(policy, dynamic=True) if cfg.compile and finetune is None else policy
+    # Encode every training caption once; a batch is then a row gather, not Python work.
+    table = CaptionTable(*vocab.batch(caps, cfg.max_caption_len))
+    gens = {"order": torch.Generator().manual_seed(seed),
+            "sample": torch.Generator(device=device).manual_seed(seed + 1)}
+    steps_per_epoch = _steps_per_epoch(cfg, data.train_images, len(rows), finetune)
+    phases = ["xe"] * cfg.epochs + ["scst"] * cfg.scst_epochs
+    last_of_phase = {ph: max(i + 1 for i, p in enumerate(phases) if p == ph) for ph in set(phases)}
+    ctx = StepContext(decoder, model, *xe_optimizer(decoder, cfg, steps_per_epoch * cfg.epochs,
+                                                    device, finetune),
+                      cfg, device, vocab, autocast=device.type == "cuda", callbacks=callbacks,
+                      policy=policy, finetune=finetune)
+    meta = dict(state.meta) if state is not None else {}
+    path = Path(state.path) if state is not None and state.path else None
+    if state is not None and state.resume and path is not None and path.is_file():
+        _restore_state(path, meta, ctx, gens, seed)
+    resumed_from = ctx.loop.epoch
+
+    image_rows = data.store.row_ids(data.train_images)
+    image_ids = [im.image_id for im in data.train_images]
+    cider = CiderD(data.train_references) if cfg.scst_epochs else None
+    for epoch in range(ctx.loop.epoch + 1, len(phases) + 1):
+        phase = phases[epoch - 1]
+        if phase in ctx.loop.stopped:
+            ctx.loop.epoch = epoch
+            continue
+        if phase == "scst" and ctx.loop.phase != "scst":  # SCST starts from the best XE weights
+            if ctx.loop.best_state:
+                decoder.load_state_dict(ctx.loop.best_state)
+            ctx.opt, ctx.sched = scst_optimizer(decoder, cfg, device)
+            ctx.loop.phase = "scst"
+        callbacks.on_epoch_start(epoch, phase, steps_per_epoch if phase == "xe"
+                                 else math.ceil(len(image_ids) / cfg.batch_size))
+        entry = {"epoch": epoch, "phase": phase}
+        if phase == "xe" and finetune is not None:
+            entry["loss"] = _xe_epoch_finetune(ctx, encoder_model, data.train_images, table,
+                                               gens["order"])
+        elif phase == "xe":
+            entry["loss"] = _xe_epoch(ctx, data.store, rows, table, gens["order"], num_workers)
+        else:
+            entry["loss"], entry["reward"] = _scst_epoch(ctx, data.store, image_rows, image_ids,
+                                                         cider, gens)
+        check_finite_loss(entry, cfg, finetune is not None)
+        entry["lr"] = (ctx.opt.param_groups[0]["lr"] if ctx.sched is None
+                       else ctx.sched.get_last_lr()[0])
+        if epoch % cfg.val_every == 0 or epoch == last_of_phase[phase]:
+            entry["val_CIDEr"] = _validate(ctx, data)
+            _after_validation(ctx, entry, last_of_phase[phase])
+        ctx.loop.history.append(entry)
+        ctx.loop.epoch = epoch
+        if path is not None and distributed.is_main():
+            _save_state(path, ctx, gens, meta)
+        callbacks.on_epoch_end(entry)
+    return _train_result(ctx.loop, resumed_from, cfg)
+
+
+def _xe_epoch(ctx: StepContext, store: FeatureStore, rows: torch.Tensor, table: CaptionTable,
+              order: torch.Generator, num_workers: int = 0) -> float:
+    """One teacher-forced cross-entropy epoch over the caption pairs (feature ``rows`` of
+    ``store``, captions of ``table``), in the order drawn from ``order``; returns the mean
+    batch loss.
+
+    In a distributed run each global batch of ``batch_size`` caption pairs is split over the
+    ranks (rank ``r`` of ``W`` takes pairs ``r, r+W, ...`` of it, as a DistributedSampler
+    does), each rank's loss is its share of the global batch's loss times ``W`` (DDP averages
+    gradients), so every step equals the single-process step on the whole batch.
+    ``num_workers``: DataLoader processes that read the features ahead
+    (:meth:`FeatureStore.batches`).
+    """
+    ctx.decoder.train()
     perm = torch.randperm(len(rows), generator=order)
     world, rank = distributed.world_size(), distributed.rank()
-    steps = [perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-             for s in range(math.ceil(len(rows) / cfg.batch_size))]
+    bs = ctx.cfg.batch_size
+    steps = [perm[s * bs : (s + 1) * bs] for s in range(math.ceil(len(rows) / bs))]
     # a rank without a pair in a short last batch computes one with zero weight (DDP needs it)
     mine = [g[rank::world] if len(g) > rank else g[:1] for g in steps]
-    features = iter(store.batches([rows[i] for i in mine], device, num_workers))
+    features = iter(store.batches([rows[i] for i in mine], ctx.device, num_workers))
     epoch_loss = 0.0
     for whole, idx in zip(steps, mine, strict=True):
-        synchronize(device)
+        synchronize(ctx.device)
         t0 = time.perf_counter()
         grid, pooled = next(features)
-        inputs, targets, lengths = _teacher_batch(idx, all_inputs, all_targets, all_lengths,
-                                                  device, full_length=cfg.compile)
-        with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
-            out = model(grid, pooled, inputs, lengths.to(device))
-        loss, value = _xe_loss(decoder, out, targets, whole, len(whole) > rank, all_targets,
-                               vocab, cfg)
-        epoch_loss += _xe_update(loss, params, all_lengths[whole], len(whole), cfg, opt, sched,
-                                 device, loop, t0, cb, value=value)
+        batch = table.rows(idx, ctx.device, full_length=ctx.cfg.compile)
+        value = xe_step(ctx, grid, pooled, batch,
+                        _global_batch(ctx, table, whole, len(whole) > rank))
+        epoch_loss += _count_xe_step(ctx, t0, table.lengths[whole], value)
     return epoch_loss / max(1, len(steps))
-
-
-def _xe_loss(decoder, out, targets, whole, present: bool, all_targets, vocab, cfg):
-    """A cross-entropy step's loss to back-propagate and its value: in one process the batch
-    loss and None; in a distributed run this rank's share of the global batch's loss (caption
-    pairs ``whole``; zero weight when the rank has none, ``present`` False) times ``W``, since
-    DDP averages the ranks' gradients, and the global batch's loss (one all-reduce)."""
-    world = distributed.world_size()
-    if world == 1:
-        return caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
-                            cfg.label_smoothing), None
-    counts = (int((all_targets[whole] != vocab.pad_id).sum()), len(whole))
-    share = caption_loss(out, targets, vocab.pad_id, decoder.attention_regularization,
-                         cfg.label_smoothing, global_counts=counts) * (1.0 if present else 0.0)
-    return share * world, float(distributed.all_reduce_sum(share.detach().clone()))
-
-
-def _teacher_batch(idx, all_inputs, all_targets, all_lengths, device, full_length=False):
-    """Caption pairs ``idx`` of the pre-encoded captions: ``inputs``/``targets (B, T)`` on
-    ``device``, cut to the batch's longest caption T (``full_length``: not cut, so that a
-    compiled decoder sees one T and compiles once), and ``lengths (B,)`` on the CPU."""
-    lengths = all_lengths[idx]
-    T = all_inputs.shape[1] if full_length else int(lengths.max())
-    return (all_inputs[idx, :T].to(device, non_blocking=True),
-            all_targets[idx, :T].to(device, non_blocking=True), lengths)
-
-
-def _xe_update(loss, params, lengths, n_pairs: int, cfg, opt, sched, device, loop: _Loop,
-               t0: float, cb, value: float | None = None) -> float:
-    """Backward, clip, optimizer and scheduler step, and the step's bookkeeping; returns the
-    loss as a float (``value`` when given: a distributed step's global-batch loss)."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    opt.step()
-    sched.step()
-    loop.updates += 1
-    synchronize(device)
-    loop.train_time += time.perf_counter() - t0
-    loop.n_tokens += int(lengths.sum())
-    loop.n_samples += n_pairs
-    value = float(loss.detach()) if value is None else value
-    cb("step", loss=value, tokens_per_s=loop.n_tokens / max(loop.train_time, 1e-9))
-    return value
 
 
 def _ddp_encoder(encoder, device: torch.device):
@@ -672,7 +843,6 @@ def _ddp_encoder(encoder, device: torch.device):
     import warnings
 
     from torch.nn.modules.batchnorm import _BatchNorm
-    from torch.nn.parallel import DistributedDataParallel
 
     from benchmark.errors import CapbenchWarning
 
@@ -696,16 +866,16 @@ def _images_per_step(batch_size: int, n_images: int, n_pairs: int) -> int:
     return max(1, round(batch_size * n_images / max(1, n_pairs)))
 
 
-def _xe_epoch_finetune(decoder, ft: FineTune, train_images, all_inputs, all_targets,
-                       all_lengths, vocab, cfg, device, opt, sched, order, loop: _Loop,
-                       use_amp: bool, cb, models: tuple | None = None) -> float:
-    """One cross-entropy epoch through the live encoder: each training image once (training
-    transform, shuffled), with all its captions; about ``batch_size`` captions a step.
+def _xe_epoch_finetune(ctx: StepContext, encoder, train_images: list[ImageRecord],
+                       table: CaptionTable, order: torch.Generator) -> float:
+    """One cross-entropy epoch through the live encoder (``ctx.finetune``; ``encoder``: what
+    runs it forward, its DistributedDataParallel wrapper in a distributed run): each
+    training image once (training transform, shuffled), with all its captions of ``table``;
+    about ``batch_size`` captions a step.
 
     Each image's random crop is seeded from the epoch's seed and the image's place in the
     epoch (:class:`ImageFolderDataset`), so it does not depend on the DataLoader's workers or
-    on the number of processes. ``models``: the DistributedDataParallel wrappers of the
-    encoder and the decoder in a distributed run. Each step's images are then split over the
+    on the number of processes. In a distributed run each step's images are split over the
     ranks (rank ``r`` of ``W`` takes images ``r, r+W, ...`` of the step, with all their
     captions) and each rank's loss is its share of the step's loss times ``W``, as in
     :func:`_xe_epoch`.
@@ -714,6 +884,7 @@ def _xe_epoch_finetune(decoder, ft: FineTune, train_images, all_inputs, all_targ
 
     from benchmark.pixels import ImageFolderDataset, worker_batches
 
+    ft, device = ctx.finetune, ctx.device
     # caption_pairs lists each image's captions contiguously, in train_images order
     imgs, pairs, start = [], [], 0
     for im in train_images:
@@ -721,7 +892,7 @@ def _xe_epoch_finetune(decoder, ft: FineTune, train_images, all_inputs, all_targ
             imgs.append(im)
             pairs.append(torch.arange(start, start + len(im.tokens)))
         start += len(im.tokens)
-    ipb = _images_per_step(cfg.batch_size, len(imgs), start)
+    ipb = _images_per_step(ctx.cfg.batch_size, len(imgs), start)
     perm = torch.randperm(len(imgs), generator=order).tolist()
     crop_seed = int(torch.randint(2**62, (1,), generator=order))  # this epoch's crops
     world, rank = distributed.world_size(), distributed.rank()
@@ -737,10 +908,8 @@ def _xe_epoch_finetune(decoder, ft: FineTune, train_images, all_inputs, all_targ
         n += len(m)
     loader = DataLoader(ds, batch_sampler=batches, num_workers=ft.num_workers,
                         pin_memory=device.type == "cuda")
-    encoder, model = models if models is not None else (ft.encoder, decoder)
-    decoder.train()
+    ctx.decoder.train()
     ft.encoder.train()
-    params = [p for g in opt.param_groups for p in g["params"]]
     epoch_loss = 0.0
     for st, m, pixels in zip(steps, mine, worker_batches(loader), strict=True):
         synchronize(device)
@@ -748,16 +917,12 @@ def _xe_epoch_finetune(decoder, ft: FineTune, train_images, all_inputs, all_targ
         idx = torch.cat([pairs[perm[q]] for q in m])
         whole = torch.cat([pairs[perm[q]] for q in st])
         counts = torch.tensor([len(pairs[perm[q]]) for q in m], device=device)
-        with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
+        with ctx.amp():
             grid, pooled = ft.normalize(*encoder(pixels.to(device, non_blocking=True)))
             grid, pooled = grid.repeat_interleave(counts, 0), pooled.repeat_interleave(counts, 0)
-            inputs, targets, lengths = _teacher_batch(idx, all_inputs, all_targets, all_lengths,
-                                                      device)
-            out = model(grid.float(), pooled.float(), inputs, lengths.to(device))
-        loss, value = _xe_loss(decoder, out, targets, whole, len(st) > rank, all_targets,
-                               vocab, cfg)
-        epoch_loss += _xe_update(loss, params, all_lengths[whole], len(whole), cfg, opt, sched,
-                                 device, loop, t0, cb, value=value)
+        value = xe_step(ctx, grid.float(), pooled.float(), table.rows(idx, device),
+                        _global_batch(ctx, table, whole, len(st) > rank))
+        epoch_loss += _count_xe_step(ctx, t0, table.lengths[whole], value)
     return epoch_loss / max(1, len(steps))
 
 
@@ -780,25 +945,27 @@ def _without_dropout(decoder):
             m.dropout = p
 
 
-def _scst_epoch(decoder, store, image_rows, image_ids, cider, vocab, cfg, device, opt, gens,
-                loop: _Loop, cb, model=None) -> tuple[float, float]:
-    """One SCST epoch over the training images (``batch_size`` images a step, each with
-    ``scst_samples`` sampled captions); returns the mean batch loss and the mean reward
-    (CIDEr-D of the samples).
+def _scst_epoch(ctx: StepContext, store: FeatureStore, image_rows: torch.Tensor,
+                image_ids: list, cider, gens: dict[str, torch.Generator]) -> tuple[float, float]:
+    """One SCST epoch over the training images (feature ``image_rows`` of ``store``; rewards
+    by ``cider``, a :class:`~benchmark.cider.CiderD` of their references by ``image_ids``):
+    ``batch_size`` images a step in the order drawn from ``gens["order"]``, each with
+    ``scst_samples`` captions sampled with ``gens["sample"]``; returns the mean batch loss and
+    the mean reward (CIDEr-D of the samples).
 
-    ``model``: the DistributedDataParallel wrapper of ``decoder`` in a distributed run. Each
-    global batch of images is then split over the ranks as in :func:`_xe_epoch` (rank ``r``
-    takes images ``r, r+W, ...``). Every rank draws the sampling noise of the whole global
-    batch and decodes its images with their columns of it (:func:`sample_decode`), so the
-    samples, rewards, loss and update equal one process's on the whole batch.
+    In a distributed run each global batch of images is split over the ranks as in
+    :func:`_xe_epoch` (rank ``r`` takes images ``r, r+W, ...``), and ``ctx.policy`` is the
+    decoder's DDP wrapper. Every rank draws the sampling noise of the whole global batch and
+    decodes its images with their columns of it (:func:`sample_decode`), so the samples,
+    rewards, loss and update equal one process's on the whole batch.
     """
-    with _without_dropout(decoder):
-        return _scst_steps(decoder, store, image_rows, image_ids, cider, vocab, cfg, device,
-                           opt, gens, loop, cb, decoder if model is None else model)
+    with _without_dropout(ctx.decoder):
+        return _scst_steps(ctx, store, image_rows, image_ids, cider, gens)
 
 
-def _scst_steps(decoder, store, image_rows, image_ids, cider, vocab, cfg, device, opt, gens,
-                loop: _Loop, cb, model) -> tuple[float, float]:
+def _scst_steps(ctx: StepContext, store: FeatureStore, image_rows: torch.Tensor,
+                image_ids: list, cider, gens: dict[str, torch.Generator]) -> tuple[float, float]:
+    cfg, device, vocab, loop = ctx.cfg, ctx.device, ctx.vocab, ctx.loop
     K, T = cfg.scst_samples, cfg.max_caption_len
     world, rank = distributed.world_size(), distributed.rank()
     perm = torch.randperm(len(image_ids), generator=gens["order"])
@@ -814,7 +981,7 @@ def _scst_steps(decoder, store, image_rows, image_ids, cider, vocab, cfg, device
         idx = whole[pos]
         grid, pooled = store.rows(image_rows[idx], device)
         grid, pooled = grid.repeat_interleave(K, 0), pooled.repeat_interleave(K, 0)
-        seqs = sample_decode(decoder, grid, pooled, max_len=T, bos_id=vocab.bos_id,
+        seqs = sample_decode(ctx.decoder, grid, pooled, max_len=T, bos_id=vocab.bos_id,
                              eos_id=vocab.eos_id, pad_id=vocab.pad_id,
                              noise=noise[:, pos.to(device)].reshape(T, -1))
         texts = [" ".join(vocab.decode(q)) for q in seqs]
@@ -822,7 +989,7 @@ def _scst_steps(decoder, store, image_rows, image_ids, cider, vocab, cfg, device
         scores = cider.score_pairs(texts, ids)  # float64, summed as such for the record
         rewards = torch.from_numpy(scores).float().view(-1, K)
         advantage = new_self_critical_advantage(rewards).view(-1).to(device)
-        token_logp, mask = sequence_log_probs(model, grid, pooled, seqs, bos_id=vocab.bos_id,
+        token_logp, mask = sequence_log_probs(ctx.policy, grid, pooled, seqs, bos_id=vocab.bos_id,
                                               eos_id=vocab.eos_id, pad_id=vocab.pad_id,
                                               max_len=T)
         if world == 1:
@@ -836,11 +1003,7 @@ def _scst_steps(decoder, store, image_rows, image_ids, cider, vocab, cfg, device
             value = total / max(1.0, tokens)
             # this rank's share of the batch loss, times W: DDP averages the ranks' gradients
             loss = pg_sum * (weight * world / max(1.0, tokens))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
-        opt.step()
+        _update(ctx, loss)  # SCST has no scheduler
         loop.updates += 1
         synchronize(device)
         loop.scst_time += time.perf_counter() - t0
@@ -849,6 +1012,6 @@ def _scst_steps(decoder, store, image_rows, image_ids, cider, vocab, cfg, device
         batches += 1
         reward_sum += batch_reward
         n_samples += len(whole) * K
-        cb("step", loss=value, reward=batch_reward / (len(whole) * K),
-           tokens_per_s=loop.n_tokens / max(loop.train_time, 1e-9))
+        ctx.callbacks.on_step(value, loop.n_tokens / max(loop.train_time, 1e-9),
+                              reward=batch_reward / (len(whole) * K))
     return epoch_loss / max(1, batches), reward_sum / max(1, n_samples)

@@ -11,7 +11,7 @@ from benchmark.device import seed_everything
 from benchmark.features import load_or_extract
 from benchmark.inference import caption_features
 from benchmark.metrics import ptb_tokenize, score_captions
-from benchmark.train import train_decoder
+from benchmark.train import TrainData, train_decoder
 from benchmark.vocab import Vocabulary
 from tests.conftest import COCO_MINI, needs
 
@@ -33,7 +33,8 @@ def test_attn_lstm_overfits_eight_coco_images(tmp_path):
                          {"embed_dim": 64, "hidden_dim": 128, "attention_dim": 64, "dropout": 0.0})
     refs = ptb_tokenize({im.image_id: list(im.captions) for im in images})
     cfg = TrainConfig(epochs=60, batch_size=8, lr=3e-3, warmup_frac=0.0, val_every=20)
-    result = train_decoder(dec, store, images, images, refs, vocab, cfg, torch.device("cpu"))
+    result = train_decoder(dec, TrainData(store, images, images, refs), vocab, cfg,
+                           torch.device("cpu"))
     assert result.history[-1]["loss"] < 0.2 * result.history[0]["loss"]
     dec.load_state_dict(result.best_state)
     preds, _ = caption_features(dec, store, images, vocab, DecodeConfig(max_len=30), torch.device("cpu"))
