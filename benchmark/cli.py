@@ -879,8 +879,8 @@ def bench_store(
     from benchmark.device import select_device
 
     b.check_store_size(n)
-    res = b.bench_store(n, select_device(device), folder=store_dir, batch_size=batch_size,
-                        log=err.print)
+    res = b.bench_store(n, select_device(device), folder=store_dir,
+                        workload=b.StoreWorkload(batch_size=batch_size), log=err.print)
     _print_result(res, format, b.store_summary(res))
 
 
@@ -1009,39 +1009,31 @@ def baseline(
     the most frequent training caption, or the best constant caption by CIDEr-D) and nearest
     neighbour (the consensus caption of the k nearest training images, Devlin et al. 2015)."""
     from benchmark.config import load_config
+    from benchmark.image_use import BASELINE_COLUMNS, VERDICT_COLUMNS, baseline_rows, runs_vs_blind_rows
     from benchmark.runner import run_baselines
 
     kinds = ["most-frequent", "consensus", "nn"] if kind == "all" else [x.strip() for x in kind.split(",")]
     cfg = load_config(None, {"encoder": encoder, "pretrained": pretrained, "dataset": dataset})
     ds, encoder, scores = run_baselines(cfg, kinds, split=split, k=k, console=console)
-    table = Table(title=f"baselines on {_q(ds.name)} {split} ({len(ds.split(split))} images)")
-    for c in ("baseline", "caption", "B@4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE"):
-        table.add_column(c, justify="left" if c in ("baseline", "caption") else "right")
-    for name, b in scores.items():
-        m = b["metrics"]
-        label = f"nn ({encoder}, k={k})" if name == "nn" else f"blind: {name}"
-        table.add_row(label, _q(b["caption"] or b["detail"]),
-                      *("n/a" if m.get(x) is None else f"{100 * m[x]:.1f}"
-                        for x in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")))
-    console.print(table)
+    _print_rows(f"baselines on {_q(ds.name)} {split} ({len(ds.split(split))} images)",
+                BASELINE_COLUMNS, baseline_rows(scores, encoder, k), left=("baseline", "caption"))
     for name, b in scores.items():
         console.print(f"{name}: {_q(b['detail'])}", highlight=False)
     if runs is not None:
-        from benchmark.image_use import records_vs_blind
+        _print_rows(f"runs in {_q(runs)} vs the strongest blind baseline (paired bootstrap, CIDEr-D x100)",
+                    VERDICT_COLUMNS, runs_vs_blind_rows(runs, ds, scores, split),
+                    left=("run", "decoder", "encoder", "better?"), styles={("better?", "no"): "red"})
 
-        verdicts = records_vs_blind(runs, ds, scores) if split == "test" else []
-        if not verdicts:
-            _fail(f"--runs {runs}: no run record on {ds.name}'s split {ds.fingerprint} (test split)")
-        tests = Table(title=f"runs in {_q(runs)} vs the strongest blind baseline (paired bootstrap, CIDEr-D x100)")
-        for c in ("run", "decoder", "encoder", "CIDEr-D", "delta", "95% CI", "p", "better?", "uniq%"):
-            tests.add_column(c, justify="left" if c in ("run", "decoder", "encoder", "better?") else "right")
-        for r, v in verdicts:
-            parts = r.run_id.split("-")
-            tests.add_row(f"{parts[0][4:]}-{parts[1]}-{parts[-1]}", r.arch, r.encoder, f"{100 * r.metrics['CIDEr']:.1f}",
-                          f"{100 * v['delta']:+.1f}", f"[{100 * v['ci'][0]:+.1f}, {100 * v['ci'][1]:+.1f}]",
-                          f"{v['p']:.3f}", "yes" if v["better"] else "[red]no[/]",
-                          f"{r.diversity.get('unique_pct', float('nan')):.0f}")
-        console.print(tests)
+
+def _print_rows(title: str, columns, rows, left=(), styles=None) -> None:
+    """A table of text ``rows`` (escaped; ``styles[(column, text)]`` colours such a cell)."""
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="left" if c in left else "right")
+    for r in rows:
+        styled = [(styles or {}).get((c, v)) for c, v in zip(columns, r, strict=True)]
+        table.add_row(*(f"[{s}]{v}[/]" if s else _q(v) for s, v in zip(styled, r, strict=True)))
+    console.print(table)
 
 
 @data_app.command("shapes")

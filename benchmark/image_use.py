@@ -25,13 +25,14 @@ from benchmark.baselines import (
     train_cider,
 )
 from benchmark.data import CaptionDataset
+from benchmark.errors import ConfigError
 from benchmark.features import FeatureStore, take_rows
 from benchmark.inference import caption_features
 from benchmark.metrics import score_captions
 from benchmark.stats import paired_bootstrap
 
 __all__ = ["derangement", "shuffle_test", "baseline_scores", "image_use_report", "vs_blind",
-           "records_vs_blind",
+           "records_vs_blind", "baseline_rows", "runs_vs_blind_rows",
            "SIGNIFICANCE"]
 
 SIGNIFICANCE = 0.05
@@ -134,6 +135,45 @@ def records_vs_blind(results_dir, dataset: CaptionDataset, baselines: dict) -> l
     records = [r for r in load_records(results_dir)[0] if r.split_fingerprint == dataset.fingerprint]
     return [(r, vs_blind({"image_ids": r.per_image["image_ids"], "CIDEr": r.per_image["CIDEr"]},
                          baselines)) for r in sorted(records, key=lambda r: -r.metrics["CIDEr"])]
+
+
+BASELINE_COLUMNS = ("baseline", "caption", "B@4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE")
+VERDICT_COLUMNS = ("run", "decoder", "encoder", "CIDEr-D", "delta", "95% CI", "p", "better?", "uniq%")
+
+
+def baseline_rows(scores: dict, encoder: str, k: int) -> list[list[str]]:
+    """``capbench baseline``'s table (:data:`BASELINE_COLUMNS`): per baseline of ``scores``
+    (:func:`baseline_scores`) its label, caption (or how it was chosen) and metrics x100
+    (``n/a`` for one not computed)."""
+    rows = []
+    for name, b in scores.items():
+        m = b["metrics"]
+        label = f"nn ({encoder}, k={k})" if name == "nn" else f"blind: {name}"
+        rows.append([label, b["caption"] or b["detail"],
+                     *("n/a" if m.get(x) is None else f"{100 * m[x]:.1f}"
+                       for x in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"))])
+    return rows
+
+
+def runs_vs_blind_rows(results_dir, dataset: CaptionDataset, baselines: dict,
+                       split: str) -> list[list[str]]:
+    """``capbench baseline --runs``'s table (:data:`VERDICT_COLUMNS`, CIDEr-D x100): each
+    record of :func:`records_vs_blind` against the strongest blind baseline, ``better?``
+    ``yes``/``no``. Raises ConfigError when no record was made on ``dataset``'s split
+    (only the test split is tested)."""
+    verdicts = records_vs_blind(results_dir, dataset, baselines) if split == "test" else []
+    if not verdicts:
+        raise ConfigError(f"--runs {results_dir}: no run record on {dataset.name}'s split "
+                          f"{dataset.fingerprint} (test split)")
+    rows = []
+    for r, v in verdicts:
+        parts = r.run_id.split("-")
+        rows.append([f"{parts[0][4:]}-{parts[1]}-{parts[-1]}", r.arch, r.encoder,
+                     f"{100 * r.metrics['CIDEr']:.1f}", f"{100 * v['delta']:+.1f}",
+                     f"[{100 * v['ci'][0]:+.1f}, {100 * v['ci'][1]:+.1f}]", f"{v['p']:.3f}",
+                     "yes" if v["better"] else "no",
+                     f"{r.diversity.get('unique_pct', float('nan')):.0f}"])
+    return rows
 
 
 def image_use_report(run_per_image: dict, baselines: dict, shuffle: dict) -> dict:
