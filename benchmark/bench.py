@@ -44,7 +44,8 @@ from benchmark.vocab import Vocabulary
 
 __all__ = ["DecoderWorkload", "time_fn", "bench_decoder", "bench_encoder", "run_bench",
            "table_columns", "count_flops", "matmul_peak", "matmul_rate", "add_utilisation", "bf16_supported",
-           "bench_store", "bench_extraction", "pixel_difference", "bench_models", "check_workload",
+           "bench_store", "StoreWorkload", "bench_extraction", "pixel_difference", "bench_models",
+           "check_workload",
            "rows_frame", "table_cells", "parse_gemm", "bench_gemm", "gemm_summary",
            "check_store_size", "store_summary", "check_extraction", "extraction_names",
            "extraction_summary", "reward_summary"]
@@ -463,22 +464,39 @@ def pixel_difference(transform, images, batches: list[list[int]], device: torch.
             "pixel_rel_l2": (sq_diff / sq_ref) ** 0.5 if sq_ref else 0.0}
 
 
+@dataclass
+class StoreWorkload:
+    """The sizes :func:`bench_store` works at: rows of a ``grid_size x grid_dim`` grid and a
+    ``pooled_dim`` pooled vector (default ResNet-50's), ``shard_size`` rows a shard (None: as
+    the harness chooses), ``batch_size`` rows a batch, ``read_batches`` batches read,
+    ``train_steps`` training steps and ``decode_images`` images greedily captioned."""
+
+    grid_size: int = 49
+    grid_dim: int = 2048
+    pooled_dim: int = 2048
+    shard_size: int | None = None
+    batch_size: int = 32
+    train_steps: int = 20
+    read_batches: int = 100
+    decode_images: int = 128
+
+
 def bench_store(n_images: int, device: torch.device, *, folder: str | None = None,
-                grid_size: int = 49, grid_dim: int = 2048, pooled_dim: int = 2048,
-                shard_size: int | None = None, batch_size: int = 32, train_steps: int = 20,
-                read_batches: int = 100, decode_images: int = 128, num_workers: int | None = None,
+                workload: StoreWorkload | None = None, num_workers: int | None = None,
                 arch: str = "attn_lstm", log=None) -> dict:
     """The feature store at scale: build a synthetic store of ``n_images`` rows of
-    ResNet-50's shape (``49 x 2048`` grid, ``2048`` pooled; float16) in a temp folder under
-    ``folder`` (default: the system temp folder), then time, in this one process:
+    ``workload``'s shape (:class:`StoreWorkload`; default ResNet-50's, ``49 x 2048`` grid,
+    ``2048`` pooled; float16) in a temp folder under ``folder`` (default: the system temp
+    folder), then time, in this one process:
 
     * ``build_s``/``write_mb_per_s``: writing it shard by shard (:func:`write_shard`);
     * ``stats_s``: the streaming per-channel statistics over every row (``standardize``);
     * ``read_samples_per_s``: reading random rows, ``batch_size`` a batch, through
       :meth:`FeatureStore.batches` (``num_workers`` prefetching processes; default as the
       harness chooses);
-    * ``train_samples_per_s``: ``train_steps`` teacher-forced steps of ``arch`` at the
-      Show-Attend-Tell sizes (512-d, 10k words, 20 words) on random rows;
+    * ``train_samples_per_s``: ``train_steps`` of the trainer's cross-entropy steps
+      (:func:`~benchmark.train.xe_step`) of ``arch`` at the Show-Attend-Tell sizes (512-d,
+      10k words, 20 words) on random rows;
     * ``decode_captions_per_s``: greedy captions of ``decode_images`` random rows;
     * ``peak_rss_mb``: the process's peak resident memory over all of it, against
       ``in_memory_mb``, what holding the features in memory would take (the store's bytes).
@@ -499,6 +517,9 @@ def bench_store(n_images: int, device: torch.device, *, folder: str | None = Non
     from benchmark.fsutil import ensure_writable
 
     say = log or (lambda *a, **k: None)
+    sw = workload or StoreWorkload()
+    grid_size, grid_dim, pooled_dim, batch_size = sw.grid_size, sw.grid_dim, sw.pooled_dim, sw.batch_size
+    train_steps, read_batches, decode_images = sw.train_steps, sw.read_batches, sw.decode_images
     row_bytes = (grid_size * grid_dim + pooled_dim) * 2
     base = Path(folder or tempfile.gettempdir())
     ensure_writable(base, need_bytes=n_images * row_bytes + 2**28, what="store benchmark folder",
@@ -506,7 +527,7 @@ def bench_store(n_images: int, device: torch.device, *, folder: str | None = Non
     root = Path(tempfile.mkdtemp(prefix="capbench-store-", dir=base))
     workers = default_num_workers() if num_workers is None else num_workers
     try:
-        per = shard_size or shard_images(row_bytes)
+        per = sw.shard_size or shard_images(row_bytes)
         g = torch.Generator().manual_seed(0)
         grid = torch.randn(per, grid_size, grid_dim, generator=g).half()
         pooled = torch.randn(per, pooled_dim, generator=g).half()

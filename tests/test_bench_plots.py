@@ -150,11 +150,11 @@ def test_bench_reward_times_both_cider_implementations(tiny_shapes):
 
 
 def test_store_benchmark_streams_a_synthetic_store_and_deletes_it(tmp_path):
-    from benchmark.bench import bench_store
+    from benchmark.bench import StoreWorkload, bench_store
 
-    res = bench_store(300, torch.device("cpu"), folder=str(tmp_path), grid_size=4, grid_dim=32,
-                      pooled_dim=32, shard_size=64, batch_size=8, train_steps=3,
-                      read_batches=5, decode_images=16, num_workers=0)
+    w = StoreWorkload(grid_size=4, grid_dim=32, pooled_dim=32, shard_size=64, batch_size=8,
+                      train_steps=3, read_batches=5, decode_images=16)
+    res = bench_store(300, torch.device("cpu"), folder=str(tmp_path), workload=w, num_workers=0)
     assert res["shards"] == 5 and res["shard_size"] == 64  # 64 * 4 + 44
     assert res["store_gb"] == pytest.approx(300 * (4 * 32 + 32) * 2 / 1e9)
     for k in ("build_s", "stats_s", "read_samples_per_s", "train_samples_per_s",
