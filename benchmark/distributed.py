@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from benchmark.device import select_device
 from benchmark.errors import CapbenchError, ConfigError
 from benchmark.limits import cpu_count
 
@@ -128,15 +127,16 @@ def check_nproc(nproc: int) -> None:
                           f"and each process needs one; use at most --nproc {cpu_count()}")
 
 
-def check_launch(device: str, nproc: int) -> None:
+def check_launch(device: str, nproc: int, select: Callable[[str], torch.device]) -> None:
     """What ``nproc`` ranks on ``device`` (a ``--device`` spec) cannot take, said once before
     any process starts: a ``cuda:N`` device (each rank takes its own GPU), a device this
-    machine lacks, a bad ``CAPBENCH_DIST_BACKEND`` or ``CAPBENCH_DIST_TIMEOUT``, or more
-    NCCL ranks than GPUs. Raises ConfigError."""
+    machine lacks (``select``, :func:`benchmark.device.select_device`, passed in because
+    that module imports this one), a bad ``CAPBENCH_DIST_BACKEND`` or
+    ``CAPBENCH_DIST_TIMEOUT``, or more NCCL ranks than GPUs. Raises ConfigError."""
     if device.startswith("cuda:"):
         raise ConfigError(f"--nproc with --device {device}: each process takes its own GPU; say "
                           "--device cuda (or auto)")
-    kind = select_device(device).type
+    kind = select(device).type
     name = backend(kind)
     timeout_seconds()
     gpus = torch.cuda.device_count()

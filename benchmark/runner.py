@@ -431,7 +431,7 @@ def check_launch(cfg: RunConfig, nproc: int) -> None:
     Raises ConfigError, DatasetError or StorageError."""
     resolved = resolved_config(cfg)
     check_run_settings(cfg)
-    distributed.check_launch(cfg.device, nproc)
+    distributed.check_launch(cfg.device, nproc, select_device)
     preflight(cfg, resolve_dataset(cfg.dataset), resolved)
 
 
