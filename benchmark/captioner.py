@@ -17,8 +17,19 @@ from pathlib import Path
 import torch
 
 from benchmark.checkpoint import LoadedRun
-from benchmark.errors import CapbenchError, DatasetError
+from benchmark.data import resolve_dataset
+from benchmark.errors import CapbenchError, DatasetError, RecordError
 from benchmark.imagefile import file_problem, open_rgb
+from benchmark.inference import caption_features, caption_pixels
+from benchmark.metrics import score_captions
+from benchmark.records import (
+    RecordedModel,
+    ScoredSplit,
+    ThroughputBlock,
+    make_record,
+    new_run_id,
+    write_record,
+)
 
 __all__ = ["IMAGE_EXTENSIONS", "CaptionResult", "expand_paths", "load_pixels", "caption_files",
            "coco_image_id", "evaluate_run", "check_split"]
@@ -175,33 +186,14 @@ def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
     :func:`benchmark.metrics.score_captions`. Writes a new run record whose ``dataset`` is the
     evaluated one, whose ``evaluation`` is ``{"of": source run id, "split", "trained_on": the
     source's dataset name}`` and whose ``config`` is the source run's with this evaluation's
-    decoding settings; ``training`` is copied from the source record.
-    Returns ``(record, path)``.
+    decoding settings; ``training`` is copied from the source record
+    (:func:`benchmark.records.make_record` with ``source``). Returns ``(record, path)``.
 
     Raises RecordError when the run has no record (its training block is needed),
     DatasetError for a bad dataset or split.
     """
-    from benchmark.config import config_id
-    from benchmark.data import resolve_dataset
-    from benchmark.device import peak_memory
-    from benchmark.fsutil import utc_timestamp
-    from benchmark.inference import caption_features, caption_pixels
-    from benchmark.metrics import score_captions
-    from benchmark.records import (
-        DatasetInfo,
-        RunRecord,
-        environment,
-        git_commit,
-        new_run_id,
-        write_record,
-    )
-    from benchmark.runner import parameter_counts
-    from benchmark.stats import bootstrap_ci, diversity
-
     source = run.record
     if source is None:
-        from benchmark.errors import RecordError
-
         raise RecordError(f"eval --run needs the run record of checkpoint {run.folder} (its "
                           "training block goes into the new record); pass --results-dir with the "
                           f"folder holding runs/{run.folder.name}.json")
@@ -223,40 +215,20 @@ def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
                                      image_decoder=run.image_decoder)
     cfg = {**source.config, "decode": {**source.config.get("decode", {}),
                                        **{k: getattr(run.decode, k) for k in ("beam_size", "max_len")}}}
-    evaluation = {"of": source.run_id, "split": split, "trained_on": source.dataset.name}
-    # not the source's config id: an evaluation is never folded with trained runs as a seed
-    cid = config_id({**cfg, "evaluation_split": split})
     tp = source.throughput or {}
-    by_id = {im.image_id: im for im in images}
-    train_caps = {" ".join(t) for im in ds.split("train") for t in im.tokens}
-    record = RunRecord(
-        run_id=new_run_id(source.arch, source.encoder, source.seed or 0), created=utc_timestamp(),
-        git_commit=git_commit(), arch=source.arch, encoder=source.encoder,
-        encoder_weights=run.encoder.weights_id,
-        pretrained=not run.encoder.weights_id.startswith("random-init"), config=cfg,
-        config_id=cid,
-        # a val/train evaluation is its own board group, never ranked with test-split runs
-        dataset=DatasetInfo(ds.name if split == "test" else f"{ds.name} ({split} split)",
-                            ds.fingerprint, str(ds.source), ds.split_fingerprints(),
-                            {s: len(ds.split(s)) for s in ("train", "val", "test")}),
-        seed=source.seed, environment=environment(run.device), vocab_size=len(run.vocab),
-        metrics=scores.metrics, metrics_unavailable=scores.unavailable, tokenizer=scores.tokenizer,
-        confidence_intervals=bootstrap_ci(scores.per_image_block(), n_resamples=1000, seed=0),
-        per_image=scores.per_image_block(),
-        diversity=diversity(list(predictions.values()), train_caps),
-        training=source.training,
-        throughput={"train_samples_per_s": tp.get("train_samples_per_s"),
-                    "train_tokens_per_s": tp.get("train_tokens_per_s"),
-                    "inference_images_per_s": images_per_s,
-                    "decoder_captions_per_s": captions_per_s,
-                    "feature_extraction_images_per_s": store.extraction_images_per_s,
-                    "feature_cache_hit": store.cache_hit, "beam_size": run.decode.beam_size},
-        peak_memory=peak_memory(run.device), parameters=parameter_counts(run.encoder, run.decoder),
-        checkpoint=str(Path(run.folder).resolve()), wall_seconds=time.perf_counter() - t0,
-        evaluation=evaluation,
-        predictions=[{"image_id": i, "filename": by_id[i].filename, "caption": c}
-                     for i, c in predictions.items()],
-    )
+    record = make_record(
+        run_id=new_run_id(source.arch, source.encoder, source.seed or 0), config=cfg,
+        scored=ScoredSplit(ds, split, scores, predictions),
+        model=RecordedModel(run.encoder, run.decoder, len(run.vocab),
+                            checkpoint=str(Path(run.folder).resolve())),
+        training=None,
+        throughput=ThroughputBlock(
+            train_samples_per_s=tp.get("train_samples_per_s"),
+            train_tokens_per_s=tp.get("train_tokens_per_s"),
+            inference_images_per_s=images_per_s, decoder_captions_per_s=captions_per_s,
+            feature_extraction_images_per_s=store.extraction_images_per_s,
+            feature_cache_hit=store.cache_hit, beam_size=run.decode.beam_size),
+        device=run.device, started=t0, source=source)
     return record, write_record(record, results_dir)
 
 

@@ -1,10 +1,13 @@
-"""Loading a finished run back into memory: encoder, decoder, vocabulary, feature statistics.
+"""A finished run's checkpoint, both ways: saving it beside its record, and loading it back
+into memory (encoder, decoder, vocabulary, feature statistics).
 
 A run's checkpoint folder ``<results_dir>/checkpoints/<run_id>/`` (written by
-:func:`benchmark.runner._save_checkpoint`) holds ``decoder.safetensors``,
+:func:`save_run`, through :func:`save_checkpoint`) holds ``decoder.safetensors``,
 ``feature_stats.safetensors`` (the z-score statistics of the train split the decoder was
-trained with), ``vocab.json``, ``config.json`` (the resolved config) and, for runs made since
-it existed, ``encoder.json`` (the encoder's :meth:`~architectures.encoders.ImageEncoder.cache_identity`).
+trained with, :class:`~benchmark.features.FeatureStats`), ``vocab.json`` (or
+``tokenizer.json``), ``config.json`` (the resolved config), for a fine-tuned encoder
+``encoder_finetuned.safetensors`` (its trained part) and, for runs made since it existed,
+``encoder.json`` (the encoder's :meth:`~architectures.encoders.ImageEncoder.cache_identity`).
 
 :func:`load_run` rebuilds the frozen encoder from ``config.json`` (name, pretrained, weights,
 ``encoder_init_seed``) and refuses to go on when the rebuilt encoder is not the one the
@@ -18,26 +21,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from benchmark.decoding import DecodeConfig, decode
-from benchmark.errors import CapbenchError, CapbenchWarning, RecordError
-from benchmark.records import RunRecord, find_record, load_records
+from benchmark.errors import CapbenchError, CapbenchWarning, RecordError, StorageError
+from benchmark.features import FeatureStats, storage_precision
+from benchmark.fsutil import temp_prefix
+from benchmark.paths import cache_root
+from benchmark.records import RunRecord, find_record, load_records, write_record
 from benchmark.tokenization import load_tokenizer
 from benchmark.userfiles import field_type_problem, read_json
 from benchmark.vocab import CaptionTokenizer
 
-__all__ = ["CheckpointError", "LoadedRun", "load_run", "resolve_run", "round_like_cache"]
+__all__ = ["CheckpointError", "Checkpoint", "LoadedRun", "load_run", "resolve_run",
+           "round_like_cache", "save_checkpoint", "save_run"]
 
 REQUIRED_FILES = ("config.json", "decoder.safetensors")
 #: one of these holds the caption tokenizer (word vocabulary or Hugging Face tokenizer)
 TOKENIZER_FILES = ("vocab.json", "tokenizer.json")
-#: the z-score statistics in feature_stats.safetensors (see FeatureStore.normalize)
-STATS_KEYS = ("grid_mean", "grid_std", "pooled_mean", "pooled_std")
 #: JSON types of the config.json fields a checkpoint is rebuilt from (see field_type_problem)
 CONFIG_TYPES = (("arch", (str,)), ("encoder", (str,)), ("decoder", (dict,)), ("decode", (dict,)),
                 ("features", (dict, type(None))), ("features.normalize", (bool,)),
@@ -52,17 +63,13 @@ class CheckpointError(CapbenchError):
 
 
 def round_like_cache(t: torch.Tensor) -> torch.Tensor:
-    """``t`` rounded to float16 and back to float32, as the feature cache stores features
-    (:mod:`benchmark.features` keeps float32 only when a value would overflow float16, i.e.
-    ``|x| >= 60000``; then ``t`` is returned as float32 unchanged).
+    """``t`` as the feature cache stores it (:func:`benchmark.features.storage_precision`:
+    float16, or unchanged when a value would overflow float16), returned as float32.
 
     A run's test captions come from cached (float16) features; captioning from pixels with the
     same rounding reproduces them exactly. Any shape; returns float32 of the same shape.
     """
-    t = t.float()
-    if t.numel() and bool(t.abs().max() < 60000):
-        return t.half().float()
-    return t
+    return storage_precision(t).float()
 
 
 @dataclass
@@ -72,9 +79,10 @@ class LoadedRun:
     ``encoder``: the frozen :class:`~architectures.encoders.ImageEncoder` (eval mode), mapping
     pixels ``(B, 3, H, W)`` to ``grid (B, N, D)`` and ``pooled (B, P)``. ``decoder``: the
     :class:`~architectures.decoders.base.CaptionDecoder` in eval mode. ``feature_stats``:
-    ``grid_mean/grid_std (D,)`` and ``pooled_mean/pooled_std (P,)`` (None when the run did not
-    normalise). ``decode``: the run's decoding settings with any override applied.
-    ``record``: the run record when one was found (None for a bare checkpoint folder).
+    ``grid_mean/grid_std (D,)`` and ``pooled_mean/pooled_std (P,)``
+    (:class:`~benchmark.features.FeatureStats`; None when the run did not normalise).
+    ``decode``: the run's decoding settings with any override applied. ``record``: the run
+    record when one was found (None for a bare checkpoint folder).
     """
 
     run_id: str
@@ -83,7 +91,7 @@ class LoadedRun:
     encoder: torch.nn.Module
     decoder: torch.nn.Module
     vocab: CaptionTokenizer
-    feature_stats: dict[str, torch.Tensor] | None
+    feature_stats: FeatureStats | None
     decode: DecodeConfig
     record: RunRecord | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -119,12 +127,9 @@ class LoadedRun:
         :meth:`benchmark.features.FeatureStore.rows` does: ``grid (B, N, D)``, ``pooled (B, P)``
         -> float32 tensors of the same shapes. Differentiable (Grad-CAM runs through it)."""
         grid, pooled = grid.float(), pooled.float()
-        st = self.feature_stats
-        if st is None:
+        if self.feature_stats is None:
             return grid, pooled
-        st = {k: v.to(grid.device) for k, v in st.items()}
-        return ((grid - st["grid_mean"]) / st["grid_std"],
-                (pooled - st["pooled_mean"]) / st["pooled_std"])
+        return self.feature_stats.normalize(grid, pooled)
 
     @torch.inference_mode()
     def raw_features(self, pixels: torch.Tensor):
@@ -219,25 +224,18 @@ def _check_config(config, path: Path) -> None:
                               "re-run the training")
 
 
-def _check_stats(stats: dict, encoder, path: Path) -> None:
+def _check_stats(stats: FeatureStats, encoder, path: Path) -> None:
     """Raise CheckpointError naming ``path`` unless ``stats`` holds the four float vectors the
     features are z-scored with, each as long as the encoder's feature dimension."""
-    dims = {"grid": encoder.grid_dim, "pooled": encoder.pooled_dim}
-    for name in STATS_KEYS:
-        t = stats.get(name)
-        want = dims[name.partition("_")[0]]
-        if t is None or not t.is_floating_point() or tuple(t.shape) != (want,):
-            got = "missing" if t is None else \
-                f"{str(t.dtype).removeprefix('torch.')} of shape {tuple(t.shape)}"
-            raise CheckpointError(f"{path}: {name!r} should be a float vector of {want} values (the "
-                                  f"{encoder.name} features), got {got}; re-run the training")
+    if why := stats.problem(encoder.grid_dim, encoder.pooled_dim, encoder.name):
+        raise CheckpointError(f"{path}: {why}; re-run the training")
 
 
-def _load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def _load_tensors(path: Path, what: str, read=lambda p: load_file(str(p))):
+    """``read(path)`` (by default the safetensors file's tensors); CheckpointError naming
+    ``what`` and ``path`` when it cannot be read."""
     try:
-        return load_file(str(path))
+        return read(path)
     except Exception as exc:  # truncated or foreign file
         raise CheckpointError(f"cannot read the {what} {path}: {exc}; the checkpoint is "
                               "damaged: re-run the training") from exc
@@ -323,7 +321,8 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
         raise CheckpointError(f"cannot read the tokenizer of checkpoint {folder}: {exc}") from exc
     stats = None
     if (folder / "feature_stats.safetensors").is_file():
-        stats = _load_tensors(folder / "feature_stats.safetensors", "feature statistics")
+        stats = _load_tensors(folder / "feature_stats.safetensors", "feature statistics",
+                              FeatureStats.load)
     elif (config.get("features") or {}).get("normalize", True):
         raise CheckpointError(f"checkpoint {folder} lacks feature_stats.safetensors although the "
                               "run normalised its features; the decoder cannot be fed correctly: "
@@ -365,3 +364,96 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
     return LoadedRun(run_id, folder, config, encoder.to(device).eval(),
                      decoder.to(device).eval(), vocab, stats, dcfg, record, device,
                      time.perf_counter() - t0)
+
+
+@dataclass
+class Checkpoint:
+    """What a run's checkpoint folder holds (see the module docstring): the resolved
+    ``config``, the decoder's weights ``decoder_state``, the caption tokenizer ``vocab``, the
+    encoder's ``encoder_identity`` (name, weights id, preprocessing: what rebuilding it must
+    reproduce), the ``feature_stats`` (None when the run did not normalise) and, for a
+    fine-tuned encoder, its trained part ``encoder_finetuned`` (empty otherwise)."""
+
+    config: dict
+    decoder_state: dict[str, torch.Tensor]
+    vocab: CaptionTokenizer
+    encoder_identity: dict
+    feature_stats: FeatureStats | None = None
+    encoder_finetuned: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` into ``folder`` (created): the files :func:`load_run` reads.
+    Raises OSError or SafetensorError when a write fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "encoder.json").write_text(json.dumps(checkpoint.encoder_identity, indent=1))
+    save_file({k: v.contiguous() for k, v in checkpoint.decoder_state.items()},
+              folder / "decoder.safetensors")
+    if checkpoint.encoder_finetuned:  # the fine-tuned part, on top of the base weights
+        save_file({k: v.contiguous() for k, v in checkpoint.encoder_finetuned.items()},
+                  folder / "encoder_finetuned.safetensors")
+    if checkpoint.feature_stats is not None:
+        checkpoint.feature_stats.save(folder / "feature_stats.safetensors")
+    checkpoint.vocab.save_to(folder)
+    (folder / "config.json").write_text(json.dumps(checkpoint.config, indent=1))
+
+
+def _fallback_bases() -> list[Path]:
+    """Where a run goes when its results folder fails: the cache, the user's own temp folder,
+    the home folder."""
+    user = os.environ.get("USER") or str(os.getuid())
+    return [cache_root() / "unsaved-runs", Path(tempfile.gettempdir()) / f"capbench-unsaved-{user}",
+            Path.home() / "capbench-unsaved-runs"]
+
+
+def save_run(record: RunRecord, checkpoint: Checkpoint, results_dir: Path) -> Path:
+    """Write the checkpoint (into ``record.checkpoint``) and then the record
+    (:func:`~benchmark.records.write_record`); return the record's path. A checkpoint folder
+    appears only together with its record (it is written under a temp name and renamed last).
+
+    If a write fails (read-only or full disk), or the run id has a record or checkpoint
+    already, both go to a fallback folder and StorageError says where, so the run is never
+    lost; a record this process did not write is never replaced or removed.
+    """
+    final = Path(record.checkpoint)
+    tmp = final.parent / f"{temp_prefix(final.name)}ckpt.tmp"
+    target, path = Path(results_dir) / "runs" / f"{record.run_id}.json", None
+    try:
+        if target.exists() or final.exists():  # never write over (or remove) another's run
+            raise FileExistsError(f"run {record.run_id} has a record or checkpoint there already")
+        save_checkpoint(tmp, checkpoint)
+        path = write_record(record, results_dir)
+        os.replace(tmp, final)
+        return path
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if path is not None:  # only the record this process wrote
+            path.unlink(missing_ok=True)
+        raise StorageError(_save_elsewhere(record, checkpoint, results_dir, exc)) from exc
+
+
+def _save_elsewhere(record: RunRecord, checkpoint: Checkpoint, results_dir: Path,
+                    cause: Exception) -> str:
+    """Save the record (and, if there is room, the checkpoint) in the first fallback folder
+    that takes them; return the message that says where. As a last resort the record's JSON
+    goes to stderr, so even then the scores are not lost."""
+    head = f"could not write the run's outputs under {results_dir} ({cause})."
+    for base in _fallback_bases():
+        spare = base / record.run_id
+        try:
+            spare.mkdir(parents=True, exist_ok=True, mode=0o700)
+            record.checkpoint = None
+            saved = write_record(record, spare)  # the record first: it is small
+            try:
+                save_checkpoint(spare / "checkpoint", checkpoint)
+                record.checkpoint = str(spare / "checkpoint")
+                saved = write_record(record, spare)
+                ckpt = f" and the checkpoint at {record.checkpoint}"
+            except (OSError, SafetensorError):
+                ckpt = " (no room for the checkpoint)"
+        except (OSError, SafetensorError):
+            continue
+        return (f"{head} Nothing is lost: the record is at {saved}{ckpt}. Copy the record into "
+                "<results-dir>/runs/ once the folder is writable.")
+    sys.stderr.write(json.dumps(record.to_dict(), default=str) + "\n")
+    return f"{head} No folder could take the record either; its JSON was written to stderr above."

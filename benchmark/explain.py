@@ -229,7 +229,7 @@ def gradcam_maps(run: LoadedRun, grid: torch.Tensor, pooled: torch.Tensor,
     st = run.feature_stats
     with torch.enable_grad():
         if isinstance(run.encoder, TorchvisionResNet):
-            raw = A * st["grid_std"].to(A.device) + st["grid_mean"].to(A.device) if st else A
+            raw = st.invert_grid(A) if st is not None else A
             _, p = run.normalize(raw, raw.mean(dim=1))
         else:
             p = p0.expand(T, -1)

@@ -25,10 +25,11 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from benchmark.data import ImageRecord
@@ -40,7 +41,7 @@ FORMAT_VERSION = 2  # 2: a folder of shards (1: one safetensors file)
 SHARD_BYTES = 256 * 2**20  # float16 features per shard file
 MANIFEST = "manifest.json"
 
-__all__ = ["FeatureStore", "ShardedRows", "feature_cache_key",
+__all__ = ["FeatureStore", "FeatureStats", "ShardedRows", "feature_cache_key",
            "extract_features", "encode_batches", "load_or_extract", "open_store", "store_folder",
            "shard_images", "channel_stats", "take_rows", "write_shard", "write_manifest",
            "default_num_workers", "feature_bytes", "store_identity", "extraction_mode"]
@@ -194,6 +195,80 @@ def channel_stats(source: torch.Tensor | ShardedRows, rows: torch.Tensor, *,
 
 
 @dataclass
+class FeatureStats:
+    """The per-channel z-score statistics of a run's features: ``grid_mean``/``grid_std``
+    ``(D,)`` over every grid token and ``pooled_mean``/``pooled_std`` ``(P,)`` over the pooled
+    vectors of the train split (float32; the stds clamped at 1e-6). The one place they are
+    computed (:meth:`of`), applied (:meth:`normalize`), inverted (:meth:`invert_grid`), saved
+    and loaded (``feature_stats.safetensors`` of a checkpoint, one float vector per field).
+
+    Frozen backbones emit features of very different scales (a random-init ResNet-50's have
+    std ~20, CLIP's ~1); the harness normalises them identically for every decoder.
+    """
+
+    grid_mean: torch.Tensor
+    grid_std: torch.Tensor
+    pooled_mean: torch.Tensor
+    pooled_std: torch.Tensor
+
+    #: the tensor names in feature_stats.safetensors
+    KEYS: ClassVar[tuple[str, ...]] = ("grid_mean", "grid_std", "pooled_mean", "pooled_std")
+
+    @classmethod
+    def of(cls, grid: torch.Tensor | ShardedRows, pooled: torch.Tensor | ShardedRows,
+           rows: torch.Tensor, device: torch.device | str = "cpu") -> FeatureStats:
+        """Mean and std over ``rows`` of ``grid (N, L, D)`` and ``pooled (N, P)`` in one
+        streaming pass each (:func:`channel_stats`), on ``device``.
+        Raises DatasetError for fewer than two rows."""
+        gm, gs = channel_stats(grid, rows, flatten_tokens=True)
+        pm, ps = channel_stats(pooled, rows, flatten_tokens=False)
+        return cls(gm.to(device), gs.clamp_min(1e-6).to(device), pm.to(device),
+                   ps.clamp_min(1e-6).to(device))
+
+    def normalize(self, grid: torch.Tensor, pooled: torch.Tensor):
+        """``((grid - grid_mean) / grid_std, (pooled - pooled_mean) / pooled_std)`` for
+        ``grid (B, N, D)`` and ``pooled (B, P)``, on their device, in the dtype PyTorch's
+        promotion gives (float32 for float16/float32 inputs). Differentiable."""
+        return ((grid - self.grid_mean.to(grid.device)) / self.grid_std.to(grid.device),
+                (pooled - self.pooled_mean.to(pooled.device)) / self.pooled_std.to(pooled.device))
+
+    def invert_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """Raw grid features ``(B, N, D)`` back from normalised ones (the inverse of
+        :meth:`normalize` for the grid). Differentiable."""
+        return grid * self.grid_std.to(grid.device) + self.grid_mean.to(grid.device)
+
+    def to(self, device: torch.device | str) -> FeatureStats:
+        """The statistics on ``device``."""
+        return FeatureStats(*(getattr(self, k).to(device) for k in self.KEYS))
+
+    def save(self, path: str | Path) -> None:
+        """Write the four vectors to the safetensors file ``path`` (on the CPU)."""
+        save_file({k: getattr(self, k).cpu().contiguous() for k in self.KEYS}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureStats:
+        """Read a file :meth:`save` wrote; a field it lacks is None (see :meth:`problem`).
+        Raises what ``safetensors`` raises for an unreadable file."""
+        tensors = load_file(str(path))
+        return cls(*(tensors.get(k) for k in cls.KEYS))
+
+    def problem(self, grid_dim: int, pooled_dim: int, encoder: str) -> str | None:
+        """``'pooled_std' should be a float vector of 512 values (the resnet18 features), got
+        missing`` for the first field that is not a float vector of its dimension (features
+        of ``encoder``: ``grid_dim`` D, ``pooled_dim`` P), else None."""
+        dims = {"grid": grid_dim, "pooled": pooled_dim}
+        for name in self.KEYS:
+            t = getattr(self, name)
+            want = dims[name.partition("_")[0]]
+            if t is None or not t.is_floating_point() or tuple(t.shape) != (want,):
+                got = "missing" if t is None else \
+                    f"{str(t.dtype).removeprefix('torch.')} of shape {tuple(t.shape)}"
+                return (f"{name!r} should be a float vector of {want} values (the {encoder} "
+                        f"features), got {got}")
+        return None
+
+
+@dataclass
 class FeatureStore:
     """Features of an image set: ``grid (N, L, D)``, ``pooled (N, P)`` and row index.
 
@@ -210,7 +285,7 @@ class FeatureStore:
     path: Path | None = None
     extraction_images_per_s: float | None = None
     cache_hit: bool = False
-    stats: dict[str, torch.Tensor] | None = None
+    stats: FeatureStats | None = None
 
     def __post_init__(self) -> None:
         self.index = {iid: i for i, iid in enumerate(self.image_ids)}
@@ -230,19 +305,12 @@ class FeatureStore:
         return sum(t.nbytes if isinstance(t, ShardedRows) else t.numel() * t.element_size()
                    for t in (self.grid, self.pooled))
 
-    def standardize(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Z-score every channel with mean/std over ``rows`` (the train split); return stats.
-
-        Frozen backbones emit features of very different scales (a random-init ResNet-50's
-        have std ~20, CLIP's ~1); the harness normalises them identically for every decoder.
-        Statistics come from training images only, in one streaming pass
-        (:func:`channel_stats`), and are saved with the checkpoint.
+    def standardize(self, rows: torch.Tensor) -> FeatureStats:
+        """Z-score every channel with mean/std over ``rows`` (the train split); return the
+        statistics (:meth:`FeatureStats.of`, on the store's device), which are saved with the
+        checkpoint. Statistics come from training images only, in one streaming pass.
         """
-        gm, gs = channel_stats(self.grid, rows, flatten_tokens=True)
-        pm, ps = channel_stats(self.pooled, rows, flatten_tokens=False)
-        dev = self.device
-        self.stats = {"grid_mean": gm.to(dev), "grid_std": gs.clamp_min(1e-6).to(dev),
-                      "pooled_mean": pm.to(dev), "pooled_std": ps.clamp_min(1e-6).to(dev)}
+        self.stats = FeatureStats.of(self.grid, self.pooled, rows, self.device)
         return self.stats
 
     def row_ids(self, images: list[ImageRecord]) -> torch.Tensor:
@@ -258,11 +326,7 @@ class FeatureStore:
         """A raw batch as float32 on ``device``, z-scored with :attr:`stats` when set."""
         g = grid.to(device, torch.float32, non_blocking=True)
         p = pooled.to(device, torch.float32, non_blocking=True)
-        if self.stats is not None:
-            st = {k: v.to(device) for k, v in self.stats.items()}
-            g = (g - st["grid_mean"]) / st["grid_std"]
-            p = (p - st["pooled_mean"]) / st["pooled_std"]
-        return g, p
+        return self.stats.normalize(g, p) if self.stats is not None else (g, p)
 
     def rows(self, rows: torch.Tensor, device: torch.device | str = "cpu"):
         """``(grid (B, L, D), pooled (B, P))`` float32 on ``device`` for row numbers ``rows``."""
@@ -293,7 +357,7 @@ class FeatureStore:
     def to(self, device) -> FeatureStore:
         """A copy whose features are in-memory tensors on ``device`` (e.g. the whole store
         on the GPU when it fits, see :meth:`fits_on`)."""
-        stats = {k: v.to(device) for k, v in self.stats.items()} if self.stats else None
+        stats = self.stats.to(device) if self.stats is not None else None
         grid, pooled = (t.all(device) if isinstance(t, ShardedRows) else t.to(device)
                         for t in (self.grid, self.pooled))
         return FeatureStore(grid, pooled, self.image_ids, self.key,

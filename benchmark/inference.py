@@ -9,7 +9,7 @@ import torch
 from benchmark.data import ImageRecord
 from benchmark.decoding import DecodeConfig, decode
 from benchmark.device import synchronize
-from benchmark.features import FeatureStore, extract_features
+from benchmark.features import FeatureStats, FeatureStore, extract_features
 from benchmark.vocab import CaptionTokenizer
 
 __all__ = ["caption_features", "caption_features_all_ranks", "caption_pixels"]
@@ -60,12 +60,12 @@ def caption_features_all_ranks(decoder, store: FeatureStore, images: list[ImageR
 
 def caption_pixels(encoder, decoder, images: list[ImageRecord], vocab: CaptionTokenizer,
                    cfg: DecodeConfig, device: torch.device, batch_size: int = 32,
-                   num_workers: int | None = None, stats: dict | None = None,
+                   num_workers: int | None = None, stats: FeatureStats | None = None,
                    image_decoder: str = "pil"):
     """End-to-end captioning from image files (decode + preprocess + encoder + decoder).
 
     ``stats``: the feature normalisation the decoder was trained with
-    (:meth:`FeatureStore.standardize`); ``image_decoder``: as the run's features were
+    (:class:`~benchmark.features.FeatureStats`, or None); ``image_decoder``: as the run's features were
     extracted (:func:`benchmark.features.encode_batches`). Returns ``({image_id: text},
     images/s)``; the figure includes JPEG/PNG decoding.
     """

@@ -23,6 +23,7 @@ from typing import Any
 
 from benchmark.errors import RecordError
 from benchmark.fsutil import atomic_write_text, utc_timestamp
+from benchmark.stats import bootstrap_ci, diversity
 from benchmark.userfiles import field_type_problem, read_json
 
 SCHEMA_VERSION = 1
@@ -57,7 +58,8 @@ FIELD_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("grounding.pointing.*", (*_NUM, _NULL)),
 )
 
-__all__ = ["RunRecord", "DatasetInfo", "make_record", "find_record", "new_run_id",
+__all__ = ["RunRecord", "DatasetInfo", "TrainingBlock", "ThroughputBlock", "ScoredSplit",
+           "RecordedModel", "make_record", "parameter_counts", "find_record", "new_run_id",
            "write_record", "update_record", "load_records", "load_record", "git_commit", "environment",
            "SCHEMA_VERSION", "SCHEMA_PATH"]
 
@@ -72,6 +74,103 @@ class DatasetInfo:
     path: str = ""
     splits: dict[str, str] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, dataset, name: str | None = None) -> DatasetInfo:
+        """The block of a :class:`~benchmark.data.CaptionDataset` (``name``: instead of the
+        dataset's own name)."""
+        return cls(name or dataset.name, dataset.fingerprint, str(dataset.source),
+                   dataset.split_fingerprints(),
+                   {s: len(dataset.split(s)) for s in ("train", "val", "test")})
+
+
+@dataclass
+class TrainingBlock:
+    """A trained run's ``training`` block (made by
+    :meth:`benchmark.train.TrainResult.record_block`).
+
+    ``objective``: ``xe`` or ``xe+scst``; ``best_epoch``/``best_phase``: where the kept weights
+    were taken, with their validation CIDEr-D ``best_val_CIDEr`` (in [0, 10]); ``history``: one
+    dict per epoch; ``steps``: optimiser steps; ``train_seconds``: training time (validation
+    excluded); ``stopped_early``: phase -> epoch; ``resumed_from``: last completed epoch read
+    from a saved state (0 = a fresh start); ``encoder``: ``{"trainable", "trainable_parameters"}``
+    (plus ``encoder_lr``, ``grad_checkpointing`` when fine-tuned); ``tokenizer``: ``{"kind",
+    "vocab_size", "mean_tokens_per_caption"}``; ``scst_seconds``/``scst_captions_per_s``: only
+    in an ``xe+scst`` record. Records written before a key existed lack it, so readers take
+    ``RunRecord.training`` as a dict.
+    """
+
+    objective: str
+    best_epoch: int
+    best_phase: str
+    best_val_CIDEr: float
+    history: list[dict]
+    steps: int
+    train_seconds: float
+    stopped_early: dict[str, int]
+    resumed_from: int
+    encoder: dict[str, Any]
+    tokenizer: dict[str, Any]
+    scst_seconds: float | None = None
+    scst_captions_per_s: float | None = None
+
+    def to_dict(self) -> dict:
+        """The JSON form (key order as declared; no SCST keys for an ``xe`` run)."""
+        out = dataclasses.asdict(self)
+        if self.objective == "xe":
+            out.pop("scst_seconds")
+            out.pop("scst_captions_per_s")
+        return out
+
+
+@dataclass
+class ThroughputBlock:
+    """A record's ``throughput`` block: ``train_samples_per_s`` / ``train_tokens_per_s`` of
+    the training steps (:class:`~benchmark.train.TrainResult`; an evaluation copies its
+    source run's), ``inference_images_per_s`` end to end from image files
+    (:func:`~benchmark.inference.caption_pixels`), ``decoder_captions_per_s`` from cached
+    features (:func:`~benchmark.inference.caption_features`),
+    ``feature_extraction_images_per_s`` (None on a cache hit) and ``feature_cache_hit`` of the
+    feature store, and the ``beam_size`` the captions were decoded with."""
+
+    train_samples_per_s: float | None
+    train_tokens_per_s: float | None
+    inference_images_per_s: float
+    decoder_captions_per_s: float
+    feature_extraction_images_per_s: float | None
+    feature_cache_hit: bool
+    beam_size: int
+
+    def to_dict(self) -> dict:
+        """The JSON form (key order as declared)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ScoredSplit:
+    """Captions of split ``split`` of ``dataset`` (a :class:`~benchmark.data.CaptionDataset`):
+    ``predictions`` ``{image_id: caption}`` in split order and their ``scores`` (a
+    :class:`~benchmark.metrics.ScoreResult`)."""
+
+    dataset: Any
+    split: str
+    scores: Any
+    predictions: dict
+
+
+@dataclass
+class RecordedModel:
+    """The model a record describes: its ``encoder`` (an
+    :class:`~architectures.encoders.ImageEncoder`) and ``decoder``, the caption tokenizer's
+    ``vocab_size``, the encoder parameters training updated (``encoder_trained``; None: those
+    that require grad now, see :func:`parameter_counts`) and its ``checkpoint`` folder (None:
+    not saved)."""
+
+    encoder: Any
+    decoder: Any
+    vocab_size: int
+    encoder_trained: int | None = None
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -183,42 +282,78 @@ def type_problem(data: dict) -> str | None:
     return field_type_problem(data, FIELD_TYPES)
 
 
-def make_record(*, run_id: str, resolved_config: dict, config_id: str, dataset, encoder,
-                scores, confidence_intervals: dict, diversity: dict, training: dict,
-                throughput: dict, device, parameters: dict, vocab_size: int,
-                checkpoint: str | None, wall_seconds: float, predictions: dict,
-                image_use: dict | None = None) -> RunRecord:
-    """Assemble the record of a finished run.
+def make_record(*, run_id: str, config: dict, scored: ScoredSplit, model: RecordedModel,
+                training: TrainingBlock | None, throughput: ThroughputBlock, device,
+                started: float, image_use: dict | None = None,
+                source: RunRecord | None = None) -> RunRecord:
+    """The record of a finished run, or with ``source``, of an evaluation of ``source``'s
+    saved model on another dataset or split (``capbench eval --run``): the one writer of
+    :class:`RunRecord`.
 
-    ``dataset``: a CaptionDataset; ``encoder``: the ImageEncoder used; ``scores``: the test
-    split's ScoreResult; ``predictions``: ``{image_id: caption}`` in test-split order.
+    ``config``: the resolved config (an evaluation's: the source's with its own decoding
+    settings); ``scored``: the captions and scores the record reports, from which come the
+    ``dataset`` block, ``metrics``, ``per_image``, the bootstrap 95% ``confidence_intervals``
+    (1000 resamples, seed 0, :func:`~benchmark.stats.bootstrap_ci`) and ``diversity``
+    against the dataset's training captions; ``model``: ``encoder_weights``, ``parameters``,
+    ``vocab_size`` and ``checkpoint``; ``device``: ``environment`` and ``peak_memory``;
+    ``started``: :func:`time.perf_counter` at the start of the run (``wall_seconds`` runs to
+    the end of this call).
+
+    A trained run (``source`` None) takes its arch, encoder and seed from ``config`` and its
+    ``config_id`` is :func:`~benchmark.config.config_id` of it. An evaluation takes them, and
+    its ``training`` block, from ``source``; its ``evaluation`` is ``{"of": source run id,
+    "split", "trained_on": source dataset name}``, its config id includes the split (an
+    evaluation is never folded with trained runs as a seed) and a val/train evaluation's
+    dataset is named ``"<name> (<split> split)"`` (its own board group, never ranked with
+    test-split runs).
     """
-    by_id = {im.image_id: im for im in dataset.split("test")}
+    # here, not at the top: they import torch, which the records' readers (report, board) skip
+    from benchmark.config import config_id
+    from benchmark.device import peak_memory
+
+    dataset, split, scores = scored.dataset, scored.split, scored.scores
+    ci = bootstrap_ci(scores.per_image_block(), n_resamples=1000, seed=0)
+    div = diversity(list(scored.predictions.values()),
+                    {" ".join(t) for im in dataset.split("train") for t in im.tokens})
+    wall_seconds = time.perf_counter() - started
+    if source is None:
+        arch, encoder, seed = config["arch"], config["encoder"], config["seed"]
+        cid, evaluation, block = config_id(config), None, training.to_dict()
+    else:
+        arch, encoder, seed, block = source.arch, source.encoder, source.seed, source.training
+        cid = config_id({**config, "evaluation_split": split})
+        evaluation = {"of": source.run_id, "split": split, "trained_on": source.dataset.name}
+    by_id = {im.image_id: im for im in dataset.split(split)}
+    weights = model.encoder.weights_id
     return RunRecord(
-        run_id=run_id, created=utc_timestamp(), git_commit=git_commit(),
-        arch=resolved_config["arch"], encoder=resolved_config["encoder"],
-        encoder_weights=encoder.weights_id,
-        pretrained=not encoder.weights_id.startswith("random-init"),
-        config=resolved_config, config_id=config_id,
-        dataset=DatasetInfo(dataset.name, dataset.fingerprint, str(dataset.source),
-                            dataset.split_fingerprints(),
-                            {s: len(dataset.split(s)) for s in ("train", "val", "test")}),
-        seed=resolved_config["seed"], environment=environment(device), vocab_size=vocab_size,
+        run_id=run_id, created=utc_timestamp(), git_commit=git_commit(), arch=arch,
+        encoder=encoder, encoder_weights=weights, pretrained=not weights.startswith("random-init"),
+        config=config, config_id=cid,
+        dataset=DatasetInfo.of(dataset, None if split == "test" else
+                               f"{dataset.name} ({split} split)"),
+        seed=seed, environment=environment(device), vocab_size=model.vocab_size,
         metrics=scores.metrics, metrics_unavailable=scores.unavailable, tokenizer=scores.tokenizer,
-        confidence_intervals=confidence_intervals, per_image=scores.per_image_block(),
-        diversity=diversity, training=training, throughput=throughput,
-        peak_memory=_peak_memory(device), parameters=parameters, checkpoint=checkpoint,
-        wall_seconds=wall_seconds,
+        confidence_intervals=ci, per_image=scores.per_image_block(), diversity=div,
+        training=block, throughput=throughput.to_dict(), peak_memory=peak_memory(device),
+        parameters=parameter_counts(model.encoder, model.decoder, model.encoder_trained),
+        checkpoint=model.checkpoint, wall_seconds=wall_seconds,
         predictions=[{"image_id": i, "filename": by_id[i].filename, "caption": c}
-                     for i, c in predictions.items()],
-        image_use=image_use,
+                     for i, c in scored.predictions.items()],
+        image_use=image_use, evaluation=evaluation,
     )
 
 
-def _peak_memory(device) -> dict:
-    from benchmark.device import peak_memory
-
-    return peak_memory(device)
+def parameter_counts(encoder, decoder, encoder_trained: int | None = None) -> dict:
+    """The record's ``parameters``: total and trainable parameters of the encoder, the decoder
+    and both; ``encoder_trained``: the encoder parameters training updated (when fine-tuned;
+    the encoder is frozen again afterwards), else those that require grad now."""
+    enc_total = sum(p.numel() for p in encoder.parameters())
+    enc_train = encoder_trained if encoder_trained is not None else \
+        sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    dec_total = sum(p.numel() for p in decoder.parameters())
+    return {"decoder_trainable": decoder.num_parameters(), "decoder_total": dec_total,
+            "encoder_total": enc_total, "encoder_trainable": enc_train,
+            "trainable": decoder.num_parameters() + enc_train, "total": dec_total + enc_total}
 
 
 def new_run_id(arch: str, encoder: str, seed: int) -> str:

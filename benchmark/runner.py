@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,23 +23,28 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from architectures import create_decoder, create_encoder
 from benchmark import distributed
+from benchmark.checkpoint import Checkpoint, save_run
 from benchmark.config import RunConfig, config_id, resolved_config
 from benchmark.data import CaptionDataset, resolve_dataset
 from benchmark.device import seed_everything, select_device
-from benchmark.errors import BusyError, StorageError
-from benchmark.features import FeatureStore, default_num_workers, load_or_extract
-from benchmark.fsutil import ensure_writable, exclusive_lock, remove_stale_temps, temp_prefix
+from benchmark.errors import BusyError
+from benchmark.features import FeatureStats, FeatureStore, default_num_workers, load_or_extract
+from benchmark.fsutil import ensure_writable, exclusive_lock, remove_stale_temps
 from benchmark.image_use import baseline_scores, image_use_report, shuffle_test
 from benchmark.inference import caption_features_all_ranks, caption_pixels
 from benchmark.metrics import ptb_tokenize, score_captions
-from benchmark.paths import cache_root
-from benchmark.records import RunRecord, make_record, new_run_id, write_record
-from benchmark.stats import bootstrap_ci, diversity
+from benchmark.records import (
+    RecordedModel,
+    RunRecord,
+    ScoredSplit,
+    ThroughputBlock,
+    TrainingBlock,
+    make_record,
+    new_run_id,
+)
 from benchmark.tokenization import build_tokenizer
 from benchmark.tracking import open_tracker
 from benchmark.train import (
@@ -56,7 +57,7 @@ from benchmark.train import (
 )
 from benchmark.vocab import CaptionTokenizer
 
-__all__ = ["prepare_features", "run_experiment", "run_seeds", "parameter_counts", "preflight",
+__all__ = ["prepare_features", "run_experiment", "run_seeds", "preflight",
            "check_run_settings", "check_launch",
            "run_baselines", "unfinished_state"]
 
@@ -108,19 +109,6 @@ def prepare_features(cfg: RunConfig, dataset: CaptionDataset, device, console=No
     return encoder, store
 
 
-def parameter_counts(encoder, decoder, encoder_trained: int | None = None) -> dict:
-    """Total and trainable parameters of the encoder, the decoder and both;
-    ``encoder_trained``: the encoder parameters training updated (when fine-tuned; the
-    encoder is frozen again afterwards), else those that require grad now."""
-    enc_total = sum(p.numel() for p in encoder.parameters())
-    enc_train = encoder_trained if encoder_trained is not None else \
-        sum(p.numel() for p in encoder.parameters() if p.requires_grad)
-    dec_total = sum(p.numel() for p in decoder.parameters())
-    return {"decoder_trainable": decoder.num_parameters(), "decoder_total": dec_total,
-            "encoder_total": enc_total, "encoder_trainable": enc_train,
-            "trainable": decoder.num_parameters() + enc_train, "total": dec_total + enc_total}
-
-
 @dataclass
 class _Trained:
     """What the training stage hands to evaluation."""
@@ -130,10 +118,28 @@ class _Trained:
     encoder_trainable: int  # parameters of the encoder that training updated
     vocab: CaptionTokenizer
     store: FeatureStore  # holds the test split; only the test split when fine-tuned
-    feature_stats: dict | None
+    feature_stats: FeatureStats | None
     result: TrainResult
     encoder_identity: dict
     mean_tokens_per_caption: float  # under the run's tokenizer, train split
+
+    def checkpoint(self, resolved: dict) -> Checkpoint:
+        """What the run's checkpoint folder holds (its best weights)."""
+        return Checkpoint(resolved, self.result.best_state, self.vocab, self.encoder_identity,
+                          self.feature_stats, self.result.best_encoder_state)
+
+    def record_block(self, cfg: RunConfig) -> TrainingBlock:
+        """The record's ``training`` block: the training outcome's, with the encoder's and
+        the tokenizer's settings."""
+        fine_tuned = cfg.encoder_trainable != "none"
+        encoder = {"trainable": cfg.encoder_trainable,
+                   "trainable_parameters": self.encoder_trainable,
+                   **({"encoder_lr": cfg.encoder_lr,
+                       "grad_checkpointing": cfg.encoder_grad_checkpointing} if fine_tuned else {})}
+        tokenizer = {"kind": self.vocab.kind, "vocab_size": len(self.vocab),
+                     "mean_tokens_per_caption": self.mean_tokens_per_caption}
+        return self.result.record_block(scst=bool(cfg.train.scst_epochs), encoder=encoder,
+                                        tokenizer=tokenizer)
 
 
 def _tokens_per_caption(vocab: CaptionTokenizer, train, cfg: RunConfig) -> float:
@@ -309,85 +315,6 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
                     encoder.cache_identity(), mean_tokens)
 
 
-def _save_checkpoint(folder: Path, trained: _Trained, resolved: dict) -> None:
-    """Decoder weights, feature statistics, vocabulary, resolved config and the encoder's
-    identity (name, weights id, preprocessing: what rebuilding it must reproduce)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "encoder.json").write_text(json.dumps(trained.encoder_identity, indent=1))
-    save_file({k: v.contiguous() for k, v in trained.result.best_state.items()},
-              folder / "decoder.safetensors")
-    if trained.result.best_encoder_state:  # the fine-tuned part, on top of the base weights
-        save_file({k: v.contiguous() for k, v in trained.result.best_encoder_state.items()},
-                  folder / "encoder_finetuned.safetensors")
-    if trained.feature_stats:
-        save_file({k: v.cpu().contiguous() for k, v in trained.feature_stats.items()},
-                  folder / "feature_stats.safetensors")
-    trained.vocab.save_to(folder)
-    (folder / "config.json").write_text(json.dumps(resolved, indent=1))
-
-
-def _fallback_bases() -> list[Path]:
-    """Where a run goes when its results folder fails: the cache, the user's own temp folder,
-    the home folder."""
-    user = os.environ.get("USER") or str(os.getuid())
-    return [cache_root() / "unsaved-runs", Path(tempfile.gettempdir()) / f"capbench-unsaved-{user}",
-            Path.home() / "capbench-unsaved-runs"]
-
-
-def _persist(record: RunRecord, trained: _Trained, resolved: dict, results_dir: Path) -> Path:
-    """Write the checkpoint and then the record; a checkpoint folder appears only together
-    with its record (it is written under a temp name and renamed last).
-
-    If a write fails (read-only or full disk), or the run id has a record or checkpoint
-    already, both go to a fallback folder and StorageError says where, so the run is never
-    lost; a record this process did not write is never replaced or removed.
-    """
-    final = Path(record.checkpoint)
-    tmp = final.parent / f"{temp_prefix(final.name)}ckpt.tmp"
-    target, path = Path(results_dir) / "runs" / f"{record.run_id}.json", None
-    try:
-        if target.exists() or final.exists():  # never write over (or remove) another's run
-            raise FileExistsError(f"run {record.run_id} has a record or checkpoint there already")
-        _save_checkpoint(tmp, trained, resolved)
-        path = write_record(record, results_dir)
-        os.replace(tmp, final)
-        return path
-    except (OSError, SafetensorError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if path is not None:  # only the record this process wrote
-            path.unlink(missing_ok=True)
-        raise StorageError(_save_elsewhere(record, trained, resolved, results_dir, exc)) from exc
-
-
-def _save_elsewhere(record: RunRecord, trained: _Trained, resolved: dict, results_dir: Path,
-                    cause: Exception) -> str:
-    """Save the record (and, if there is room, the checkpoint) in the first fallback folder
-    that takes them; return the message that says where. As a last resort the record's JSON
-    goes to stderr, so even then the scores are not lost."""
-    import sys
-
-    head = f"could not write the run's outputs under {results_dir} ({cause})."
-    for base in _fallback_bases():
-        spare = base / record.run_id
-        try:
-            spare.mkdir(parents=True, exist_ok=True, mode=0o700)
-            record.checkpoint = None
-            saved = write_record(record, spare)  # the record first: it is small
-            try:
-                _save_checkpoint(spare / "checkpoint", trained, resolved)
-                record.checkpoint = str(spare / "checkpoint")
-                saved = write_record(record, spare)
-                ckpt = f" and the checkpoint at {record.checkpoint}"
-            except (OSError, SafetensorError):
-                ckpt = " (no room for the checkpoint)"
-        except (OSError, SafetensorError):
-            continue
-        return (f"{head} Nothing is lost: the record is at {saved}{ckpt}. Copy the record into "
-                "<results-dir>/runs/ once the folder is writable.")
-    sys.stderr.write(json.dumps(record.to_dict(), default=str) + "\n")
-    return f"{head} No folder could take the record either; its JSON was written to stderr above."
-
-
 def _image_use_stage(dataset: CaptionDataset, encoder_name: str, store: FeatureStore,
                      trained: _Trained, scores, decode_cfg, device) -> dict | None:
     """Shuffle test, blind and nearest-neighbour baselines, and the test against blind.
@@ -465,6 +392,24 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     dataset = dataset or resolve_dataset(cfg.dataset)
     preflight(cfg, dataset, resolved)
     cid = config_id(resolved)
+    run_id, resuming = _decide_run_id(cfg, resolved, cid, resume, console)
+    with _run_lock(cfg.results_dir, cid, run_id, resuming):  # until the state is removed
+        record, path = _train_and_record(cfg, resolved, dataset, prepared, device, console,
+                                         cid=cid, run_id=run_id, resuming=resuming,
+                                         t_start=t_start)
+    if record is not None:  # the lock file is gone too: remove the folders left empty
+        folder = _state_path(cfg.results_dir, cid, run_id).parent
+        with contextlib.suppress(OSError):  # other unfinished runs are still there
+            folder.rmdir()
+            folder.parent.rmdir()
+    return record, path
+
+
+def _decide_run_id(cfg: RunConfig, resolved: dict, cid: str, resume: bool,
+                   console: Console | None) -> tuple[str, bool]:
+    """``(run id, resuming)``, decided by rank 0 for every rank alike: with ``resume``, the
+    newest unfinished run of config ``cid`` and the seed continues under its id, else a new id.
+    Says on ``console`` what is resumed, or that an unfinished run is left as it is."""
     previous = unfinished_state(cfg.results_dir, cid, cfg.seed)
     if previous is not None and not resume:
         if console is not None:
@@ -482,28 +427,17 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                           f"in {escape(str(Path(cfg.results_dir) / 'unfinished'))}; this run "
                           "starts afresh",
                           highlight=False)
-    # rank 0 decides the run id and whether it resumes, for every rank alike
-    run_id, resuming = distributed.broadcast_object(
+    return distributed.broadcast_object(
         (previous.stem if previous else new_run_id(resolved["arch"], resolved["encoder"],
                                                    cfg.seed), previous is not None))
-    with _run_lock(cfg.results_dir, cid, run_id, resuming):  # until the state is removed
-        record, path = _train_and_record(cfg, resolved, dataset, prepared, device, console,
-                                         cid=cid, run_id=run_id, resuming=resuming,
-                                         t_start=t_start)
-    if record is not None:  # the lock file is gone too: remove the folders left empty
-        folder = _state_path(cfg.results_dir, cid, run_id).parent
-        with contextlib.suppress(OSError):  # other unfinished runs are still there
-            folder.rmdir()
-            folder.parent.rmdir()
-    return record, path
 
 
 def _train_and_record(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, prepared,
                       device, console, *, cid: str, run_id: str, resuming: bool,
                       t_start: float) -> tuple[RunRecord | None, Path | None]:
     """The stages of :func:`run_experiment` once its run id is decided and locked: features,
-    training (its state saved every epoch), test captions, scores, then the record and
-    checkpoint, and the training state removed."""
+    training (its state saved every epoch), test captions, scores, image use, then the record
+    and checkpoint (:func:`~benchmark.checkpoint.save_run`), and the training state removed."""
     state_path = _state_path(cfg.results_dir, cid, run_id)
     encoder, store = prepared or prepare_features(cfg, dataset, device, console)
     trained = _train_stage(cfg, resolved, dataset, encoder, store, device, console,
@@ -517,6 +451,25 @@ def _train_and_record(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, p
     scores = score_captions(predictions, dataset.references("test"))
     image_use = _image_use_stage(dataset, resolved["encoder"], store, trained, scores, cfg.decode,
                                  device)
+    throughput = _throughput_block(cfg, trained, store, test, captions_per_s, device)
+    ckpt = Path(cfg.results_dir) / "checkpoints" / run_id
+    record = make_record(
+        run_id=run_id, config=resolved, scored=ScoredSplit(dataset, "test", scores, predictions),
+        model=RecordedModel(trained.encoder, trained.decoder, len(trained.vocab),
+                            trained.encoder_trainable, str(ckpt)),
+        training=trained.record_block(cfg), throughput=throughput, device=device,
+        started=t_start, image_use=image_use)
+    path = save_run(record, trained.checkpoint(resolved), Path(cfg.results_dir))
+    state_path.unlink(missing_ok=True)  # finished: nothing left to resume
+    return record, path
+
+
+def _throughput_block(cfg: RunConfig, trained: _Trained, store: FeatureStore, test: list,
+                      captions_per_s: float, device) -> ThroughputBlock:
+    """The record's ``throughput``: training's rates, the ``test`` captions' ``captions_per_s``
+    from cached features (``store``: the run's feature store), and end-to-end images/s from
+    image files, measured here on the first ``features.throughput_images`` test images (all
+    when 0)."""
     sample = test[: cfg.features.throughput_images] if cfg.features.throughput_images else test
     _, images_per_s = caption_pixels(trained.encoder, trained.decoder, sample, trained.vocab,
                                      cfg.decode,
@@ -524,42 +477,12 @@ def _train_and_record(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, p
                                      num_workers=cfg.features.num_workers,
                                      stats=trained.store.stats,
                                      image_decoder=cfg.features.image_decoder)
-    ckpt = Path(cfg.results_dir) / "checkpoints" / run_id
-    result = trained.result
-    record = make_record(
-        run_id=run_id, resolved_config=resolved, config_id=cid, dataset=dataset,
-        encoder=trained.encoder, scores=scores,
-        confidence_intervals=bootstrap_ci(scores.per_image_block(), n_resamples=1000, seed=0),
-        diversity=diversity(list(predictions.values()),
-                            {" ".join(t) for im in dataset.split("train") for t in im.tokens}),
-        training={"objective": "xe+scst" if cfg.train.scst_epochs else "xe",
-                  "best_epoch": result.best_epoch, "best_phase": result.best_phase,
-                  "best_val_CIDEr": result.best_val_cider, "history": result.history,
-                  "steps": result.steps, "train_seconds": result.train_seconds,
-                  "stopped_early": result.stopped_early, "resumed_from": result.resumed_from,
-                  "encoder": {"trainable": cfg.encoder_trainable,
-                              "trainable_parameters": trained.encoder_trainable,
-                              **({"encoder_lr": cfg.encoder_lr,
-                                  "grad_checkpointing": cfg.encoder_grad_checkpointing}
-                                 if cfg.encoder_trainable != "none" else {})},
-                  "tokenizer": {"kind": trained.vocab.kind, "vocab_size": len(trained.vocab),
-                                "mean_tokens_per_caption": trained.mean_tokens_per_caption},
-                  **({"scst_seconds": result.scst_seconds,
-                      "scst_captions_per_s": result.scst_captions_per_s}
-                     if cfg.train.scst_epochs else {})},
-        throughput={"train_samples_per_s": result.samples_per_s,
-                    "train_tokens_per_s": result.tokens_per_s,
-                    "inference_images_per_s": images_per_s,
-                    "decoder_captions_per_s": captions_per_s,
-                    "feature_extraction_images_per_s": store.extraction_images_per_s,
-                    "feature_cache_hit": store.cache_hit, "beam_size": cfg.decode.beam_size},
-        device=device, parameters=parameter_counts(trained.encoder, trained.decoder,
-                                                   trained.encoder_trainable),
-        vocab_size=len(trained.vocab), checkpoint=str(ckpt),
-        wall_seconds=time.perf_counter() - t_start, predictions=predictions, image_use=image_use)
-    path = _persist(record, trained, resolved, Path(cfg.results_dir))
-    state_path.unlink(missing_ok=True)  # finished: nothing left to resume
-    return record, path
+    return ThroughputBlock(
+        train_samples_per_s=trained.result.samples_per_s,
+        train_tokens_per_s=trained.result.tokens_per_s, inference_images_per_s=images_per_s,
+        decoder_captions_per_s=captions_per_s,
+        feature_extraction_images_per_s=store.extraction_images_per_s,
+        feature_cache_hit=store.cache_hit, beam_size=cfg.decode.beam_size)
 
 
 def run_baselines(cfg: RunConfig, kinds: list[str], *, split: str = "test", k: int = 5,

@@ -57,9 +57,10 @@ from benchmark.data import ImageRecord
 from benchmark.decoding import DecodeConfig, forbid_tokens, sample_decode
 from benchmark.device import synchronize
 from benchmark.errors import CapbenchError, TrainingDivergedError
-from benchmark.features import FeatureStore
+from benchmark.features import FeatureStats, FeatureStore
 from benchmark.inference import caption_features_all_ranks
 from benchmark.metrics import cider_d
+from benchmark.records import TrainingBlock
 from benchmark.vocab import CaptionTokenizer
 
 __all__ = ["TrainResult", "FineTune", "train_decoder", "caption_loss", "caption_pairs", "scst_loss",
@@ -96,6 +97,19 @@ class TrainResult:
     resumed_from: int = 0
     best_encoder_state: dict = field(default_factory=dict)
 
+    def record_block(self, *, scst: bool, encoder: dict, tokenizer: dict) -> TrainingBlock:
+        """The run record's ``training`` block of this outcome; ``scst``: whether the run
+        had SCST epochs (objective ``xe+scst``, with the SCST figures); ``encoder``/
+        ``tokenizer``: the blocks of the same names (see
+        :class:`~benchmark.records.TrainingBlock`)."""
+        return TrainingBlock(
+            objective="xe+scst" if scst else "xe", best_epoch=self.best_epoch,
+            best_phase=self.best_phase, best_val_CIDEr=self.best_val_cider, history=self.history,
+            steps=self.steps, train_seconds=self.train_seconds, stopped_early=self.stopped_early,
+            resumed_from=self.resumed_from, encoder=encoder, tokenizer=tokenizer,
+            scst_seconds=self.scst_seconds if scst else None,
+            scst_captions_per_s=self.scst_captions_per_s if scst else None)
+
 
 @dataclass
 class FineTune:
@@ -104,18 +118,15 @@ class FineTune:
     learning rate, and the DataLoader's workers and extraction batch size."""
 
     encoder: torch.nn.Module
-    stats: dict | None
+    stats: FeatureStats | None
     encoder_lr: float
     num_workers: int = 0
     batch_size: int = 32
 
     def normalize(self, grid: torch.Tensor, pooled: torch.Tensor):
-        """Live features ``(B, N, D)``, ``(B, P)`` z-scored like the cached ones."""
-        if self.stats is None:
-            return grid, pooled
-        st = {k: v.to(grid.device) for k, v in self.stats.items()}
-        return ((grid - st["grid_mean"]) / st["grid_std"],
-                (pooled - st["pooled_mean"]) / st["pooled_std"])
+        """Live features ``(B, N, D)``, ``(B, P)`` z-scored like the cached ones
+        (:meth:`FeatureStats.normalize`)."""
+        return self.stats.normalize(grid, pooled) if self.stats is not None else (grid, pooled)
 
     def store(self, images: list[ImageRecord], device) -> FeatureStore:
         """The images' features under the current encoder (eval transform): ``grid (N, L,

@@ -7,6 +7,7 @@ from architectures import create_encoder
 from benchmark.data import load_karpathy
 from benchmark.errors import DatasetError, StorageError
 from benchmark.features import (
+    FeatureStats,
     FeatureStore,
     channel_stats,
     feature_cache_key,
@@ -106,8 +107,8 @@ def test_the_store_streams_from_shards_and_resumes_a_killed_extraction(tiny_shap
     # normalisation from shards = from memory
     memory = FeatureStore(whole.grid.all(), whole.pooled.all(), whole.image_ids, "m")
     a, b = store.standardize(rows), memory.standardize(rows)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    for k in FeatureStats.KEYS:
+        torch.testing.assert_close(getattr(a, k), getattr(b, k), rtol=1e-6, atol=1e-7)
     batches = [rows[:4], rows[4:]]
     for (g1, p1), (g2, p2) in zip(store.batches(batches, "cpu", num_workers=1),
                                   memory.batches(batches, "cpu"), strict=True):

@@ -239,7 +239,7 @@ def test_batched_gradcam_equals_one_backward_pass_per_word(loaded, tiny_shapes):
         logp = torch.log_softmax(loaded.decoder(g, p, tokens, torch.tensor([len(ids)])).logits, -1)
         logp[0, t, ids[t]].backward()
         # the gradient reaching the z-scored grid directly and through the pooled mean
-        dA = raw.grad * st["grid_std"]
+        dA = raw.grad * st.grid_std
         cam = torch.relu((dA.mean(1, keepdim=True) * g.detach()).sum(-1))[0]
         expect = cam / cam.sum() if cam.sum() > 0 else cam
         assert torch.allclose(maps[t], expect, atol=1e-5)

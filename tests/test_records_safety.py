@@ -130,7 +130,7 @@ def test_persist_never_writes_over_or_removes_another_record(tmp_path, monkeypat
     """A run id whose record and checkpoint exist already (another process finished it): the
     new record goes to the fallback folder, as the message says, and the first one is kept
     byte for byte (it was overwritten, then removed)."""
-    from benchmark import runner as run_mod
+    from benchmark import checkpoint as ckpt_mod
 
     results = tmp_path / "results"
     run_id = "20261122-015232-attn_lstm-resnet18-s0-ab12"
@@ -141,14 +141,14 @@ def test_persist_never_writes_over_or_removes_another_record(tmp_path, monkeypat
     ckpt = results / "checkpoints" / run_id
     ckpt.mkdir(parents=True)
     (ckpt / "decoder.safetensors").write_bytes(b"first")
-    monkeypatch.setattr(run_mod, "_save_checkpoint",
-                        lambda folder, trained, resolved: (Path(folder).mkdir(parents=True),
-                                                           (Path(folder) / "w").write_bytes(b"2")))
-    monkeypatch.setattr(run_mod, "_fallback_bases", lambda: [tmp_path / "spare"])
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint",
+                        lambda folder, contents: (Path(folder).mkdir(parents=True),
+                                                  (Path(folder) / "w").write_bytes(b"2")))
+    monkeypatch.setattr(ckpt_mod, "_fallback_bases", lambda: [tmp_path / "spare"])
     second = RunRecord.from_dict({**_record(run_id), "metrics": {"CIDEr": 0.3}}, "second")
     second.checkpoint = str(ckpt)
     with pytest.raises(StorageError, match="Nothing is lost") as info:
-        run_mod._persist(second, None, {}, results)
+        ckpt_mod.save_run(second, None, results)
     assert first.read_bytes() == before
     assert (ckpt / "decoder.safetensors").read_bytes() == b"first"
     saved = tmp_path / "spare" / run_id / "runs" / f"{run_id}.json"
