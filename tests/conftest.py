@@ -29,6 +29,25 @@ def tiny_shapes(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tiny_shapes, tmp_path_factory):
+    """The end-to-end run the tests share: ``capbench run`` of the tiny preset (attn_lstm on a
+    random-init resnet18, greedy, 2 epochs) on the 40-image set. Returns ``(results folder,
+    RunRecord)``. Tests may add files beside it (or a ``grounding`` block), never change the
+    fields of its record that others read."""
+    from typer.testing import CliRunner
+
+    from benchmark.cli import app
+    from benchmark.records import load_record
+
+    results = tmp_path_factory.mktemp("tiny-run")
+    out = CliRunner().invoke(app, ["run", "--config", "tiny", "--dataset", str(tiny_shapes),
+                                   "--results-dir", str(results), "--epochs", "2"])
+    assert out.exit_code == 0, out.output
+    (path,) = (results / "runs").glob("*.json")
+    return results, load_record(path)
+
+
+@pytest.fixture(scope="session")
 def coco_demo_cli() -> dict:
     """``capbench eval --format json`` of the official COCO caption demo file against COCO's
     val2014 references (scored once a session; skipped where shared data is absent)."""

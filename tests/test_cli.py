@@ -1,6 +1,7 @@
 """The CLI end to end: run -> record -> report, on a tiny `shapes` set and on coco-mini."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,21 +22,19 @@ def _run(*args):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_shapes, tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    _run("run", "--config", "tiny", "--dataset", str(tiny_shapes), "--results-dir", str(results),
-         "--epochs", "2", "--arch", "transformer")
-    (record_path,) = (results / "runs").glob("*.json")
-    return results, json.loads(record_path.read_text())
+def tiny_record(tiny_run):
+    """The shared tiny run (conftest) as the JSON its record holds."""
+    results, record = tiny_run
+    return results, json.loads(Path(record.path).read_text())
 
 
 @pytest.mark.slow
-def test_record_has_everything_a_reader_needs(tiny_run, tiny_shapes):
-    _, rec = tiny_run
+def test_record_has_everything_a_reader_needs(tiny_record, tiny_shapes):
+    _, rec = tiny_record
     ds = load_karpathy(tiny_shapes)
-    assert rec["arch"] == "transformer" and rec["encoder"] == "resnet18"
+    assert rec["arch"] == "attn_lstm" and rec["encoder"] == "resnet18"
     assert rec["dataset"]["split_fingerprint"] == ds.fingerprint
-    assert rec["config"]["train"]["epochs"] == 2 and rec["config"]["decoder"]["num_heads"] == 4
+    assert rec["config"]["train"]["epochs"] == 2 and rec["config"]["decoder"]["attention_dim"] == 64
     assert rec["encoder_weights"] == "random-init:seed=0" and rec["pretrained"] is False
     assert set(rec["metrics"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L",
                                    "CIDEr", "SPICE"}
@@ -57,8 +56,8 @@ def test_record_has_everything_a_reader_needs(tiny_run, tiny_shapes):
 
 
 @pytest.mark.slow
-def test_record_metrics_equal_rescoring_its_predictions(tiny_run, tiny_shapes):
-    _, rec = tiny_run
+def test_record_metrics_equal_rescoring_its_predictions(tiny_record, tiny_shapes):
+    _, rec = tiny_record
     refs = load_karpathy(tiny_shapes).references("test")
     preds = {p["image_id"]: p["caption"] for p in rec["predictions"]}
     again = score_captions(preds, refs, metrics=("Bleu_4", "ROUGE_L", "CIDEr"))
@@ -67,8 +66,8 @@ def test_record_metrics_equal_rescoring_its_predictions(tiny_run, tiny_shapes):
 
 
 @pytest.mark.slow
-def test_report_formats(tiny_run, tmp_path):
-    results, rec = tiny_run
+def test_report_formats(tiny_record, tmp_path):
+    results, rec = tiny_record
     out = _run("report", "--results-dir", str(results), "--format", "json").output
     rows = [r for r in json.loads(out) if r["kind"] == "run"]  # baseline reference rows too
     assert rows[0]["run_id"] == rec["run_id"] and rows[0]["CIDEr"] == pytest.approx(rec["metrics"]["CIDEr"])
@@ -77,14 +76,14 @@ def test_report_formats(tiny_run, tmp_path):
     md_path = tmp_path / "board.md"
     _run("report", "--results-dir", str(results), "--format", "markdown", "--output", str(md_path))
     md = md_path.read_text()
-    assert f"split {rec['dataset']['split_fingerprint']}" in md and "| transformer |" in md
+    assert f"split {rec['dataset']['split_fingerprint']}" in md and "| attn_lstm |" in md
     table = _run("report", "--results-dir", str(results)).output
     assert "CIDEr-D" in table
 
 
 @pytest.mark.slow
-def test_report_skips_a_corrupt_record_with_a_warning(tiny_run, tmp_path):
-    results, _ = tiny_run
+def test_report_skips_a_corrupt_record_with_a_warning(tiny_record, tmp_path):
+    results, _ = tiny_record
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "broken.json").write_text("{")
     result = runner.invoke(app, ["report", "--results-dir", str(tmp_path), "--format", "csv"])

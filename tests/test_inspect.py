@@ -20,19 +20,6 @@ def _invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_shapes, tmp_path_factory):
-    """A 2-epoch attn_lstm run of the tiny preset (resnet18, greedy) on the 40-image set."""
-    from benchmark.config import load_config
-    from benchmark.runner import run_experiment
-
-    results = tmp_path_factory.mktemp("results")
-    cfg = load_config("tiny", {"dataset": str(tiny_shapes), "train.epochs": 2,
-                               "results_dir": str(results)})
-    record, _ = run_experiment(cfg)
-    return results, record
-
-
-@pytest.fixture(scope="module")
 def loaded(tiny_run):
     from benchmark.checkpoint import load_run
 
