@@ -36,7 +36,7 @@ _NO_CHECKPOINTING = ("torchvision's ResNet has no gradient checkpointing of its 
 def grad_checkpointing_unsupported(name: str) -> str | None:
     """Why encoder ``name`` cannot fine-tune with gradient checkpointing (None when it can);
     cheap, nothing is built."""
-    return getattr(get_entry("encoder", name).fn, "no_grad_checkpointing", None)
+    return get_entry("encoder", name).why_not("grad_checkpointing")
 
 
 def _stable_repr(obj: object) -> str:
@@ -300,22 +300,18 @@ class TorchvisionResNet(ImageEncoder):
         return grid, grid.mean(dim=1)
 
 
-@register_encoder("resnet50", aliases=("resnet",))
+@register_encoder("resnet50", aliases=("resnet",),
+                  unsupported={"grad_checkpointing": _NO_CHECKPOINTING})
 def resnet50(pretrained: bool = True, weights: str | None = None, init_seed: int = 0):
     """torchvision ResNet-50: 7x7x2048 grid + mean-pooled 2048-d vector."""
     return TorchvisionResNet("resnet50", pretrained, weights, init_seed)
 
 
-resnet50.no_grad_checkpointing = _NO_CHECKPOINTING
-
-
-@register_encoder("resnet18", ci_friendly=True)
+@register_encoder("resnet18", ci_friendly=True,
+                  unsupported={"grad_checkpointing": _NO_CHECKPOINTING})
 def resnet18(pretrained: bool = True, weights: str | None = None, init_seed: int = 0):
     """torchvision ResNet-18 (small, CI): 7x7x512 grid + mean-pooled 512-d vector."""
     return TorchvisionResNet("resnet18", pretrained, weights, init_seed)
-
-
-resnet18.no_grad_checkpointing = _NO_CHECKPOINTING
 
 
 # --------------------------------------------------------------------------------- timm ViT

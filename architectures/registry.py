@@ -10,8 +10,8 @@ from a name and a config is :mod:`architectures.factory`'s job.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from architectures.errors import UnknownModelError
@@ -25,7 +25,9 @@ class RegistryEntry:
     """One registered constructor: canonical name, aliases, description and kind.
 
     ``ci_friendly`` marks small encoders that CI and ``capbench check`` use
-    (``list_encoders(ci=True)``).
+    (``list_encoders(ci=True)``). ``unsupported`` maps a capability the harness may ask of
+    the model to why this one cannot have it: ``grad_checkpointing`` (encoders, when
+    fine-tuning) and ``compile`` (decoders, ``torch.compile`` of the training step).
     """
 
     name: str
@@ -34,19 +36,26 @@ class RegistryEntry:
     aliases: tuple[str, ...]
     kind: str  # "encoder" or "decoder"
     ci_friendly: bool = False
+    unsupported: Mapping[str, str] = field(default_factory=dict)
+
+    def why_not(self, capability: str) -> str | None:
+        """Why this model cannot have ``capability`` (see ``unsupported``); None when it can."""
+        return self.unsupported.get(capability)
 
 
 _ENTRIES: dict[str, dict[str, RegistryEntry]] = {"encoder": {}, "decoder": {}}
 _ALIASES: dict[str, dict[str, str]] = {"encoder": {}, "decoder": {}}
 
 
-def _register(kind: str, name: str | None, aliases: tuple[str, ...], ci_friendly: bool):
+def _register(kind: str, name: str | None, aliases: tuple[str, ...], ci_friendly: bool,
+              unsupported: Mapping[str, str] | None = None):
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         key = name or fn.__name__
         if key in _ENTRIES[kind] or key in _ALIASES[kind]:
             raise ValueError(f"{kind} {key!r} is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        entry = RegistryEntry(key, fn, doc[0] if doc else "", aliases, kind, ci_friendly)
+        entry = RegistryEntry(key, fn, doc[0] if doc else "", aliases, kind, ci_friendly,
+                              dict(unsupported or {}))
         _ENTRIES[kind][key] = entry
         for alias in aliases:
             _ALIASES[kind][alias] = key
@@ -56,21 +65,24 @@ def _register(kind: str, name: str | None, aliases: tuple[str, ...], ci_friendly
 
 
 def register_encoder(name: str | None = None, *, aliases: tuple[str, ...] = (),
-                     ci_friendly: bool = False):
+                     ci_friendly: bool = False, unsupported: Mapping[str, str] | None = None):
     """Decorator that registers an encoder constructor under ``name`` (default: function name).
 
     The first line of the function's docstring becomes its description in ``capbench list``.
+    ``unsupported``: capability -> why not (see :class:`RegistryEntry`).
     """
-    return _register("encoder", name, aliases, ci_friendly)
+    return _register("encoder", name, aliases, ci_friendly, unsupported)
 
 
-def register_decoder(name: str | None = None, *, aliases: tuple[str, ...] = ()):
+def register_decoder(name: str | None = None, *, aliases: tuple[str, ...] = (),
+                     unsupported: Mapping[str, str] | None = None):
     """Decorator that registers a decoder class under ``name``.
 
     Its ``__init__`` signature is the decoder's contract: ``vocab_size``, ``grid_dim`` and
     ``pooled_dim`` first, then keyword hyperparameters with defaults, which configs may set.
+    ``unsupported``: capability -> why not (see :class:`RegistryEntry`).
     """
-    return _register("decoder", name, aliases, False)
+    return _register("decoder", name, aliases, False, unsupported)
 
 
 def _resolve(kind: str, name: str) -> str:

@@ -38,7 +38,24 @@ _EXPORTS = {
     "CapbenchError": "benchmark.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CapbenchError",
+    "RunConfig",
+    "RunRecord",
+    "caption_files",
+    "compare_runs",
+    "evaluate_file",
+    "evaluate_run",
+    "leaderboard",
+    "load_config",
+    "load_records",
+    "load_run",
+    "resolve_dataset",
+    "run_experiment",
+    "run_matrix",
+    "run_seeds",
+    "score_captions",
+]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from benchmark.captioner import caption_files, evaluate_run

@@ -346,7 +346,7 @@ def check_run_settings(cfg: RunConfig) -> None:
     from architectures.registry import get_entry
     from benchmark.errors import ConfigError
 
-    why = getattr(get_entry("decoder", cfg.arch).fn, "compile_unsuitable", None)
+    why = get_entry("decoder", cfg.arch).why_not("compile")
     if cfg.train.compile and why:
         raise ConfigError(f"--compile with {cfg.arch}: {why}; train it without --compile")
 

@@ -118,14 +118,17 @@ class AdditiveAttention(nn.Module):
         return torch.bmm(alpha.view(B, K, N), grid).view(B * K, D), alpha
 
 
-@register_decoder("attn_lstm", aliases=("show_attend_tell", "sat"))
+_NO_COMPILE = ("its forward runs only the rows still inside their caption, a number that "
+               "changes with every batch, so torch.compile would re-specialise and recompile "
+               "the unrolled loop again and again")
+
+
+@register_decoder("attn_lstm", aliases=("show_attend_tell", "sat"),
+                  unsupported={"compile": _NO_COMPILE})
 class ShowAttendTellDecoder(CaptionDecoder):
     """Soft-attention LSTM with gate beta and doubly stochastic regularisation (Xu et al. 2015)."""
 
     static_state = ("grid", "grid_proj")
-    compile_unsuitable = ("its forward runs only the rows still inside their caption, a number "
-                          "that changes with every batch, so torch.compile would re-specialise "
-                          "and recompile the unrolled loop again and again")
 
     def __init__(
         self,

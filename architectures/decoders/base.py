@@ -50,8 +50,6 @@ class CaptionDecoder(nn.Module):
     #: :meth:`step`, static rows that are shared by ``K = rows / static rows`` beams each.
     #: Copying them K times would only add memory traffic: beams never leave their image.
     static_state: tuple[str, ...] = ()
-    #: Why ``torch.compile`` does not suit this decoder's training ``forward`` (None: it does).
-    compile_unsuitable: str | None = None
 
     def __init__(self, vocab_size: int, grid_dim: int, pooled_dim: int) -> None:
         super().__init__()
@@ -62,12 +60,32 @@ class CaptionDecoder(nn.Module):
     def forward(
         self, grid: torch.Tensor, pooled: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
     ) -> DecoderOutput:
+        """Teacher forcing: the logits of every next word in one pass.
+
+        Args:
+            grid: image features ``(B, N, grid_dim)``, float.
+            pooled: pooled image features ``(B, pooled_dim)``, float.
+            tokens: input words ``(B, T)`` int64, ``<bos> w1 .. wn <pad> ..``.
+            lengths: ``(B,)`` int64, valid input tokens per caption (n + 1), each <= T.
+
+        Returns:
+            :class:`DecoderOutput` with ``logits (B, T, V)`` (positions at or beyond
+            ``lengths`` unspecified: the loss masks them) and, for soft attention,
+            ``attention (B, T, N)`` whose rows sum to 1.
+        """
         raise NotImplementedError
 
     def init_state(self, grid: torch.Tensor, pooled: torch.Tensor) -> State:
+        """The decoding state before the first word, from ``grid (B, N, grid_dim)`` and
+        ``pooled (B, pooled_dim)``: a dict of tensors whose first dimension is B (the
+        :attr:`static_state` entries hold what every step reuses, e.g. the projected grid)."""
         raise NotImplementedError
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One decoding step: the last word of each sequence, ``tokens (R,)`` int64 (R rows:
+        B images, or B x K beams), and its ``state`` -> ``(logits (R, V), new state)``. In
+        beam search the :attr:`static_state` entries have one row per image, shared by the
+        ``R / rows`` adjacent beams of that image."""
         raise NotImplementedError
 
     def select_state(self, state: State, index: torch.Tensor, *, within_image: bool = False) -> State:
