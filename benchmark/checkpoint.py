@@ -143,9 +143,7 @@ class LoadedRun:
         """Word ids (no ``<bos>``/``<eos>``) of the run's decoding (:attr:`decode`) of raw
         features ``grid (B, N, D)``, ``pooled (B, P)`` (normalised here)."""
         g, p = self.normalize(grid, pooled)
-        v = self.vocab
-        return decode(self.decoder, g, p, self.decode, bos_id=v.bos_id, eos_id=v.eos_id,
-                      pad_id=v.pad_id, unk_id=v.unk_id)
+        return decode(self.decoder, g, p, self.decode, self.vocab)
 
 
 def _newest(results_dir: Path) -> RunRecord:

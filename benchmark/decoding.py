@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["DecodeConfig", "greedy_decode", "beam_search", "sample_decode", "decode",
+__all__ = ["DecodeConfig", "SpecialTokens", "greedy_decode", "beam_search", "sample_decode", "decode",
            "forbid_tokens"]
 
 
@@ -41,6 +41,24 @@ class DecodeConfig:
     batch_size: int = field(default=64, metadata={"min": 1, "max": 65_536})
 
 
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The tokenizer's special ids as decoding uses them: every caption starts from ``bos`` and
+    ends at ``eos``; ``pad`` and ``bos`` are never generated, nor ``unk`` unless it is None."""
+
+    bos: int = 1
+    eos: int = 2
+    pad: int = 0
+    unk: int | None = None
+
+    @classmethod
+    def of(cls, tokenizer, *, suppress_unk: bool = True) -> SpecialTokens:
+        """The ids of a :class:`~benchmark.vocab.CaptionTokenizer` (``unk`` only when
+        ``suppress_unk``, as :attr:`DecodeConfig.suppress_unk` asks)."""
+        return cls(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
+                   tokenizer.unk_id if suppress_unk else None)
+
+
 def forbid_tokens(logp: torch.Tensor, pad_id: int, bos_id: int, unk_id: int | None = None) -> torch.Tensor:
     """Tokens never generated: ``<pad>``, ``<bos>`` and (if given) ``<unk>``."""
     for i in (pad_id, bos_id) if unk_id is None else (pad_id, bos_id, unk_id):
@@ -48,15 +66,15 @@ def forbid_tokens(logp: torch.Tensor, pad_id: int, bos_id: int, unk_id: int | No
     return logp
 
 
-def _autoregressive(decoder, grid, pooled, pick, *, bos_id, eos_id, pad_id, max_len, unk_id=None):
+def _autoregressive(decoder, grid, pooled, pick, *, special: SpecialTokens, max_len: int):
     """Shared loop of greedy decoding and sampling: ``pick(logits (B, V)) -> tokens (B,)``.
 
     ``<pad>``/``<bos>`` logits are set to -inf before ``pick``; finished rows keep emitting
     ``<eos>``; every row is closed with ``<eos>`` after ``max_len`` words.
     """
-    B = grid.shape[0]
+    B, eos_id = grid.shape[0], special.eos
     state = decoder.init_state(grid, pooled)
-    tokens = torch.full((B,), bos_id, dtype=torch.long, device=grid.device)
+    tokens = torch.full((B,), special.bos, dtype=torch.long, device=grid.device)
     done = torch.zeros(B, dtype=torch.bool, device=grid.device)
     out = []
     for t in range(max_len + 1):
@@ -64,7 +82,7 @@ def _autoregressive(decoder, grid, pooled, pick, *, bos_id, eos_id, pad_id, max_
         if t == max_len:
             tokens = torch.full_like(tokens, eos_id)
         else:
-            tokens = pick(forbid_tokens(logits.float(), pad_id, bos_id, unk_id))
+            tokens = pick(forbid_tokens(logits.float(), special.pad, special.bos, special.unk))
         tokens = torch.where(done, torch.full_like(tokens, eos_id), tokens)
         out.append(tokens)
         done |= tokens == eos_id
@@ -75,17 +93,15 @@ def _autoregressive(decoder, grid, pooled, pick, *, bos_id, eos_id, pad_id, max_
 
 
 @torch.inference_mode()
-def greedy_decode(decoder, grid, pooled, *, bos_id=1, eos_id=2, pad_id=0, max_len=20,
-                  unk_id=None):
+def greedy_decode(decoder, grid, pooled, *, max_len=20, special: SpecialTokens = SpecialTokens()):
     """Arg-max decoding: ``grid (B, N, D)``, ``pooled (B, P)`` -> B lists of word ids."""
     return _autoregressive(decoder, grid, pooled, lambda logits: logits.argmax(-1),
-                           bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_len=max_len,
-                           unk_id=unk_id)
+                           special=special, max_len=max_len)
 
 
 @torch.inference_mode()
 def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalty=0.0,
-                bos_id=1, eos_id=2, pad_id=0, unk_id=None, return_scores=False):
+                special: SpecialTokens = SpecialTokens(), return_scores=False):
     """Batched beam search: the B images x K beams still searching advance in one ``step`` call
     per word.
 
@@ -100,6 +116,7 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
     if beam_size < 1:
         raise ValueError("beam_size must be >= 1")
     B, K, dev = grid.shape[0], beam_size, grid.device
+    bos_id, eos_id, pad_id, unk_id = special.bos, special.eos, special.pad, special.unk
     state = decoder.init_state(grid, pooled)
     # K rows per image; the decoder's static entries (e.g. the grid) stay at one per image
     state = decoder.select_state(state, torch.arange(B, device=dev).repeat_interleave(K),
@@ -172,7 +189,7 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
 
 @torch.inference_mode()
 def sample_decode(decoder, grid, pooled, *, temperature=1.0, top_k=0, top_p=1.0, max_len=20,
-                  bos_id=1, eos_id=2, pad_id=0, unk_id=None,
+                  special: SpecialTokens = SpecialTokens(),
                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
     """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering:
     ``grid (B, N, D)``, ``pooled (B, P)`` -> B lists of word ids.
@@ -209,15 +226,14 @@ def sample_decode(decoder, grid, pooled, *, temperature=1.0, top_k=0, top_p=1.0,
         x = torch.minimum(next(step).unsqueeze(1) * total, torch.nextafter(total, total.new_zeros(())))
         return torch.searchsorted(cdf, x, right=True).squeeze(1)
 
-    return _autoregressive(decoder, grid, pooled, pick, bos_id=bos_id, eos_id=eos_id,
-                           pad_id=pad_id, max_len=max_len, unk_id=unk_id)
+    return _autoregressive(decoder, grid, pooled, pick, special=special, max_len=max_len)
 
 
-def decode(decoder, grid, pooled, cfg: DecodeConfig, *, bos_id=1, eos_id=2, pad_id=0, unk_id=3,
-           generator=None):
-    """Dispatch on ``cfg``: greedy (beam 1), beam search, or sampling."""
-    ids = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_len=cfg.max_len,
-               unk_id=unk_id if cfg.suppress_unk else None)
+def decode(decoder, grid, pooled, cfg: DecodeConfig, tokenizer, *, generator=None):
+    """Dispatch on ``cfg``: greedy (beam 1), beam search, or sampling, with ``tokenizer``'s
+    special ids (:meth:`SpecialTokens.of`; ``<unk>`` suppressed as ``cfg.suppress_unk`` says)."""
+    ids = dict(special=SpecialTokens.of(tokenizer, suppress_unk=cfg.suppress_unk),
+               max_len=cfg.max_len)
     if cfg.strategy == "sample":
         return sample_decode(decoder, grid, pooled, temperature=cfg.temperature,
                              top_k=cfg.top_k, top_p=cfg.top_p, generator=generator, **ids)

@@ -26,8 +26,7 @@ def caption_features(decoder, store: FeatureStore, images: list[ImageRecord], vo
     for start in range(0, len(images), cfg.batch_size):
         batch = rows[start : start + cfg.batch_size]
         grid, pooled = store.rows(batch, device)
-        ids = decode(decoder, grid, pooled, cfg, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
-                     pad_id=vocab.pad_id, unk_id=vocab.unk_id, generator=generator)
+        ids = decode(decoder, grid, pooled, cfg, vocab, generator=generator)
         for im, seq in zip(images[start : start + len(batch)], ids, strict=True):
             out[im.image_id] = " ".join(vocab.decode(seq))
     synchronize(device)

@@ -54,7 +54,7 @@ from benchmark import distributed
 from benchmark.cider import CiderD
 from benchmark.config import TrainConfig
 from benchmark.data import ImageRecord
-from benchmark.decoding import DecodeConfig, forbid_tokens, sample_decode
+from benchmark.decoding import DecodeConfig, SpecialTokens, forbid_tokens, sample_decode
 from benchmark.device import synchronize
 from benchmark.errors import CapbenchError, TrainingDivergedError
 from benchmark.features import FeatureStats, FeatureStore
@@ -992,8 +992,8 @@ def _scst_steps(ctx: StepContext, store: FeatureStore, image_rows: torch.Tensor,
         idx = whole[pos]
         grid, pooled = store.rows(image_rows[idx], device)
         grid, pooled = grid.repeat_interleave(K, 0), pooled.repeat_interleave(K, 0)
-        seqs = sample_decode(ctx.decoder, grid, pooled, max_len=T, bos_id=vocab.bos_id,
-                             eos_id=vocab.eos_id, pad_id=vocab.pad_id,
+        seqs = sample_decode(ctx.decoder, grid, pooled, max_len=T,
+                             special=SpecialTokens.of(vocab, suppress_unk=False),
                              noise=noise[:, pos.to(device)].reshape(T, -1))
         texts = [" ".join(vocab.decode(q)) for q in seqs]
         ids = [image_ids[i] for i in idx.tolist() for _ in range(K)]

@@ -5,7 +5,7 @@ import torch
 
 from architectures import create_decoder, list_decoders
 from architectures.decoders.base import CaptionDecoder
-from benchmark.decoding import beam_search, greedy_decode, sample_decode
+from benchmark.decoding import SpecialTokens, beam_search, greedy_decode, sample_decode
 
 DECODERS = list_decoders()
 
@@ -162,9 +162,10 @@ def test_unk_is_suppressed_on_request():
         dec.fc.bias[3] = 50.0  # <unk> dominates every step
     grid, pooled = _features(2)
     assert all(3 in s for s in greedy_decode(dec, grid, pooled, max_len=4))
-    for out in (greedy_decode(dec, grid, pooled, max_len=4, unk_id=3),
-                beam_search(dec, grid, pooled, beam_size=3, max_len=4, unk_id=3),
-                sample_decode(dec, grid, pooled, max_len=4, unk_id=3)):
+    unk = SpecialTokens(unk=3)
+    for out in (greedy_decode(dec, grid, pooled, max_len=4, special=unk),
+                beam_search(dec, grid, pooled, beam_size=3, max_len=4, special=unk),
+                sample_decode(dec, grid, pooled, max_len=4, special=unk)):
         assert all(3 not in s for s in out)
 
 
@@ -221,8 +222,8 @@ def test_beam_wider_than_the_allowed_words_still_closes_every_image():
     dec = _model("lstm", V=5)  # words 3 (<unk>, suppressed) and 4 only
     grid, pooled = _features(2)
     for max_len in (1, 2):
-        out, scores = beam_search(dec, grid, pooled, beam_size=4, max_len=max_len, unk_id=3,
-                                  return_scores=True)
+        out, scores = beam_search(dec, grid, pooled, beam_size=4, max_len=max_len,
+                                  special=SpecialTokens(unk=3), return_scores=True)
         for i in range(2):  # every caption ([], [4], [4, 4], ...) fits in the 4 beams
             g, p = grid[i : i + 1], pooled[i : i + 1]
             candidates = [[4] * n for n in range(max_len + 1)]

@@ -24,6 +24,18 @@ from benchmark.records import OPTIONAL_FIELDS, SCHEMA_PATH, RunRecord, load_reco
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (never executed)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
 def _import_graph() -> dict[str, set[str]]:
     """Explicit imports (top-level and inside functions) between the package's own modules."""
     mods = {}
@@ -32,7 +44,7 @@ def _import_graph() -> dict[str, set[str]]:
         mods[name] = p
     graph = {m: set() for m in mods}
     for m, p in mods.items():
-        for node in ast.walk(ast.parse(p.read_text())):
+        for node in _runtime_nodes(ast.parse(p.read_text())):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -156,3 +168,53 @@ def test_a_record_missing_a_field_is_named():
 
     with pytest.raises(RecordError, match="'metrics' is missing"):
         RunRecord.from_dict({"run_id": "x", "arch": "a", "encoder": "e", "dataset": {}}, "x.json")
+
+
+#: the house's size limits (issue 25): a function is read at once, and called without a table
+MAX_FUNCTION_LINES = 120
+MAX_PARAMETERS = 10
+
+
+def _functions():
+    """``(where, node)`` of every function in ``benchmark/`` (Typer commands aside: their
+    parameters are the command's options)."""
+    for p in sorted(ROOT.glob("benchmark/**/*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            command = any("command" in ast.unparse(d) or "callback" in ast.unparse(d)
+                          for d in node.decorator_list)
+            if not command:
+                yield f"{p.relative_to(ROOT)}:{node.lineno} {node.name}", node
+
+
+def test_functions_stay_short_and_narrow():
+    long = [f"{w} ({n.end_lineno - n.lineno + 1} lines)" for w, n in _functions()
+            if n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+    wide = []
+    for w, n in _functions():
+        a = n.args
+        names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)
+                 if x.arg not in ("self", "cls")]
+        if len(names) > MAX_PARAMETERS:
+            wide.append(f"{w} ({len(names)} parameters)")
+    assert long == [] and wide == []
+
+
+def test_the_front_door_exports_the_api_without_loading_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, benchmark\n"
+            "assert 'torch' not in sys.modules, 'import benchmark loaded torch'\n"
+            "from benchmark import run_experiment, load_run, score_captions\n"
+            "print(sorted(benchmark.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    import benchmark
+
+    assert eval(out.stdout) == sorted(benchmark.__all__)  # noqa: S307 - our own printed list
+    for name in benchmark.__all__:
+        obj = getattr(benchmark, name)
+        assert obj.__module__ == benchmark._EXPORTS[name], name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        benchmark.nope  # noqa: B018

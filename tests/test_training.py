@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from architectures import create_decoder, list_decoders
-from benchmark.decoding import sample_decode
+from benchmark.decoding import SpecialTokens, sample_decode
 from benchmark.train import new_self_critical_advantage, scst_loss, sequence_log_probs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,8 @@ def test_teacher_forced_log_probs_equal_those_of_the_sampling_policy(name):
     V, pad, bos, eos, max_len = 25, 0, 1, 2, 6
     dec = create_decoder(name, vocab_size=V, grid_dim=16, pooled_dim=8).eval()
     grid, pooled = torch.randn(4, 9, 16), torch.randn(4, 8)
-    seqs = sample_decode(dec, grid, pooled, max_len=max_len, bos_id=bos, eos_id=eos, pad_id=pad,
+    seqs = sample_decode(dec, grid, pooled, max_len=max_len,
+                         special=SpecialTokens(bos=bos, eos=eos, pad=pad),
                          generator=torch.Generator().manual_seed(3))
     token_logp, mask = sequence_log_probs(dec, grid, pooled, seqs, bos_id=bos, eos_id=eos,
                                           pad_id=pad, max_len=max_len)
