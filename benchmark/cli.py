@@ -217,75 +217,37 @@ def report(
 
     Several --results-dir (e.g. the folders of `matrix --shard` machines) form one board: a
     record found in two folders counts once, LEADERBOARD.md goes into the first folder."""
-    from benchmark.report import (
-        load_board,
-        load_records_from,
-        render,
-        render_rich,
-        resolve_columns,
-        write_leaderboard_file,
-    )
+    from benchmark.report import ReportOptions, make_report, render_rich
 
-    folders = list(dict.fromkeys(results_dir or [Path("results")]))
-    home = folders[0]  # LEADERBOARD.md goes here (checkpoints are found beside each record)
-    if output is not None:
-        from benchmark.fsutil import refuse_overwrite
-
-        refuse_overwrite(output, "--output")  # a run record or dataset file is never replaced
     cols = [c for c in columns.split(",") if c.strip()] if columns is not None else None
-    if cols is not None:
-        resolve_columns(cols)  # an unknown name fails before plots/LEADERBOARD.md are written
-    df, runs, problems = load_board(folders, aggregate)
-    for p in problems:
-        err.print(f"[yellow]skipped:[/] {_q(p)}", highlight=False)
-    if plot is not None and not runs.empty:
-        from benchmark.plots import write_plots, write_training_curves
-
-        try:
-            trained = [r for r in load_records_from(folders)[0] if r.evaluation is None]  # not eval --run copies
-            for p in [*write_plots(runs, plot), *write_training_curves(trained, plot)]:
-                err.print(f"wrote {_q(p)}")
-        except OSError as exc:
-            _fail(f"cannot write the plots to --plot {plot}: {exc.strerror or exc}")
-    if leaderboard_file and not df.empty:
-        try:
-            write_leaderboard_file(df, home, folders)
-        except OSError as exc:
-            err.print(f"[yellow]warning:[/] could not write {_q(home / 'LEADERBOARD.md')} "
-                      f"({exc.strerror or exc}); pass --no-leaderboard-file to skip it", highlight=False)
-    if gallery is not None:
-        from benchmark.gallery import AttentionStrips, write_gallery
-
-        records, _ = load_records_from(folders)  # problems were already printed above
-        if records:
-            strips = AttentionStrips(home) if gallery_strips else None
-            pages = write_gallery(records, gallery, max_images=gallery_images, strip_maker=strips)
-            err.print(f"wrote {len(pages) - 1} gallery page(s) and {_q(gallery / 'index.html')}")
-            if strips is not None:
-                err.print(f"{strips.count} attention strip(s) in {strips.seconds:.1f} s", highlight=False)
-                for run_id, why in strips.problems.items():
-                    err.print(f"[yellow]no attention strips for {_q(run_id)}:[/] {_q(why)}", highlight=False)
-        else:
-            where = ", ".join(str(f / "runs") for f in folders)
-            err.print(f"[yellow]no run records in {_q(where)}: no gallery written[/]", highlight=False)
-    if df.empty:
-        err.print(f"no {'readable ' if problems else ''}runs found in "
-                  f"{_q(', '.join(str(f / 'runs') for f in folders))}", highlight=False)
-    if format == "table" and output is None:
-        if not df.empty:
-            render_rich(df, console, columns=cols, wide=wide)
-        return
-    text = render(df, "markdown" if format == "table" else format.value)
-    if output:
-        from benchmark.fsutil import atomic_write_text
-
-        try:
-            atomic_write_text(output, text)
-        except OSError as exc:
-            _fail(f"cannot write --output {output}: {exc.strerror or exc}")
-        console.print(f"wrote {_q(output)} ({len(df)} runs)")
+    outcome = make_report(ReportOptions(
+        results_dir or [], format.value, output, aggregate, plot, leaderboard_file, cols, gallery,
+        gallery_images, gallery_strips), _report_note)
+    if outcome.text is None:
+        if not outcome.board.empty:
+            render_rich(outcome.board, console, columns=cols, wide=wide)
+    elif output:
+        console.print(f"wrote {_q(output)} ({len(outcome.board)} runs)")
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(outcome.text)
+
+
+_REPORT_NOTES = {  # report.make_report's notes as printed: (rich text, highlight)
+    "skipped": lambda f: (f"[yellow]skipped:[/] {_q(f['problem'])}", False),
+    "wrote": lambda f: (f"wrote {_q(f['path'])}", True),
+    "leaderboard_unwritten": lambda f: (f"[yellow]warning:[/] could not write {_q(f['path'])} "
+                                       f"({f['why']}); pass --no-leaderboard-file to skip it", False),
+    "gallery": lambda f: (f"wrote {f['pages']} gallery page(s) and {_q(f['index'])}", True),
+    "strips": lambda f: (f"{f['count']} attention strip(s) in {f['seconds']:.1f} s", False),
+    "no_strips": lambda f: (f"[yellow]no attention strips for {_q(f['run_id'])}:[/] {_q(f['why'])}", False),
+    "no_gallery": lambda f: (f"[yellow]no run records in {_q(f['where'])}: no gallery written[/]", False),
+    "no_runs": lambda f: (f"no {'readable ' if f['readable'] else ''}runs found in {_q(f['where'])}", False),
+}
+
+
+def _report_note(kind: str, **fields) -> None:
+    text, highlight = _REPORT_NOTES[kind](fields)
+    err.print(text, highlight=highlight)
 
 
 @app.command("eval")

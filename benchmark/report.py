@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from benchmark.errors import CapbenchError
-from benchmark.fsutil import atomic_write_text
+from benchmark.errors import CapbenchError, StorageError
+from benchmark.fsutil import atomic_write_text, refuse_overwrite
+from benchmark.gallery import AttentionStrips, write_gallery
 from benchmark.metrics import ALL_METRICS
 from benchmark.records import RunRecord
 
@@ -547,3 +549,108 @@ def write_leaderboard_file(df: pd.DataFrame, results_dir: str | Path,
     where = ", ".join(f"`{folder}/runs`" for folder in folders)
     return atomic_write_text(path, "# capbench leaderboard\n\nMade by `capbench report` from the "
                              f"run records in {where}.\n\n" + render(df, "markdown"))
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What ``capbench report`` is asked for: the folders whose records form the board (the
+    first gets ``LEADERBOARD.md``), ``format`` (table, markdown, csv, json), ``output`` (a
+    file instead of the terminal), seed ``aggregate``-ion, ``plot`` and ``gallery`` folders
+    (None: none written), ``columns`` (names as typed, None: the default ones),
+    ``gallery_images`` (the N worst per group) and ``gallery_strips`` (attention strips)."""
+
+    results_dirs: Sequence[Path]
+    format: str = "table"
+    output: Path | None = None
+    aggregate: bool = False
+    plot: Path | None = None
+    leaderboard_file: bool = True
+    columns: list[str] | None = None
+    gallery: Path | None = None
+    gallery_images: int | None = None
+    gallery_strips: bool = True
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    """What ``capbench report`` shows: the ``board``; ``text`` when it is not a terminal table
+    (the rendered board, already written to ``output`` when one was given)."""
+
+    board: pd.DataFrame
+    text: str | None = None
+    output: Path | None = None
+
+
+Note = Callable[..., None]
+"""``note(kind, **fields)``: a step's message for the caller to show. Kinds: ``skipped``
+(problem), ``wrote`` (path), ``leaderboard_unwritten`` (path, why), ``gallery`` (pages,
+index), ``strips`` (count, seconds), ``no_strips`` (run_id, why), ``no_gallery`` (where),
+``no_runs`` (readable, where)."""
+
+
+def make_report(options: ReportOptions, note: Note) -> ReportOutcome:
+    """``capbench report``: load the board of ``options.results_dirs`` (a folder named twice
+    counts once), then write the plots, ``<first folder>/LEADERBOARD.md``, the gallery and the
+    ``output`` file that ``options`` ask for, telling ``note`` (see :data:`Note`) what was
+    skipped and written. Returns the board and, unless it is shown as a terminal table, its
+    rendered text. Raises ConfigError for an ``output`` that is a run record or dataset file or
+    an unknown column (before anything is written), RecordError as :func:`load_records_from`,
+    and StorageError when the plots or the output file cannot be written (a failing
+    ``LEADERBOARD.md`` is only noted)."""
+    folders = list(dict.fromkeys(options.results_dirs or [Path("results")]))
+    home = folders[0]  # LEADERBOARD.md goes here (checkpoints are found beside each record)
+    if options.output is not None:
+        refuse_overwrite(options.output, "--output")  # a run record or dataset file is never replaced
+    if options.columns is not None:
+        resolve_columns(options.columns)  # an unknown name fails before plots/LEADERBOARD.md are written
+    df, runs, problems = load_board(folders, options.aggregate)
+    for p in problems:
+        note("skipped", problem=p)
+    if options.plot is not None and not runs.empty:
+        _write_plots(runs, folders, options.plot, note)
+    if options.leaderboard_file and not df.empty:
+        try:
+            write_leaderboard_file(df, home, folders)
+        except OSError as exc:
+            note("leaderboard_unwritten", path=home / "LEADERBOARD.md", why=exc.strerror or exc)
+    if options.gallery is not None:
+        _write_gallery(folders, options, note)
+    if df.empty:
+        note("no_runs", readable=bool(problems), where=", ".join(str(f / "runs") for f in folders))
+    if options.format == "table" and options.output is None:
+        return ReportOutcome(df)
+    text = render(df, "markdown" if options.format == "table" else options.format)
+    if options.output:
+        try:
+            atomic_write_text(options.output, text)
+        except OSError as exc:
+            raise StorageError(f"cannot write --output {options.output}: {exc.strerror or exc}") from exc
+    return ReportOutcome(df, text, options.output)
+
+
+def _write_plots(runs: pd.DataFrame, folders: list[Path], plot: Path, note: Note) -> None:
+    """The board's plots and the trained runs' curves into ``plot``; StorageError if unwritable."""
+    from benchmark.plots import write_plots, write_training_curves  # lazy: matplotlib is heavy
+
+    try:
+        trained = [r for r in load_records_from(folders)[0] if r.evaluation is None]  # not eval --run copies
+        for p in [*write_plots(runs, plot), *write_training_curves(trained, plot)]:
+            note("wrote", path=p)
+    except OSError as exc:
+        raise StorageError(f"cannot write the plots to --plot {plot}: {exc.strerror or exc}") from exc
+
+
+def _write_gallery(folders: list[Path], options: ReportOptions, note: Note) -> None:
+    """The HTML gallery of the folders' records into ``options.gallery``."""
+    records, _ = load_records_from(folders)  # problems were already noted
+    if not records:
+        note("no_gallery", where=", ".join(str(f / "runs") for f in folders))
+        return
+    strips = AttentionStrips(folders[0]) if options.gallery_strips else None
+    pages = write_gallery(records, options.gallery, max_images=options.gallery_images,
+                          strip_maker=strips)
+    note("gallery", pages=len(pages) - 1, index=options.gallery / "index.html")
+    if strips is not None:
+        note("strips", count=strips.count, seconds=strips.seconds)
+        for run_id, why in strips.problems.items():
+            note("no_strips", run_id=run_id, why=why)
