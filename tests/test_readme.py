@@ -38,3 +38,14 @@ def test_the_capture_is_the_demo_run_at_100_columns():
     assert len(rows) == 1 and cfg["encoder"] in rows[0]
     assert re.search(r"\d+\.\d ±\d+\.\d", rows[0])  # CIDEr-D with its CI, whole
     assert "consensus" in capture and "baseline" in capture and "CIDEr-D" in capture
+
+
+def test_the_from_python_example_runs(tmp_path, monkeypatch, capsys):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### From Python"):text.index("## Full-size datasets")]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (From Python)", "exec"), {})  # noqa: S102 - our own README
+    out = capsys.readouterr().out
+    assert "attn_lstm" in out and "CIDEr" in out and "shapes_00000.png" in out
+    assert len(list((tmp_path / "out" / "runs").glob("*.json"))) == 1
