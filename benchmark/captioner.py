@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmark.checkpoint import LoadedRun
+from benchmark.checkpoint import LoadedRun, load_run
 from benchmark.data import resolve_dataset
 from benchmark.errors import CapbenchError, DatasetError, RecordError
 from benchmark.imagefile import file_problem, open_rgb
@@ -32,7 +32,7 @@ from benchmark.records import (
 )
 
 __all__ = ["IMAGE_EXTENSIONS", "CaptionResult", "expand_paths", "load_pixels", "caption_files",
-           "coco_image_id", "evaluate_run", "check_split"]
+           "coco_image_id", "coco_results", "evaluate_run", "evaluate_saved_run", "check_split"]
 
 #: file name endings taken from a folder (an explicitly named file is tried whatever its name)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -60,6 +60,17 @@ def coco_image_id(path: Path) -> int | str:
     (``000000391895.jpg`` -> 391895, ``shapes_00001.png`` -> ``"shapes_00001"``)."""
     stem = Path(path).stem
     return int(stem) if stem.isdigit() else stem
+
+
+def coco_results(captions: list[tuple[Path, str]]) -> tuple[list[dict], list[str]]:
+    """``(rows, shared ids)``: ``captions`` (file, caption) as COCO results rows ``{image_id,
+    file_name, caption}`` (:func:`coco_image_id`), and the image ids that two or more files
+    share, sorted as strings (COCO tools would keep one caption of each)."""
+    ids = [coco_image_id(p) for p, _ in captions]
+    twice = sorted({str(i) for i in ids if ids.count(i) > 1})
+    rows = [{"image_id": i, "file_name": p.name, "caption": c}
+            for i, (p, c) in zip(ids, captions, strict=True)]
+    return rows, twice
 
 
 def expand_paths(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -230,6 +241,22 @@ def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
             feature_cache_hit=store.cache_hit, beam_size=run.decode.beam_size),
         device=run.device, started=t0, source=source)
     return record, write_record(record, results_dir)
+
+
+def evaluate_saved_run(run: str, dataset_spec: str, split: str, results_dir: str | Path, *,
+                       beam_size: int | None = None, max_len: int | None = None,
+                       encoder_weights: str | Path | None = None, console=None):
+    """``capbench eval --run RUN --dataset D``: load the saved run ``run`` (id, prefix/suffix,
+    folder or 'latest'; :func:`benchmark.checkpoint.load_run` with the decoding overrides and
+    a moved ``encoder_weights`` file) and :func:`evaluate_run` it on ``split`` of
+    ``dataset_spec``. Returns ``(loaded run, record, record path)``. Raises CapbenchError for a
+    split other than train/val/test (before loading), and what load_run and evaluate_run
+    raise."""
+    check_split(split)
+    loaded = load_run(run, results_dir, beam_size=beam_size, max_len=max_len,
+                      encoder_weights=str(encoder_weights) if encoder_weights else None)
+    record, path = evaluate_run(loaded, dataset_spec, split, results_dir=results_dir, console=console)
+    return loaded, record, path
 
 
 def check_split(split: str) -> None:

@@ -41,7 +41,7 @@ BASELINE_TYPES = (("preset", (str,)), ("split_fingerprint", (str, type(None))),
                   ("cells.*.throughput.*", _NUM_OR_NULL))
 
 __all__ = ["CheckRow", "CheckOutcome", "default_cells", "run_cells", "run_check",
-           "compare_to_baseline", "write_baseline", "load_baseline"]
+           "compare_to_baseline", "write_baseline", "load_baseline", "update_baseline"]
 
 
 def default_cells() -> list[tuple[str, str]]:
@@ -148,6 +148,15 @@ def write_baseline(path: str | Path, preset: str, records: dict[str, RunRecord],
     }
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
     return data
+
+
+def update_baseline(path: str | Path, preset: str, console=None) -> int:
+    """``capbench check --update``: run :func:`default_cells` of ``preset`` (in a scratch
+    folder) and write their figures as the baseline ``path`` (:func:`write_baseline`).
+    Returns the number of cells."""
+    records = run_cells(preset, default_cells(), console)
+    write_baseline(path, preset, records)
+    return len(records)
 
 
 def compare_to_baseline(baseline: dict, records: dict[str, RunRecord]) -> list[CheckRow]:

@@ -269,34 +269,17 @@ def evaluate(
     (cross-dataset transfer), writing a new run record."""
     import json
 
-    file_form = predictions is not None or references is not None
-    run_form = run is not None or dataset is not None
-    if file_form == run_form:
-        _fail("give either PREDICTIONS --references R (score a file) or --run RUN --dataset D "
-              "(score a saved model), not both" if file_form else
-              "give PREDICTIONS --references R (score a file) or --run RUN --dataset D (score a "
-              "saved model)")
-    if file_form and (predictions is None or references is None):
-        _fail("scoring a file needs both PREDICTIONS and --references")
-    if run_form and (run is None or dataset is None):
-        _fail("scoring a saved model needs both --run and --dataset")
-    if run_form:
+    from benchmark.references import eval_form, evaluate_file
+
+    if eval_form(predictions, references, run, dataset) == "run":
         _evaluate_run(run, dataset, split, format, results_dir, beam_size, max_len, encoder_weights)
         return
-    from benchmark.references import evaluate_file
-
     ev = evaluate_file(predictions, references, split)
     if format == "json":
         sys.stdout.write(json.dumps(ev.to_json(), indent=1) + "\n")
         return
-    table = Table(title=f"{_q(predictions.name)}: {ev.images} captions vs {_q(references)}")
-    for c in ("metric", "score", "95% CI"):
-        table.add_column(c, justify="right")
-    for m, v in ev.result.metrics.items():
-        lo_hi = ev.confidence_intervals.get(m)
-        table.add_row(m, "unavailable" if v is None else f"{v:.3f}",
-                      f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "-")
-    console.print(table)
+    console.print(_metric_table(f"{_q(predictions.name)}: {ev.images} captions vs {_q(references)}",
+                                ev.result.metrics, ev.confidence_intervals))
     if ev.missing_references:
         console.print(f"[bold yellow]warning:[/] {ev.missing_references} of "
                       f"{ev.images + ev.missing_references} reference images have no prediction; "
@@ -306,17 +289,27 @@ def evaluate(
     console.print(f"scored in {ev.seconds:.1f} s")
 
 
+def _metric_table(title: str, metrics: dict, intervals: dict) -> Table:
+    """A metric, score, 95% CI table (eval of a file and of a saved run)."""
+    table = Table(title=title)
+    for c in ("metric", "score", "95% CI"):
+        table.add_column(c, justify="right")
+    for m, v in metrics.items():
+        lo_hi = intervals.get(m)
+        table.add_row(m, "unavailable" if v is None else f"{v:.3f}",
+                      f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "-")
+    return table
+
+
 def _evaluate_run(run, dataset, split, format, results_dir, beam_size, max_len, encoder_weights):
     """``eval --run RUN --dataset D``: caption D's split with the saved model, score, record."""
     import json
 
-    from benchmark.captioner import check_split, evaluate_run
-    from benchmark.checkpoint import load_run
+    from benchmark.captioner import evaluate_saved_run
 
-    check_split(split)
-    loaded = load_run(run, results_dir, beam_size=beam_size, max_len=max_len,
-                      encoder_weights=str(encoder_weights) if encoder_weights else None)
-    record, path = evaluate_run(loaded, dataset, split, results_dir=results_dir, console=console)
+    loaded, record, path = evaluate_saved_run(run, dataset, split, results_dir, beam_size=beam_size,
+                                              max_len=max_len, encoder_weights=encoder_weights,
+                                              console=console)
     if format == "json":
         sys.stdout.write(json.dumps({"run_id": record.run_id, "evaluation": record.evaluation,
                                      "dataset": record.dataset.name, "split": split,
@@ -325,15 +318,9 @@ def _evaluate_run(run, dataset, split, format, results_dir, beam_size, max_len, 
                                      "unavailable": record.metrics_unavailable,
                                      "record": str(path)}, indent=1) + "\n")
         return
-    table = Table(title=f"run {_q(loaded.run_id)} on {_q(record.dataset.name)} {split} "
-                  f"({len(record.predictions)} images, beam {loaded.decode.beam_size})")
-    for c in ("metric", "score", "95% CI"):
-        table.add_column(c, justify="right")
-    for m, v in record.metrics.items():
-        lo_hi = record.confidence_intervals.get(m)
-        table.add_row(m, "unavailable" if v is None else f"{v:.3f}",
-                      f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "-")
-    console.print(table)
+    console.print(_metric_table(f"run {_q(loaded.run_id)} on {_q(record.dataset.name)} {split} "
+                                f"({len(record.predictions)} images, beam {loaded.decode.beam_size})",
+                                record.metrics, record.confidence_intervals))
     for m, why in record.metrics_unavailable.items():
         console.print(f"[yellow]{m} unavailable:[/] {_q(why)}", highlight=False)
     console.print(f"run record: {_q(path)} (eval of {_q(loaded.run_id)}; wall {record.wall_seconds:.0f} s)")
@@ -354,7 +341,7 @@ def caption(
     import json
     import time
 
-    from benchmark.captioner import caption_files, coco_image_id, expand_paths
+    from benchmark.captioner import caption_files, coco_results, expand_paths
     from benchmark.checkpoint import load_run
 
     t0 = time.perf_counter()
@@ -364,13 +351,11 @@ def caption(
     res = caption_files(loaded, files)
     failures += res.failures
     if format == "json":
-        ids = [coco_image_id(p) for p, _ in res.captions]
-        twice = sorted({str(i) for i in ids if ids.count(i) > 1})
+        rows, twice = coco_results(res.captions)
         if twice:
             err.print(f"[bold yellow]warning:[/] files with the same name give the same image_id "
                       f"({', '.join(twice[:5])}); COCO tools would keep only one of each", highlight=False)
-        sys.stdout.write(json.dumps([{"image_id": i, "file_name": p.name, "caption": c}
-                                     for i, (p, c) in zip(ids, res.captions, strict=True)], indent=1) + "\n")
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     else:
         table = Table(title=f"run {_q(loaded.run_id)} ({loaded.arch} on {loaded.encoder.name}, beam "
                       f"{loaded.decode.beam_size})")
@@ -447,23 +432,10 @@ def ground(
     record unless --no-save."""
     import json
 
-    from benchmark.captioner import check_split
-    from benchmark.checkpoint import load_run
-    from benchmark.grounding import BASELINES, check_saved_dataset, ground_run
+    from benchmark.grounding import ground_saved_run
 
-    if not 0 <= tolerance < float("inf"):  # NaN fails both
-        _fail(f"--tolerance {tolerance}: give a finite number of pixels >= 0")
-    check_split(split)
-    loaded = load_run(run, results_dir)
-    path = dataset or _run_dataset_path(loaded)
-    if save:
-        check_saved_dataset(loaded, path)
-    res = ground_run(loaded, path, split, tolerance=tolerance, seed=seed, layer=layer)
-    saved = None
-    if save and loaded.record is not None and loaded.record.path:
-        from benchmark.records import update_record
-
-        saved = update_record(loaded.record, grounding=res.record_block(seed=seed, layer=layer))
+    loaded, res, saved = ground_saved_run(run, results_dir, split, dataset, tolerance=tolerance,
+                                          seed=seed, layer=layer, save=save)
     if format == "json":
         sys.stdout.write(json.dumps(res.to_json(details), indent=1) + "\n")
         return
@@ -471,14 +443,8 @@ def ground(
                   f"{res.words} colour/shape words; tolerance {tolerance:g} px)")
     for c in ("method", "pointing game", "energy in box", "colour words", "shape words"):
         table.add_column(c, justify="left" if c == "method" else "right")
-
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.1f}%"
-
-    for m in ("attention", "gradcam", *BASELINES):
-        table.add_row(m if m not in BASELINES else f"baseline: {m}", pct(res.pointing[m]),
-                      pct(res.energy_in_box[m]), pct(res.by_kind["colour"]["pointing"][m]),
-                      pct(res.by_kind["shape"]["pointing"][m]))
+    for name, *values in res.table_rows():
+        table.add_row(name, *("n/a" if v is None else f"{100 * v:.1f}%" for v in values))
     console.print(table)
     for m, why in res.methods_unavailable.items():
         console.print(f"[yellow]{m} unavailable:[/] {_q(why)}", highlight=False)
@@ -488,15 +454,6 @@ def ground(
         console.print(f"saved to the run record {_q(saved)} (field `grounding`)", highlight=False)
     elif save:
         console.print("[yellow]not saved:[/] this checkpoint has no run record", highlight=False)
-
-
-def _run_dataset_path(loaded) -> str:
-    """The dataset.json a run was trained on: its record's path, else its config's spec."""
-    if loaded.record is not None and loaded.record.dataset.path and Path(loaded.record.dataset.path).is_file():
-        return loaded.record.dataset.path
-    from benchmark.data import resolve_dataset
-
-    return str(resolve_dataset(loaded.config["dataset"]).source)
 
 
 @app.command()
@@ -510,10 +467,9 @@ def compare(
     """Paired bootstrap test of run B against run A on the same test images."""
     from benchmark.records import find_record
     from benchmark.report import METRIC_COLUMNS
-    from benchmark.stats import MAX_RESAMPLES, compare_runs
+    from benchmark.stats import check_resamples, compare_runs
 
-    if not 1 <= resamples <= MAX_RESAMPLES:
-        _fail(f"--resamples {resamples}: give 1 to {MAX_RESAMPLES:,} (2000 is usual)")
+    check_resamples(resamples)
     a, b = find_record(run_a, results_dir), find_record(run_b, results_dir)
     result = compare_runs(a, b, n_resamples=resamples)
     table = Table(title=f"B - A, paired bootstrap over {len(a.per_image['image_ids'])} "
@@ -565,15 +521,10 @@ def matrix(
 
     With --shard i/N, only this machine's share of the cells (the same split on every machine)."""
     from benchmark.config import load_config
-    from benchmark.errors import ConfigError
-    from benchmark.matrix import matrix_plan, parse_shard, run_matrix, shard_units, shards_with_cells
-    from benchmark.records import load_records
+    from benchmark.matrix import idle_shard, matrix_plan, parse_shard, run_matrix
     from benchmark.report import leaderboard, render_rich
 
-    try:
-        part = parse_shard(shard) if shard is not None else None
-    except ConfigError as exc:
-        _fail(str(exc))
+    part = parse_shard(shard) if shard is not None else None
     cfg = load_config(config, {"dataset": dataset, "train.epochs": epochs, "pretrained": pretrained,
                                "device": device,
                                "results_dir": str(results_dir) if results_dir else None})
@@ -588,8 +539,7 @@ def matrix(
             console.print(f"[bold]matrix shard {part}[/]: {len(cells)} of {len(planned)} cells",
                           highlight=False)
         if part is not None and not cells:
-            busy = shards_with_cells(planned, part.count)
-            units = len(shard_units(planned))
+            units, busy = idle_shard(planned, part)
             console.print(f"[yellow]note:[/] nothing to run on this shard: the matrix has {units} "
                           f"(encoder, decoder, variant) unit(s), each run whole (all its seeds) "
                           f"by one shard, so only shard(s) {', '.join(map(str, busy))} of "
@@ -605,9 +555,7 @@ def matrix(
 
     result = run_matrix(cfg, plan.archs, plan.encoders, plan.seeds, console, on_cell, plan.variants,
                         shard=part, on_plan=on_plan)
-    records, _ = load_records(cfg.results_dir)
-    ids = {c.run_id for c in result.cells if c.run_id}
-    render_rich(leaderboard([r for r in records if r.run_id in ids]), console)
+    render_rich(leaderboard(result.records(cfg.results_dir)), console)
     for enc, sec in result.feature_seconds.items():
         console.print(f"features {enc}: {sec:.0f} s (once, shared by its decoders)")
     which = (f"matrix: {result.planned} cells" if part is None else
@@ -628,12 +576,10 @@ def check(
 ):
     """Regression check: run the tiny preset per decoder (and a few encoders) and compare with
     the baseline. Metrics below baseline - tolerance fail; throughput changes are only printed."""
-    from benchmark.check import default_cells, run_cells, run_check, write_baseline
+    from benchmark.check import run_check, update_baseline
 
     if update:
-        records = run_cells(preset, default_cells(), None)
-        write_baseline(baseline, preset, records)
-        console.print(f"wrote baseline {_q(baseline)} ({len(records)} cells)")
+        console.print(f"wrote baseline {_q(baseline)} ({update_baseline(baseline, preset)} cells)")
         return
     outcome = run_check(baseline)
     table = Table(title=f"capbench check vs {_q(baseline)}")

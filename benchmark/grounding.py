@@ -35,14 +35,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmark.captioner import check_split
+from benchmark.checkpoint import load_run
 from benchmark.data import resolve_dataset
-from benchmark.errors import DatasetError
+from benchmark.errors import ConfigError, DatasetError
+from benchmark.records import update_record
 from benchmark.shapes import COLORS, SYNONYMS
 from benchmark.userfiles import field_type_problem, read_json
 
 __all__ = ["SHAPE_WORDS", "COLOUR_WORDS", "point_hit", "box_mask", "energy_in_boxes",
            "centre_point", "centre_prior", "matching_objects", "GroundingResult",
-           "ground_run", "load_objects", "BASELINES", "check_saved_dataset"]
+           "ground_run", "ground_saved_run", "run_dataset_path", "load_objects", "BASELINES",
+           "check_saved_dataset"]
 
 COLOUR_WORDS = frozenset(COLORS)
 #: word -> shape it names
@@ -176,6 +180,15 @@ class GroundingResult:
             out["details"] = self.details
         return out
 
+    def table_rows(self) -> list[tuple[str, float | None, float | None, float | None, float | None]]:
+        """One row per method then baseline (``baseline: centre``, ...): its name, pointing
+        game, energy in box, and pointing game of colour words and of shape words (fractions
+        in [0, 1]; None where the method is unavailable)."""
+        return [(m if m not in BASELINES else f"baseline: {m}", self.pointing[m],
+                 self.energy_in_box[m], self.by_kind["colour"]["pointing"][m],
+                 self.by_kind["shape"]["pointing"][m])
+                for m in ("attention", "gradcam", *BASELINES)]
+
     def record_block(self, *, seed: int, layer: int) -> dict:
         """The run record's ``grounding`` field: :meth:`to_json` without the run id and the
         per-word details, plus the random baseline's ``seed`` and the transformer ``layer``."""
@@ -239,6 +252,39 @@ def check_saved_dataset(run, dataset_path: str | Path) -> None:
                            f"{run.record.split_fingerprint}): its figures would be saved for "
                            "images the run never saw; pass --no-save to only print them, or "
                            "give the run's own dataset")
+
+
+def run_dataset_path(run) -> str:
+    """The dataset.json ``run`` (a LoadedRun) was trained on: its record's path while that
+    file exists, else its config's dataset spec resolved."""
+    if run.record is not None and run.record.dataset.path and Path(run.record.dataset.path).is_file():
+        return run.record.dataset.path
+    return str(resolve_dataset(run.config["dataset"]).source)
+
+
+def ground_saved_run(run: str, results_dir: str | Path, split: str = "test",
+                     dataset: str | None = None, *, tolerance: float = 15.0, seed: int = 0,
+                     layer: int = -1, save: bool = True):
+    """``capbench ground``: load the saved run ``run`` (id, prefix/suffix, folder or 'latest'
+    under ``results_dir``), :func:`ground_run` it on ``dataset`` (default: the run's own,
+    :func:`run_dataset_path`) and, when ``save``, write the figures into the run's record
+    (field ``grounding``). Returns ``(loaded run, GroundingResult, path of the updated record
+    or None when not saved or the checkpoint has no record)``. Raises ConfigError for a
+    ``tolerance`` (pixels) that is negative, infinite or NaN, CapbenchError for a split other
+    than train/val/test, DatasetError (:func:`check_saved_dataset`) when saving figures of a
+    dataset the run was not trained on; all before any work."""
+    if not 0 <= tolerance < float("inf"):  # NaN fails both
+        raise ConfigError(f"--tolerance {tolerance}: give a finite number of pixels >= 0")
+    check_split(split)
+    loaded = load_run(run, results_dir)
+    path = dataset or run_dataset_path(loaded)
+    if save:
+        check_saved_dataset(loaded, path)
+    res = ground_run(loaded, path, split, tolerance=tolerance, seed=seed, layer=layer)
+    saved = None
+    if save and loaded.record is not None and loaded.record.path:
+        saved = update_record(loaded.record, grounding=res.record_block(seed=seed, layer=layer))
+    return loaded, res, saved
 
 
 def ground_run(run, dataset_path: str | Path, split: str = "test", *, tolerance: float = 15.0,

@@ -42,11 +42,11 @@ from benchmark.data import resolve_dataset
 from benchmark.device import select_device
 from benchmark.errors import ConfigError
 from benchmark.fsutil import atomic_write_text, ensure_writable, utc_timestamp
-from benchmark.records import load_records
+from benchmark.records import RunRecord, load_records
 from benchmark.runner import preflight, prepare_features, run_experiment
 
 __all__ = ["Cell", "MatrixResult", "MatrixPlan", "Shard", "matrix_plan", "parse_shard", "plan_cells",
-           "run_matrix", "shard_cells", "shard_units", "shards_with_cells"]
+           "run_matrix", "shard_cells", "shard_units", "shards_with_cells", "idle_shard"]
 
 
 @dataclass
@@ -203,6 +203,13 @@ def shards_with_cells(cells: list[Cell], count: int) -> list[int]:
     return [i for i in range(1, count + 1) if shard_cells(cells, Shard(i, count))]
 
 
+def idle_shard(planned: list[Cell], shard: Shard) -> tuple[int, list[int]]:
+    """Why ``shard`` got none of the ``planned`` cells: ``(number of (encoder, decoder,
+    variant) units, the shards that get cells)`` (:func:`shard_units`,
+    :func:`shards_with_cells`)."""
+    return len(shard_units(planned)), shards_with_cells(planned, shard.count)
+
+
 @dataclass
 class MatrixResult:
     """The cells run (those of ``shard``, or all) with their outcome, the split fingerprint
@@ -218,6 +225,12 @@ class MatrixResult:
     def count(self, status: str) -> int:
         """Number of cells with ``status`` (ok, done, failed)."""
         return sum(c.status == status for c in self.cells)
+
+    def records(self, results_dir: str | Path) -> list[RunRecord]:
+        """The run records in ``results_dir`` of this result's cells that have a
+        run id (run now or already done), in the folder's order."""
+        ids = {c.run_id for c in self.cells if c.run_id}
+        return [r for r in load_records(results_dir)[0] if r.run_id in ids]
 
 
 def plan_cells(base: RunConfig, archs: list[str], encoders: list[str],

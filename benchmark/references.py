@@ -16,14 +16,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmark.data import image_id_key, load_karpathy
-from benchmark.errors import DatasetError
+from benchmark.errors import ConfigError, DatasetError
 from benchmark.userfiles import describe, quote, read_json
 
 BUILTIN = {"coco-val2014": "coco/annotations/captions_val2014.json",
            "coco-train2014": "coco/annotations/captions_train2014.json"}
 
 __all__ = ["load_predictions", "load_references", "match_predictions", "evaluate_file",
-           "FileEvaluation", "BUILTIN"]
+           "FileEvaluation", "BUILTIN", "eval_form"]
+
+
+def eval_form(predictions, references, run, dataset) -> str:
+    """Which form of ``capbench eval`` its arguments ask for: ``"file"`` (PREDICTIONS
+    --references R: score a predictions file) or ``"run"`` (--run RUN --dataset D: caption and
+    score with a saved model). Raises ConfigError when both forms, neither, or half of one are
+    given (None: not given)."""
+    file_form = predictions is not None or references is not None
+    run_form = run is not None or dataset is not None
+    if file_form == run_form:
+        raise ConfigError("give either PREDICTIONS --references R (score a file) or --run RUN --dataset D "
+                          "(score a saved model), not both" if file_form else
+                          "give PREDICTIONS --references R (score a file) or --run RUN --dataset D (score a "
+                          "saved model)")
+    if file_form and (predictions is None or references is None):
+        raise ConfigError("scoring a file needs both PREDICTIONS and --references")
+    if run_form and (run is None or dataset is None):
+        raise ConfigError("scoring a saved model needs both --run and --dataset")
+    return "file" if file_form else "run"
 
 
 def _read_json(path: Path, what: str):

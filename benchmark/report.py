@@ -116,7 +116,7 @@ _LEGEND_PARTS = {
 
 __all__ = ["leaderboard", "aggregate_seeds", "render_markdown", "render_rich", "render",
            "write_leaderboard_file", "load_board", "load_records_from", "resolve_columns", "ColumnError",
-           "METRIC_COLUMNS", "COMPACT_COLUMNS"]
+           "METRIC_COLUMNS", "COMPACT_COLUMNS", "ReportOptions", "ReportOutcome", "make_report"]
 
 
 class ColumnError(CapbenchError, ValueError):

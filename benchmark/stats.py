@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 
+from benchmark.errors import ConfigError
 from benchmark.limits import available_memory, check_memory
 from benchmark.metrics import METEOR_STATS_KEY, METEOR_STATS_LENGTH, PER_IMAGE_METRICS
 
@@ -32,7 +33,7 @@ from benchmark.metrics import METEOR_STATS_KEY, METEOR_STATS_LENGTH, PER_IMAGE_M
 MAX_RESAMPLES = 100_000
 
 __all__ = ["MAX_RESAMPLES", "corpus_bleu", "bootstrap_ci", "paired_bootstrap", "compare_runs", "diversity",
-           "metric_samples", "meteor_aggregable", "corpus_meteor", "meteor_statistic",
+           "check_resamples", "metric_samples", "meteor_aggregable", "corpus_meteor", "meteor_statistic",
            "METEOR_MEAN_KEY"]
 
 #: key of the METEOR entry when it is the mean of per-image METEOR (not the reported METEOR):
@@ -239,6 +240,12 @@ def paired_bootstrap(a: dict, b: dict, *, n_resamples: int = 1000, seed: int = 0
                      "ci": [float(x) for x in np.percentile(d, q)],
                      "p": float(min(1.0, max(2 * tail, 1.0 / n_resamples)))}
     return out
+
+
+def check_resamples(n_resamples: int) -> None:
+    """Raise ConfigError (naming ``--resamples``) unless 1 <= ``n_resamples`` <= :data:`MAX_RESAMPLES`."""
+    if not 1 <= n_resamples <= MAX_RESAMPLES:
+        raise ConfigError(f"--resamples {n_resamples}: give 1 to {MAX_RESAMPLES:,} (2000 is usual)")
 
 
 def compare_runs(a, b, *, n_resamples: int = 2000) -> dict[str, dict[str, float]]:
