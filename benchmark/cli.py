@@ -613,40 +613,40 @@ _Iters = Annotated[int, typer.Option(help="timed iterations (median reported)")]
 @_guard
 def bench(
     ctx: typer.Context,
-    arch: Annotated[str | None, typer.Option(help="decoder(s) to time on synthetic features, comma-separated, or 'all' (now: bench decoders)")] = None,
-    encoder: Annotated[str | None, typer.Option(help="encoder(s) to time on random pixels, comma-separated, or 'all' (now: bench encoders)")] = None,
-    grid_size: Annotated[int, typer.Option(help="grid tokens N (196 = 14x14)")] = 196,
-    grid_dim: Annotated[int, typer.Option(help="grid feature dim D")] = 2048,
-    pooled_dim: Annotated[int | None, typer.Option(help="pooled feature dim (default: grid_dim)")] = None,
-    vocab_size: Annotated[int, typer.Option(help="vocabulary size")] = 10000,
-    batch_size: Annotated[int, typer.Option(help="batch size")] = 32,
-    caption_len: Annotated[int, typer.Option(help="words per caption")] = 20,
-    embed_dim: Annotated[int, typer.Option(help="word embedding dim (d_model for transformer)")] = 512,
-    hidden_dim: Annotated[int, typer.Option(help="RNN hidden dim / transformer FFN dim")] = 512,
-    attention_dim: Annotated[int, typer.Option(help="soft-attention dim")] = 512,
-    num_layers: Annotated[int, typer.Option(help="decoder layers")] = 1,
-    num_heads: Annotated[int, typer.Option(help="transformer heads")] = 8,
-    beam_size: Annotated[int, typer.Option(help="beam size for the beam-K figure")] = 5,
-    iters: _Iters = 5,
-    device: _Device = "auto",
-    format: Annotated[BenchFormat, typer.Option("--format", help="table, csv or json")] = BenchFormat.table,
-    output: Annotated[Path | None, typer.Option(help="also write the rows as CSV here")] = None,
-    peak: Annotated[bool, typer.Option("--peak", help="measure the device's matmul peak (fp32, bf16) and report each phase's utilisation = achieved GFLOP/s / peak")] = False,
-    reward: Annotated[str | None, typer.Option(help="time the SCST reward on this dataset's train split (now: bench reward)")] = None,
-    gemm: Annotated[str | None, typer.Option(help="time matrix products MxKxN, comma-separated (now: bench gemm)")] = None,
-    compile: Annotated[bool, typer.Option("--compile", help="also time each decoder's training step through torch.compile and report the speedup over eager")] = False,
-    store: Annotated[int | None, typer.Option(help="scale benchmark of a synthetic feature store of N images (now: bench store)")] = None,
-    store_dir: Annotated[Path | None, typer.Option(help="where --store builds its synthetic store (default: the system temp folder); it is deleted afterwards")] = None,
-    extraction: Annotated[str | None, typer.Option(help="time feature extraction of --encoder (default resnet50) on this dataset (now: bench extraction)")] = None,
-    images: Annotated[int, typer.Option(help="images for --extraction")] = 256,
-    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers for --extraction (default: auto)")] = None,
-    encoder_batch_size: Annotated[int | None, typer.Option(help="batch size of the --encoder rows (default: --batch-size, at most 16)")] = None,
+    arch: Annotated[str | None, typer.Option(hidden=True, help="decoder(s) to time on synthetic features, comma-separated, or 'all' (now: bench decoders)")] = None,
+    encoder: Annotated[str | None, typer.Option(hidden=True, help="encoder(s) to time on random pixels, comma-separated, or 'all' (now: bench encoders)")] = None,
+    grid_size: Annotated[int, typer.Option(hidden=True, help="grid tokens N (196 = 14x14)")] = 196,
+    grid_dim: Annotated[int, typer.Option(hidden=True, help="grid feature dim D")] = 2048,
+    pooled_dim: Annotated[int | None, typer.Option(hidden=True, help="pooled feature dim (default: grid_dim)")] = None,
+    vocab_size: Annotated[int, typer.Option(hidden=True, help="vocabulary size")] = 10000,
+    batch_size: Annotated[int, typer.Option(hidden=True, help="batch size")] = 32,
+    caption_len: Annotated[int, typer.Option(hidden=True, help="words per caption")] = 20,
+    embed_dim: Annotated[int, typer.Option(hidden=True, help="word embedding dim (d_model for transformer)")] = 512,
+    hidden_dim: Annotated[int, typer.Option(hidden=True, help="RNN hidden dim / transformer FFN dim")] = 512,
+    attention_dim: Annotated[int, typer.Option(hidden=True, help="soft-attention dim")] = 512,
+    num_layers: Annotated[int, typer.Option(hidden=True, help="decoder layers")] = 1,
+    num_heads: Annotated[int, typer.Option(hidden=True, help="transformer heads")] = 8,
+    beam_size: Annotated[int, typer.Option(hidden=True, help="beam size for the beam-K figure")] = 5,
+    iters: Annotated[int, typer.Option(hidden=True, help="timed iterations (median reported)")] = 5,
+    device: Annotated[str, typer.Option(hidden=True, help="auto, cpu, cuda, mps")] = "auto",
+    format: Annotated[BenchFormat, typer.Option("--format", hidden=True, help="table, csv or json")] = BenchFormat.table,
+    output: Annotated[Path | None, typer.Option(hidden=True, help="also write the rows as CSV here")] = None,
+    peak: Annotated[bool, typer.Option("--peak", hidden=True, help="measure the device's matmul peak (fp32, bf16) and report each phase's utilisation = achieved GFLOP/s / peak")] = False,
+    reward: Annotated[str | None, typer.Option(hidden=True, help="time the SCST reward on this dataset's train split (now: bench reward)")] = None,
+    gemm: Annotated[str | None, typer.Option(hidden=True, help="time matrix products MxKxN, comma-separated (now: bench gemm)")] = None,
+    compile: Annotated[bool, typer.Option("--compile", hidden=True, help="also time each decoder's training step through torch.compile and report the speedup over eager")] = False,
+    store: Annotated[int | None, typer.Option(hidden=True, help="scale benchmark of a synthetic feature store of N images (now: bench store)")] = None,
+    store_dir: Annotated[Path | None, typer.Option(hidden=True, help="where --store builds its synthetic store (default: the system temp folder); it is deleted afterwards")] = None,
+    extraction: Annotated[str | None, typer.Option(hidden=True, help="time feature extraction of --encoder (default resnet50) on this dataset (now: bench extraction)")] = None,
+    images: Annotated[int, typer.Option(hidden=True, help="images for --extraction")] = 256,
+    num_workers: Annotated[int | None, typer.Option(hidden=True, help="DataLoader workers for --extraction (default: auto)")] = None,
+    encoder_batch_size: Annotated[int | None, typer.Option(hidden=True, help="batch size of the --encoder rows (default: --batch-size, at most 16)")] = None,
 ):
     """Time decoders on synthetic features and encoders on random pixels (defaults: the
     Show-Attend-Tell setting: 196 x 2048 grid, 512-d, 10k words, batch 32, 20 words).
 
-    The options here are the older forms of the commands below (`capbench bench --arch all`
-    is `capbench bench decoders all`); they keep working and name the new form."""
+    The older option forms (`capbench bench --arch all` is `capbench bench decoders all`) keep
+    working, hidden from this help, and name the new form."""
     if ctx.invoked_subcommand is not None:
         return
     from benchmark.bench import DecoderWorkload
