@@ -27,7 +27,7 @@ import numpy as np
 
 from benchmark.errors import ConfigError
 from benchmark.limits import available_memory, check_memory
-from benchmark.metrics import METEOR_STATS_KEY, METEOR_STATS_LENGTH, PER_IMAGE_METRICS
+from benchmark.metrics import METEOR_STATS_KEY, METEOR_STATS_LENGTH, mean_metrics
 
 #: most bootstrap resamples ``capbench compare`` takes (METEOR's jar scores about 1,000 a second)
 MAX_RESAMPLES = 100_000
@@ -143,7 +143,7 @@ def _samples(blocks: list[dict], resample: np.ndarray, meteor: str | None) -> li
             b = corpus_bleu(sums[:, None, :])
             for n in range(4):
                 out[f"Bleu_{n + 1}"] = b[:, n]
-        for name in PER_IMAGE_METRICS:
+        for name in mean_metrics():
             values = per_image.get(name)
             if not values:
                 continue

@@ -12,7 +12,7 @@ import pytest
 from benchmark import metrics
 from benchmark.data import image_id_key, load_karpathy, simple_tokenize
 from benchmark.errors import DatasetError
-from benchmark.metrics import METEOR_STATS_KEY, java_version, meteor_jar, score_captions
+from benchmark.metrics import METEOR_STATS_KEY, coco, java_version, meteor_jar, score_captions
 from benchmark.references import evaluate_file, load_predictions, match_predictions
 from benchmark.stats import (
     METEOR_MEAN_KEY,
@@ -160,7 +160,7 @@ def test_blocks_without_meteor_stats_fall_back_explicitly_to_the_per_image_mean(
 
 
 def test_without_java_there_is_no_meteor_interval(monkeypatch, synthetic_scores):
-    monkeypatch.setattr(metrics, "java_version", lambda: None)
+    monkeypatch.setattr(coco, "java_version", lambda: None)
     res = score_captions(SYS_A, REFS, metrics=("Bleu_4", "METEOR", "CIDEr"))
     assert res.metrics["METEOR"] is None and "Java" in res.unavailable["METEOR"]
     ci = bootstrap_ci(res.per_image_block())

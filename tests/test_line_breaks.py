@@ -11,10 +11,10 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from benchmark import metrics
 from benchmark.cli import app
 from benchmark.errors import ScoringError
 from benchmark.metrics import LINE_BREAKS, java_tokenizer_available, ptb_tokenize, score_captions
+from benchmark.metrics import coco as metrics
 from tests.conftest import COCO_DEMO, needs
 
 needs_java = pytest.mark.skipif(not java_tokenizer_available(), reason="no Java PTB tokenizer")

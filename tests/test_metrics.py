@@ -3,7 +3,7 @@ import zipfile
 
 import pytest
 
-from benchmark import metrics
+from benchmark.metrics import coco as metrics
 from benchmark.metrics import ptb_tokenize, score_captions
 
 REFS = {

@@ -1,4 +1,4 @@
-"""Caption metrics through pycocoevalcap, exactly as the COCO caption toolkit computes them.
+"""The COCO caption toolkit's metrics through pycocoevalcap, exactly as it computes them.
 
 :func:`score_captions` reproduces ``pycocoevalcap.eval.COCOEvalCap``: both sides pass through
 the Stanford PTB tokenizer (lower-cased, punctuation removed), then BLEU-1..4 (corpus,
@@ -35,13 +35,13 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from benchmark.errors import ScoringError
+from benchmark.metrics.registry import MetricFamily, ScoreResult, ScoringInput, register_family
 
 ALL_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 #: metrics scored per image (BLEU is corpus-level: its per-image n-gram counts are kept instead)
@@ -374,32 +374,6 @@ atexit.register(close_meteor_jar)
 
 
 # -------------------------------------------------------------------------------- scoring
-@dataclass
-class ScoreResult:
-    """Corpus scores, per-image scores and what could not be computed.
-
-    ``metrics``: name -> score in [0, 1] (CIDEr in [0, 10]), None when unavailable.
-    ``per_image``: name -> list aligned with ``image_ids`` (METEOR, ROUGE_L, CIDEr, SPICE), and
-    ``METEOR_stats``: per image the jar's 23 METEOR sufficient statistics (see
-    :meth:`MeteorJar.score`), enough to rescore corpus METEOR on any subset (bootstrap).
-    ``bleu_stats``: per image ``[hyp_len, closest_ref_len, correct_1..4, total_1..4]``, enough
-    to recompute corpus BLEU on any subset (bootstrap). ``unavailable``: name -> reason.
-    """
-
-    image_ids: list
-    metrics: dict[str, float | None]
-    per_image: dict[str, list[float]] = field(default_factory=dict)
-    bleu_stats: list[list[int]] = field(default_factory=list)
-    unavailable: dict[str, str] = field(default_factory=dict)
-    tokenizer: str = "ptb-java"
-
-    def per_image_block(self) -> dict:
-        """The run record's ``per_image`` block: ``image_ids``, per-image scores,
-        ``METEOR_stats`` and ``bleu_stats`` (what :func:`benchmark.stats.bootstrap_ci`
-        resamples)."""
-        return {"image_ids": self.image_ids, **self.per_image, "bleu_stats": self.bleu_stats}
-
-
 def _bleu_stats(bleu_scorer) -> list[list[int]]:
     """Per image ``[hyp_len, closest ref_len, correct_1..4, guess_1..4]`` (BLEU's 'closest')."""
     out = []
@@ -412,7 +386,8 @@ def _bleu_stats(bleu_scorer) -> list[list[int]]:
 
 def score_captions(predictions: dict, references: dict, *, metrics=ALL_METRICS,
                    per_image: bool = True) -> ScoreResult:
-    """Score ``{image_id: caption}`` against ``{image_id: [reference, ...]}``.
+    """Score ``{image_id: caption}`` against ``{image_id: [reference, ...]}`` with the COCO
+    caption toolkit's metrics (this family's part of :func:`benchmark.metrics.score_captions`).
 
     Every prediction id must have references (ValueError otherwise). Scores equal
     ``COCOEvalCap.evaluate()`` on the same captions. Unavailable metrics (no Java, no CoreNLP
@@ -489,3 +464,14 @@ def cider_d(predictions: dict, references_tokenized: dict) -> float:
     res = ptb_tokenize({i: [c] for i, c in predictions.items()})
     gts = {i: references_tokenized[i] for i in predictions}
     return float(Cider().compute_score(gts, res)[0])
+
+
+def _score_family(inp: ScoringInput, wanted: tuple[str, ...]) -> ScoreResult:
+    return score_captions(inp.predictions, inp.references, metrics=wanted,
+                          per_image=inp.per_image)
+
+
+COCO = register_family(MetricFamily(
+    name="coco", metrics=ALL_METRICS, score=_score_family, status=lambda _options: metric_status(),
+    needs_java=True, weights="none (n-gram statistics; METEOR's paraphrase table ships with "
+    "pycocoevalcap)", mean_of_images=PER_IMAGE_METRICS, order=0))
