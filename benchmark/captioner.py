@@ -32,6 +32,7 @@ from benchmark.records import (
 )
 
 __all__ = ["IMAGE_EXTENSIONS", "CaptionResult", "expand_paths", "load_pixels", "caption_files",
+           "caption_saved_run",
            "coco_image_id", "coco_results", "evaluate_run", "evaluate_saved_run", "check_split"]
 
 #: file name endings taken from a folder (an explicitly named file is tried whatever its name)
@@ -167,6 +168,30 @@ def caption_files(run: LoadedRun, files: list[Path], *, batch_size: int | None =
     flush()
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def caption_saved_run(paths: list[str], run: str, results_dir: str | Path, *,
+                      beam_size: int | None = None, max_len: int | None = None,
+                      encoder_weights: str | Path | None = None) -> tuple[LoadedRun, CaptionResult]:
+    """``capbench caption``: expand ``paths`` (files, folders, glob patterns;
+    :func:`expand_paths`), load the saved run ``run`` (id, prefix/suffix, folder or 'latest'
+    under ``results_dir``, with the decoding overrides and a moved ``encoder_weights`` file;
+    :func:`benchmark.checkpoint.load_run`) and :func:`caption_files` the images.
+
+    Returns:
+        ``(loaded run, result)``; ``result.failures`` lists the paths that named no image
+        first, then the files that could not be read.
+
+    Raises:
+        RecordError: the run or its checkpoint cannot be found or loaded (paths that name no
+            image are failures, not errors).
+    """
+    files, failures = expand_paths(paths)
+    loaded = load_run(run, results_dir, beam_size=beam_size, max_len=max_len,
+                      encoder_weights=str(encoder_weights) if encoder_weights else None)
+    res = caption_files(loaded, files)
+    res.failures = failures + res.failures
+    return loaded, res
 
 
 def _features_for(run: LoadedRun, dataset, images, console=None):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
+import copy
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 from rich.console import Console
@@ -136,8 +136,8 @@ def run(
     """Train a decoder (on frozen encoder features, or fine-tuning the encoder), score it on the
     test split, write a run record."""
     from benchmark import distributed
-    from benchmark.config import load_config
-    from benchmark.runner import check_launch, run_seeds
+    from benchmark.config import load_config, parse_seeds
+    from benchmark.runner import launch_ranks, run_seeds
 
     distributed.check_nproc(nproc)
 
@@ -150,12 +150,11 @@ def run(
         "encoder_trainable": finetune_encoder, "encoder_lr": encoder_lr, "log": log,
         "train.compile": compile, "encoder_grad_checkpointing": grad_checkpointing,
     })
-    seed_list = _parse_seeds(seeds) if seeds else [cfg.seed]
-    if nproc > 1 and not distributed.launched_by_torchrun():
-        check_launch(cfg, nproc)
-        raise typer.Exit(distributed.relaunch(nproc, sys.argv[1:],
-                                              lambda text: err.print(_q(text), highlight=False)))
-    is_rank0 = os.environ.get("RANK", "0") == "0"
+    seed_list = parse_seeds(seeds) if seeds else [cfg.seed]
+    code = launch_ranks(cfg, nproc, sys.argv[1:], lambda text: err.print(_q(text), highlight=False))
+    if code is not None:
+        raise typer.Exit(code)
+    is_rank0 = distributed.launched_as_main()
 
     def on_start(s: int) -> None:
         if is_rank0:
@@ -168,18 +167,6 @@ def run(
                 _print_run_summary(record, path)
     finally:
         distributed.shutdown()
-
-
-def _parse_seeds(text: str) -> list[int]:
-    from benchmark.config import check_seeds
-
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        _fail(f"--seeds {text!r}: give integers separated by commas, e.g. 0,1,2")
-    if not out:
-        _fail("--seeds is empty")
-    return check_seeds(out, "--seeds")
 
 
 def _print_run_summary(record, path: Path) -> None:
@@ -341,15 +328,12 @@ def caption(
     import json
     import time
 
-    from benchmark.captioner import caption_files, coco_results, expand_paths
-    from benchmark.checkpoint import load_run
+    from benchmark.captioner import caption_saved_run, coco_results
 
     t0 = time.perf_counter()
-    files, failures = expand_paths(paths)
-    loaded = load_run(run, results_dir, beam_size=beam_size, max_len=max_len,
-                      encoder_weights=str(encoder_weights) if encoder_weights else None)
-    res = caption_files(loaded, files)
-    failures += res.failures
+    loaded, res = caption_saved_run(paths, run, results_dir, beam_size=beam_size, max_len=max_len,
+                                    encoder_weights=encoder_weights)
+    failures = res.failures
     if format == "json":
         rows, twice = coco_results(res.captions)
         if twice:
@@ -390,27 +374,14 @@ def explain(
 ):
     """Caption IMAGE and write one PNG: the image, then a heatmap panel per generated word
     (soft attention, Xu et al. 2015 / cross-attention; or Grad-CAM, Selvaraju et al. 2017)."""
-    import time
+    from benchmark.explain import explain_saved_run
 
-    from benchmark.checkpoint import load_run
-    from benchmark.explain import METHODS, explain_image, open_image, render_explanation
-
-    if method not in METHODS:
-        _fail(f"--method {method!r}: choose {' or '.join(METHODS)}")
-    picture = open_image(image)
-    loaded = load_run(run, results_dir, beam_size=beam_size, max_len=max_len,
-                      encoder_weights=str(encoder_weights) if encoder_weights else None)
-    t0 = time.perf_counter()
-    ex = explain_image(loaded, picture, [method], layer=layer)
-    path = out / f"{image.stem}-{method}.png"
-    try:
-        render_explanation(ex, method, path, title=f"{method} ({loaded.arch} on "
-                           f"{loaded.encoder.name}): {ex.caption}")
-    except OSError as exc:
-        _fail(f"cannot write {path} (--out {out}): {exc.strerror or exc}")
+    done = explain_saved_run(image, run, results_dir, method, out=out, layer=layer,
+                             beam_size=beam_size, max_len=max_len, encoder_weights=encoder_weights)
+    ex = done.explanation
     console.print(f"caption: {_q(ex.caption)}", highlight=False)
-    console.print(f"wrote {_q(path)} ({len(ex.words)} word panels; {method} {ex.seconds[method]:.2f} s, "
-                  f"total {time.perf_counter() - t0:.2f} s after loading the model)", highlight=False)
+    console.print(f"wrote {_q(done.path)} ({len(ex.words)} word panels; {method} {ex.seconds[method]:.2f} s, "
+                  f"total {done.seconds:.2f} s after loading the model)", highlight=False)
 
 
 @app.command()
@@ -520,7 +491,7 @@ def matrix(
     """Run every decoder x encoder (x seed) cell on one split; resumable; ends with the leaderboard.
 
     With --shard i/N, only this machine's share of the cells (the same split on every machine)."""
-    from benchmark.config import load_config
+    from benchmark.config import load_config, parse_seeds
     from benchmark.matrix import idle_shard, matrix_plan, parse_shard, run_matrix
     from benchmark.report import leaderboard, render_rich
 
@@ -530,7 +501,7 @@ def matrix(
                                "results_dir": str(results_dir) if results_dir else None})
     plan = matrix_plan(config, archs.split(",") if archs else None,
                        encoders.split(",") if encoders else None,
-                       _parse_seeds(seeds) if seeds else None, cfg.seed)
+                       parse_seeds(seeds) if seeds else None, cfg.seed)
     counter = {"n": 0, "of": plan.size}
 
     def on_plan(cells, planned):
@@ -604,9 +575,36 @@ def check(
 bench_app = typer.Typer(help="Time decoders, encoders, the feature store, extraction, the SCST reward and matrix products on synthetic inputs.")
 app.add_typer(bench_app, name="bench")
 
+# The bench commands' shared options, each help text written once; the bench callback's older
+# flag forms take the same ones hidden (_hidden).
 _Names = Annotated[str, typer.Argument(help="names, comma-separated, or 'all'")]
 _Device = Annotated[str, typer.Option(help="auto, cpu, cuda, mps")]
 _Iters = Annotated[int, typer.Option(help="timed iterations (median reported)")]
+_BatchSize = Annotated[int, typer.Option(help="batch size")]
+_GridSize = Annotated[int, typer.Option(help="grid tokens N (196 = 14x14)")]
+_GridDim = Annotated[int, typer.Option(help="grid feature dim D")]
+_PooledDim = Annotated[int | None, typer.Option(help="pooled feature dim (default: grid_dim)")]
+_VocabSize = Annotated[int, typer.Option(help="vocabulary size")]
+_CaptionLen = Annotated[int, typer.Option(help="words per caption")]
+_EmbedDim = Annotated[int, typer.Option(help="word embedding dim (d_model for transformer)")]
+_HiddenDim = Annotated[int, typer.Option(help="RNN hidden dim / transformer FFN dim")]
+_AttentionDim = Annotated[int, typer.Option(help="soft-attention dim")]
+_NumLayers = Annotated[int, typer.Option(help="decoder layers")]
+_NumHeads = Annotated[int, typer.Option(help="transformer heads")]
+_BeamSize = Annotated[int, typer.Option(help="beam size for the beam-K figure")]
+_RowsFormat = Annotated[BenchFormat, typer.Option("--format", help="table, csv or json")]
+_LineFormat = Annotated[TableOrJson, typer.Option("--format", help="table (one line) or json")]
+_CsvOutput = Annotated[Path | None, typer.Option(help="also write the rows as CSV here")]
+_Peak = Annotated[bool, typer.Option("--peak", help="measure the device's matmul peak (fp32, bf16) and report each phase's utilisation = achieved GFLOP/s / peak")]
+_Compile = Annotated[bool, typer.Option("--compile", help="also time each decoder's training step through torch.compile and report the speedup over eager")]
+
+
+def _hidden(option):
+    """``option`` (an ``Annotated[type, typer.Option(...)]`` alias) hidden from ``--help``."""
+    kind, info = get_args(option)
+    info = copy.copy(info)
+    info.hidden = True
+    return Annotated[kind, info]
 
 
 @bench_app.callback(invoke_without_command=True)
@@ -615,26 +613,26 @@ def bench(
     ctx: typer.Context,
     arch: Annotated[str | None, typer.Option(hidden=True, help="decoder(s) to time on synthetic features, comma-separated, or 'all' (now: bench decoders)")] = None,
     encoder: Annotated[str | None, typer.Option(hidden=True, help="encoder(s) to time on random pixels, comma-separated, or 'all' (now: bench encoders)")] = None,
-    grid_size: Annotated[int, typer.Option(hidden=True, help="grid tokens N (196 = 14x14)")] = 196,
-    grid_dim: Annotated[int, typer.Option(hidden=True, help="grid feature dim D")] = 2048,
-    pooled_dim: Annotated[int | None, typer.Option(hidden=True, help="pooled feature dim (default: grid_dim)")] = None,
-    vocab_size: Annotated[int, typer.Option(hidden=True, help="vocabulary size")] = 10000,
-    batch_size: Annotated[int, typer.Option(hidden=True, help="batch size")] = 32,
-    caption_len: Annotated[int, typer.Option(hidden=True, help="words per caption")] = 20,
-    embed_dim: Annotated[int, typer.Option(hidden=True, help="word embedding dim (d_model for transformer)")] = 512,
-    hidden_dim: Annotated[int, typer.Option(hidden=True, help="RNN hidden dim / transformer FFN dim")] = 512,
-    attention_dim: Annotated[int, typer.Option(hidden=True, help="soft-attention dim")] = 512,
-    num_layers: Annotated[int, typer.Option(hidden=True, help="decoder layers")] = 1,
-    num_heads: Annotated[int, typer.Option(hidden=True, help="transformer heads")] = 8,
-    beam_size: Annotated[int, typer.Option(hidden=True, help="beam size for the beam-K figure")] = 5,
-    iters: Annotated[int, typer.Option(hidden=True, help="timed iterations (median reported)")] = 5,
-    device: Annotated[str, typer.Option(hidden=True, help="auto, cpu, cuda, mps")] = "auto",
-    format: Annotated[BenchFormat, typer.Option("--format", hidden=True, help="table, csv or json")] = BenchFormat.table,
-    output: Annotated[Path | None, typer.Option(hidden=True, help="also write the rows as CSV here")] = None,
-    peak: Annotated[bool, typer.Option("--peak", hidden=True, help="measure the device's matmul peak (fp32, bf16) and report each phase's utilisation = achieved GFLOP/s / peak")] = False,
+    grid_size: _hidden(_GridSize) = 196,
+    grid_dim: _hidden(_GridDim) = 2048,
+    pooled_dim: _hidden(_PooledDim) = None,
+    vocab_size: _hidden(_VocabSize) = 10000,
+    batch_size: _hidden(_BatchSize) = 32,
+    caption_len: _hidden(_CaptionLen) = 20,
+    embed_dim: _hidden(_EmbedDim) = 512,
+    hidden_dim: _hidden(_HiddenDim) = 512,
+    attention_dim: _hidden(_AttentionDim) = 512,
+    num_layers: _hidden(_NumLayers) = 1,
+    num_heads: _hidden(_NumHeads) = 8,
+    beam_size: _hidden(_BeamSize) = 5,
+    iters: _hidden(_Iters) = 5,
+    device: _hidden(_Device) = "auto",
+    format: _hidden(_RowsFormat) = BenchFormat.table,
+    output: _hidden(_CsvOutput) = None,
+    peak: _hidden(_Peak) = False,
     reward: Annotated[str | None, typer.Option(hidden=True, help="time the SCST reward on this dataset's train split (now: bench reward)")] = None,
     gemm: Annotated[str | None, typer.Option(hidden=True, help="time matrix products MxKxN, comma-separated (now: bench gemm)")] = None,
-    compile: Annotated[bool, typer.Option("--compile", hidden=True, help="also time each decoder's training step through torch.compile and report the speedup over eager")] = False,
+    compile: _hidden(_Compile) = False,
     store: Annotated[int | None, typer.Option(hidden=True, help="scale benchmark of a synthetic feature store of N images (now: bench store)")] = None,
     store_dir: Annotated[Path | None, typer.Option(hidden=True, help="where --store builds its synthetic store (default: the system temp folder); it is deleted afterwards")] = None,
     extraction: Annotated[str | None, typer.Option(hidden=True, help="time feature extraction of --encoder (default resnet50) on this dataset (now: bench extraction)")] = None,
@@ -717,24 +715,24 @@ def _bench_models(archs, encoders, w, iters, device, format, output, **options) 
 @_guard
 def bench_decoders(
     names: _Names = "all",
-    grid_size: Annotated[int, typer.Option(help="grid tokens N (196 = 14x14)")] = 196,
-    grid_dim: Annotated[int, typer.Option(help="grid feature dim D")] = 2048,
-    pooled_dim: Annotated[int | None, typer.Option(help="pooled feature dim (default: grid_dim)")] = None,
-    vocab_size: Annotated[int, typer.Option(help="vocabulary size")] = 10000,
-    batch_size: Annotated[int, typer.Option(help="batch size")] = 32,
-    caption_len: Annotated[int, typer.Option(help="words per caption")] = 20,
-    embed_dim: Annotated[int, typer.Option(help="word embedding dim (d_model for transformer)")] = 512,
-    hidden_dim: Annotated[int, typer.Option(help="RNN hidden dim / transformer FFN dim")] = 512,
-    attention_dim: Annotated[int, typer.Option(help="soft-attention dim")] = 512,
-    num_layers: Annotated[int, typer.Option(help="decoder layers")] = 1,
-    num_heads: Annotated[int, typer.Option(help="transformer heads")] = 8,
-    beam_size: Annotated[int, typer.Option(help="beam size for the beam-K figure")] = 5,
+    grid_size: _GridSize = 196,
+    grid_dim: _GridDim = 2048,
+    pooled_dim: _PooledDim = None,
+    vocab_size: _VocabSize = 10000,
+    batch_size: _BatchSize = 32,
+    caption_len: _CaptionLen = 20,
+    embed_dim: _EmbedDim = 512,
+    hidden_dim: _HiddenDim = 512,
+    attention_dim: _AttentionDim = 512,
+    num_layers: _NumLayers = 1,
+    num_heads: _NumHeads = 8,
+    beam_size: _BeamSize = 5,
     iters: _Iters = 5,
     device: _Device = "auto",
-    format: Annotated[BenchFormat, typer.Option("--format", help="table, csv or json")] = BenchFormat.table,
-    output: Annotated[Path | None, typer.Option(help="also write the rows as CSV here")] = None,
-    peak: Annotated[bool, typer.Option("--peak", help="measure the device's matmul peak (fp32, bf16) and report each phase's utilisation = achieved GFLOP/s / peak")] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="also time each decoder's training step through torch.compile and report the speedup over eager")] = False,
+    format: _RowsFormat = BenchFormat.table,
+    output: _CsvOutput = None,
+    peak: _Peak = False,
+    compile: _Compile = False,
 ):
     """Decoders on synthetic features: training tokens/s, beam-1/beam-K captions/s, batch-1
     latency, FLOPs (defaults: the Show-Attend-Tell setting: 196 x 2048 grid, 512-d, 10k
@@ -757,8 +755,8 @@ def bench_encoders(
     batch_size: Annotated[int, typer.Option(help="images a batch")] = 16,
     iters: Annotated[int, typer.Option(help="twice the timed iterations (half are timed, at least 2; median reported)")] = 5,
     device: _Device = "auto",
-    format: Annotated[BenchFormat, typer.Option("--format", help="table, csv or json")] = BenchFormat.table,
-    output: Annotated[Path | None, typer.Option(help="also write the rows as CSV here")] = None,
+    format: _RowsFormat = BenchFormat.table,
+    output: _CsvOutput = None,
 ):
     """Encoders on random pixels (random weights), run as extraction runs them: images/s,
     GFLOPs per image, batch-1 latency."""
@@ -776,9 +774,9 @@ def bench_encoders(
 def bench_store(
     n: Annotated[int, typer.Argument(help="images in the synthetic store, at least 2 (e.g. 100000)")],
     store_dir: Annotated[Path | None, typer.Option(help="where the synthetic store is built (default: the system temp folder); it is deleted afterwards")] = None,
-    batch_size: Annotated[int, typer.Option(help="batch size")] = 32,
+    batch_size: _BatchSize = 32,
     device: _Device = "auto",
-    format: Annotated[TableOrJson, typer.Option("--format", help="table (one line) or json")] = TableOrJson.table,
+    format: _LineFormat = TableOrJson.table,
 ):
     """The feature store at scale: a synthetic store of N images at ResNet-50's grid size
     (49 x 2048, float16; 0.2 MB an image): peak RSS and samples/s of reading, training and
@@ -798,7 +796,7 @@ def bench_extraction(
     dataset: Annotated[str, typer.Argument(help="'shapes' or a Karpathy dataset.json")],
     encoder: Annotated[str | None, typer.Option(help="encoder(s), comma-separated, or 'all' (default resnet50)")] = None,
     images: Annotated[int, typer.Option(help="the dataset's first N images")] = 256,
-    batch_size: Annotated[int, typer.Option(help="batch size")] = 32,
+    batch_size: _BatchSize = 32,
     iters: Annotated[int, typer.Option(help="alternating rounds (median reported)")] = 5,
     num_workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: auto)")] = None,
     device: _Device = "auto",
@@ -820,7 +818,7 @@ def bench_extraction(
 @_guard
 def bench_reward(
     dataset: Annotated[str, typer.Argument(help="dataset whose train split is scored, e.g. shapes")],
-    format: Annotated[TableOrJson, typer.Option("--format", help="table (one line) or json")] = TableOrJson.table,
+    format: _LineFormat = TableOrJson.table,
 ):
     """The SCST reward: CIDEr-D with cached document frequencies vs pycocoevalcap's Cider."""
     from benchmark import bench as b
@@ -835,7 +833,7 @@ def bench_gemm(
     shapes: Annotated[str, typer.Argument(help="MxKxN, comma-separated, e.g. 32x2048x2048,4096x4096x4096")],
     iters: Annotated[int, typer.Option(help="timed products (best of at least 3)")] = 5,
     device: _Device = "auto",
-    format: Annotated[TableOrJson, typer.Option("--format", help="table (one line) or json")] = TableOrJson.table,
+    format: _LineFormat = TableOrJson.table,
 ):
     """GFLOP/s of fp32 matrix products of given shapes (the shapes a decoder's step loop
     multiplies are far from the device's peak)."""
@@ -953,13 +951,9 @@ def data_shapes(
     force: Annotated[bool, typer.Option(help="overwrite an existing dataset.json in --out")] = False,
 ):
     """Generate the embedded 'shapes' dataset in Karpathy format."""
-    from benchmark.fsutil import refuse_overwrite
-    from benchmark.shapes import MAX_IMAGES, generate_shapes
+    from benchmark.shapes import write_shapes
 
-    if not 10 <= n_images <= MAX_IMAGES:
-        _fail(f"--n-images {n_images}: give 10 to {MAX_IMAGES:,}")
-    refuse_overwrite(out / "dataset.json", "--out", dataset_ok=True)  # a run record, even with --force
-    path = generate_shapes(out, n_images, seed, overwrite=force)
+    path = write_shapes(out, n_images, seed, force=force)
     console.print(f"wrote {_q(path)} ({n_images} images)")
 
 
@@ -994,55 +988,47 @@ def _prepare_command(kind: str, captions: list[Path], images: Path, out: Path, s
     console.print(f"wrote {_q(report.out)}; check it with: capbench run --dataset {_q(report.out)} ...", highlight=False)
 
 
-_SPLITS_HELP = "Karpathy's dataset_*.json, or split lists named *train*/*dev*|*val*/*test* (repeat the option); without it: a seeded split in Karpathy proportions"
+# data flickr8k/flickr30k/coco: the same options, but for the help of --captions, --images, --splits
+_DatasetOut = Annotated[Path, typer.Option(help="dataset.json to write")]
+_SplitSeed = Annotated[int, typer.Option(help="seed of the split made when no --splits is given")]
+_Force = Annotated[bool, typer.Option(help="overwrite an existing --out file")]
+_CheckImages = Annotated[bool, typer.Option("--check-images/--no-check-images", help="open every image with PIL (verify); --no-check-images only checks that files exist")]
+_Decode = Annotated[bool, typer.Option(help="fully decode every image (catches truncated JPEGs; slower)")]
 
 
-@data_app.command("flickr8k")
-@_guard
-def data_flickr8k(
-    captions: Annotated[list[Path], typer.Option(help="Kaggle captions.txt (image,caption), Flickr8k.token.txt or Karpathy's dataset_flickr8k.json")],
-    images: Annotated[Path, typer.Option(help="folder holding the .jpg files (e.g. Flicker8k_Dataset/ or Images/)")],
-    out: Annotated[Path, typer.Option(help="dataset.json to write")],
-    splits: Annotated[list[Path] | None, typer.Option(help="Karpathy's dataset_flickr8k.json, or Flickr_8k.trainImages.txt, Flickr_8k.devImages.txt (dev = val) and Flickr_8k.testImages.txt (repeat the option); without it: a seeded split in Karpathy proportions")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the split made when no --splits is given")] = 0,
-    force: Annotated[bool, typer.Option(help="overwrite an existing --out file")] = False,
-    check_images: Annotated[bool, typer.Option("--check-images/--no-check-images", help="open every image with PIL (verify); --no-check-images only checks that files exist")] = True,
-    decode: Annotated[bool, typer.Option(help="fully decode every image (catches truncated JPEGs; slower)")] = False,
-):
-    """Write a Karpathy dataset.json for Flickr8k (Hodosh et al. 2013) from the downloaded captions."""
-    _prepare_command("flickr8k", captions, images, out, splits, seed, force, check_images, decode)
+def _add_data_command(kind: str, doc: str, captions: str, images: str, splits: str) -> None:
+    """Register ``capbench data KIND`` (:func:`_prepare_command`) with ``doc`` as its help and
+    the help texts of its --captions, --images and --splits options."""
+
+    def command(captions, images, out, splits=None, seed=0, force=False, check_images=True,
+                decode=False):
+        _prepare_command(kind, captions, images, out, splits, seed, force, check_images, decode)
+
+    command.__annotations__ = {  # what Typer reads (objects: the help texts are arguments here)
+        "captions": Annotated[list[Path], typer.Option(help=captions)],
+        "images": Annotated[Path, typer.Option(help=images)], "out": _DatasetOut,
+        "splits": Annotated[list[Path] | None, typer.Option(help=splits)], "seed": _SplitSeed,
+        "force": _Force, "check_images": _CheckImages, "decode": _Decode}
+    command.__name__ = command.__qualname__ = f"data_{kind}"
+    command.__doc__ = doc
+    data_app.command(kind)(_guard(command))
 
 
-@data_app.command("flickr30k")
-@_guard
-def data_flickr30k(
-    captions: Annotated[list[Path], typer.Option(help="Kaggle results.csv (image_name| comment_number| comment), results_20130124.token or Karpathy's dataset_flickr30k.json")],
-    images: Annotated[Path, typer.Option(help="folder holding the .jpg files (e.g. flickr30k_images/)")],
-    out: Annotated[Path, typer.Option(help="dataset.json to write")],
-    splits: Annotated[list[Path] | None, typer.Option(help=_SPLITS_HELP)] = None,
-    seed: Annotated[int, typer.Option(help="seed of the split made when no --splits is given")] = 0,
-    force: Annotated[bool, typer.Option(help="overwrite an existing --out file")] = False,
-    check_images: Annotated[bool, typer.Option("--check-images/--no-check-images", help="open every image with PIL (verify); --no-check-images only checks that files exist")] = True,
-    decode: Annotated[bool, typer.Option(help="fully decode every image (catches truncated JPEGs; slower)")] = False,
-):
-    """Write a Karpathy dataset.json for Flickr30k (Young et al. 2014) from the downloaded captions."""
-    _prepare_command("flickr30k", captions, images, out, splits, seed, force, check_images, decode)
-
-
-@data_app.command("coco")
-@_guard
-def data_coco(
-    captions: Annotated[list[Path], typer.Option(help="captions_train2014.json and captions_val2014.json (or the 2017 pair; repeat the option), or Karpathy's dataset_coco.json")],
-    images: Annotated[Path, typer.Option(help="folder holding train2014/ and val2014/ (or train2017/, val2017/)")],
-    out: Annotated[Path, typer.Option(help="dataset.json to write")],
-    splits: Annotated[list[Path] | None, typer.Option(help="Karpathy's dataset_coco.json (matched by COCO id, so it also fits the 2017 files); without it: train -> train and val split by --seed into val/test halves")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the split made when no --splits is given")] = 0,
-    force: Annotated[bool, typer.Option(help="overwrite an existing --out file")] = False,
-    check_images: Annotated[bool, typer.Option("--check-images/--no-check-images", help="open every image with PIL (verify); --no-check-images only checks that files exist")] = True,
-    decode: Annotated[bool, typer.Option(help="fully decode every image (catches truncated JPEGs; slower)")] = False,
-):
-    """Write a Karpathy dataset.json for COCO captions (Chen et al. 2015) from the annotation files."""
-    _prepare_command("coco", captions, images, out, splits, seed, force, check_images, decode)
+_add_data_command(
+    "flickr8k", "Write a Karpathy dataset.json for Flickr8k (Hodosh et al. 2013) from the downloaded captions.",
+    captions="Kaggle captions.txt (image,caption), Flickr8k.token.txt or Karpathy's dataset_flickr8k.json",
+    images="folder holding the .jpg files (e.g. Flicker8k_Dataset/ or Images/)",
+    splits="Karpathy's dataset_flickr8k.json, or Flickr_8k.trainImages.txt, Flickr_8k.devImages.txt (dev = val) and Flickr_8k.testImages.txt (repeat the option); without it: a seeded split in Karpathy proportions")
+_add_data_command(
+    "flickr30k", "Write a Karpathy dataset.json for Flickr30k (Young et al. 2014) from the downloaded captions.",
+    captions="Kaggle results.csv (image_name| comment_number| comment), results_20130124.token or Karpathy's dataset_flickr30k.json",
+    images="folder holding the .jpg files (e.g. flickr30k_images/)",
+    splits="Karpathy's dataset_*.json, or split lists named *train*/*dev*|*val*/*test* (repeat the option); without it: a seeded split in Karpathy proportions")
+_add_data_command(
+    "coco", "Write a Karpathy dataset.json for COCO captions (Chen et al. 2015) from the annotation files.",
+    captions="captions_train2014.json and captions_val2014.json (or the 2017 pair; repeat the option), or Karpathy's dataset_coco.json",
+    images="folder holding train2014/ and val2014/ (or train2017/, val2017/)",
+    splits="Karpathy's dataset_coco.json (matched by COCO id, so it also fits the 2017 files); without it: train -> train and val split by --seed into val/test halves")
 
 
 def main() -> None:  # pragma: no cover

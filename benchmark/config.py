@@ -22,7 +22,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 __all__ = ["RunConfig", "TrainConfig", "FeatureConfig", "load_config", "config_to_dict",
            "CONFIG_DIR", "resolve_config_path", "read_config_file", "resolved_config", "config_id",
-           "apply_overrides", "check_ranges", "check_seeds", "MAX_SEED", "MAX_EPOCHS", "MAX_BATCH"]
+           "apply_overrides", "check_ranges", "check_seeds", "parse_seeds", "MAX_SEED", "MAX_EPOCHS",
+           "MAX_BATCH"]
 
 
 #: numpy's and PyTorch's seeds are 32-bit (``np.random.seed`` refuses more)
@@ -219,6 +220,19 @@ def check_seeds(seeds: list, where: str) -> list[int]:
         raise ConfigError(f"{where}: seed {repeated[0]} is given twice; each seed is one run, "
                           "and the board's mean and std count every run")
     return list(seeds)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """The seeds of a ``--seeds`` option: integers separated by commas (``"0,1,2"``), checked
+    by :func:`check_seeds`. Raises ConfigError when an item is not an integer, when none is
+    given, or as :func:`check_seeds` does."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: give integers separated by commas, e.g. 0,1,2") from None
+    if not out:
+        raise ConfigError("--seeds is empty")
+    return check_seeds(out, "--seeds")
 
 
 def _apply(obj: Any, values: dict, source: str, prefix: str = "") -> None:

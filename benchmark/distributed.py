@@ -21,7 +21,8 @@ import torch.distributed as dist
 from benchmark.errors import CapbenchError, ConfigError
 from benchmark.limits import cpu_count
 
-__all__ = ["launched_by_torchrun", "backend", "init", "shutdown", "rank", "world_size", "local_rank",
+__all__ = ["launched_by_torchrun", "launched_as_main", "backend", "init", "shutdown", "rank",
+           "world_size", "local_rank",
            "is_main", "share", "all_or_none", "barrier", "all_gather_object", "all_reduce_sum",
            "broadcast_object", "launch", "timeout_seconds", "torchrun_args", "check_nproc",
            "check_launch", "relaunch"]
@@ -30,6 +31,12 @@ __all__ = ["launched_by_torchrun", "backend", "init", "shutdown", "rank", "world
 def launched_by_torchrun() -> bool:
     """Whether this process was started by ``torchrun`` with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def launched_as_main() -> bool:
+    """Whether this process is rank 0 as ``torchrun`` numbered it (``RANK``; True outside
+    torchrun), known before :func:`init` (the console output and records are rank 0's)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 BACKENDS = ("gloo", "nccl")

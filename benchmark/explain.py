@@ -37,19 +37,27 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmark.checkpoint import LoadedRun
-from benchmark.errors import CapbenchError
+from benchmark.checkpoint import LoadedRun, load_run
+from benchmark.errors import CapbenchError, StorageError
 
 METHODS = ("attention", "gradcam")
 
 __all__ = ["METHODS", "ExplainError", "Explanation", "crop_geometry", "upsample_map",
            "attention_maps", "transformer_cross_attention", "gradcam_maps", "explain_image",
-           "render_explanation", "render_strip", "open_image"]
+           "render_explanation", "render_strip", "open_image", "check_method",
+           "SavedExplanation", "explain_saved_run"]
 
 
 class ExplainError(CapbenchError):
     """A heatmap cannot be computed for this run and method (the message says why and what
     to use instead)."""
+
+
+def check_method(method: str) -> None:
+    """Raises ExplainError unless ``method`` is one of :data:`METHODS` (``attention``,
+    ``gradcam``); the message names ``--method`` as ``capbench explain`` takes it."""
+    if method not in METHODS:
+        raise ExplainError(f"--method {method!r}: choose {' or '.join(METHODS)}")
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -305,9 +313,8 @@ def explain_image(run: LoadedRun, image: Image.Image, methods=("attention",), *,
     ``unavailable`` dict, a method that raises ExplainError is skipped instead and its reason
     stored there (method -> message).
     """
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ExplainError(f"--method {bad[0]!r}: choose {' or '.join(METHODS)}")
+    for m in methods:
+        check_method(m)
     pixels = run.preprocess(image).unsqueeze(0)
     grid, pooled = run.raw_features(pixels)
     if ids is None:
@@ -369,6 +376,62 @@ def render_explanation(ex: Explanation, method: str, path: str | Path, *, title:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+@dataclass
+class SavedExplanation:
+    """What ``capbench explain`` made: the loaded ``run``, its :class:`Explanation`, the PNG
+    written at ``path``, and ``seconds`` (wall seconds of captioning, the maps and the figure,
+    after the model was loaded)."""
+
+    run: LoadedRun
+    explanation: Explanation
+    path: Path
+    seconds: float
+
+
+def explain_saved_run(image: Path, run: str, results_dir: Path, method: str = "attention", *,
+                      out: Path = Path("explain"), layer: int = -1, beam_size: int | None = None,
+                      max_len: int | None = None,
+                      encoder_weights: Path | None = None) -> SavedExplanation:
+    """``capbench explain``: caption the file ``image`` with a saved run and write one PNG of
+    ``method``'s per-word maps (:func:`render_explanation`) as ``out/<image stem>-<method>.png``.
+
+    Args:
+        image: the image file.
+        run: a run id, a unique prefix/suffix of one, a checkpoint folder, or ``latest``.
+        results_dir: the folder holding ``runs/`` and ``checkpoints/``.
+        method: ``attention`` (attn_lstm, transformer) or ``gradcam`` (any decoder).
+        out: the folder for the PNG.
+        layer: the transformer's cross-attention layer (-1 = last).
+        beam_size: overrides the run's beam size.
+        max_len: overrides the run's maximum caption length (words).
+        encoder_weights: the encoder weights file, if it moved since training.
+
+    Returns:
+        :class:`SavedExplanation`: the loaded run, the :class:`Explanation` (per-word maps
+        ``(T, N)``), the PNG's path and the seconds taken after loading the model.
+
+    Raises:
+        ExplainError: ``method`` is not one of :data:`METHODS` (checked before anything is
+            read), or it cannot explain this run (:func:`explain_image`).
+        DatasetError: ``image`` is missing or unreadable (:func:`open_image`).
+        RecordError, CheckpointError, ConfigError: as :func:`benchmark.checkpoint.load_run`.
+        StorageError: the PNG cannot be written under ``out``.
+    """
+    check_method(method)
+    picture = open_image(image)
+    loaded = load_run(run, results_dir, beam_size=beam_size, max_len=max_len,
+                      encoder_weights=str(encoder_weights) if encoder_weights else None)
+    t0 = time.perf_counter()
+    ex = explain_image(loaded, picture, [method], layer=layer)
+    path = out / f"{image.stem}-{method}.png"
+    try:
+        render_explanation(ex, method, path, title=f"{method} ({loaded.arch} on "
+                           f"{loaded.encoder.name}): {ex.caption}")
+    except OSError as exc:
+        raise StorageError(f"cannot write {path} (--out {out}): {exc.strerror or exc}") from exc
+    return SavedExplanation(loaded, ex, path, time.perf_counter() - t0)
 
 
 def render_strip(ex: Explanation, method: str = "attention", *, panel: int = 64,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,7 @@ from benchmark.train import (
 from benchmark.vocab import CaptionTokenizer
 
 __all__ = ["prepare_features", "run_experiment", "run_seeds", "preflight",
-           "check_run_settings", "check_launch",
+           "check_run_settings", "check_launch", "launch_ranks",
            "run_baselines", "unfinished_state"]
 
 
@@ -360,6 +361,20 @@ def check_launch(cfg: RunConfig, nproc: int) -> None:
     check_run_settings(cfg)
     distributed.check_launch(cfg.device, nproc, select_device)
     preflight(cfg, resolve_dataset(cfg.dataset), resolved)
+
+
+def launch_ranks(cfg: RunConfig, nproc: int, argv: list[str],
+                 log: Callable[[str], None]) -> int | None:
+    """``capbench run --nproc N``: when ``nproc`` > 1 and this process was not itself started
+    by torchrun, check the launch once (:func:`check_launch`) and run the command ``argv``
+    (``sys.argv[1:]``) again as ``nproc`` processes (:func:`benchmark.distributed.relaunch`;
+    ``log`` is told the command line and any failure). Returns their exit code, or None when
+    this process should run the command itself (``nproc`` 1, or a rank under torchrun).
+    Raises ConfigError, DatasetError or StorageError as :func:`check_launch` does."""
+    if nproc <= 1 or distributed.launched_by_torchrun():
+        return None
+    check_launch(cfg, nproc)
+    return distributed.relaunch(nproc, argv, log)
 
 
 def run_experiment(cfg: RunConfig, console: Console | None = None, *,

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from benchmark.fsutil import ensure_writable, remove_stale_temps
+from benchmark.errors import ConfigError
+from benchmark.fsutil import ensure_writable, refuse_overwrite, remove_stale_temps
 from benchmark.paths import cache_root
 
 VERSION = 4  # bump whenever the images or captions change
@@ -42,7 +43,7 @@ SIZES = {"small": 22, "large": 38}
 BACKGROUNDS = {"white": (250, 250, 250), "grey": (160, 160, 160)}
 COUNT_WORDS = {2: "two", 3: "three"}
 
-__all__ = ["generate_shapes", "default_shapes_path", "VERSION"]
+__all__ = ["generate_shapes", "write_shapes", "default_shapes_path", "VERSION"]
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, color, box) -> None:
@@ -151,6 +152,29 @@ def generate_shapes(out_dir: str | Path, n_images: int = 600, seed: int = 0,
     path.write_text(json.dumps({"dataset": f"shapes-{n_images}", "version": VERSION, "seed": seed,
                                 "images": entries}, indent=1))
     return path
+
+
+def write_shapes(out: Path, n_images: int = 600, seed: int = 0, *, force: bool = False) -> Path:
+    """``capbench data shapes``: :func:`generate_shapes` into the folder ``out``, checked first.
+
+    Args:
+        out: output folder (``dataset.json`` + ``images/``).
+        n_images: number of images, 10 to :data:`MAX_IMAGES`.
+        seed: generator seed (the same arguments give byte-identical files).
+        force: overwrite an existing ``dataset.json`` in ``out`` (never a run record).
+
+    Returns:
+        The path of the written ``dataset.json``.
+
+    Raises:
+        ConfigError: ``n_images`` out of range, or ``out/dataset.json`` is a run record.
+        DatasetError: ``out`` already holds a ``dataset.json`` and not ``force``.
+        StorageError: ``out`` lacks the disk space.
+    """
+    if not 10 <= n_images <= MAX_IMAGES:
+        raise ConfigError(f"--n-images {n_images}: give 10 to {MAX_IMAGES:,}")
+    refuse_overwrite(out / "dataset.json", "--out", dataset_ok=True)  # a run record, even with --force
+    return generate_shapes(out, n_images, seed, overwrite=force)
 
 
 def default_shapes_path(n_images: int = 600, seed: int = 0) -> Path:
