@@ -21,7 +21,7 @@ from benchmark.data import resolve_dataset
 from benchmark.errors import CapbenchError, DatasetError, RecordError
 from benchmark.imagefile import file_problem, open_rgb
 from benchmark.inference import caption_features, caption_pixels
-from benchmark.metrics import score_captions
+from benchmark.metrics import MetricOptions, score_captions
 from benchmark.records import (
     RecordedModel,
     ScoredSplit,
@@ -241,7 +241,8 @@ def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
     store = _features_for(run, ds, images, console)
     predictions, captions_per_s = caption_features(run.decoder, store, images, run.vocab,
                                                    run.decode, run.device)
-    scores = score_captions(predictions, ds.references(split))
+    scores = score_captions(predictions, ds.references(split), images=ds.image_files(split),
+                            options=MetricOptions.from_env(device=str(run.device)))
     feats = run.config.get("features") or {}
     n_tp = int(feats.get("throughput_images", 64) or len(images))
     _, images_per_s = caption_pixels(run.encoder, run.decoder, images[:n_tp], run.vocab,

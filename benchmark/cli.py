@@ -25,6 +25,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions
 data_app = typer.Typer(no_args_is_help=True, help="Write datasets to disk: the embedded shapes set, or a Karpathy dataset.json from downloaded Flickr8k/Flickr30k/COCO captions.")
 app.add_typer(data_app, name="data")
 console = Console(width=None if sys.stdout.isatty() else 160)
+#: the model-based metrics' weight files (CLIP-S, PAC-S), shared by run and eval
+_ClipWeights = Annotated[Path | None, typer.Option(help="OpenAI CLIP ViT-B/32 weights for CLIP-S/RefCLIP-S (ViT-B-32.pt or a state dict; default: open_clip's pretrained='openai' from its cache or the internet; or $CAPBENCH_CLIP_WEIGHTS)")]
+_PacsWeights = Annotated[Path | None, typer.Option(help="PAC-S checkpoint for PAC-S/RefPAC-S (aimagelab/pacscore's clip_ViT-B-32.pth; or $CAPBENCH_PACS_WEIGHTS)")]
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -132,14 +135,18 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="continue the newest unfinished run of the same config and seed from its last completed epoch")] = False,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="run the training steps through torch.compile (capbench bench decoders --compile measures the speedup)")] = None,
     nproc: Annotated[int, typer.Option(help="processes on this machine (e.g. one per GPU): launches torchrun with DistributedDataParallel; --batch-size stays the global batch")] = 1,
+    clip_weights: _ClipWeights = None,
+    pacs_weights: _PacsWeights = None,
 ):
     """Train a decoder (on frozen encoder features, or fine-tuning the encoder), score it on the
     test split, write a run record."""
     from benchmark import distributed
     from benchmark.config import load_config, parse_seeds
+    from benchmark.metrics import use_weight_files
     from benchmark.runner import launch_ranks, run_seeds
 
     distributed.check_nproc(nproc)
+    use_weight_files(clip_weights=clip_weights, pacs_weights=pacs_weights)
 
     cfg = load_config(config, {
         "arch": arch, "encoder": encoder, "dataset": dataset, "train.epochs": epochs,
@@ -250,6 +257,9 @@ def evaluate(
     beam_size: Annotated[int | None, typer.Option(help="with --run: override the run's beam size")] = None,
     max_len: Annotated[int | None, typer.Option(help="with --run: override the run's maximum caption length")] = None,
     encoder_weights: Annotated[Path | None, typer.Option(help="with --run: the encoder weights file, if it moved since training")] = None,
+    images: Annotated[Path | None, typer.Option(help="folder of the images, found by the file names the references give (CLIP-S needs the images; a Karpathy file's own paths are used without it)")] = None,
+    clip_weights: _ClipWeights = None,
+    pacs_weights: _PacsWeights = None,
 ):
     """Score any COCO-format predictions file exactly as the COCO caption toolkit does; or, with
     --run and --dataset, caption another dataset (or split) with a saved model and score it
@@ -257,11 +267,14 @@ def evaluate(
     import json
 
     from benchmark.references import eval_form, evaluate_file
+    from benchmark.metrics import use_weight_files
 
-    if eval_form(predictions, references, run, dataset) == "run":
+    form = eval_form(predictions, references, run, dataset)
+    use_weight_files(clip_weights=clip_weights, pacs_weights=pacs_weights)
+    if form == "run":
         _evaluate_run(run, dataset, split, format, results_dir, beam_size, max_len, encoder_weights)
         return
-    ev = evaluate_file(predictions, references, split)
+    ev = evaluate_file(predictions, references, split, images_dir=images)
     if format == "json":
         sys.stdout.write(json.dumps(ev.to_json(), indent=1) + "\n")
         return
@@ -271,12 +284,20 @@ def evaluate(
         console.print(f"[bold yellow]warning:[/] {ev.missing_references} of "
                       f"{ev.images + ev.missing_references} reference images have no prediction; "
                       f"the scores cover only the {ev.images} predicted images", highlight=False)
-    for m, why in ev.result.unavailable.items():
-        console.print(f"[yellow]{m} unavailable:[/] {_q(why)}", highlight=False)
+    _print_unavailable(ev.result.unavailable)
     console.print(f"scored in {ev.seconds:.1f} s")
 
 
 def _metric_table(title: str, metrics: dict, intervals: dict) -> Table:
+def _print_unavailable(unavailable: dict) -> None:
+    """One line per reason, naming the metrics it stops (CLIP-S and RefCLIP-S share theirs)."""
+    by_reason: dict[str, list[str]] = {}
+    for m, why in unavailable.items():
+        by_reason.setdefault(why, []).append(m)
+    for why, names in by_reason.items():
+        console.print(f"[yellow]{', '.join(names)} unavailable:[/] {_q(why)}", highlight=False)
+
+
     """A metric, score, 95% CI table (eval of a file and of a saved run)."""
     table = Table(title=title)
     for c in ("metric", "score", "95% CI"):
@@ -308,8 +329,7 @@ def _evaluate_run(run, dataset, split, format, results_dir, beam_size, max_len, 
     console.print(_metric_table(f"run {_q(loaded.run_id)} on {_q(record.dataset.name)} {split} "
                                 f"({len(record.predictions)} images, beam {loaded.decode.beam_size})",
                                 record.metrics, record.confidence_intervals))
-    for m, why in record.metrics_unavailable.items():
-        console.print(f"[yellow]{m} unavailable:[/] {_q(why)}", highlight=False)
+    _print_unavailable(record.metrics_unavailable)
     console.print(f"run record: {_q(path)} (eval of {_q(loaded.run_id)}; wall {record.wall_seconds:.0f} s)")
 
 

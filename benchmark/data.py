@@ -131,6 +131,11 @@ class CaptionDataset:
         """``image_id -> raw reference captions`` of one split (what the metrics score against)."""
         return {im.image_id: list(im.captions) for im in self.split(split)}
 
+    def image_files(self, split: str) -> dict[int | str, Path]:
+        """``image_id -> image file`` of one split (what CLIP-S and the other image metrics
+        read)."""
+        return {im.image_id: im.path for im in self.split(split)}
+
     def split_fingerprints(self) -> dict[str, str]:
         """Per split, a short sha256 of its sorted image ids; plus ``all`` over the three.
 

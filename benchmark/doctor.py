@@ -54,7 +54,8 @@ def cache_report() -> dict[str, tuple[Path, int]]:
     root = cache_root()
     return {name: (p, _size(p) if p.exists() else 0) for name, p in {
         "features": root / "features", "datasets": root / "datasets",
-        "torch hub": _torch_hub_dir(), "hugging face hub": _hf_hub_dir()}.items()}
+        "metric embeddings": root / "metric-embeddings", "torch hub": _torch_hub_dir(),
+        "hugging face hub": _hf_hub_dir()}.items()}
 
 
 def local_weights() -> list[str]:
@@ -79,7 +80,7 @@ def doctor_rows() -> list[tuple[str, str]]:
     import torch
 
     from benchmark.errors import ConfigError
-    from benchmark.metrics import ALL_METRICS, java_tokenizer_available, java_version, metric_status
+    from benchmark.metrics import java_tokenizer_available, java_version, metric_status
 
     rows = [("python", platform.python_version()),
             ("torch", f"{torch.__version__} (threads {torch.get_num_threads()})")]
@@ -98,10 +99,9 @@ def doctor_rows() -> list[tuple[str, str]]:
         rows.append(("image_decoder: torchvision", f"[green]ok[/] ({jpeg_decoder()[0]} decode_jpeg)"))
     except ConfigError as exc:
         rows.append(("image_decoder: torchvision", f"[yellow]unavailable[/]: {escape(str(exc))}"))
-    for m, why in metric_status().items():
-        if m in ALL_METRICS:
-            rows.append((f"metric {m}", "[green]ok[/]" if why is None
-                         else f"[yellow]unavailable[/]: {escape(str(why))}"))
+    for m, why in metric_status().items():  # every registered metric, cheaply (no model load)
+        rows.append((f"metric {m}", "[green]ok[/]" if why is None
+                     else f"[yellow]unavailable[/]: {escape(str(why))}"))
     root = cache_root()
     why = cache_root_problem(root)
     rows.append(("cache root", escape(str(root)) + (f" [red]unusable[/]: {escape(why)}" if why else "")))

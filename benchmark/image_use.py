@@ -28,7 +28,7 @@ from benchmark.data import CaptionDataset
 from benchmark.errors import ConfigError
 from benchmark.features import FeatureStore, take_rows
 from benchmark.inference import caption_features
-from benchmark.metrics import score_captions
+from benchmark.metrics import ALL_METRICS, score_captions
 from benchmark.stats import paired_bootstrap
 
 __all__ = ["derangement", "shuffle_test", "baseline_scores", "image_use_report", "vs_blind",
@@ -75,7 +75,7 @@ def shuffle_test(decoder, store: FeatureStore, test, vocab, decode_cfg, device, 
 
 
 def _score(baseline, references: dict) -> dict:
-    result = score_captions(baseline.predictions, references)
+    result = score_captions(baseline.predictions, references, metrics=ALL_METRICS)
     captions = set(baseline.predictions.values())
     return {"detail": baseline.detail, "metrics": result.metrics,
             "caption": captions.pop() if len(captions) == 1 else None,

@@ -39,7 +39,7 @@ FIELD_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("encoder_weights", (str,)), ("pretrained", (bool,)), ("config", (dict,)),
     ("config.decode", (dict, _NULL)), ("config_id", (str,)), ("seed", (int, _NULL)),
     ("environment", (dict,)), ("vocab_size", (int, _NULL)), ("metrics.*", (*_NUM, _NULL)),
-    ("metrics_unavailable", (dict,)), ("tokenizer", (str,)),
+    ("metrics_unavailable", (dict,)), ("metric_sources", (dict,)), ("tokenizer", (str,)),
     ("confidence_intervals.*", (list,)), ("confidence_intervals.*.*", _NUM),
     ("per_image", (dict,)), ("per_image.*", (list,)), ("diversity.*", (*_NUM, _NULL)),
     ("training", (dict,)), ("training.history", (list,)), ("training.history.*", (dict,)),
@@ -205,6 +205,8 @@ class RunRecord:
     tokenizer: str = ""
     confidence_intervals: dict[str, list[float]] = field(default_factory=dict)
     per_image: dict[str, list] = field(default_factory=dict)
+    #: per model-based metric (CLIP-S, ...): the package, model and weights it came from
+    metric_sources: dict[str, str] = field(default_factory=dict)
     diversity: dict[str, float] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     throughput: dict[str, Any] = field(default_factory=dict)
@@ -332,7 +334,8 @@ def make_record(*, run_id: str, config: dict, scored: ScoredSplit, model: Record
         dataset=DatasetInfo.of(dataset, None if split == "test" else
                                f"{dataset.name} ({split} split)"),
         seed=seed, environment=environment(device), vocab_size=model.vocab_size,
-        metrics=scores.metrics, metrics_unavailable=scores.unavailable, tokenizer=scores.tokenizer,
+        metrics=scores.metrics, metrics_unavailable=scores.unavailable,
+        metric_sources=scores.sources, tokenizer=scores.tokenizer,
         confidence_intervals=ci, per_image=scores.per_image_block(), diversity=div,
         training=block, throughput=throughput.to_dict(), peak_memory=peak_memory(device),
         parameters=parameter_counts(model.encoder, model.decoder, model.encoder_trained),

@@ -17,13 +17,15 @@ from pathlib import Path
 
 from benchmark.data import image_id_key, load_karpathy
 from benchmark.errors import ConfigError, DatasetError
+from benchmark.metrics.coco import _pkg_dir
+from benchmark.metrics.registry import MetricOptions
 from benchmark.userfiles import describe, quote, read_json
 
 BUILTIN = {"coco-val2014": "coco/annotations/captions_val2014.json",
            "coco-train2014": "coco/annotations/captions_train2014.json"}
 
 __all__ = ["load_predictions", "load_references", "match_predictions", "evaluate_file",
-           "FileEvaluation", "BUILTIN", "eval_form"]
+           "FileEvaluation", "BUILTIN", "eval_form", "read_references", "ReferenceSet"]
 
 
 def eval_form(predictions, references, run, dataset) -> str:
@@ -107,25 +109,59 @@ def _from_coco(data: dict, source: str) -> dict:
     return refs
 
 
-def load_references(spec: str | Path, split: str = "test") -> dict:
-    """``{image_id: [reference, ...]}`` from a Karpathy file (``split``), a COCO captions
+@dataclass
+class ReferenceSet:
+    """References read from a file: ``refs`` ``{image_id: [reference, ...]}``, ``files``
+    ``{image_id: image file}`` as the file names them (a Karpathy file: its image paths; a
+    COCO file: ``images[].file_name``, relative) and ``has_folder``: whether those paths lead
+    to the images without ``--images`` (Karpathy files only)."""
+
+    refs: dict
+    files: dict
+    has_folder: bool = False
+
+    def image_files(self, images_dir: str | Path | None) -> dict | None:
+        """``{image_id: Path}`` of the images: under ``images_dir`` by file name when given,
+        else the Karpathy file's own paths; None when neither says where they are."""
+        if images_dir is not None:
+            return {i: Path(images_dir) / Path(name).name for i, name in self.files.items()}
+        return {i: Path(p) for i, p in self.files.items()} if self.has_folder else None
+
+
+def _coco_files(data: dict) -> dict:
+    images = data.get("images")
+    if not isinstance(images, list):
+        return {}
+    return {im["id"]: im["file_name"] for im in images
+            if isinstance(im, dict) and "id" in im and isinstance(im.get("file_name"), str)}
+
+
+def read_references(spec: str | Path, split: str = "test") -> ReferenceSet:
+    """The references and image file names of a Karpathy file (``split``), a COCO captions
     file, or a built-in name (see module docstring). Raises DatasetError otherwise."""
     if str(spec) in BUILTIN:
-        from benchmark.metrics import _pkg_dir
-
         jar = _pkg_dir() / "spice" / "spice-1.0.jar"
         with zipfile.ZipFile(jar) as z:
-            return _from_coco(json.loads(z.read(BUILTIN[str(spec)])), f"{jar}!{BUILTIN[str(spec)]}")
+            data = json.loads(z.read(BUILTIN[str(spec)]))
+        return ReferenceSet(_from_coco(data, f"{jar}!{BUILTIN[str(spec)]}"), _coco_files(data))
     path = Path(spec)
     data = _read_json(path, "references")
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-        return _from_coco(data, str(path))
+        return ReferenceSet(_from_coco(data, str(path)), _coco_files(data))
     if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] and \
             isinstance(data["images"][0], dict) and "sentences" in data["images"][0]:
-        return load_karpathy(path, check_images=False).references(split)
+        ds = load_karpathy(path, check_images=False)
+        return ReferenceSet(ds.references(split), {im.image_id: im.path for im in ds.split(split)},
+                            has_folder=True)
     raise DatasetError(
         f"{path}: references must be a Karpathy dataset.json (images[].sentences) or a COCO "
         f"captions file (annotations[].image_id/caption); built-in: {', '.join(BUILTIN)}")
+
+
+def load_references(spec: str | Path, split: str = "test") -> dict:
+    """``{image_id: [reference, ...]}`` from a Karpathy file (``split``), a COCO captions
+    file, or a built-in name (see module docstring). Raises DatasetError otherwise."""
+    return read_references(spec, split).refs
 
 
 def match_predictions(predictions: dict, references: dict, source: str) -> dict:
@@ -184,10 +220,12 @@ class FileEvaluation:
         return {"metrics": r.metrics, "confidence_intervals": self.confidence_intervals,
                 "unavailable": r.unavailable, "images": self.images,
                 "missing_references": self.missing_references, "tokenizer": r.tokenizer,
-                "seconds": self.seconds}
+                "metric_sources": r.sources, "seconds": self.seconds}
 
 
-def evaluate_file(predictions: str | Path, references: str | Path, split: str = "test") -> FileEvaluation:
+def evaluate_file(predictions: str | Path, references: str | Path, split: str = "test", *,
+                  images_dir: str | Path | None = None,
+                  options: MetricOptions | None = None) -> FileEvaluation:
     """Score a COCO results file against references exactly as the COCO caption toolkit does,
     with bootstrap 95% CIs (1000 resamples, seed 0). Only the predicted images are scored;
     how many reference images have no prediction is returned as ``missing_references``.
@@ -197,9 +235,10 @@ def evaluate_file(predictions: str | Path, references: str | Path, split: str = 
     from benchmark.stats import bootstrap_ci
 
     t0 = time.perf_counter()
-    refs = load_references(references, split)
+    refset = read_references(references, split)
+    refs = refset.refs
     preds = match_predictions(load_predictions(predictions), refs, str(references))
-    result = score_captions(preds, refs)
+    result = score_captions(preds, refs, images=refset.image_files(images_dir), options=options)
     ci = bootstrap_ci(result.per_image_block())
     return FileEvaluation(result, ci, len(preds), time.perf_counter() - t0,
                           missing_references=len(refs) - len(preds))

@@ -29,17 +29,20 @@ import pandas as pd
 from benchmark.errors import CapbenchError, StorageError
 from benchmark.fsutil import atomic_write_text, refuse_overwrite
 from benchmark.gallery import AttentionStrips, write_gallery
-from benchmark.metrics import ALL_METRICS
+from benchmark.metrics import families, registered_metrics
 from benchmark.records import RunRecord
 
-METRIC_COLUMNS = list(ALL_METRICS)
+METRIC_COLUMNS = list(registered_metrics())
+#: metrics of the model-based families (CLIP-S, ...): shown by ``--wide``, and left out of a
+#: group in which no row could compute them (no weights or no images)
+WIDE_METRICS = tuple(m for fam in families() if fam.wide_only for m in fam.metrics)
 THROUGHPUT_COLUMNS = {  # training tokens/s; images/s from pixels; decoder-only captions/s
     "train_tokens_per_s": "tok/s",
     "inference_images_per_s": "img/s",
     "decoder_captions_per_s": "cap/s",
 }
 SHORT = {"Bleu_1": "B@1", "Bleu_2": "B@2", "Bleu_3": "B@3", "Bleu_4": "B@4", "METEOR": "M",
-         "ROUGE_L": "R-L", "CIDEr": "CIDEr-D", "SPICE": "S"}
+         "ROUGE_L": "R-L", "CIDEr": "CIDEr-D", "SPICE": "S", **{m: m for m in WIDE_METRICS}}
 #: markdown's key to every column (the terminal table keys only the columns it shows)
 LEGEND = ("scores x100 (pycocoevalcap) ±95% bootstrap CI half-width or ±std over seeds; "
           "B = BLEU, M = METEOR, R-L = ROUGE-L, S = SPICE; weights pre(trained)/rand(om init); "
@@ -55,6 +58,8 @@ LEGEND = ("scores x100 (pycocoevalcap) ±95% bootstrap CI half-width or ±std ov
           "pointing-game hits (%) of the words naming a shape or colour on shapes, for "
           "attention, Grad-CAM and the centre baseline (`capbench ground`; n/a = no "
           "attention); "
+          "CLIP-S / RefCLIP-S = Hessel et al. 2021 with OpenAI's ViT-B/32, PAC-S / RefPAC-S = "
+          "Sarto et al. 2023 (x100; n/a = no weights or images); "
           "baseline rows: most-freq / consensus = one caption for every image (blind), nn = "
           "nearest-neighbour captions of that encoder; run = MMDD-HHMMSS-tag of the run id")
 COLLAPSED_PCT = 5.0
@@ -75,7 +80,8 @@ OPTIONAL_COLUMNS = ("tuned", "obj", "tokenizer", "vs blind", "shuffle Δ", *POIN
 #: columns the terminal table shows whatever the width or the chosen columns
 ALWAYS_SHOWN = ("run", "arch", "encoder", "CIDEr-D")
 #: the order in which the terminal table hides columns that do not fit (first hidden first)
-DROP_ORDER = ("point ctr", "point GC", "point att", "shuffle Δ", "vs blind", "params",
+DROP_ORDER = (*reversed(WIDE_METRICS),
+              "point ctr", "point GC", "point att", "shuffle Δ", "vs blind", "params",
               "tokenizer", "obj", "tuned",
               "beam",
               "seed", "seeds", "B@2", "B@3", "cap/s", "B@1", "S", "img/s", "R-L", "weights",
@@ -112,6 +118,8 @@ _LEGEND_PARTS = {
     "tokenizer": "tokenizer: kind (V = vocabulary size, mean tokens per train caption)",
     "point ": "point att/GC/ctr pointing-game hits % (shapes words) of attention, Grad-CAM, "
               "the centre baseline",
+    "CLIP-S": "CLIP-S / RefCLIP-S: Hessel et al. 2021 (OpenAI ViT-B/32)",
+    "PAC-S": "PAC-S / RefPAC-S: Sarto et al. 2023",
 }
 
 __all__ = ["leaderboard", "aggregate_seeds", "render_markdown", "render_rich", "render",
@@ -329,6 +337,7 @@ def render_markdown(df: pd.DataFrame) -> str:
         return "_no runs_\n"
     parts = []
     for title, g in _groups(_display(df)):
+        empty += [m for m in WIDE_METRICS if m in g.columns and g[m].isin(["n/a", "-"]).all()]
         cols = list(g.columns)
         lines = [f"### {title}", "", "| " + " | ".join(cols) + " |",
                  "|" + "|".join("---" for _ in cols) + "|"]

@@ -36,7 +36,7 @@ from benchmark.features import FeatureStats, FeatureStore, default_num_workers, 
 from benchmark.fsutil import ensure_writable, exclusive_lock, remove_stale_temps
 from benchmark.image_use import baseline_scores, image_use_report, shuffle_test
 from benchmark.inference import caption_features_all_ranks, caption_pixels
-from benchmark.metrics import ptb_tokenize, score_captions
+from benchmark.metrics import MetricOptions, ptb_tokenize, score_captions
 from benchmark.records import (
     RecordedModel,
     RunRecord,
@@ -463,7 +463,9 @@ def _train_and_record(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, p
                                                              device)
     if not distributed.is_main():  # rank 0 scores, checks image use and writes the record
         return None, None
-    scores = score_captions(predictions, dataset.references("test"))
+    scores = score_captions(predictions, dataset.references("test"),
+                            images=dataset.image_files("test"),
+                            options=MetricOptions.from_env(device=str(device)))
     image_use = _image_use_stage(dataset, resolved["encoder"], store, trained, scores, cfg.decode,
                                  device)
     throughput = _throughput_block(cfg, trained, store, test, captions_per_s, device)

@@ -218,3 +218,39 @@ def test_the_front_door_exports_the_api_without_loading_torch():
         assert obj.__module__ == benchmark._EXPORTS[name], name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         benchmark.nope  # noqa: B018
+
+
+def test_a_new_metric_is_one_registration_away():
+    """A throwaway family (mean words per caption) registered like a real one is scored by
+    score_captions, gets bootstrap intervals and paired tests, and shows in metric_status."""
+    from benchmark import metrics
+    from benchmark.errors import CapbenchError
+    from benchmark.metrics.registry import FAMILIES, MetricFamily, ScoreResult
+    from benchmark.stats import bootstrap_ci, paired_bootstrap
+
+    def words(inp, wanted):
+        per = [float(len(inp.predictions[i].split())) for i in inp.ids]
+        return ScoreResult(list(inp.ids), {"Words": sum(per) / len(per)}, {"Words": per})
+
+    fam = metrics.register_family(MetricFamily(
+        name="words_test", metrics=("Words",), score=words,
+        status=lambda options: {"Words": None}, needs_references=False,
+        mean_of_images=("Words",)))
+    try:
+        preds = {1: "a red circle", 2: "a big blue square on the left", 3: "green"}
+        refs = {i: ["a shape"] for i in preds}
+        res = metrics.score_captions(preds, refs)
+        assert res.metrics["Words"] == pytest.approx(11 / 3)
+        assert res.metrics["CIDEr"] is not None  # the COCO metrics as before
+        lo, hi = bootstrap_ci(res.per_image_block(), n_resamples=200)["Words"]
+        assert 1 <= lo <= 11 / 3 <= hi <= 7
+        shorter = metrics.score_captions({i: "a" for i in preds}, refs, metrics=("Words",))
+        assert paired_bootstrap(res.per_image_block(), shorter.per_image_block(),
+                                n_resamples=200)["Words"]["delta"] == pytest.approx(1 - 11 / 3)
+        assert metrics.metric_status()["Words"] is None
+        with pytest.raises(ValueError, match="registered already"):
+            metrics.register_family(fam)
+    finally:
+        FAMILIES.pop("words_test")
+    with pytest.raises(CapbenchError, match="unknown metric"):
+        metrics.score_captions(preds, refs, metrics=("Words",))

@@ -12,6 +12,8 @@ below.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from benchmark.errors import CapbenchError
 from benchmark.metrics import clipscore, coco  # noqa: F401  (each registers its family)
 from benchmark.metrics.coco import (
@@ -43,6 +45,7 @@ from benchmark.metrics.registry import (
     mean_metrics,
     register_family,
     registered_metrics,
+    use_weight_files,
 )
 
 __all__ = ["ScoreResult", "score_captions", "ptb_tokenize", "java_version", "metric_status",
@@ -50,7 +53,8 @@ __all__ = ["ScoreResult", "score_captions", "ptb_tokenize", "java_version", "met
            "ALL_METRICS", "PER_IMAGE_METRICS", "MeteorJar", "meteor_jar", "close_meteor_jar",
            "METEOR_STATS_KEY", "METEOR_STATS_LENGTH", "CORENLP_JARS", "MetricOptions",
            "MetricFamily", "ScoringInput", "register_family", "FAMILIES", "families", "family_of",
-           "registered_metrics", "mean_metrics", "default_metrics", "check_metric_names"]
+           "registered_metrics", "mean_metrics", "default_metrics", "check_metric_names",
+           "use_weight_files"]
 
 _ = _pkg_dir  # pycocoevalcap's install folder, for callers that read its jars
 
@@ -95,6 +99,10 @@ def _score_family(fam: MetricFamily, inp: ScoringInput, wanted: tuple[str, ...],
     if fam.needs_images and (missing := [i for i in inp.ids if i not in inp.images]):
         return _unavailable(result, wanted, f"no image file for {len(missing)} image ids, "
                             f"e.g. {missing[:3]}")
+    if fam.needs_images and (absent := [str(inp.images[i]) for i in inp.ids
+                                        if not Path(inp.images[i]).is_file()]):
+        return _unavailable(result, wanted, f"{len(absent)} image files not found, e.g. "
+                            f"{absent[0]}: pass --images DIR holding them")
     try:
         result.merge(fam.score(inp, wanted))
     except (CapbenchError, OSError, RuntimeError, ValueError) as exc:

@@ -27,6 +27,8 @@ every device (the reference runs fp16 on CUDA, which moves the fourth digit).
 from __future__ import annotations
 
 import hashlib
+import warnings
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
@@ -129,33 +131,50 @@ def weights_problem(path: Path | None, flag: str) -> str | None:
             "ViT-B-32.pt or a state dict in its layout)")
 
 
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (OpenAI's ``ViT-B-32.pt``): a zip holding
+    ``constants.pkl``."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def _state_dict(path: Path) -> dict:
     """The tensors of a local weights file: OpenAI's TorchScript archive, a state dict, or a
     checkpoint holding one under ``state_dict`` (pacscore's), ``module.`` prefixes removed."""
-    try:
-        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-    except (RuntimeError, ValueError):
+    if _is_torchscript(path):
+        with warnings.catch_warnings():  # torch.jit.load is deprecated, and the only reader
+            warnings.simplefilter("ignore", FutureWarning)
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
         if not isinstance(sd, dict):
-            raise MetricUnavailable(f"{path}: holds no state dict of CLIP weights") from None
+            raise MetricUnavailable(f"{path}: holds no state dict of CLIP weights")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return {k: v for k, v in sd.items() if k not in _SETTING_KEYS}
 
 
-@lru_cache(maxsize=2)
 def load_clip(path: Path | None, device: str = "cpu", flag: str = "--clip-weights") -> ClipModel:
     """OpenAI's CLIP ViT-B/32 in fp32 on ``device``: from the local weights file ``path``
     (loaded into open_clip's ``ViT-B-32-quickgelu``, strictly), or with ``path`` None
-    open_clip's ``pretrained="openai"`` (its cache, else a download).
+    open_clip's ``pretrained="openai"`` (its cache, else a download). The last two models
+    loaded are kept.
 
     Raises MetricUnavailable naming the file and ``flag`` when the weights cannot be had or
     do not fit the architecture."""
-    import open_clip  # heavy: imported only when a CLIP metric is scored
-
     if why := weights_problem(path, flag):
         raise MetricUnavailable(why)
+    return _load(Path(path).resolve() if path else None, device)
+
+
+@lru_cache(maxsize=2)
+def _load(path: Path | None, device: str) -> ClipModel:
+    import open_clip  # heavy: imported only when a CLIP metric is scored
+
     try:
         if path is None:
             model = open_clip.create_model(MODEL_NAME, pretrained="openai")

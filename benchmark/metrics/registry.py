@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["ScoreResult", "MetricOptions", "ScoringInput", "MetricFamily", "register_family",
-           "FAMILIES", "families", "family_of", "registered_metrics", "mean_metrics", "default_metrics"]
+           "FAMILIES", "families", "use_weight_files", "WEIGHT_VARS", "family_of",
+           "registered_metrics", "mean_metrics", "default_metrics"]
 
 
 @dataclass
@@ -89,10 +90,29 @@ class MetricOptions:
         """Options from ``$CAPBENCH_CLIP_WEIGHTS`` and ``$CAPBENCH_PACS_WEIGHTS`` (what
         ``--clip-weights``/``--pacs-weights`` set, so torchrun workers and matrix cells see
         them too), with ``overrides`` (None values ignored) on top."""
-        base = {"clip_weights": _path_from_env("CAPBENCH_CLIP_WEIGHTS"),
-                "pacs_weights": _path_from_env("CAPBENCH_PACS_WEIGHTS")}
+        base = {key: _path_from_env(var) for key, var in WEIGHT_VARS.items()}
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
+
+
+#: the environment variables that carry the weight files to every process of a run
+WEIGHT_VARS = {"clip_weights": "CAPBENCH_CLIP_WEIGHTS", "pacs_weights": "CAPBENCH_PACS_WEIGHTS"}
+
+
+def use_weight_files(**files: Path | None) -> None:
+    """Point the model-based metrics at local weight files (``clip_weights=``,
+    ``pacs_weights=``; None: leave as is) for this process and the ones it starts (torchrun
+    workers, matrix cells): sets :data:`WEIGHT_VARS`. Raises ConfigError naming the flag when
+    a file does not exist, before any work."""
+    from benchmark.errors import ConfigError
+
+    for key, path in files.items():
+        if path is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"{flag} {path}: no such file (give the weights file itself)")
+        os.environ[WEIGHT_VARS[key]] = str(Path(path).expanduser().resolve())
 
 
 @dataclass(frozen=True)
