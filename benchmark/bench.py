@@ -289,11 +289,31 @@ def bench_encoder(name: str, device: torch.device, *, batch_size: int = 16, iter
 def run_bench(archs: list[str], encoders: list[str], workload: DecoderWorkload,
               device: torch.device, *, iters: int = 5, log=None, peak: bool = False,
               compile: bool = False, encoder_batch_size: int | None = None) -> list[dict]:
-    """Rows of :func:`bench_decoder` for each decoder and :func:`bench_encoder` for each
-    encoder (batch ``encoder_batch_size``, default ``min(workload.batch_size, 16)``);
-    ``log(text)`` reports progress. With ``peak``, the device's matmul peak is measured first
-    (fp32 and bf16) and every decoder row gets its utilisation (:func:`add_utilisation`).
-    ``compile``: see :func:`bench_decoder`."""
+    """Rows of :func:`bench_decoder` for each decoder and :func:`bench_encoder` for each encoder.
+
+    Args:
+        archs: decoder names (registry names or aliases), timed in this order.
+        encoders: encoder names, timed after the decoders.
+        workload: the decoders' synthetic sizes (:class:`DecoderWorkload`: grid ``(B, N, D)``,
+            vocabulary, caption length, model dims).
+        device: the device everything runs on.
+        iters: timed iterations per figure (median reported); each encoder runs
+            ``max(2, iters // 2)``.
+        log: ``log(text)`` is told the progress (None: silent).
+        peak: measure the device's matmul peak first (fp32, and bf16 where the device has bf16
+            matrix hardware) and add every decoder row's utilisation, achieved GFLOP/s / peak
+            (:func:`add_utilisation`).
+        compile: also time each decoder's training step through ``torch.compile`` (see
+            :func:`bench_decoder`).
+        encoder_batch_size: images per encoder batch (default ``min(workload.batch_size, 16)``).
+
+    Returns:
+        One dict per decoder, then per encoder: throughputs (samples/s, captions/s, images/s),
+        latencies (seconds), GFLOPs and, for decoders, peak memory (MB).
+
+    Raises:
+        ArchitectureError: an unknown decoder or encoder name.
+    """
     log = log or (lambda text: None)
     rows = []
     peaks = {}
@@ -378,18 +398,36 @@ def bench_reward(dataset_spec: str, *, batches: int = 20, images: int = 32, samp
 def bench_extraction(dataset_spec: str, encoders: list[str], device: torch.device, *,
                      images: int = 256, batch_size: int = 256, rounds: int = 3,
                      num_workers: int | None = None, log=None) -> list[dict]:
-    """Feature extraction of the first ``images`` images of a dataset with each image decoder
-    (``features.image_decoder``): ``pil`` (Pillow and the library's transform in the
-    DataLoader's ``num_workers`` workers) and ``torchvision`` (TorchCodec's ``decode_jpeg`` and
-    tensor transforms on ``device``; nvJPEG on CUDA). Two figures each: images/s of the pixels
-    alone (read, decode, preprocess, on ``device``: what the encoder is fed) and end to end
-    (with the encoder's forward, bf16 autocast on CUDA). Extraction is limited by the CPU when
-    the ``pil`` pixel rate is below the end-to-end rate the GPU could reach. One untimed batch
-    of each warms up (cuDNN autotuning, nvJPEG's handle), then ``rounds`` alternating rounds.
-    Returns one row per encoder (random weights: speed does not depend on them) with the
-    medians, the end-to-end speedup of ``torchvision`` over ``pil`` and how far the two
-    decoders' pixels are apart (:func:`pixel_difference`). Raises DatasetError for a bad
-    dataset and ConfigError for an encoder whose transform has no tensor version."""
+    """Feature extraction of the first ``images`` images of a dataset with each image decoder.
+
+    The image decoders (``features.image_decoder``): ``pil`` (Pillow and the library's transform
+    in the DataLoader's ``num_workers`` workers) and ``torchvision`` (TorchCodec's ``decode_jpeg``
+    and tensor transforms on ``device``; nvJPEG on CUDA). Two figures each: images/s of the
+    pixels alone (read, decode, preprocess, on ``device``: what the encoder is fed) and end to
+    end (with the encoder's forward, bf16 autocast on CUDA). Extraction is limited by the CPU
+    when the ``pil`` pixel rate is below the end-to-end rate the GPU could reach. One untimed
+    batch of each warms up (cuDNN autotuning, nvJPEG's handle), then ``rounds`` alternating
+    rounds.
+
+    Args:
+        dataset_spec: ``shapes``, ``shapes:N`` or a Karpathy dataset.json.
+        encoders: encoder names (random weights: speed does not depend on them).
+        device: where the pixels are preprocessed (``torchvision``) and the encoder runs.
+        images: the dataset's first N images.
+        batch_size: images per batch.
+        rounds: alternating timed rounds (median reported).
+        num_workers: DataLoader worker processes (None: :func:`~benchmark.features.default_num_workers`).
+        log: ``log(text)`` is told the progress (None: silent).
+
+    Returns:
+        One row per encoder with the median images/s of each decoder (pixels alone and end to
+        end), the end-to-end speedup of ``torchvision`` over ``pil`` and how far the two
+        decoders' pixels are apart (:func:`pixel_difference`).
+
+    Raises:
+        DatasetError: a bad dataset.
+        ConfigError: an encoder whose transform has no tensor version.
+    """
     from architectures import create_encoder
     from benchmark.data import resolve_dataset
     from benchmark.device import synchronize
@@ -620,11 +658,29 @@ def bench_models(archs: str | None, encoders: str | None, w: DecoderWorkload, de
                  iters: int = 5, peak: bool = False, compile: bool = False,
                  encoder_batch_size: int | None = None, encoder_flag: str = "--encoder-batch-size",
                  log=None) -> tuple[list[dict], torch.device]:
-    """``capbench bench decoders|encoders``: :func:`run_bench` of the decoders ``archs`` and
-    the encoders ``encoders`` (each a comma-separated list of names, or ``all``) on
-    ``device`` (a spec such as ``auto`` or ``cuda:1``). Returns the rows and the device.
-    Raises ConfigError when neither is named or a size is out of range
-    (:func:`check_workload`), ResourceError when the workload would not fit in memory."""
+    """``capbench bench decoders|encoders``: :func:`run_bench` of the named decoders and encoders.
+
+    Args:
+        archs: decoders, a comma-separated list of names, ``all``, or None for none.
+        encoders: encoders, likewise.
+        w: the decoders' synthetic workload (sizes checked by :func:`check_workload`).
+        device: a device spec such as ``auto``, ``cpu`` or ``cuda:1``
+            (:func:`~benchmark.device.select_device`).
+        iters: timed iterations (median reported), 1 to 10,000.
+        peak: also measure the matmul peak and report utilisation (see :func:`run_bench`).
+        compile: also time the decoders' training step through ``torch.compile``.
+        encoder_batch_size: images per encoder batch (None: ``min(w.batch_size, 16)``).
+        encoder_flag: the option that set ``encoder_batch_size``, named in its error.
+        log: ``log(text)`` is told the progress (None: silent).
+
+    Returns:
+        ``(rows, device)``: :func:`run_bench`'s rows and the device they ran on.
+
+    Raises:
+        ConfigError: neither ``archs`` nor ``encoders`` is named, a size is out of range
+            (:func:`check_workload`) or the device is unavailable.
+        ResourceError: the workload would not fit in memory.
+    """
     if not archs and not encoders:
         raise ConfigError("give --arch and/or --encoder (a name, a comma-separated list, or "
                           "'all'), or --reward")

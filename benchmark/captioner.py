@@ -129,11 +129,25 @@ def load_pixels(path: Path, transform, device: torch.device | str = "cpu") -> to
 def caption_files(run: LoadedRun, files: list[Path], *, batch_size: int | None = None,
                   progress=None) -> CaptionResult:
     """Caption image ``files`` with ``run``: preprocess, encode, decode (the run's
-    :attr:`~benchmark.checkpoint.LoadedRun.decode` settings), ``batch_size`` images at a time
-    (default: the run's ``features.batch_size``, as its features were extracted).
+    :attr:`~benchmark.checkpoint.LoadedRun.decode` settings).
 
     A file that cannot be read is recorded in ``failures`` with the reason and skipped; the
-    others are still captioned. ``progress(n)`` is called after each batch.
+    others are still captioned.
+
+    Args:
+        run: the loaded run (:func:`benchmark.checkpoint.load_run`).
+        files: image files, captioned in this order.
+        batch_size: images per batch (default: the run's ``features.batch_size``, as its
+            features were extracted).
+        progress: ``progress(n)`` is called after each batch of n images.
+
+    Returns:
+        :class:`CaptionResult`: ``[(path, caption)]``, ``[(path, reason)]`` failures and the
+        seconds of reading, encoding and decoding (images/s from them).
+
+    Raises:
+        ConfigError: the run's ``torchvision`` image decoder is unavailable here (checked once,
+            before any file is read).
     """
     feats = run.config.get("features") or {}
     bs = batch_size or int(feats.get("batch_size", 32))
@@ -213,8 +227,8 @@ def _features_for(run: LoadedRun, dataset, images, console=None):
 
 def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
                  results_dir: str | Path = "results", console=None):
-    """Score a saved model on split ``split`` of dataset ``dataset_spec`` (``shapes``,
-    ``shapes:N`` or a Karpathy dataset.json): cross-dataset transfer without retraining.
+    """Score a saved model on split ``split`` of a dataset: cross-dataset transfer without
+    retraining.
 
     Features come from the feature cache (:func:`benchmark.features.load_or_extract` with the
     rebuilt encoder), captions from :func:`benchmark.inference.caption_features` with the run's
@@ -223,10 +237,21 @@ def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
     evaluated one, whose ``evaluation`` is ``{"of": source run id, "split", "trained_on": the
     source's dataset name}`` and whose ``config`` is the source run's with this evaluation's
     decoding settings; ``training`` is copied from the source record
-    (:func:`benchmark.records.make_record` with ``source``). Returns ``(record, path)``.
+    (:func:`benchmark.records.make_record` with ``source``).
 
-    Raises RecordError when the run has no record (its training block is needed),
-    DatasetError for a bad dataset or split.
+    Args:
+        run: the loaded run (:func:`benchmark.checkpoint.load_run`).
+        dataset_spec: ``shapes``, ``shapes:N`` or a Karpathy dataset.json.
+        split: ``train``, ``val`` or ``test``.
+        results_dir: where the new record goes (its ``runs/``).
+        console: a rich Console for progress bars (None: quiet).
+
+    Returns:
+        ``(record, path)``: the new :class:`~benchmark.records.RunRecord` and its file.
+
+    Raises:
+        RecordError: the run has no record (its training block is needed).
+        DatasetError: a bad dataset or split.
     """
     source = run.record
     if source is None:

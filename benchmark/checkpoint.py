@@ -285,18 +285,32 @@ def _check_identity(encoder, folder: Path, record: RunRecord | None) -> None:
 def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | None = None,
              max_len: int | None = None, encoder_weights: str | None = None,
              device: str | torch.device = "cpu") -> LoadedRun:
-    """Load run ``ref`` (see :func:`resolve_run`) for inference.
+    """Load run ``ref`` for inference.
 
     The encoder is rebuilt from ``config.json`` and checked against ``encoder.json`` (or the
-    record); the decoder is built with ``architectures.create_decoder(arch, len(vocab),
-    encoder.grid_dim, encoder.pooled_dim, config['decoder'])`` and its weights loaded
-    strictly. ``beam_size``/``max_len`` override the run's decoding settings (range-checked).
-    ``encoder_weights`` replaces the run's ``weights`` path (a moved file; its digest must
-    still match). Everything is put in eval mode on ``device``.
+    record); the decoder is built with ``architectures.create_decoder(name, len(vocab),
+    encoder.grid_dim, encoder.pooled_dim, hyperparameters)`` and its weights loaded strictly.
+    Everything is put in eval mode on ``device``.
 
-    Raises RecordError (no/ambiguous record), CheckpointError (missing or damaged files, an
-    encoder that cannot be rebuilt or differs from the trained-on one, weights that do not
-    fit the decoder) and ConfigError (an override out of range).
+    Args:
+        ref: a run id, a unique prefix/suffix of one, a checkpoint folder, or ``latest``
+            (:func:`resolve_run`).
+        results_dir: the folder holding ``runs/`` and ``checkpoints/``.
+        beam_size: overrides the run's beam size (range-checked).
+        max_len: overrides the run's maximum caption length (words, range-checked).
+        encoder_weights: replaces the run's ``weights`` path (a moved file; its digest must
+            still match).
+        device: where the models are put.
+
+    Returns:
+        :class:`LoadedRun`: encoder, decoder, tokenizer, feature statistics and decoding
+        settings.
+
+    Raises:
+        RecordError: no record, or an ambiguous ``ref``.
+        CheckpointError: missing or damaged files, an encoder that cannot be rebuilt or differs
+            from the trained-on one, weights that do not fit the decoder.
+        ConfigError: an override out of range.
     """
     import time
 

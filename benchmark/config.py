@@ -287,7 +287,20 @@ def read_config_file(name_or_path: str) -> tuple[Path, dict]:
 def load_config(config: str | None = None, overrides: dict | None = None) -> RunConfig:
     """Build a :class:`RunConfig` from defaults, an optional preset/YAML and flag overrides.
 
-    ``overrides`` may use dotted keys (``{"train.epochs": 3}``); None values are ignored.
+    Args:
+        config: a preset name in ``configs/`` (``demo``, ``tiny``, ...) or a YAML path; None:
+            the defaults alone. A ``matrix:`` section is ignored here; older key names are
+            translated.
+        overrides: ``{key: value}``, dotted keys allowed (``{"train.epochs": 3}``); None values
+            are ignored.
+
+    Returns:
+        The :class:`RunConfig`, values type- and range-checked.
+
+    Raises:
+        ConfigError: the file is missing, unreadable or not a YAML mapping
+            (:func:`read_config_file`), or a key is unknown, a value of the wrong type or out of
+            range.
     """
     cfg = RunConfig()
     if config:

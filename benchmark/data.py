@@ -254,9 +254,19 @@ def load_karpathy(path: str | Path, *, check_images: bool = True) -> CaptionData
 
 
 def resolve_dataset(spec: str) -> CaptionDataset:
-    """``shapes`` / ``shapes:N`` (the embedded set of 600 or N images, generated on first use)
-    or a Karpathy JSON/folder path. Raises ConfigError for a bad ``shapes:N`` and
-    DatasetError for a bad file."""
+    """The dataset a ``--dataset`` value names.
+
+    Args:
+        spec: ``shapes`` / ``shapes:N`` (the embedded set of 600 or N images, generated on
+            first use) or a Karpathy JSON/folder path.
+
+    Returns:
+        The :class:`CaptionDataset`.
+
+    Raises:
+        ConfigError: a bad ``shapes:N``.
+        DatasetError: a bad file.
+    """
     if spec == "shapes" or spec.startswith("shapes:"):
         n = spec.partition(":")[2]
         if n and not n.isdigit():

@@ -110,8 +110,25 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
     image is chosen with the length penalty. An image whose K beams have all finished is done:
     once such images are a quarter of the rows, they leave the batch
     (:meth:`~architectures.decoders.base.CaptionDecoder.keep_images`) and later steps no longer
-    compute them. Returns B id lists (and their log-probs with ``return_scores``). Raises
-    ValueError for ``beam_size`` < 1.
+    compute them.
+
+    Args:
+        decoder: a :class:`~architectures.decoders.base.CaptionDecoder` in eval mode.
+        grid: image features ``(B, N, grid_dim)``.
+        pooled: pooled image features ``(B, pooled_dim)``.
+        beam_size: K, beams per image (1 is greedy).
+        max_len: most words per caption (``<eos>`` not counted).
+        length_penalty: GNMT's alpha (Wu et al. 2016): a finished beam is ranked by its summed
+            log-probability / ``((5 + length) / 6) ** alpha``; 0 ranks by the sum.
+        special: the tokenizer's ``bos``/``eos``/``pad``/``unk`` ids (:class:`SpecialTokens`).
+        return_scores: also return each caption's summed log-probability (nats).
+
+    Returns:
+        B lists of word ids (without ``<bos>``/``<eos>``), or with ``return_scores``
+        ``(ids, scores)`` with B floats.
+
+    Raises:
+        ValueError: ``beam_size`` < 1.
     """
     if beam_size < 1:
         raise ValueError("beam_size must be >= 1")
@@ -191,15 +208,32 @@ def beam_search(decoder, grid, pooled, *, beam_size=3, max_len=20, length_penalt
 def sample_decode(decoder, grid, pooled, *, temperature=1.0, top_k=0, top_p=1.0, max_len=20,
                   special: SpecialTokens = SpecialTokens(),
                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
-    """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering:
-    ``grid (B, N, D)``, ``pooled (B, P)`` -> B lists of word ids.
+    """Ancestral sampling with temperature, top-k and nucleus (top-p) filtering.
 
     Each row draws its token at step t by inverse transform sampling from one uniform number,
-    ``noise[t, row]`` (``noise (max_len, B)`` in [0, 1)); by default ``noise`` is drawn at once
-    from ``generator``. So a row's caption depends on its own numbers only, not on the batch it
-    was decoded in: a distributed SCST step draws the global batch's noise on every rank and
-    each rank decodes its rows with their columns, as one process would (Holtzman et al. 2020
-    for top-p). Raises ValueError for ``noise`` of another shape.
+    ``noise[t, row]``; by default ``noise`` is drawn at once from ``generator``. So a row's
+    caption depends on its own numbers only, not on the batch it was decoded in: a distributed
+    SCST step draws the global batch's noise on every rank and each rank decodes its rows with
+    their columns, as one process would (Holtzman et al. 2020 for top-p).
+
+    Args:
+        decoder: a :class:`~architectures.decoders.base.CaptionDecoder`.
+        grid: image features ``(B, N, D)``.
+        pooled: pooled image features ``(B, P)``.
+        temperature: the logits are divided by it (at least 1e-6); 1 samples the model's
+            distribution.
+        top_k: keep only the k most likely words at each step (0: all).
+        top_p: keep the smallest set of most likely words whose probability reaches p (1: all).
+        max_len: most words per caption.
+        special: the tokenizer's special ids (:class:`SpecialTokens`).
+        generator: the random generator ``noise`` is drawn from when not given.
+        noise: ``(max_len, B)`` uniform numbers in [0, 1), one per step and row.
+
+    Returns:
+        B lists of word ids (without ``<bos>``/``<eos>``).
+
+    Raises:
+        ValueError: ``noise`` of another shape than ``(max_len, B)``.
     """
     B = grid.shape[0]
     if noise is None:

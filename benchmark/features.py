@@ -656,17 +656,33 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
     ``torchrun``/``capbench run --nproc`` every rank encodes every ``world_size``-th shard and
     rank 0 writes the manifest once all are there; an error on one rank (an unreadable
     image, a full disk) stops every rank (:func:`benchmark.distributed.all_or_none`).
-
     Before extracting, the cache folder must be writable with room for the shards still
-    missing (StorageError otherwise, so no extraction is wasted); temp files of killed
-    extractions are removed. A shard that cannot be written raises StorageError; the shards
-    already written are kept for the next run. DatasetError for an empty ``images``.
+    missing (so no extraction is wasted); temp files of killed extractions are removed.
 
-    The returned store reads rows from the shards on demand (:class:`ShardedRows`); its
-    ``extraction_images_per_s`` is the end-to-end rate of the images this process encoded
-    (None when it encoded none). ``image_decoder`` (:func:`encode_batches`): ``torchvision``
-    features get their own key, and so do features extracted on CUDA
-    (:func:`store_identity`).
+    Args:
+        encoder: the :class:`~architectures.encoders.ImageEncoder` (grid ``(N, D)`` and
+            pooled ``(P,)`` features an image).
+        images: the images to encode, in store row order.
+        cache_dir: the feature cache root (None: the default cache).
+        batch_size: images per encoder batch.
+        device: where the encoder runs.
+        num_workers: DataLoader processes decoding images (None: the default).
+        progress: ``progress(n)`` is told of every n images done (read from a complete
+            shard, or encoded; on rank 0).
+        shard_size: images a shard (None: :func:`shard_images`).
+        image_decoder: ``pil`` or ``torchvision`` (:func:`encode_batches`); ``torchvision``
+            features get their own key, and so do features extracted on CUDA
+            (:func:`store_identity`).
+
+    Returns:
+        A :class:`FeatureStore` that reads rows from the shards on demand
+        (:class:`ShardedRows`); its ``extraction_images_per_s`` is the end-to-end rate (images/s)
+        of the images this process encoded (None when it encoded none).
+
+    Raises:
+        DatasetError: ``images`` is empty, or an image cannot be read.
+        StorageError: the cache folder is unwritable or lacks room, or a shard cannot be
+            written (the shards already written are kept for the next run).
     """
     from benchmark import distributed
 

@@ -56,12 +56,30 @@ def _cider_block(result) -> dict:
 
 def shuffle_test(decoder, store: FeatureStore, test, vocab, decode_cfg, device, references: dict,
                  real: dict, *, seed: int = 0, n_resamples: int = 1000) -> dict:
-    """Decode ``test`` with every image's features replaced by another test image's (a
-    :func:`derangement`), score CIDEr-D, and compare with ``real`` (``{image_ids, CIDEr}``
-    per-image scores of the unshuffled captions) by paired bootstrap.
+    """Does the model use the image? Decode ``test`` with every image's features replaced by
+    another test image's (a :func:`derangement`), score CIDEr-D, and compare with the
+    unshuffled captions by paired bootstrap (:func:`benchmark.stats.paired_bootstrap`).
 
-    Returns ``{"derangement_seed", "CIDEr" (shuffled), "drop" (real - shuffled), "drop_ci",
-    "p"}`` on pycocoevalcap's scale."""
+    Args:
+        decoder: the trained :class:`~architectures.decoders.base.CaptionDecoder`.
+        store: the cached features of the test images (grid ``(N, D)`` and pooled ``(P,)`` a
+            row, z-scored with the store's statistics as in training).
+        test: the test split's :class:`~benchmark.data.ImageRecord` list (at least 2).
+        vocab: the run's tokenizer.
+        decode_cfg: the run's :class:`~benchmark.decoding.DecodeConfig`.
+        device: where the decoder runs.
+        references: ``{image_id: [reference captions]}`` of ``test``.
+        real: ``{"image_ids", "CIDEr"}``, the per-image CIDEr-D of the unshuffled captions.
+        seed: the derangement's seed.
+        n_resamples: bootstrap resamples.
+
+    Returns:
+        ``{"derangement_seed", "CIDEr" (shuffled), "drop" (real - shuffled), "drop_ci" (95%),
+        "p" (two-sided)}``, scores on pycocoevalcap's scale (CIDEr-D x 1, not x 100).
+
+    Raises:
+        ValueError: fewer than 2 test images, or ``real`` on other images.
+    """
     perm = derangement(len(test), seed)
     rows = store.row_ids(test)[perm]
     shuffled_store = store.copy()

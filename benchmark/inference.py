@@ -63,10 +63,25 @@ def caption_pixels(encoder, decoder, images: list[ImageRecord], vocab: CaptionTo
                    image_decoder: str = "pil"):
     """End-to-end captioning from image files (decode + preprocess + encoder + decoder).
 
-    ``stats``: the feature normalisation the decoder was trained with
-    (:class:`~benchmark.features.FeatureStats`, or None); ``image_decoder``: as the run's features were
-    extracted (:func:`benchmark.features.encode_batches`). Returns ``({image_id: text},
-    images/s)``; the figure includes JPEG/PNG decoding.
+    Args:
+        encoder: the run's encoder (its ``transform`` preprocesses each image).
+        decoder: the trained :class:`~architectures.decoders.base.CaptionDecoder`.
+        images: the image files to caption (:class:`~benchmark.data.ImageRecord`).
+        vocab: the run's tokenizer.
+        cfg: decoding settings (:class:`~benchmark.decoding.DecodeConfig`).
+        device: where the encoder and decoder run.
+        batch_size: images per encoder batch.
+        num_workers: DataLoader processes reading images (None: the default).
+        stats: the feature normalisation the decoder was trained with
+            (:class:`~benchmark.features.FeatureStats`, or None).
+        image_decoder: ``pil`` or ``torchvision``, as the run's features were extracted
+            (:func:`benchmark.features.encode_batches`).
+
+    Returns:
+        ``({image_id: caption text}, images/s)``; the throughput includes JPEG/PNG decoding.
+
+    Raises:
+        DatasetError: an image that cannot be read.
     """
     t0 = time.perf_counter()
     grid, pooled, _ = extract_features(encoder, images, batch_size=batch_size, device=device,

@@ -277,11 +277,32 @@ def run_matrix(base: RunConfig, archs: list[str], encoders: list[str], seeds: li
                console=None, on_cell=None, variants: dict[str, dict] | None = None, *,
                shard: Shard | None = None,
                on_plan: Callable[[list[Cell], list[Cell]], None] | None = None) -> MatrixResult:
-    """Run every pending cell (of ``shard`` only, when given: :func:`shard_cells`).
+    """Run every pending cell of a decoder x encoder (x seed, x variant) matrix (of ``shard`` only,
+    when given: :func:`shard_cells`); a cell whose record is already in the results folder is
+    ``done`` and skipped, so a killed matrix resumes. Cells that share an encoder extract its
+    features once.
 
-    ``on_plan(cells, planned)`` is called once the cells are planned, before any work, with
-    the cells this call runs and the whole matrix's cells; ``on_cell(cell)`` after each
-    cell finishes."""
+    Args:
+        base: the config every cell starts from (dataset, epochs, device, results folder).
+        archs: decoder names.
+        encoders: encoder names.
+        seeds: seeds, one run each.
+        console: a rich Console for progress bars (None: quiet).
+        on_cell: ``on_cell(cell)`` after each cell finishes (ok, done or failed).
+        variants: ``{variant name: config overrides}`` (None: one plain variant).
+        shard: this machine's share of the cells (:class:`Shard`), or None for all.
+        on_plan: ``on_plan(cells, planned)`` once the cells are planned, before any work, with
+            the cells this call runs and the whole matrix's cells.
+
+    Returns:
+        :class:`MatrixResult`: every cell's status, run id, seconds or error, the feature
+        extraction seconds per encoder and the wall time (seconds).
+
+    Raises:
+        ConfigError, DatasetError: a bad name, setting or dataset, before any cell runs.
+        StorageError: the results folder cannot take records. A cell's own failure is
+            recorded (``failures/``) and the matrix goes on.
+    """
     t0 = time.perf_counter()
     planned = plan_cells(base, archs, encoders, seeds, variants)
     cells = shard_cells(planned, shard)

@@ -629,25 +629,37 @@ def prepare(kind: str, *, captions: list[Path] | Path, images: Path, out: Path,
             check_images: bool | Literal["decode"] = True,
             progress: Callable[[int, int], None] | None = None) -> PrepareReport:
     """Write a Karpathy ``dataset.json`` for ``kind`` (flickr8k, flickr30k, coco) to ``out``.
+    Nothing is written unless all of it succeeds.
 
-    ``captions``: the caption file(s) (formats in the module docstring; COCO usually
-    ``captions_train2014.json`` and ``captions_val2014.json``). ``images``: the folder holding
-    the image files (COCO: holding ``train2014/`` and ``val2014/``). ``splits``: Karpathy's
-    ``dataset_*.json`` or per-split name lists; None for a seeded split (``seed``).
-    ``out``: the JSON to write (a folder means ``<out>/dataset.json``); refused when it exists
-    unless ``force``. ``filepath`` is written relative to the JSON's folder when the images lie
-    inside it, else absolute. ``check_images``: True opens every file with PIL and runs
-    ``verify()``; ``"decode"`` also decodes it (catches truncated JPEGs; slower); False only
-    checks that files exist. ``progress(done, total)`` is called while images are checked.
+    Args:
+        kind: ``flickr8k``, ``flickr30k`` or ``coco``.
+        captions: the caption file(s) (formats in the module docstring; COCO usually
+            ``captions_train2014.json`` and ``captions_val2014.json``).
+        images: the folder holding the image files (COCO: holding ``train2014/`` and
+            ``val2014/``).
+        out: the JSON to write (a folder means ``<out>/dataset.json``); refused when it exists
+            unless ``force``. ``filepath`` is written relative to the JSON's folder when the
+            images lie inside it, else absolute.
+        splits: Karpathy's ``dataset_*.json`` or per-split name lists; None for a seeded split.
+        seed: the seed of that split.
+        force: overwrite an existing ``out``.
+        check_images: True opens every file with PIL and runs ``verify()``; ``"decode"`` also
+            decodes it (catches truncated JPEGs; slower); False only checks that files exist.
+        progress: ``progress(done, total)`` is called while images are checked.
 
-    Raises :class:`DatasetError` (naming the file and line, and what to do) before any image
-    is checked for input that cannot be read at all (unknown format or header, invalid JSON,
-    not UTF-8, an archive, conflicting split lists), for a file of another dataset than
-    ``kind`` (a COCO annotation file to ``flickr8k``, Karpathy's ``dataset_coco.json`` to
-    ``flickr30k``, ...), for COCO 2014 and 2017 files together, for a file given twice, when
-    ``out`` is one of the inputs (even with ``force``), exists (without ``force``) or its
-    folder cannot be written; and, after the check, when a split would be empty.
-    ConfigError for an unknown ``kind``. Nothing is written unless all of it succeeds.
+    Returns:
+        :class:`PrepareReport`: images per split, image and caption counts, the problems found
+        and the path written.
+
+    Raises:
+        DatasetError: (naming the file and line, and what to do) before any image is checked,
+            for input that cannot be read at all (unknown format or header, invalid JSON, not
+            UTF-8, an archive, conflicting split lists), for a file of another dataset than
+            ``kind`` (a COCO annotation file to ``flickr8k``, Karpathy's ``dataset_coco.json`` to
+            ``flickr30k``, ...), for COCO 2014 and 2017 files together, for a file given twice,
+            when ``out`` is one of the inputs (even with ``force``), exists (without ``force``)
+            or its folder cannot be written; and, after the check, when a split would be empty.
+        ConfigError: an unknown ``kind``.
     """
     if kind not in KINDS:
         raise ConfigError(f"unknown dataset kind {kind!r}; choose {', '.join(KINDS)}")

@@ -288,26 +288,44 @@ def make_record(*, run_id: str, config: dict, scored: ScoredSplit, model: Record
                 training: TrainingBlock | None, throughput: ThroughputBlock, device,
                 started: float, image_use: dict | None = None,
                 source: RunRecord | None = None) -> RunRecord:
-    """The record of a finished run, or with ``source``, of an evaluation of ``source``'s
-    saved model on another dataset or split (``capbench eval --run``): the one writer of
+    """The record of a finished run, or with ``source``, of an evaluation of ``source``'s saved
+    model on another dataset or split (``capbench eval --run``): the one writer of
     :class:`RunRecord`.
 
-    ``config``: the resolved config (an evaluation's: the source's with its own decoding
-    settings); ``scored``: the captions and scores the record reports, from which come the
-    ``dataset`` block, ``metrics``, ``per_image``, the bootstrap 95% ``confidence_intervals``
-    (1000 resamples, seed 0, :func:`~benchmark.stats.bootstrap_ci`) and ``diversity``
-    against the dataset's training captions; ``model``: ``encoder_weights``, ``parameters``,
-    ``vocab_size`` and ``checkpoint``; ``device``: ``environment`` and ``peak_memory``;
-    ``started``: :func:`time.perf_counter` at the start of the run (``wall_seconds`` runs to
-    the end of this call).
-
-    A trained run (``source`` None) takes its arch, encoder and seed from ``config`` and its
-    ``config_id`` is :func:`~benchmark.config.config_id` of it. An evaluation takes them, and
+    A trained run (``source`` None) takes its decoder name, encoder and seed from ``config`` and
+    its ``config_id`` is :func:`~benchmark.config.config_id` of it. An evaluation takes them, and
     its ``training`` block, from ``source``; its ``evaluation`` is ``{"of": source run id,
     "split", "trained_on": source dataset name}``, its config id includes the split (an
-    evaluation is never folded with trained runs as a seed) and a val/train evaluation's
-    dataset is named ``"<name> (<split> split)"`` (its own board group, never ranked with
-    test-split runs).
+    evaluation is never folded with trained runs as a seed) and a val/train evaluation's dataset
+    is named ``"<name> (<split> split)"`` (its own board group, never ranked with test-split
+    runs).
+
+    Args:
+        run_id: the record's id (also its file name under ``runs/``).
+        config: the resolved config (an evaluation's: the source's with its own decoding
+            settings).
+        scored: the captions and scores the record reports (:class:`ScoredSplit`), from which
+            come the ``dataset`` block, ``metrics``, ``per_image``, the bootstrap 95%
+            ``confidence_intervals`` (1000 resamples, seed 0,
+            :func:`~benchmark.stats.bootstrap_ci`) and ``diversity`` against the dataset's
+            training captions.
+        model: ``encoder_weights``, ``parameters``, ``vocab_size`` and ``checkpoint``
+            (:class:`RecordedModel`).
+        training: the trained run's ``training`` block (:class:`TrainingBlock`; ignored with
+            ``source``).
+        throughput: tokens/s, images/s and captions/s, feature-extraction figures
+            (:class:`ThroughputBlock`).
+        device: the torch device, for ``environment`` and ``peak_memory`` (MB).
+        started: :func:`time.perf_counter` at the start of the run (``wall_seconds``, in
+            seconds, runs to the end of this call's statistics).
+        image_use: the shuffled-features test and blind baselines, or None.
+        source: the record of the evaluated run, or None for a trained run.
+
+    Returns:
+        The :class:`RunRecord` (not written: :func:`write_record` writes it).
+
+    Raises:
+        KeyError: ``config`` without ``encoder``, ``seed`` or the decoder's name (trained run).
     """
     # here, not at the top: they import torch, which the records' readers (report, board) skip
     from benchmark.config import config_id
@@ -440,7 +458,16 @@ def load_record(path: str | Path) -> RunRecord:
 
 
 def load_records(results_dir: str | Path) -> tuple[list[RunRecord], list[str]]:
-    """All records under ``<results_dir>/runs`` and a list of problems with unreadable ones."""
+    """All records under ``<results_dir>/runs``, and the problems with unreadable ones.
+
+    Args:
+        results_dir: a results folder (its ``runs/*.json``, read in file-name order; a missing
+            folder gives no records).
+
+    Returns:
+        ``(records, problems)``: the :class:`RunRecord` of every readable file, and one message
+        per file that is not a valid record (:func:`load_record`'s RecordError text).
+    """
     folder = Path(results_dir) / "runs"
     records, problems = [], []
     for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:

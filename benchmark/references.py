@@ -227,10 +227,27 @@ def evaluate_file(predictions: str | Path, references: str | Path, split: str = 
                   images_dir: str | Path | None = None,
                   options: MetricOptions | None = None) -> FileEvaluation:
     """Score a COCO results file against references exactly as the COCO caption toolkit does,
-    with bootstrap 95% CIs (1000 resamples, seed 0). Only the predicted images are scored;
-    how many reference images have no prediction is returned as ``missing_references``.
-    Raises DatasetError for unreadable or mismatching files (see :func:`load_predictions`,
-    :func:`match_predictions`)."""
+    with bootstrap 95% CIs (1000 resamples, seed 0). Only the predicted images are scored.
+
+    Args:
+        predictions: a COCO results JSON, ``[{"image_id", "caption"}, ...]``.
+        references: a Karpathy dataset.json, a COCO captions JSON, or ``coco-val2014`` /
+            ``coco-train2014`` (the offline copy in pycocoevalcap).
+        split: the split of a Karpathy references file.
+        images_dir: the folder of the images, for the metrics that look at them (CLIP-S,
+            PAC-S), found by the file names the references give (None: a Karpathy file's own
+            paths, else those metrics are unavailable).
+        options: weights and device of the model-based metrics (None:
+            :meth:`~benchmark.metrics.MetricOptions.from_env`).
+
+    Returns:
+        :class:`FileEvaluation`: the scores, their intervals, the images scored, how many
+        reference images have no prediction (``missing_references``) and the seconds taken.
+
+    Raises:
+        DatasetError: unreadable or mismatching files (see :func:`load_predictions`,
+            :func:`match_predictions`).
+    """
     from benchmark.metrics import score_captions
     from benchmark.stats import bootstrap_ci
 

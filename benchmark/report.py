@@ -198,9 +198,18 @@ def _baseline_rows(records: list[RunRecord]) -> list[dict]:
 
 
 def leaderboard(records: list[RunRecord], *, baselines: bool = True) -> pd.DataFrame:
-    """A DataFrame with one row per record: identity, metrics (raw), CIs, throughput, and the
-    image-use figures (``vs_blind_*``, ``shuffle_*``). With ``baselines``, each group also gets
-    the reference rows of its blind and nearest-neighbour baselines (``kind == "baseline"``)."""
+    """The leaderboard of run records, one row per record.
+
+    Args:
+        records: the run records (:func:`benchmark.records.load_records`).
+        baselines: also give each dataset/split group the reference rows of its blind and
+            nearest-neighbour baselines (``kind == "baseline"``).
+
+    Returns:
+        A DataFrame: identity (run, decoder, encoder, dataset, split fingerprint, seed),
+        metrics (raw, pycocoevalcap's scale), CIs, throughput (tokens/s, images/s,
+        captions/s) and the image-use figures (``vs_blind_*``, ``shuffle_*``).
+    """
     rows = []
     for r in records:
         row = {

@@ -382,7 +382,6 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
                    prepared: tuple | None = None, resume: bool = False) -> tuple[RunRecord, Path]:
     """Train and evaluate one (encoder, decoder) pair; write and return its run record.
 
-    ``dataset``/``prepared`` (encoder, FeatureStore) let a caller (the matrix) share them.
     The training state is saved after every epoch under ``<results_dir>/unfinished/`` and
     removed once the record is written; with ``resume``, the newest unfinished run of the
     same config id and seed continues (keeping its run id) instead of a fresh start.
@@ -391,10 +390,24 @@ def run_experiment(cfg: RunConfig, console: Console | None = None, *,
     continue the same run stops at once with BusyError "another process (pid N) is continuing
     this run", before any work.
     Under ``torchrun`` every rank calls this; the ranks train with DistributedDataParallel
-    and decode the test split between them, and rank 0 alone scores it and writes the record:
-    the other ranks return ``(None, None)`` (so the return type is ``tuple[RunRecord | None,
-    Path | None]``).
-    Raises CapbenchError / ArchitectureError subclasses for bad input before any work.
+    and decode the test split between them, and rank 0 alone scores it and writes the record.
+
+    Args:
+        cfg: the run's config (:func:`~benchmark.config.load_config`).
+        console: a rich Console for progress bars and notes (None: quiet).
+        dataset: the resolved dataset, when a caller (the matrix) shares it.
+        prepared: ``(encoder, FeatureStore)``, when a caller shares the extracted features.
+        resume: continue the newest unfinished run of this config and seed.
+
+    Returns:
+        ``(record, path)``: the :class:`~benchmark.records.RunRecord` and the JSON file written;
+        ``(None, None)`` on ranks other than 0 (so the type is ``tuple[RunRecord | None,
+        Path | None]``).
+
+    Raises:
+        CapbenchError, ArchitectureError: subclasses for bad input (names, settings, dataset,
+            results folder) before any work; BusyError as above; TrainingDivergedError when the
+            loss becomes NaN or infinite.
     """
     t_start = time.perf_counter()
     resolved = resolved_config(cfg)  # canonical names and decoder hyperparameters, checked once
@@ -537,10 +550,23 @@ def run_baselines(cfg: RunConfig, kinds: list[str], *, split: str = "test", k: i
 def run_seeds(cfg: RunConfig, seeds: list[int], console: Console | None = None, on_start=None,
               resume: bool = False):
     """Run ``cfg`` once per seed, extracting features once; yields ``(record, path)``.
-    With ``resume``, each seed continues its newest unfinished run (see :func:`run_experiment`).
 
     Names, hyperparameters and the dataset are checked before any feature is extracted.
-    ``on_start(seed)`` is called before each run.
+
+    Args:
+        cfg: the run's config; its ``seed`` is set to each seed in turn.
+        seeds: the seeds, one run each.
+        console: a rich Console for progress bars and notes (None: quiet).
+        on_start: ``on_start(seed)`` is called before each run.
+        resume: each seed continues its newest unfinished run (see :func:`run_experiment`).
+
+    Yields:
+        :func:`run_experiment`'s ``(record, path)`` per seed (``(None, None)`` on ranks other
+        than 0).
+
+    Raises:
+        CapbenchError, ArchitectureError: as :func:`run_experiment` (checked before any
+            feature is extracted); BusyError when another process continues one of the runs.
     """
     resolved = resolved_config(cfg)
     device = select_device(cfg.device)

@@ -249,11 +249,22 @@ def check_resamples(n_resamples: int) -> None:
 
 
 def compare_runs(a, b, *, n_resamples: int = 2000) -> dict[str, dict[str, float]]:
-    """:func:`paired_bootstrap` of run records ``b`` against ``a`` (RunRecord objects).
+    """:func:`paired_bootstrap` of run records ``b`` against ``a`` on their shared test images.
 
-    Raises RecordError when the runs are on different splits (their scores are not
-    comparable), ValueError for ``n_resamples`` < 1 and ResourceError when the resampled
-    index table would not fit in memory (checked before any work).
+    Args:
+        a: the baseline :class:`~benchmark.records.RunRecord`.
+        b: the record compared with it.
+        n_resamples: bootstrap resamples.
+
+    Returns:
+        Per metric, ``{"delta" (B - A), "ci" ([low, high], 95%), "p" (two-sided)}``, scores on
+        pycocoevalcap's scale (x 1).
+
+    Raises:
+        RecordError: the runs are on different splits (their scores are not comparable).
+        ValueError: ``n_resamples`` < 1.
+        ResourceError: the resampled index table would not fit in memory (checked before any
+            work).
     """
     from benchmark.errors import RecordError
 

@@ -223,10 +223,28 @@ def _schedule(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
 # ------------------------------------------------------------------------------------ SCST
 def sequence_log_probs(decoder, grid, pooled, seqs: list[list[int]], *, bos_id: int,
                        eos_id: int, pad_id: int, max_len: int):
-    """Teacher-force sampled captions through ``decoder.forward``: returns ``(token_logp
-    (B, L), mask (B, L))``, the log-probability of each emitted token (words, then ``<eos>``
-    unless the caption was cut at ``max_len``) under the same masking as sampling (``<pad>``
-    and ``<bos>`` never emitted). ``grid (B, N, D)``, ``pooled (B, P)``, ``seqs``: B id lists."""
+    """Teacher-force sampled captions through ``decoder.forward``: the log-probability of each
+    emitted token (words, then ``<eos>`` unless the caption was cut at ``max_len``) under the
+    same masking as sampling (``<pad>`` and ``<bos>`` never emitted), for SCST's policy gradient
+    (Rennie et al. 2017).
+
+    Args:
+        decoder: the :class:`~architectures.decoders.base.CaptionDecoder` that sampled them.
+        grid: image features ``(B, N, D)``.
+        pooled: pooled image features ``(B, P)``.
+        seqs: B sampled captions as word-id lists (without ``<bos>``/``<eos>``), each at most
+            ``max_len`` long (at least one non-empty).
+        bos_id: the tokenizer's ``<bos>`` id.
+        eos_id: its ``<eos>`` id.
+        pad_id: its ``<pad>`` id.
+        max_len: the sampling's caption length limit (a caption that long ended without a
+            sampled ``<eos>``).
+
+    Returns:
+        ``(token_logp, mask)``, both ``(B, L)`` with L = the longest caption + 1:
+        log-probabilities in nats (float32, 0 where masked; differentiable) and the bool mask
+        of emitted tokens.
+    """
     B = len(seqs)
     L = max(len(s) for s in seqs) + 1
     dev = grid.device
@@ -732,12 +750,6 @@ def train_decoder(decoder, data: TrainData, vocab: CaptionTokenizer, cfg: TrainC
     """Train ``decoder`` on ``data`` (XE, then ``cfg.scst_epochs`` of SCST); return the best
     weights by validation CIDEr-D (see the module docstring).
 
-    ``callbacks`` hear of every epoch's start and end and of every step
-    (:class:`TrainCallbacks`); the epochs' entries form ``history``. ``state``: where the
-    resumable state goes after each epoch, read first when resuming (:class:`StateFile`).
-    ``finetune``: train the encoder too (see :class:`FineTune`). ``num_workers``: DataLoader
-    processes reading features ahead.
-
     **Several processes** (under ``torchrun``, :mod:`benchmark.distributed`): the decoder is
     wrapped in DistributedDataParallel, ``cfg.batch_size`` is the global batch (of caption
     pairs in XE, of images in SCST), split over the ranks (see :func:`_xe_epoch` and
@@ -745,8 +757,34 @@ def train_decoder(decoder, data: TrainData, vocab: CaptionTokenizer, cfg: TrainC
     the state file. The per-epoch losses (and SCST's rewards) equal a single process's with
     the same batch up to float rounding (in XE with dropout off: each rank draws its own
     dropout masks, from the global generator re-seeded per rank; SCST runs without dropout).
-    Raises ValueError when the train split has no captions, SCST has no train references or
-    is combined with fine-tuning, CapbenchError for an unreadable or mismatched state file.
+
+    Args:
+        decoder: the :class:`~architectures.decoders.base.CaptionDecoder` to train (on
+            ``device``).
+        data: the cached features (grid ``(N, D)``, pooled ``(P,)`` a row), the train and val
+            images and their references (:class:`TrainData`).
+        vocab: the caption tokenizer (:class:`~benchmark.vocab.CaptionTokenizer`).
+        cfg: epochs, batch size, learning rate and schedule, clipping, SCST and early stopping
+            (:class:`~benchmark.config.TrainConfig`).
+        device: where training runs.
+        seed: seeds the data order, dropout and SCST's sampling.
+        callbacks: told of every epoch's start and end and of every step
+            (:class:`TrainCallbacks`); the epochs' entries form ``history``.
+        state: where the resumable state goes after each epoch, read first when resuming
+            (:class:`StateFile`); None: not saved.
+        finetune: train the encoder too, reading images past the feature cache
+            (:class:`FineTune`); None: frozen features.
+        num_workers: DataLoader processes reading features ahead.
+
+    Returns:
+        :class:`TrainResult`: the best weights, epoch and validation CIDEr-D, the per-epoch
+        history, and the training throughput (tokens/s, samples/s; seconds).
+
+    Raises:
+        ValueError: the train split has no captions, SCST has no train references or is
+            combined with fine-tuning.
+        CapbenchError: an unreadable or mismatched state file.
+        TrainingDivergedError: the loss became NaN or infinite.
     """
     callbacks = callbacks or TrainCallbacks()
     decoder.to(device)

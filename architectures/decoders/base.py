@@ -72,20 +72,48 @@ class CaptionDecoder(nn.Module):
             :class:`DecoderOutput` with ``logits (B, T, V)`` (positions at or beyond
             ``lengths`` unspecified: the loss masks them) and, for soft attention,
             ``attention (B, T, N)`` whose rows sum to 1.
+
+        Raises:
+            NotImplementedError: a subclass that does not implement it.
         """
         raise NotImplementedError
 
     def init_state(self, grid: torch.Tensor, pooled: torch.Tensor) -> State:
-        """The decoding state before the first word, from ``grid (B, N, grid_dim)`` and
-        ``pooled (B, pooled_dim)``: a dict of tensors whose first dimension is B (the
-        :attr:`static_state` entries hold what every step reuses, e.g. the projected grid)."""
+        """The decoding state before the first word.
+
+        Args:
+            grid: image features ``(B, N, grid_dim)``, float.
+            pooled: pooled image features ``(B, pooled_dim)``, float.
+
+        Returns:
+            A dict of tensors whose first dimension is B; the :attr:`static_state` entries
+            hold what every step reuses (e.g. the grid projected for attention,
+            ``(B, N, attention_dim)``), the others the recurrent state (e.g. LSTM ``h``/``c``
+            ``(B, hidden_dim)``) or the words so far.
+
+        Raises:
+            NotImplementedError: a subclass that does not implement it.
+        """
         raise NotImplementedError
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One decoding step: the last word of each sequence, ``tokens (R,)`` int64 (R rows:
-        B images, or B x K beams), and its ``state`` -> ``(logits (R, V), new state)``. In
-        beam search the :attr:`static_state` entries have one row per image, shared by the
-        ``R / rows`` adjacent beams of that image."""
+        """One decoding step: consume the last word of each sequence.
+
+        Args:
+            tokens: ``(R,)`` int64, the last word of each row (R rows: B images in greedy
+                decoding, or B x K beams in beam search, the K beams of an image adjacent).
+            state: the state of those rows (:meth:`init_state`, or the previous step's,
+                reordered by :meth:`select_state`); in beam search the
+                :attr:`static_state` entries have one row per image, shared by the
+                ``R / rows`` adjacent beams of that image.
+
+        Returns:
+            ``(logits, new state)``: unnormalised next-word scores ``(R, V)`` (float) and
+            the state after this word, with R rows (static entries unchanged).
+
+        Raises:
+            NotImplementedError: a subclass that does not implement it.
+        """
         raise NotImplementedError
 
     def select_state(self, state: State, index: torch.Tensor, *, within_image: bool = False) -> State:
