@@ -28,6 +28,7 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 #: the model-based metrics' weight files (CLIP-S, PAC-S), shared by run and eval
 _ClipWeights = Annotated[Path | None, typer.Option(help="OpenAI CLIP ViT-B/32 weights for CLIP-S/RefCLIP-S (ViT-B-32.pt or a state dict; default: open_clip's pretrained='openai' from its cache or the internet; or $CAPBENCH_CLIP_WEIGHTS)")]
 _PacsWeights = Annotated[Path | None, typer.Option(help="PAC-S checkpoint for PAC-S/RefPAC-S (aimagelab/pacscore's clip_ViT-B-32.pth; or $CAPBENCH_PACS_WEIGHTS)")]
+_BertscoreModel = Annotated[str | None, typer.Option(help="also score BERTScore (pip install bert-score) with this model: hub name or folder, e.g. roberta-large; or $CAPBENCH_BERTSCORE_MODEL")]
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -137,6 +138,7 @@ def run(
     nproc: Annotated[int, typer.Option(help="processes on this machine (e.g. one per GPU): launches torchrun with DistributedDataParallel; --batch-size stays the global batch")] = 1,
     clip_weights: _ClipWeights = None,
     pacs_weights: _PacsWeights = None,
+    bertscore_model: _BertscoreModel = None,
 ):
     """Train a decoder (on frozen encoder features, or fine-tuning the encoder), score it on the
     test split, write a run record."""
@@ -146,7 +148,7 @@ def run(
     from benchmark.runner import launch_ranks, run_seeds
 
     distributed.check_nproc(nproc)
-    use_weight_files(clip_weights=clip_weights, pacs_weights=pacs_weights)
+    use_weight_files(bertscore_model, clip_weights=clip_weights, pacs_weights=pacs_weights)
 
     cfg = load_config(config, {
         "arch": arch, "encoder": encoder, "dataset": dataset, "train.epochs": epochs,
@@ -260,6 +262,7 @@ def evaluate(
     images: Annotated[Path | None, typer.Option(help="folder of the images, found by the file names the references give (CLIP-S needs the images; a Karpathy file's own paths are used without it)")] = None,
     clip_weights: _ClipWeights = None,
     pacs_weights: _PacsWeights = None,
+    bertscore_model: _BertscoreModel = None,
 ):
     """Score any COCO-format predictions file exactly as the COCO caption toolkit does; or, with
     --run and --dataset, caption another dataset (or split) with a saved model and score it
@@ -270,7 +273,7 @@ def evaluate(
     from benchmark.metrics import use_weight_files
 
     form = eval_form(predictions, references, run, dataset)
-    use_weight_files(clip_weights=clip_weights, pacs_weights=pacs_weights)
+    use_weight_files(bertscore_model, clip_weights=clip_weights, pacs_weights=pacs_weights)
     if form == "run":
         _evaluate_run(run, dataset, split, format, results_dir, beam_size, max_len, encoder_weights)
         return

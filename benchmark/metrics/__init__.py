@@ -4,6 +4,8 @@
   COCO caption toolkit (pycocoevalcap) computes them;
 * :mod:`benchmark.metrics.clipscore`: CLIP-S and RefCLIP-S (Hessel et al., 2021), PAC-S and
   RefPAC-S (Sarto et al., 2023), as their reference code computes them;
+* :mod:`benchmark.metrics.bertscore`: BERTScore through its authors' ``bert-score`` package,
+  when it is installed and a model is named (opt-in).
 
 Each family registers itself in :mod:`benchmark.metrics.registry`. Adding a metric is one new
 file here with its :func:`~benchmark.metrics.registry.register_family` call, and its import
@@ -15,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmark.errors import CapbenchError
-from benchmark.metrics import clipscore, coco  # noqa: F401  (each registers its family)
+from benchmark.metrics import bertscore, clipscore, coco  # noqa: F401  (each registers its family)
 from benchmark.metrics.coco import (
     ALL_METRICS,
     CORENLP_JARS,
@@ -118,7 +120,7 @@ def score_captions(predictions: dict, references: dict, *, metrics=None, per_ima
         predictions: ``{image_id: caption}``; its order is the order of every per-image list.
         references: ``{image_id: [reference, ...]}``, for every predicted id.
         metrics: metric names (default :func:`default_metrics`: the COCO toolkit's, CLIP-S,
-            RefCLIP-S, PAC-S, RefPAC-S).
+            RefCLIP-S, PAC-S, RefPAC-S, and BERTScore when ``options`` names its model).
         per_image: keep per-image scores (what bootstrap intervals resample).
         images: ``{image_id: image file}`` for the metrics that look at images (CLIP-S);
             None: those are reported unavailable ("needs the image files").
@@ -133,8 +135,8 @@ def score_captions(predictions: dict, references: dict, *, metrics=None, per_ima
         ValueError: a predicted image id has no references.
         CapbenchError: an unknown metric name.
     """
-    wanted = check_metric_names(default_metrics() if metrics is None else metrics)
     options = options or MetricOptions.from_env()
+    wanted = check_metric_names(default_metrics(options) if metrics is None else metrics)
     missing = [i for i in predictions if i not in references]
     if missing:
         raise ValueError(f"{len(missing)} predicted image ids have no references, e.g. {missing[:3]}")

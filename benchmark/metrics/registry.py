@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["ScoreResult", "MetricOptions", "ScoringInput", "MetricFamily", "register_family",
-           "FAMILIES", "families", "use_weight_files", "WEIGHT_VARS", "family_of",
+           "FAMILIES", "families", "use_weight_files", "WEIGHT_VARS", "BERTSCORE_VAR", "family_of",
            "registered_metrics", "mean_metrics", "default_metrics"]
 
 
@@ -77,35 +77,44 @@ class MetricOptions:
     or a state dict in that layout; None: open_clip's ``pretrained="openai"`` from its cache or
     the internet); ``pacs_weights``: the PAC-S checkpoint (aimagelab/pacscore's
     ``clip_ViT-B-32.pth``); ``device``: where the metric models run (``cpu``/``cuda``);
-    ``cache_dir``: where image embeddings are kept (None: ``<cache root>/metric-embeddings``).
+    ``cache_dir``: where image embeddings are kept (None: ``<cache root>/metric-embeddings``);
+    ``bertscore_model``: a hub name or local folder for BERTScore (None: BERTScore is off).
     """
 
     clip_weights: Path | None = None
     pacs_weights: Path | None = None
     device: str = "cpu"
     cache_dir: Path | None = None
+    bertscore_model: str | None = None
 
     @classmethod
     def from_env(cls, **overrides) -> MetricOptions:
         """Options from ``$CAPBENCH_CLIP_WEIGHTS`` and ``$CAPBENCH_PACS_WEIGHTS`` (what
         ``--clip-weights``/``--pacs-weights`` set, so torchrun workers and matrix cells see
         them too), with ``overrides`` (None values ignored) on top."""
-        base = {key: _path_from_env(var) for key, var in WEIGHT_VARS.items()}
+        base: dict = {key: _path_from_env(var) for key, var in WEIGHT_VARS.items()}
+        base["bertscore_model"] = os.environ.get(BERTSCORE_VAR, "").strip() or None
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
 
 #: the environment variables that carry the weight files to every process of a run
 WEIGHT_VARS = {"clip_weights": "CAPBENCH_CLIP_WEIGHTS", "pacs_weights": "CAPBENCH_PACS_WEIGHTS"}
+#: the environment variable naming BERTScore's model (a hub name or a folder)
+BERTSCORE_VAR = "CAPBENCH_BERTSCORE_MODEL"
 
 
-def use_weight_files(**files: Path | None) -> None:
+def use_weight_files(bertscore_model: str | None = None, **files: Path | None) -> None:
     """Point the model-based metrics at local weight files (``clip_weights=``,
-    ``pacs_weights=``; None: leave as is) for this process and the ones it starts (torchrun
-    workers, matrix cells): sets :data:`WEIGHT_VARS`. Raises ConfigError naming the flag when
-    a file does not exist, before any work."""
+    ``pacs_weights=``; None: leave as is) and name BERTScore's model (``bertscore_model``: a
+    hub name or a folder; turns BERTScore on) for this process and the ones it starts (torchrun
+    workers, matrix cells): sets :data:`WEIGHT_VARS` and :data:`BERTSCORE_VAR`. Raises
+    ConfigError naming the flag when a weights file does not exist, before any work."""
     from benchmark.errors import ConfigError
 
+    if bertscore_model:
+        local = Path(bertscore_model).expanduser()
+        os.environ[BERTSCORE_VAR] = str(local.resolve()) if local.exists() else bertscore_model
     for key, path in files.items():
         if path is None:
             continue
@@ -142,7 +151,8 @@ class MetricFamily:
     from where; ``mean_of_images``: metrics whose corpus score is the mean of per-image scores
     (resampled as means by the bootstrap); ``default``: scored when no metric list is given;
     ``wide_only``: shown by ``capbench report --wide`` only; ``order``: the family's place
-    on the board and in records (lower first).
+    on the board and in records (lower first); ``enabled(options)``: for an opt-in family
+    (``default`` False), whether the options turn it on (e.g. a BERTScore model is named).
     """
 
     name: str
@@ -157,6 +167,7 @@ class MetricFamily:
     default: bool = True
     wide_only: bool = False
     order: int = 100
+    enabled: Callable[[MetricOptions], bool] | None = None
 
 
 #: every registered family, by name (see :func:`families` for board order)
@@ -198,6 +209,9 @@ def mean_metrics() -> tuple[str, ...]:
     return tuple(m for fam in families() for m in fam.mean_of_images)
 
 
-def default_metrics() -> tuple[str, ...]:
-    """What :func:`benchmark.metrics.score_captions` scores when no list is given."""
-    return tuple(m for fam in families() if fam.default for m in fam.metrics)
+def default_metrics(options: MetricOptions | None = None) -> tuple[str, ...]:
+    """What :func:`benchmark.metrics.score_captions` scores when no list is given: the
+    default families, and the opt-in ones ``options`` turn on."""
+    def on(fam: MetricFamily) -> bool:
+        return fam.default or bool(options and fam.enabled and fam.enabled(options))
+    return tuple(m for fam in families() if on(fam) for m in fam.metrics)
