@@ -12,6 +12,8 @@ import yaml
 from benchmark.records import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the DDP equivalence runs' dataset: 38 train images (int(0.7 x 55)), 8 val, 9 test
+SMALL = "shapes:55"
 
 
 def _capbench(args, cache: Path, timeout=300):
@@ -28,9 +30,12 @@ def test_two_gloo_processes_train_like_one_with_the_same_global_batch(tmp_path):
     captions and metrics; the two ranks extract the feature shards between them and rank 0
     alone writes the record."""
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    cfg["decoder"]["dropout"] = 0.0  # each rank draws its own dropout masks
-    # 37: XE's last batch is short (560 pairs = 15 x 37 + 5) and SCST's last batch holds one
-    # of the 112 images, so rank 1 has none and takes part with zero weight
+    cfg["decoder_hparams"]["dropout"] = 0.0  # each rank draws its own dropout masks
+    # 55 images, 38 of them train (the sizes only need the short batches below; 160 images
+    # took 3 times as long to extract and train, twice). 37: XE's last batch is short
+    # (190 pairs = 5 x 37 + 5) and SCST's last batch holds one of the 38 images, so rank 1
+    # has none and takes part with zero weight
+    cfg["dataset"] = SMALL
     cfg["train"].update(epochs=2, scst_epochs=2, batch_size=37)
     cfg["features"] = {"shard_size": 16}
     path = tmp_path / "ddp.yaml"
@@ -76,10 +81,11 @@ def test_two_gloo_processes_fine_tune_like_one(tmp_path):
     DDP, each image's random crop seeded by its place in the epoch; the same per-epoch losses
     within 1e-5, validation CIDEr-D and test captions as one process with the same batch."""
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    cfg["decoder"]["dropout"] = 0.0
+    cfg["decoder_hparams"]["dropout"] = 0.0
     cfg.update(encoder="vit_tiny", encoder_trainable="last", encoder_lr=1e-3)
-    # 185 captions a step = 37 of the 112 images (5 captions each): the last step holds one
-    # image, so rank 1 has none and takes part with zero weight
+    # 185 captions a step = 37 of the 38 train images (5 captions each): the last step holds
+    # one image, so rank 1 has none and takes part with zero weight
+    cfg["dataset"] = SMALL
     cfg["train"].update(epochs=2, batch_size=185)
     path = tmp_path / "ft.yaml"
     path.write_text(yaml.safe_dump(cfg))
