@@ -101,7 +101,7 @@ def run_cells(preset: str, cells: list[tuple[str, str]], console=None,
         out = {}
         for arch, enc in cells:
             cfg = copy.deepcopy(base)
-            cfg.arch, cfg.encoder, cfg.results_dir = arch, enc, str(folder)
+            cfg.decoder, cfg.encoder, cfg.results_dir = arch, enc, str(folder)
             record, _ = run_experiment(cfg, console, dataset=dataset)
             out[f"{arch}/{enc}"] = record
     return out

@@ -38,7 +38,7 @@ from benchmark.errors import CapbenchError, CapbenchWarning, RecordError, Storag
 from benchmark.features import FeatureStats, storage_precision
 from benchmark.fsutil import temp_prefix
 from benchmark.paths import cache_root
-from benchmark.records import RunRecord, find_record, load_records, write_record
+from benchmark.records import RunRecord, config_with_new_names, find_record, load_records, write_record
 from benchmark.tokenization import load_tokenizer
 from benchmark.userfiles import field_type_problem, read_json
 from benchmark.vocab import CaptionTokenizer
@@ -50,7 +50,8 @@ REQUIRED_FILES = ("config.json", "decoder.safetensors")
 #: one of these holds the caption tokenizer (word vocabulary or Hugging Face tokenizer)
 TOKENIZER_FILES = ("vocab.json", "tokenizer.json")
 #: JSON types of the config.json fields a checkpoint is rebuilt from (see field_type_problem)
-CONFIG_TYPES = (("arch", (str,)), ("encoder", (str,)), ("decoder", (dict,)), ("decode", (dict,)),
+CONFIG_TYPES = (("decoder", (str,)), ("encoder", (str,)), ("decoder_hparams", (dict,)),
+                ("decode", (dict,)),
                 ("features", (dict, type(None))), ("features.normalize", (bool,)),
                 ("weights", (str, type(None))), ("pretrained", (bool,)),
                 ("encoder_init_seed", (int,)), ("encoder_trainable", (str,)),
@@ -100,7 +101,7 @@ class LoadedRun:
     @property
     def arch(self) -> str:
         """The decoder's registered name (``attn_lstm``, ``transformer``, ...)."""
-        return self.config["arch"]
+        return self.config["decoder"]
 
     @property
     def image_decoder(self) -> str:
@@ -214,7 +215,7 @@ def _check_config(config, path: Path) -> None:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object (the run's config); not a capbench "
                               "checkpoint")
-    for key in ("arch", "encoder", "decoder", "decode"):
+    for key in ("decoder", "encoder", "decoder_hparams", "decode"):
         if key not in config:
             raise CheckpointError(f"{path} lacks {key!r}: not a capbench checkpoint")
     if why := field_type_problem(config, CONFIG_TYPES):
@@ -326,6 +327,8 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
         raise CheckpointError(f"checkpoint {folder} is incomplete: {', '.join(missing)} missing "
                               "(a run killed while saving?); re-run the training")
     config = _read_json(folder / "config.json", "checkpoint config")
+    if isinstance(config, dict):  # a checkpoint saved before the rename: arch, decoder
+        config = config_with_new_names(config)
     _check_config(config, folder / "config.json")
     try:
         vocab = load_tokenizer(folder)
@@ -352,15 +355,15 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
             raise CheckpointError(f"{finetuned} does not fit encoder {encoder.name}: {exc}") from exc
     _check_identity(encoder, folder, record)
     try:
-        decoder = create_decoder(config["arch"], len(vocab), encoder.grid_dim, encoder.pooled_dim,
-                                 config["decoder"])
+        decoder = create_decoder(config["decoder"], len(vocab), encoder.grid_dim,
+                                 encoder.pooled_dim, config["decoder_hparams"])
     except ArchitectureError as exc:
         raise CheckpointError(f"cannot build the decoder of checkpoint {folder}: {exc}") from exc
     state = _load_tensors(folder / "decoder.safetensors", "decoder weights")
     try:
         decoder.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"decoder.safetensors in {folder} does not fit a {config['arch']} "
+        raise CheckpointError(f"decoder.safetensors in {folder} does not fit a {config['decoder']} "
                               f"decoder for {encoder.name} features and {len(vocab)} words: "
                               f"{str(exc).splitlines()[0]}") from exc
     known = {f.name for f in dataclasses.fields(DecodeConfig)}

@@ -151,7 +151,7 @@ def run(
     use_weight_files(bertscore_model, clip_weights=clip_weights, pacs_weights=pacs_weights)
 
     cfg = load_config(config, {
-        "arch": arch, "encoder": encoder, "dataset": dataset, "train.epochs": epochs,
+        "decoder": arch, "encoder": encoder, "dataset": dataset, "train.epochs": epochs,
         "train.batch_size": batch_size, "seed": seed, "decode.beam_size": beam_size,
         "device": device, "pretrained": pretrained, "weights": str(weights) if weights else None,
         "results_dir": str(results_dir) if results_dir else None, "train.patience": patience,
@@ -167,7 +167,7 @@ def run(
 
     def on_start(s: int) -> None:
         if is_rank0:
-            console.rule(f"capbench run: {cfg.arch} on {cfg.encoder} ({cfg.dataset}), seed {s}")
+            console.rule(f"capbench run: {cfg.decoder} on {cfg.encoder} ({cfg.dataset}), seed {s}")
 
     try:
         for record, path in run_seeds(cfg, seed_list, console if is_rank0 else None, on_start,

@@ -23,7 +23,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 __all__ = ["RunConfig", "TrainConfig", "FeatureConfig", "load_config", "config_to_dict",
            "CONFIG_DIR", "resolve_config_path", "read_config_file", "resolved_config", "config_id",
            "apply_overrides", "check_ranges", "check_seeds", "parse_seeds", "MAX_SEED", "MAX_EPOCHS",
-           "MAX_BATCH"]
+           "MAX_BATCH", "translate_old_names"]
 
 
 #: numpy's and PyTorch's seeds are 32-bit (``np.random.seed`` refuses more)
@@ -111,9 +111,15 @@ class RunConfig:
     ``encoder_lr`` (cross-entropy only); ``encoder_grad_checkpointing``: recompute the
     fine-tuned encoder's activations in the backward pass instead of keeping them (less
     memory, about one more forward pass of time; ViT and CLIP encoders).
+
+    ``decoder``: the decoder's registry name (``attn_lstm``, ``transformer``, an alias such as
+    ``sat``; the CLI's ``--arch``); ``decoder_hparams``: its constructor's hyperparameters
+    (a mapping named after a decoder applies to that decoder only). Config files written
+    before these names (``arch: NAME`` and ``decoder: {hyperparameters}``) still load, see
+    :func:`translate_old_names`.
     """
 
-    arch: str = "attn_lstm"
+    decoder: str = "attn_lstm"
     encoder: str = "resnet50"
     dataset: str = "shapes"
     pretrained: bool = True
@@ -128,7 +134,7 @@ class RunConfig:
     encoder_trainable: str = _r("none", choices=("none", "last", "all"))
     encoder_lr: float = _r(1e-4, min_exclusive=0.0)
     encoder_grad_checkpointing: bool = False
-    decoder: dict[str, Any] = field(default_factory=dict)
+    decoder_hparams: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -235,6 +241,31 @@ def parse_seeds(text: str) -> list[int]:
     return check_seeds(out, "--seeds")
 
 
+#: the keys of the old config form: ``arch`` named the decoder, ``decoder`` held its hyperparameters
+_OLD_FORM = ("arch", "decoder")
+_NEW_FORM = ("decoder", "decoder_hparams")
+
+
+def translate_old_names(values: dict, source: str) -> dict:
+    """``values`` (a config file's top-level mapping, or overrides) with the old form's keys
+    renamed to the new ones: ``arch: NAME`` -> ``decoder: NAME`` and a mapping under
+    ``decoder:`` -> ``decoder_hparams:`` (a string ``decoder:`` is already the new name).
+    Key order is kept. Raises ConfigError naming ``source`` and the keys when both forms are
+    mixed (``arch`` with ``decoder_hparams`` or with a string ``decoder``)."""
+    old = [k for k in _OLD_FORM if k in values and (k == "arch" or isinstance(values[k], dict))]
+    new = [k for k in _NEW_FORM if k in values and (k == "decoder_hparams"
+                                                    or not isinstance(values[k], dict))]
+    if old and new:
+        raise ConfigError(f"{source}: keys {', '.join(old)} (the old form: arch names the "
+                          "decoder, decoder holds its hyperparameters) mixed with "
+                          f"{', '.join(new)} (the new form); use decoder: NAME and "
+                          "decoder_hparams: {...}")
+    if not old:
+        return values
+    renamed = {"arch": "decoder", "decoder": "decoder_hparams"}
+    return {renamed.get(k, k): v for k, v in values.items()}
+
+
 def _apply(obj: Any, values: dict, source: str, prefix: str = "") -> None:
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
@@ -246,7 +277,7 @@ def _apply(obj: Any, values: dict, source: str, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a mapping")
             _apply(current, value, source, f"{key}.")
-        elif key == "decoder" and not prefix:
+        elif key == "decoder_hparams" and not prefix:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a mapping of decoder hyperparameters")
             current.update(value)
@@ -306,7 +337,7 @@ def load_config(config: str | None = None, overrides: dict | None = None) -> Run
     if config:
         path, data = read_config_file(config)
         data.pop("matrix", None)  # matrix presets may share a file with run settings
-        _apply(cfg, data, str(path))
+        _apply(cfg, translate_old_names(data, str(path)), str(path))
     return apply_overrides(cfg, overrides or {}, "command line")
 
 
@@ -319,11 +350,15 @@ def apply_overrides(cfg: RunConfig, overrides: dict, source: str) -> RunConfig:
         if value is None:
             continue
         head, _, tail = key.partition(".")
+        if isinstance(nested.get(head, {}), dict) != bool(tail or key not in nested):
+            # e.g. decoder (the name) with decoder.KEY (the old form of decoder_hparams.KEY)
+            raise ConfigError(f"{source}: keys {head} and {head}.* mix a value and a mapping; "
+                              "give the decoder's hyperparameters as decoder_hparams.KEY")
         if tail:
             nested.setdefault(head, {})[tail] = value
         else:
             nested[key] = value
-    _apply(cfg, nested, source)
+    _apply(cfg, translate_old_names(nested, source), source)
     return cfg
 
 
@@ -370,9 +405,9 @@ def resolved_config(cfg: RunConfig) -> dict:
                           f"{cfg.train.scst_epochs}: SCST trains the decoder on frozen features; "
                           "fine-tune the encoder with cross-entropy only (train.scst_epochs: 0)")
     out = config_to_dict(cfg)
-    out["arch"] = get_entry("decoder", cfg.arch).name
+    out["decoder"] = get_entry("decoder", cfg.decoder).name
     out["encoder"] = get_entry("encoder", cfg.encoder).name
-    out["decoder"] = validate_decoder(out["arch"], cfg.decoder)
+    out["decoder_hparams"] = validate_decoder(out["decoder"], cfg.decoder_hparams)
     return out
 
 
@@ -381,6 +416,9 @@ def config_id(resolved: dict) -> str:
     in seed share it, so the report can aggregate them (mean +- std)."""
     keep = {k: v for k, v in resolved.items()
             if k not in ("seed", "device", "results_dir", "name", "log")}
+    if "decoder_hparams" in keep:  # hashed under the old names, so ids (baselines, committed
+        # records, unfinished training states) stay those of the same settings before the rename
+        keep["arch"], keep["decoder"] = keep.pop("decoder"), keep.pop("decoder_hparams")
     # settings that are off do not change the run, so they do not change its id either (runs
     # recorded before these settings existed keep theirs)
     train = dict(keep.get("train") or {})

@@ -142,7 +142,7 @@ def _ddp_config(path: Path, quick: bool = False) -> None:
     import yaml
 
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    cfg["decoder"]["dropout"] = 0.0
+    cfg["decoder_hparams"]["dropout"] = 0.0
     cfg["train"].update(epochs=1 if quick else 2, scst_epochs=1, batch_size=37)
     if quick:
         cfg["dataset"] = "shapes:48"

@@ -243,7 +243,7 @@ def plan_cells(base: RunConfig, archs: list[str], encoders: list[str],
     for enc in encoders:
         for arch in archs:
             for name, overrides in (variants or {"": {}}).items():
-                fixed = sorted({k.split(".")[0] for k in overrides} & _MATRIX_OWNED)
+                fixed = sorted(_variant_heads(overrides) & _MATRIX_OWNED)
                 if fixed:
                     raise ConfigError(f"matrix variant {name!r}: {fixed[0]!r} is set by the matrix "
                                       "itself (archs, encoders, seeds, the dataset, device and "
@@ -252,15 +252,23 @@ def plan_cells(base: RunConfig, archs: list[str], encoders: list[str],
                 for seed in seeds:
                     cfg = copy.deepcopy(base)
                     apply_overrides(cfg, overrides, f"matrix variant {name!r}")
-                    cfg.arch, cfg.encoder, cfg.seed = arch, enc, seed
+                    cfg.decoder, cfg.encoder, cfg.seed = arch, enc, seed
                     resolved = resolved_config(cfg)
-                    cells.append(Cell(resolved["arch"], resolved["encoder"], seed, cfg,
+                    cells.append(Cell(resolved["decoder"], resolved["encoder"], seed, cfg,
                                       config_id(resolved), name))
     return cells
 
 
 #: settings a variant may not change: the matrix sets them for every cell
-_MATRIX_OWNED = {"arch", "encoder", "seed", "dataset", "device", "results_dir"}
+_MATRIX_OWNED = {"arch", "decoder", "encoder", "seed", "dataset", "device", "results_dir"}
+
+
+def _variant_heads(overrides: dict) -> set[str]:
+    """The top-level settings a variant's ``overrides`` change; ``decoder.KEY`` or a mapping
+    under ``decoder`` (the old form of ``decoder_hparams``) set hyperparameters, not the
+    decoder."""
+    return {k.split(".")[0] for k, v in overrides.items()
+            if not (k.startswith("decoder.") or (k == "decoder" and isinstance(v, dict)))}
 
 
 def _feature_key(cfg: RunConfig) -> str:

@@ -26,7 +26,10 @@ from benchmark.fsutil import atomic_write_text, utc_timestamp
 from benchmark.stats import bootstrap_ci, diversity
 from benchmark.userfiles import field_type_problem, read_json
 
-SCHEMA_VERSION = 1
+#: 2: the ``config`` block names the decoder ``decoder`` and its hyperparameters
+#: ``decoder_hparams`` (version 1: ``arch`` and ``decoder``; read as version 2, see
+#: :func:`config_with_new_names`)
+SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "run_record.schema.json"
 #: fields added after the first records were written: absent from a record while None
 OPTIONAL_FIELDS = ("image_use", "evaluation", "grounding")
@@ -61,7 +64,7 @@ FIELD_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
 __all__ = ["RunRecord", "DatasetInfo", "TrainingBlock", "ThroughputBlock", "ScoredSplit",
            "RecordedModel", "make_record", "parameter_counts", "find_record", "new_run_id",
            "write_record", "update_record", "load_records", "load_record", "git_commit", "environment",
-           "SCHEMA_VERSION", "SCHEMA_PATH"]
+           "SCHEMA_VERSION", "SCHEMA_PATH", "config_with_new_names", "config_with_old_names"]
 
 
 @dataclass
@@ -242,6 +245,8 @@ class RunRecord:
         are left out while empty, so a record reads back as it was written."""
         out = dataclasses.asdict(self)
         out.pop("path")
+        if self.schema_version == 1:  # written back in the names of its version
+            out["config"] = config_with_old_names(out["config"])
         for key in OPTIONAL_FIELDS:
             if out[key] is None:
                 out.pop(key)
@@ -268,6 +273,8 @@ class RunRecord:
             raise RecordError(f"{source}: {why}; fix the file or remove it")
         names = {f.name for f in dataclasses.fields(cls)} - {"path", "dataset"}
         kwargs = {k: v for k, v in data.items() if k in names}
+        if isinstance(kwargs.get("config"), dict):  # every reader sees the new names
+            kwargs["config"] = config_with_new_names(kwargs["config"])
         cfg = kwargs.get("config") or {}
         if kwargs.get("evaluation") is None and isinstance(cfg, dict) and cfg.get("eval_of"):
             # an `eval --run` record written before the evaluation field existed
@@ -276,6 +283,30 @@ class RunRecord:
         info = DatasetInfo(**{k: v for k, v in ds.items()
                               if k in {f.name for f in dataclasses.fields(DatasetInfo)}})
         return cls(dataset=info, **kwargs)
+
+
+#: the config keys of records (and checkpoints) written before the rename: ``arch`` named the
+#: decoder and ``decoder`` held its hyperparameters
+_NEW_NAMES = {"arch": "decoder", "decoder": "decoder_hparams"}
+_OLD_NAMES = {v: k for k, v in _NEW_NAMES.items()}
+
+
+def config_with_new_names(config: dict) -> dict:
+    """A resolved config (a record's ``config`` block, a checkpoint's ``config.json``) in the
+    current names: a version-1 block (``arch``: the decoder's name, ``decoder``: its
+    hyperparameters) becomes ``decoder`` / ``decoder_hparams``, keys in place; a block
+    already in the new names (or without these keys) is returned unchanged."""
+    if "arch" not in config and not isinstance(config.get("decoder"), dict):
+        return config
+    return {_NEW_NAMES.get(k, k): v for k, v in config.items()}
+
+
+def config_with_old_names(config: dict) -> dict:
+    """The inverse of :func:`config_with_new_names`: ``decoder`` / ``decoder_hparams`` back
+    to version 1's ``arch`` / ``decoder`` (how a version-1 record is written back)."""
+    if "decoder_hparams" not in config:
+        return config
+    return {_OLD_NAMES.get(k, k): v for k, v in config.items()}
 
 
 def type_problem(data: dict) -> str | None:
@@ -337,7 +368,7 @@ def make_record(*, run_id: str, config: dict, scored: ScoredSplit, model: Record
                     {" ".join(t) for im in dataset.split("train") for t in im.tokens})
     wall_seconds = time.perf_counter() - started
     if source is None:
-        arch, encoder, seed = config["arch"], config["encoder"], config["seed"]
+        arch, encoder, seed = config["decoder"], config["encoder"], config["seed"]
         cid, evaluation, block = config_id(config), None, training.to_dict()
     else:
         arch, encoder, seed, block = source.arch, source.encoder, source.seed, source.training

@@ -78,8 +78,8 @@ def preflight(cfg: RunConfig, dataset: CaptionDataset, resolved: dict) -> None:
 
     words = {w for im in dataset.split("train") for t in im.tokens for w in t}
     with torch.device("meta"):  # parameter count at the largest possible vocabulary
-        dec = create_decoder(resolved["arch"], max(len(words) + 4, cfg.tokenizer_vocab_size),
-                             2048, 2048, resolved["decoder"])
+        dec = create_decoder(resolved["decoder"], max(len(words) + 4, cfg.tokenizer_vocab_size),
+                             2048, 2048, resolved["decoder_hparams"])
     need = 4 * sum(p.numel() for p in dec.parameters()) + 4096 * len(dataset.images) + 2**20
     hint = "Pass --results-dir with a writable folder (or set results_dir in the config)."
     root = Path(cfg.results_dir)
@@ -277,8 +277,8 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
                             vocab_size=cfg.tokenizer_vocab_size)
     mean_tokens = _tokens_per_caption(vocab, train, cfg)
     stats = store.standardize(store.row_ids(train)) if cfg.features.normalize else None
-    decoder = create_decoder(resolved["arch"], len(vocab), encoder.grid_dim, encoder.pooled_dim,
-                             resolved["decoder"])
+    decoder = create_decoder(resolved["decoder"], len(vocab), encoder.grid_dim, encoder.pooled_dim,
+                             resolved["decoder_hparams"])
     val_refs = ptb_tokenize({im.image_id: list(im.captions) for im in val})
     train_refs = (ptb_tokenize({im.image_id: list(im.captions) for im in train})
                   if cfg.train.scst_epochs else None)
@@ -295,7 +295,7 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
         store = store.to(device)
     with _progress(console) as prog:
         total = cfg.train.epochs + cfg.train.scst_epochs
-        task = prog.add_task(f"train {resolved['arch']}", total=total, info="")
+        task = prog.add_task(f"train {resolved['decoder']}", total=total, info="")
         meta = {"config_id": config_id(resolved), "seed": cfg.seed,
                 "split_fingerprint": dataset.fingerprint, "device": device.type}
         tracker = open_tracker(cfg.log if distributed.is_main() else "none", cfg.results_dir,
@@ -347,9 +347,9 @@ def check_run_settings(cfg: RunConfig) -> None:
     from architectures.registry import get_entry
     from benchmark.errors import ConfigError
 
-    why = get_entry("decoder", cfg.arch).why_not("compile")
+    why = get_entry("decoder", cfg.decoder).why_not("compile")
     if cfg.train.compile and why:
-        raise ConfigError(f"--compile with {cfg.arch}: {why}; train it without --compile")
+        raise ConfigError(f"--compile with {cfg.decoder}: {why}; train it without --compile")
 
 
 def check_launch(cfg: RunConfig, nproc: int) -> None:
@@ -456,7 +456,7 @@ def _decide_run_id(cfg: RunConfig, resolved: dict, cid: str, resume: bool,
                           "starts afresh",
                           highlight=False)
     return distributed.broadcast_object(
-        (previous.stem if previous else new_run_id(resolved["arch"], resolved["encoder"],
+        (previous.stem if previous else new_run_id(resolved["decoder"], resolved["encoder"],
                                                    cfg.seed), previous is not None))
 
 

@@ -34,7 +34,7 @@ def test_record_has_everything_a_reader_needs(tiny_record, tiny_shapes):
     ds = load_karpathy(tiny_shapes)
     assert rec["arch"] == "attn_lstm" and rec["encoder"] == "resnet18"
     assert rec["dataset"]["split_fingerprint"] == ds.fingerprint
-    assert rec["config"]["train"]["epochs"] == 2 and rec["config"]["decoder"]["attention_dim"] == 64
+    assert rec["config"]["train"]["epochs"] == 2 and rec["config"]["decoder_hparams"]["attention_dim"] == 64
     assert rec["encoder_weights"] == "random-init:seed=0" and rec["pretrained"] is False
     assert set(rec["metrics"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L",
                                    "CIDEr", "SPICE"}

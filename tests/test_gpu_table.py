@@ -133,7 +133,7 @@ def test_the_ddp_step_plans_one_and_two_processes_of_one_config(tiny_shapes, tmp
     gt._ddp_config(tmp_path / "ddp" / "ddp.yaml", quick=True)
     cfg = load_config(str(tmp_path / "ddp" / "ddp.yaml"))
     check_run_settings(cfg)
-    assert (cfg.dataset, cfg.decoder["dropout"], cfg.train.epochs, cfg.train.scst_epochs) == \
+    assert (cfg.dataset, cfg.decoder_hparams["dropout"], cfg.train.epochs, cfg.train.scst_epochs) == \
         ("shapes:48", 0.0, 1, 1)
     launched = []
     monkeypatch.setattr(distributed, "launch", lambda nproc, argv: launched.append(nproc) or 0)

@@ -127,11 +127,11 @@ def test_a_new_decoder_is_one_registration_away(echo_decoder, tiny_shapes, tmp_p
     from benchmark.config import load_config
     from benchmark.runner import run_experiment
 
-    cfg = load_config("tiny", {"dataset": str(tiny_shapes), "arch": echo_decoder,
+    cfg = load_config("tiny", {"dataset": str(tiny_shapes), "decoder": echo_decoder,
                                "train.epochs": 1, "results_dir": str(tmp_path)})
-    cfg.decoder = {"echo_gain": 0.75}
+    cfg.decoder_hparams = {"echo_gain": 0.75}
     record, path = run_experiment(cfg)
-    assert record.arch == "echo_test" and record.config["decoder"]["echo_gain"] == 0.75
+    assert record.arch == "echo_test" and record.config["decoder_hparams"]["echo_gain"] == 0.75
     assert load_record(path).metrics == record.metrics
     jsonschema.validate(json.loads(path.read_text()), json.loads(SCHEMA_PATH.read_text()))
     row = bench_decoder(echo_decoder, DecoderWorkload(grid_size=4, grid_dim=8, pooled_dim=8,

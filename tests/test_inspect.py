@@ -160,7 +160,7 @@ def _random_run(arch: str, loaded):
     enc = loaded.encoder
     dec = create_decoder(arch, len(loaded.vocab), enc.grid_dim, enc.pooled_dim,
                          {"embed_dim": 32, "hidden_dim": 64, "num_heads": 4, "num_layers": 2}).eval()
-    return LoadedRun("random", loaded.folder, {**loaded.config, "arch": arch}, enc, dec,
+    return LoadedRun("random", loaded.folder, {**loaded.config, "decoder": arch}, enc, dec,
                      loaded.vocab, loaded.feature_stats, loaded.decode)
 
 

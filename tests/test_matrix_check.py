@@ -32,7 +32,7 @@ def test_matrix_runs_resumes_and_records_failures(tiny_shapes, tmp_path, monkeyp
     real = matrix_mod.run_experiment
 
     def flaky(cell_cfg, *a, **k):
-        if cell_cfg.arch == "attn_lstm":
+        if cell_cfg.decoder == "attn_lstm":
             raise RuntimeError("simulated out-of-memory")
         return real(cell_cfg, *a, **k)
 
@@ -47,7 +47,7 @@ def test_matrix_runs_resumes_and_records_failures(tiny_shapes, tmp_path, monkeyp
 @pytest.mark.slow
 def test_same_seed_same_machine_same_metrics(tiny_shapes, tmp_path):
     cfg = _cfg(tiny_shapes, tmp_path)
-    cfg.arch = "attn_lstm"
+    cfg.decoder = "attn_lstm"
     a, _ = run_experiment(copy.deepcopy(cfg))
     b, _ = run_experiment(copy.deepcopy(cfg))
     assert a.metrics == b.metrics

@@ -18,8 +18,8 @@ def _demo_section() -> str:
 def test_the_demo_section_states_the_demo_config():
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     section = _demo_section()
-    d = cfg["decoder"]
-    assert (f"`{cfg['arch']}` (embed {d['embed_dim']}, hidden {d['hidden_dim']}, attention "
+    d = cfg["decoder_hparams"]
+    assert (f"`{cfg['decoder']}` (embed {d['embed_dim']}, hidden {d['hidden_dim']}, attention "
             f"{d['attention_dim']}), trained for {cfg['train']['epochs']}\nepochs") in section
     assert f"Beam size {cfg['decode']['beam_size']}." in section
     assert {"resnet50": "ResNet-50"}[cfg["encoder"]] in section
@@ -34,7 +34,7 @@ def test_the_capture_is_the_demo_run_at_100_columns():
     lines = capture.splitlines()
     assert lines and max(len(line) for line in lines) <= 100
     assert "…" not in capture
-    rows = [line for line in lines if f"│ {cfg['arch']}" in line]
+    rows = [line for line in lines if f"│ {cfg['decoder']}" in line]
     assert len(rows) == 1 and cfg["encoder"] in rows[0]
     assert re.search(r"\d+\.\d ±\d+\.\d", rows[0])  # CIDEr-D with its CI, whole
     assert "consensus" in capture and "baseline" in capture and "CIDEr-D" in capture

@@ -54,7 +54,7 @@ def _unfinished(results: Path, dataset: Path) -> tuple[str, Path]:
     bytes are never read here: every case stops before."""
     resolved = resolved_config(load_config("tiny", {"dataset": str(dataset),
                                                     "results_dir": str(results)}))
-    run_id = new_run_id(resolved["arch"], resolved["encoder"], 0)
+    run_id = new_run_id(resolved["decoder"], resolved["encoder"], 0)
     state = results / "unfinished" / config_id(resolved) / f"{run_id}.pt"
     state.parent.mkdir(parents=True)
     state.write_bytes(b"epoch 3 of 8")
@@ -219,3 +219,46 @@ def test_startup_cleaner_leaves_other_programs_files_in_a_shared_temp_folder(tmp
     assert sorted(p.name for p in made if p.exists()) == sorted(
         p.name for p in [*foreign, *foreign_dirs, ours_live])
     assert all((p / "inside.txt").exists() for p in foreign_dirs)
+
+
+def test_version_1_records_load_in_the_new_config_names(tmp_path):
+    """Records written before the rename (schema 1: ``config.arch``, ``config.decoder`` the
+    hyperparameters) read as ``decoder`` / ``decoder_hparams``, write back unchanged, keep
+    their config id, and give the same board as the same records in schema 2."""
+    import pandas as pd
+
+    from benchmark.records import config_with_old_names, load_records, write_record
+    from benchmark.report import leaderboard
+
+    old, _ = load_records(ROOT / "results" / "shapes")
+    assert old and all(r.schema_version == 1 for r in old)
+    for r in old:
+        raw = json.loads(Path(r.path).read_text())
+        assert "arch" in raw["config"] and isinstance(raw["config"]["decoder"], dict)
+        assert (r.config["decoder"], r.config["decoder_hparams"]) == \
+            (raw["config"]["arch"], raw["config"]["decoder"]) and "arch" not in r.config
+        assert r.to_dict()["config"] == config_with_old_names(r.config) == raw["config"]
+        assert config_id(r.config) == r.config_id
+        r.schema_version = 2  # as a run of this version writes it
+        write_record(r, tmp_path)
+    new, _ = load_records(tmp_path)
+    assert all(json.loads(Path(r.path).read_text())["config"]["decoder"] == r.arch for r in new)
+    pd.testing.assert_frame_equal(leaderboard(old), leaderboard(new))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_saved_before_the_rename_loads(tiny_run, tmp_path):
+    """A checkpoint whose config.json has the old names (arch, decoder) loads as one saved
+    now: the same decoder, hyperparameters and captions."""
+    from benchmark.checkpoint import load_run
+    from benchmark.records import config_with_old_names
+
+    _, record = tiny_run
+    folder = tmp_path / "old-checkpoint"
+    shutil.copytree(record.checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config_with_old_names(config)))
+    now, before = load_run(record.checkpoint), load_run(str(folder))
+    assert before.config == now.config and before.arch == now.arch == "attn_lstm"
+    state = now.decoder.state_dict()
+    assert all((v == state[k]).all() for k, v in before.decoder.state_dict().items())

@@ -93,8 +93,8 @@ def fake_cells(monkeypatch):
 
     def run(cfg, console=None, *, dataset, prepared, resume):
         assert prepared == ("features of", cfg.encoder) and resume
-        ran.append((cfg.encoder, cfg.arch, cfg.seed))
-        record = _record(f"20261122-000000-{cfg.arch}-{cfg.encoder}-s{cfg.seed}-0000", cfg.arch,
+        ran.append((cfg.encoder, cfg.decoder, cfg.seed))
+        record = _record(f"20261122-000000-{cfg.decoder}-{cfg.encoder}-s{cfg.seed}-0000", cfg.decoder,
                          cfg.encoder, 0.5, seed=cfg.seed, fingerprint=dataset.fingerprint,
                          config=config_id(resolved_config(cfg)))
         return record, write_record(record, cfg.results_dir)

@@ -168,7 +168,7 @@ def test_compiled_training_equals_eager_training(tiny_shapes, tmp_path):
     records = []
     for compiled in (False, True):
         cfg = _tiny(tiny_shapes, tmp_path / str(compiled), epochs=2, compile=compiled)
-        cfg.arch, cfg.decoder["dropout"] = "transformer", 0.0
+        cfg.decoder, cfg.decoder_hparams["dropout"] = "transformer", 0.0
         records.append(run_experiment(cfg)[0])
     eager, fast = ([h["loss"] for h in r.training["history"]] for r in records)
     assert max(abs(a - b) for a, b in zip(eager, fast, strict=True)) < 1e-5

@@ -269,8 +269,8 @@ def checkpoint(tiny_shapes, tmp_path_factory) -> Path:
     encoder = create_encoder(resolved["encoder"], pretrained=False, init_seed=0)
     ds = load_karpathy(tiny_shapes)
     vocab = Vocabulary.build((t for im in ds.split("train") for t in im.tokens), min_count=1)
-    decoder = create_decoder(resolved["arch"], len(vocab), encoder.grid_dim, encoder.pooled_dim,
-                             resolved["decoder"])
+    decoder = create_decoder(resolved["decoder"], len(vocab), encoder.grid_dim, encoder.pooled_dim,
+                             resolved["decoder_hparams"])
     folder = tmp_path_factory.mktemp("checkpoints") / "20261122-000000-tiny-s0-0000"
     folder.mkdir()
     (folder / "encoder.json").write_text(json.dumps(encoder.cache_identity()))
