@@ -269,8 +269,8 @@ def evaluate(
     (cross-dataset transfer), writing a new run record."""
     import json
 
-    from benchmark.references import eval_form, evaluate_file
     from benchmark.metrics import use_weight_files
+    from benchmark.references import eval_form, evaluate_file
 
     form = eval_form(predictions, references, run, dataset)
     use_weight_files(bertscore_model, clip_weights=clip_weights, pacs_weights=pacs_weights)
@@ -291,7 +291,6 @@ def evaluate(
     console.print(f"scored in {ev.seconds:.1f} s")
 
 
-def _metric_table(title: str, metrics: dict, intervals: dict) -> Table:
 def _print_unavailable(unavailable: dict) -> None:
     """One line per reason, naming the metrics it stops (CLIP-S and RefCLIP-S share theirs)."""
     by_reason: dict[str, list[str]] = {}
@@ -301,6 +300,7 @@ def _print_unavailable(unavailable: dict) -> None:
         console.print(f"[yellow]{', '.join(names)} unavailable:[/] {_q(why)}", highlight=False)
 
 
+def _metric_table(title: str, metrics: dict, intervals: dict) -> Table:
     """A metric, score, 95% CI table (eval of a file and of a saved run)."""
     table = Table(title=title)
     for c in ("metric", "score", "95% CI"):

@@ -337,6 +337,7 @@ def _groups(df: pd.DataFrame):
         if "tokenizer" in g.columns and g["tokenizer"].map(
                 lambda t: t == "-" or str(t).startswith("word")).all():
             empty.append("tokenizer")  # word vocabularies only
+        empty += [m for m in WIDE_METRICS if m in g.columns and g[m].isin(["n/a", "-"]).all()]
         yield f"{name} (split {split})", g.drop(columns=["dataset", "split", *empty])
 
 
@@ -346,7 +347,6 @@ def render_markdown(df: pd.DataFrame) -> str:
         return "_no runs_\n"
     parts = []
     for title, g in _groups(_display(df)):
-        empty += [m for m in WIDE_METRICS if m in g.columns and g[m].isin(["n/a", "-"]).all()]
         cols = list(g.columns)
         lines = [f"### {title}", "", "| " + " | ".join(cols) + " |",
                  "|" + "|".join("---" for _ in cols) + "|"]
