@@ -166,7 +166,7 @@ def caption_files(run: LoadedRun, files: list[Path], *, batch_size: int | None =
             return
         grid, pooled = run.raw_features(torch.stack([px for _, px in pending]))
         for (path, _), ids in zip(pending, run.caption_ids(grid, pooled), strict=True):
-            out.captions.append((path, " ".join(run.vocab.decode(ids))))
+            out.captions.append((path, " ".join(run.tokenizer.decode(ids))))
         if progress:
             progress(len(pending))
         pending.clear()
@@ -264,13 +264,13 @@ def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
     if not images:
         raise DatasetError(f"{dataset_spec}: split {split!r} has no images")
     store = _features_for(run, ds, images, console)
-    predictions, captions_per_s = caption_features(run.decoder, store, images, run.vocab,
+    predictions, captions_per_s = caption_features(run.decoder, store, images, run.tokenizer,
                                                    run.decode, run.device)
     scores = score_captions(predictions, ds.references(split), images=ds.image_files(split),
                             options=MetricOptions.from_env(device=str(run.device)))
     feats = run.config.get("features") or {}
     n_tp = int(feats.get("throughput_images", 64) or len(images))
-    _, images_per_s = caption_pixels(run.encoder, run.decoder, images[:n_tp], run.vocab,
+    _, images_per_s = caption_pixels(run.encoder, run.decoder, images[:n_tp], run.tokenizer,
                                      run.decode, run.device,
                                      batch_size=int(feats.get("batch_size", 32)),
                                      num_workers=feats.get("num_workers"), stats=run.feature_stats,
@@ -281,7 +281,7 @@ def evaluate_run(run: LoadedRun, dataset_spec: str, split: str = "test", *,
     record = make_record(
         run_id=new_run_id(source.arch, source.encoder, source.seed or 0), config=cfg,
         scored=ScoredSplit(ds, split, scores, predictions),
-        model=RecordedModel(run.encoder, run.decoder, len(run.vocab),
+        model=RecordedModel(run.encoder, run.decoder, len(run.tokenizer),
                             checkpoint=str(Path(run.folder).resolve())),
         training=None,
         throughput=ThroughputBlock(

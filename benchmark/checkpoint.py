@@ -91,7 +91,7 @@ class LoadedRun:
     config: dict
     encoder: torch.nn.Module
     decoder: torch.nn.Module
-    vocab: CaptionTokenizer
+    tokenizer: CaptionTokenizer
     feature_stats: FeatureStats | None
     decode: DecodeConfig
     record: RunRecord | None = None
@@ -144,7 +144,7 @@ class LoadedRun:
         """Word ids (no ``<bos>``/``<eos>``) of the run's decoding (:attr:`decode`) of raw
         features ``grid (B, N, D)``, ``pooled (B, P)`` (normalised here)."""
         g, p = self.normalize(grid, pooled)
-        return decode(self.decoder, g, p, self.decode, self.vocab)
+        return decode(self.decoder, g, p, self.decode, self.tokenizer)
 
 
 def _newest(results_dir: Path) -> RunRecord:
@@ -289,7 +289,7 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
     """Load run ``ref`` for inference.
 
     The encoder is rebuilt from ``config.json`` and checked against ``encoder.json`` (or the
-    record); the decoder is built with ``architectures.create_decoder(name, len(vocab),
+    record); the decoder is built with ``architectures.create_decoder(name, len(tokenizer),
     encoder.grid_dim, encoder.pooled_dim, hyperparameters)`` and its weights loaded strictly.
     Everything is put in eval mode on ``device``.
 
@@ -331,7 +331,7 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
         config = config_with_new_names(config)
     _check_config(config, folder / "config.json")
     try:
-        vocab = load_tokenizer(folder)
+        tokenizer = load_tokenizer(folder)
     except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read the tokenizer of checkpoint {folder}: {exc}") from exc
     stats = None
@@ -355,7 +355,7 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
             raise CheckpointError(f"{finetuned} does not fit encoder {encoder.name}: {exc}") from exc
     _check_identity(encoder, folder, record)
     try:
-        decoder = create_decoder(config["decoder"], len(vocab), encoder.grid_dim,
+        decoder = create_decoder(config["decoder"], len(tokenizer), encoder.grid_dim,
                                  encoder.pooled_dim, config["decoder_hparams"])
     except ArchitectureError as exc:
         raise CheckpointError(f"cannot build the decoder of checkpoint {folder}: {exc}") from exc
@@ -364,7 +364,7 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
         decoder.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"decoder.safetensors in {folder} does not fit a {config['decoder']} "
-                              f"decoder for {encoder.name} features and {len(vocab)} words: "
+                              f"decoder for {encoder.name} features and {len(tokenizer)} words: "
                               f"{str(exc).splitlines()[0]}") from exc
     known = {f.name for f in dataclasses.fields(DecodeConfig)}
     # through the config's own type and range checks, naming config.json and the key
@@ -377,21 +377,21 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
     check_ranges(dcfg, "command line", "decode.")
     run_id = record.run_id if record is not None else folder.name
     return LoadedRun(run_id, folder, config, encoder.to(device).eval(),
-                     decoder.to(device).eval(), vocab, stats, dcfg, record, device,
+                     decoder.to(device).eval(), tokenizer, stats, dcfg, record, device,
                      time.perf_counter() - t0)
 
 
 @dataclass
 class Checkpoint:
     """What a run's checkpoint folder holds (see the module docstring): the resolved
-    ``config``, the decoder's weights ``decoder_state``, the caption tokenizer ``vocab``, the
+    ``config``, the decoder's weights ``decoder_state``, the caption tokenizer ``tokenizer``, the
     encoder's ``encoder_identity`` (name, weights id, preprocessing: what rebuilding it must
     reproduce), the ``feature_stats`` (None when the run did not normalise) and, for a
     fine-tuned encoder, its trained part ``encoder_finetuned`` (empty otherwise)."""
 
     config: dict
     decoder_state: dict[str, torch.Tensor]
-    vocab: CaptionTokenizer
+    tokenizer: CaptionTokenizer
     encoder_identity: dict
     feature_stats: FeatureStats | None = None
     encoder_finetuned: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -409,7 +409,7 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
                   folder / "encoder_finetuned.safetensors")
     if checkpoint.feature_stats is not None:
         checkpoint.feature_stats.save(folder / "feature_stats.safetensors")
-    checkpoint.vocab.save_to(folder)
+    checkpoint.tokenizer.save_to(folder)
     (folder / "config.json").write_text(json.dumps(checkpoint.config, indent=1))
 
 

@@ -189,7 +189,7 @@ def attention_maps(run: LoadedRun, grid: torch.Tensor, pooled: torch.Tensor, ids
     if not ids:
         return torch.zeros(0, grid.shape[1])
     g, p = run.normalize(grid.to(run.device), pooled.to(run.device))
-    tokens, lengths = _teacher_tokens(ids, run.vocab.bos_id)
+    tokens, lengths = _teacher_tokens(ids, run.tokenizer.bos_id)
     tokens, lengths = tokens.to(run.device), lengths.to(run.device)
     dec = run.decoder
     if hasattr(dec, "layers") and all(hasattr(x, "cross_q") for x in dec.layers):
@@ -241,7 +241,7 @@ def gradcam_maps(run: LoadedRun, grid: torch.Tensor, pooled: torch.Tensor,
             _, p = run.normalize(raw, raw.mean(dim=1))
         else:
             p = p0.expand(T, -1)
-        tokens, lengths = _teacher_tokens(ids, run.vocab.bos_id, rows=T)
+        tokens, lengths = _teacher_tokens(ids, run.tokenizer.bos_id, rows=T)
         logits = run.decoder(A, p, tokens.to(run.device), lengths.to(run.device)).logits
         logp = torch.log_softmax(logits.float(), dim=-1)  # (T, T, V)
         rows = torch.arange(T, device=logp.device)
@@ -319,7 +319,7 @@ def explain_image(run: LoadedRun, image: Image.Image, methods=("attention",), *,
     grid, pooled = run.raw_features(pixels)
     if ids is None:
         ids = run.caption_ids(grid, pooled)[0]
-    ex = Explanation(image, list(ids), run.vocab.pieces(ids), grid_shape(grid.shape[1]),
+    ex = Explanation(image, list(ids), run.tokenizer.pieces(ids), grid_shape(grid.shape[1]),
                      geometry=crop_geometry(run.encoder.transform, image.size))
     for m in methods:
         t0 = time.perf_counter()

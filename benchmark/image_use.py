@@ -54,7 +54,7 @@ def _cider_block(result) -> dict:
     return {"image_ids": result.image_ids, "CIDEr": result.per_image["CIDEr"]}
 
 
-def shuffle_test(decoder, store: FeatureStore, test, vocab, decode_cfg, device, references: dict,
+def shuffle_test(decoder, store: FeatureStore, test, tokenizer, decode_cfg, device, references: dict,
                  real: dict, *, seed: int = 0, n_resamples: int = 1000) -> dict:
     """Does the model use the image? Decode ``test`` with every image's features replaced by
     another test image's (a :func:`derangement`), score CIDEr-D, and compare with the
@@ -65,7 +65,7 @@ def shuffle_test(decoder, store: FeatureStore, test, vocab, decode_cfg, device, 
         store: the cached features of the test images (grid ``(N, D)`` and pooled ``(P,)`` a
             row, z-scored with the store's statistics as in training).
         test: the test split's :class:`~benchmark.data.ImageRecord` list (at least 2).
-        vocab: the run's tokenizer.
+        tokenizer: the run's tokenizer.
         decode_cfg: the run's :class:`~benchmark.decoding.DecodeConfig`.
         device: where the decoder runs.
         references: ``{image_id: [reference captions]}`` of ``test``.
@@ -85,7 +85,7 @@ def shuffle_test(decoder, store: FeatureStore, test, vocab, decode_cfg, device, 
     shuffled_store = store.copy()
     shuffled_store.stats = store.stats
     shuffled_store.index = {im.image_id: int(r) for im, r in zip(test, rows.tolist(), strict=True)}
-    preds, _ = caption_features(decoder, shuffled_store, test, vocab, decode_cfg, device)
+    preds, _ = caption_features(decoder, shuffled_store, test, tokenizer, decode_cfg, device)
     result = score_captions(preds, references, metrics=("CIDEr",))
     cmp = paired_bootstrap(_cider_block(result), real, n_resamples=n_resamples)["CIDEr"]
     return {"derangement_seed": seed, "CIDEr": result.metrics["CIDEr"], "drop": cmp["delta"],

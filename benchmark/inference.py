@@ -15,7 +15,7 @@ from benchmark.vocab import CaptionTokenizer
 __all__ = ["caption_features", "caption_features_all_ranks", "caption_pixels"]
 
 
-def caption_features(decoder, store: FeatureStore, images: list[ImageRecord], vocab: CaptionTokenizer,
+def caption_features(decoder, store: FeatureStore, images: list[ImageRecord], tokenizer: CaptionTokenizer,
                      cfg: DecodeConfig, device: torch.device, generator=None):
     """Captions ``{image_id: text}`` from cached features, and decoder-only captions/s."""
     decoder.eval()
@@ -26,15 +26,15 @@ def caption_features(decoder, store: FeatureStore, images: list[ImageRecord], vo
     for start in range(0, len(images), cfg.batch_size):
         batch = rows[start : start + cfg.batch_size]
         grid, pooled = store.rows(batch, device)
-        ids = decode(decoder, grid, pooled, cfg, vocab, generator=generator)
+        ids = decode(decoder, grid, pooled, cfg, tokenizer, generator=generator)
         for im, seq in zip(images[start : start + len(batch)], ids, strict=True):
-            out[im.image_id] = " ".join(vocab.decode(seq))
+            out[im.image_id] = " ".join(tokenizer.decode(seq))
     synchronize(device)
     return out, len(images) / max(time.perf_counter() - t0, 1e-9)
 
 
 def caption_features_all_ranks(decoder, store: FeatureStore, images: list[ImageRecord],
-                               vocab: CaptionTokenizer, cfg: DecodeConfig, device: torch.device):
+                               tokenizer: CaptionTokenizer, cfg: DecodeConfig, device: torch.device):
     """:func:`caption_features` sharded over the ranks of a distributed run (rank ``r`` of
     ``W`` decodes images ``r, r+W, ...``, as torch's DistributedSampler without shuffling
     assigns them) and gathered on every rank. Beam search is batch-composition independent,
@@ -44,11 +44,11 @@ def caption_features_all_ranks(decoder, store: FeatureStore, images: list[ImageR
 
     world = distributed.world_size()
     if world == 1:
-        return caption_features(decoder, store, images, vocab, cfg, device)
+        return caption_features(decoder, store, images, tokenizer, cfg, device)
     mine = distributed.share(images)
     synchronize(device)
     t0 = time.perf_counter()
-    part, _ = caption_features(decoder, store, mine, vocab, cfg, device) if mine else ({}, 0.0)
+    part, _ = caption_features(decoder, store, mine, tokenizer, cfg, device) if mine else ({}, 0.0)
     parts = distributed.all_gather_object((part, time.perf_counter() - t0))
     out = {}
     for p, _ in parts:
@@ -57,7 +57,7 @@ def caption_features_all_ranks(decoder, store: FeatureStore, images: list[ImageR
     return {im.image_id: out[im.image_id] for im in images}, len(images) / max(slowest, 1e-9)
 
 
-def caption_pixels(encoder, decoder, images: list[ImageRecord], vocab: CaptionTokenizer,
+def caption_pixels(encoder, decoder, images: list[ImageRecord], tokenizer: CaptionTokenizer,
                    cfg: DecodeConfig, device: torch.device, batch_size: int = 32,
                    num_workers: int | None = None, stats: FeatureStats | None = None,
                    image_decoder: str = "pil"):
@@ -67,7 +67,7 @@ def caption_pixels(encoder, decoder, images: list[ImageRecord], vocab: CaptionTo
         encoder: the run's encoder (its ``transform`` preprocesses each image).
         decoder: the trained :class:`~architectures.decoders.base.CaptionDecoder`.
         images: the image files to caption (:class:`~benchmark.data.ImageRecord`).
-        vocab: the run's tokenizer.
+        tokenizer: the run's tokenizer.
         cfg: decoding settings (:class:`~benchmark.decoding.DecodeConfig`).
         device: where the encoder and decoder run.
         batch_size: images per encoder batch.
@@ -87,5 +87,5 @@ def caption_pixels(encoder, decoder, images: list[ImageRecord], vocab: CaptionTo
     grid, pooled, _ = extract_features(encoder, images, batch_size=batch_size, device=device,
                                        num_workers=num_workers, image_decoder=image_decoder)
     store = FeatureStore(grid, pooled, [im.image_id for im in images], key="pixels", stats=stats)
-    caps, _ = caption_features(decoder, store, images, vocab, cfg, device)
+    caps, _ = caption_features(decoder, store, images, tokenizer, cfg, device)
     return caps, len(images) / max(time.perf_counter() - t0, 1e-9)

@@ -117,7 +117,7 @@ class _Trained:
     decoder: torch.nn.Module
     encoder: torch.nn.Module  # the run's own copy when fine-tuned, else the shared one
     encoder_trainable: int  # parameters of the encoder that training updated
-    vocab: CaptionTokenizer
+    tokenizer: CaptionTokenizer
     store: FeatureStore  # holds the test split; only the test split when fine-tuned
     feature_stats: FeatureStats | None
     result: TrainResult
@@ -126,7 +126,7 @@ class _Trained:
 
     def checkpoint(self, resolved: dict) -> Checkpoint:
         """What the run's checkpoint folder holds (its best weights)."""
-        return Checkpoint(resolved, self.result.best_state, self.vocab, self.encoder_identity,
+        return Checkpoint(resolved, self.result.best_state, self.tokenizer, self.encoder_identity,
                           self.feature_stats, self.result.best_encoder_state)
 
     def record_block(self, cfg: RunConfig) -> TrainingBlock:
@@ -137,13 +137,13 @@ class _Trained:
                    "trainable_parameters": self.encoder_trainable,
                    **({"encoder_lr": cfg.encoder_lr,
                        "grad_checkpointing": cfg.encoder_grad_checkpointing} if fine_tuned else {})}
-        tokenizer = {"kind": self.vocab.kind, "vocab_size": len(self.vocab),
+        tokenizer = {"kind": self.tokenizer.kind, "vocab_size": len(self.tokenizer),
                      "mean_tokens_per_caption": self.mean_tokens_per_caption}
         return self.result.record_block(scst=bool(cfg.train.scst_epochs), encoder=encoder,
                                         tokenizer=tokenizer)
 
 
-def _tokens_per_caption(vocab: CaptionTokenizer, train, cfg: RunConfig) -> float:
+def _tokens_per_caption(tokenizer: CaptionTokenizer, train, cfg: RunConfig) -> float:
     """Mean tokens per training caption under the run's tokenizer (the record's figure), with
     a CapbenchWarning when more than 5% of the captions are longer than
     ``train.max_caption_len`` tokens (they are cut; subword tokenizers write more tokens a
@@ -153,12 +153,12 @@ def _tokens_per_caption(vocab: CaptionTokenizer, train, cfg: RunConfig) -> float
     from benchmark.errors import CapbenchWarning
     from benchmark.tokenization import caption_lengths
 
-    lengths = caption_lengths(vocab, (t for im in train for t in im.tokens))
+    lengths = caption_lengths(tokenizer, (t for im in train for t in im.tokens))
     cut = sum(n > cfg.train.max_caption_len for n in lengths)
     if lengths and cut > 0.05 * len(lengths):
         warnings.warn(f"{100 * cut / len(lengths):.0f}% of the training captions are longer than "
                       f"train.max_caption_len = {cfg.train.max_caption_len} tokens of the "
-                      f"{vocab.kind} tokenizer (mean {sum(lengths) / len(lengths):.1f}) and are "
+                      f"{tokenizer.kind} tokenizer (mean {sum(lengths) / len(lengths):.1f}) and are "
                       "cut; raise train.max_caption_len", CapbenchWarning, stacklevel=2)
     return sum(lengths) / max(1, len(lengths))
 
@@ -272,12 +272,12 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
     seed_everything(cfg.seed)
     store = store.copy()  # this run's own normalisation; a shared (matrix) store stays raw
     train, val = dataset.split("train"), dataset.split("val")
-    vocab = build_tokenizer(cfg.tokenizer, (t for im in train for t in im.tokens),
+    tokenizer = build_tokenizer(cfg.tokenizer, (t for im in train for t in im.tokens),
                             min_count=cfg.train.min_word_count,
                             vocab_size=cfg.tokenizer_vocab_size)
-    mean_tokens = _tokens_per_caption(vocab, train, cfg)
+    mean_tokens = _tokens_per_caption(tokenizer, train, cfg)
     stats = store.standardize(store.row_ids(train)) if cfg.features.normalize else None
-    decoder = create_decoder(resolved["decoder"], len(vocab), encoder.grid_dim, encoder.pooled_dim,
+    decoder = create_decoder(resolved["decoder"], len(tokenizer), encoder.grid_dim, encoder.pooled_dim,
                              resolved["decoder_hparams"])
     val_refs = ptb_tokenize({im.image_id: list(im.captions) for im in val})
     train_refs = (ptb_tokenize({im.image_id: list(im.captions) for im in train})
@@ -303,7 +303,7 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
         try:
             data = TrainData(store, train, val, val_refs, train_refs)
             state = StateFile(state_path, resume, meta) if state_path else None
-            result = train_decoder(decoder, data, vocab, cfg.train, device, seed=cfg.seed,
+            result = train_decoder(decoder, data, tokenizer, cfg.train, device, seed=cfg.seed,
                                    callbacks=_ProgressCallbacks(prog, task, total, tracker),
                                    state=state, finetune=finetune, num_workers=workers)
         finally:
@@ -312,7 +312,7 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
     if finetune is not None:  # the best encoder, and the test images' features under it,
         encoder.apply_finetuned(result.best_encoder_state, cfg.encoder_trainable)
         store = finetune.store_all_ranks(dataset.split("test"), device)  # what evaluation reads
-    return _Trained(decoder, encoder, n_trainable, vocab, store, stats, result,
+    return _Trained(decoder, encoder, n_trainable, tokenizer, store, stats, result,
                     encoder.cache_identity(), mean_tokens)
 
 
@@ -333,7 +333,7 @@ def _image_use_stage(dataset: CaptionDataset, encoder_name: str, store: FeatureS
         return None
     try:
         real = {"image_ids": scores.image_ids, "CIDEr": scores.per_image["CIDEr"]}
-        shuffle = shuffle_test(trained.decoder, trained.store, dataset.split("test"), trained.vocab,
+        shuffle = shuffle_test(trained.decoder, trained.store, dataset.split("test"), trained.tokenizer,
                                decode_cfg, device, dataset.references("test"), real)
         return image_use_report(real, baseline_scores(dataset, store, encoder_name), shuffle)
     except (RuntimeError, ValueError, MemoryError, OSError) as exc:
@@ -472,7 +472,7 @@ def _train_and_record(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, p
                            state_path=state_path, resume=resuming, run_id=run_id)
     test = dataset.split("test")
     predictions, captions_per_s = caption_features_all_ranks(trained.decoder, trained.store,
-                                                             test, trained.vocab, cfg.decode,
+                                                             test, trained.tokenizer, cfg.decode,
                                                              device)
     if not distributed.is_main():  # rank 0 scores, checks image use and writes the record
         return None, None
@@ -485,7 +485,7 @@ def _train_and_record(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, p
     ckpt = Path(cfg.results_dir) / "checkpoints" / run_id
     record = make_record(
         run_id=run_id, config=resolved, scored=ScoredSplit(dataset, "test", scores, predictions),
-        model=RecordedModel(trained.encoder, trained.decoder, len(trained.vocab),
+        model=RecordedModel(trained.encoder, trained.decoder, len(trained.tokenizer),
                             trained.encoder_trainable, str(ckpt)),
         training=trained.record_block(cfg), throughput=throughput, device=device,
         started=t_start, image_use=image_use)
@@ -501,7 +501,7 @@ def _throughput_block(cfg: RunConfig, trained: _Trained, store: FeatureStore, te
     image files, measured here on the first ``features.throughput_images`` test images (all
     when 0)."""
     sample = test[: cfg.features.throughput_images] if cfg.features.throughput_images else test
-    _, images_per_s = caption_pixels(trained.encoder, trained.decoder, sample, trained.vocab,
+    _, images_per_s = caption_pixels(trained.encoder, trained.decoder, sample, trained.tokenizer,
                                      cfg.decode,
                                      device, batch_size=cfg.features.batch_size,
                                      num_workers=cfg.features.num_workers,

@@ -382,7 +382,7 @@ class StepContext:
     DistributedDataParallel wrapper, or ``torch.compile`` of either); ``policy``: what SCST
     runs forward (the decoder or its DDP wrapper, never compiled; default the decoder).
     ``opt``/``sched``: the phase's optimizer and learning-rate scheduler (None in SCST);
-    ``vocab``: the tokenizer (its special ids); ``autocast``: bf16 autocast on ``device``;
+    ``tokenizer``: the caption tokenizer (its special ids); ``autocast``: bf16 autocast on ``device``;
     ``finetune``: the encoder trained with the decoder (None for cached features);
     ``loop``: the run's counters and history (:class:`_Loop`)."""
 
@@ -392,7 +392,7 @@ class StepContext:
     sched: torch.optim.lr_scheduler.LRScheduler | None
     cfg: TrainConfig
     device: torch.device
-    vocab: CaptionTokenizer
+    tokenizer: CaptionTokenizer
     autocast: bool = False
     callbacks: TrainCallbacks = field(default_factory=TrainCallbacks)
     loop: _Loop = field(default_factory=_Loop)
@@ -449,7 +449,7 @@ def _xe_loss(ctx: StepContext, out, targets, share: GlobalBatch | None):
     loss and None; in a distributed run this rank's share of the global batch's loss (zero
     weight when the rank has no caption of it) times ``W``, since DDP averages the ranks'
     gradients, and the global batch's loss (one all-reduce)."""
-    pad, reg = ctx.vocab.pad_id, ctx.decoder.attention_regularization
+    pad, reg = ctx.tokenizer.pad_id, ctx.decoder.attention_regularization
     if share is None:
         return caption_loss(out, targets, pad, reg, ctx.cfg.label_smoothing), None
     part = caption_loss(out, targets, pad, reg, ctx.cfg.label_smoothing,
@@ -463,7 +463,7 @@ def _global_batch(ctx: StepContext, table: CaptionTable, whole, present: bool):
     None in one process."""
     if distributed.world_size() == 1:
         return None
-    return GlobalBatch(int((table.targets[whole] != ctx.vocab.pad_id).sum()), len(whole), present)
+    return GlobalBatch(int((table.targets[whole] != ctx.tokenizer.pad_id).sum()), len(whole), present)
 
 
 def _update(ctx: StepContext, loss: torch.Tensor) -> None:
@@ -602,7 +602,7 @@ def _validate(ctx: StepContext, data: TrainData) -> float:
     if ft is not None:  # the encoder changed: encode the val images again
         ft_store = distributed.all_or_none(lambda: ft.store(mine, ctx.device) if mine else None)
         store = store if ft_store is None else ft_store
-    preds, _ = caption_features_all_ranks(ctx.decoder, store, data.val_images, ctx.vocab,
+    preds, _ = caption_features_all_ranks(ctx.decoder, store, data.val_images, ctx.tokenizer,
                                           val_decode, ctx.device)
     return cider_d(preds, data.val_references)
 
@@ -743,7 +743,7 @@ def _train_result(loop: _Loop, resumed_from: int, cfg: TrainConfig) -> TrainResu
     return result
 
 
-def train_decoder(decoder, data: TrainData, vocab: CaptionTokenizer, cfg: TrainConfig,
+def train_decoder(decoder, data: TrainData, tokenizer: CaptionTokenizer, cfg: TrainConfig,
                   device: torch.device, *, seed: int = 0, callbacks: TrainCallbacks | None = None,
                   state: StateFile | None = None, finetune: FineTune | None = None,
                   num_workers: int = 0) -> TrainResult:
@@ -763,7 +763,7 @@ def train_decoder(decoder, data: TrainData, vocab: CaptionTokenizer, cfg: TrainC
             ``device``).
         data: the cached features (grid ``(N, D)``, pooled ``(P,)`` a row), the train and val
             images and their references (:class:`TrainData`).
-        vocab: the caption tokenizer (:class:`~benchmark.vocab.CaptionTokenizer`).
+        tokenizer: the caption tokenizer (:class:`~benchmark.vocab.CaptionTokenizer`).
         cfg: epochs, batch size, learning rate and schedule, clipping, SCST and early stopping
             (:class:`~benchmark.config.TrainConfig`).
         device: where training runs.
@@ -795,7 +795,7 @@ def train_decoder(decoder, data: TrainData, vocab: CaptionTokenizer, cfg: TrainC
     policy, encoder_model = _distribute(decoder, finetune, device, seed)
     model = torch.compile(policy, dynamic=True) if cfg.compile and finetune is None else policy
     # Encode every training caption once; a batch is then a row gather, not Python work.
-    table = CaptionTable(*vocab.batch(caps, cfg.max_caption_len))
+    table = CaptionTable(*tokenizer.batch(caps, cfg.max_caption_len))
     gens = {"order": torch.Generator().manual_seed(seed),
             "sample": torch.Generator(device=device).manual_seed(seed + 1)}
     steps_per_epoch = _steps_per_epoch(cfg, data.train_images, len(rows), finetune)
@@ -803,7 +803,7 @@ def train_decoder(decoder, data: TrainData, vocab: CaptionTokenizer, cfg: TrainC
     last_of_phase = {ph: max(i + 1 for i, p in enumerate(phases) if p == ph) for ph in set(phases)}
     ctx = StepContext(decoder, model, *xe_optimizer(decoder, cfg, steps_per_epoch * cfg.epochs,
                                                     device, finetune),
-                      cfg, device, vocab, autocast=device.type == "cuda", callbacks=callbacks,
+                      cfg, device, tokenizer, autocast=device.type == "cuda", callbacks=callbacks,
                       policy=policy, finetune=finetune)
     meta = dict(state.meta) if state is not None else {}
     path = Path(state.path) if state is not None and state.path else None
@@ -1014,7 +1014,7 @@ def _scst_epoch(ctx: StepContext, store: FeatureStore, image_rows: torch.Tensor,
 
 def _scst_steps(ctx: StepContext, store: FeatureStore, image_rows: torch.Tensor,
                 image_ids: list, cider, gens: dict[str, torch.Generator]) -> tuple[float, float]:
-    cfg, device, vocab, loop = ctx.cfg, ctx.device, ctx.vocab, ctx.loop
+    cfg, device, tokenizer, loop = ctx.cfg, ctx.device, ctx.tokenizer, ctx.loop
     K, T = cfg.scst_samples, cfg.max_caption_len
     world, rank = distributed.world_size(), distributed.rank()
     perm = torch.randperm(len(image_ids), generator=gens["order"])
@@ -1031,15 +1031,15 @@ def _scst_steps(ctx: StepContext, store: FeatureStore, image_rows: torch.Tensor,
         grid, pooled = store.rows(image_rows[idx], device)
         grid, pooled = grid.repeat_interleave(K, 0), pooled.repeat_interleave(K, 0)
         seqs = sample_decode(ctx.decoder, grid, pooled, max_len=T,
-                             special=SpecialTokens.of(vocab, suppress_unk=False),
+                             special=SpecialTokens.of(tokenizer, suppress_unk=False),
                              noise=noise[:, pos.to(device)].reshape(T, -1))
-        texts = [" ".join(vocab.decode(q)) for q in seqs]
+        texts = [" ".join(tokenizer.decode(q)) for q in seqs]
         ids = [image_ids[i] for i in idx.tolist() for _ in range(K)]
         scores = cider.score_pairs(texts, ids)  # float64, summed as such for the record
         rewards = torch.from_numpy(scores).float().view(-1, K)
         advantage = new_self_critical_advantage(rewards).view(-1).to(device)
-        token_logp, mask = sequence_log_probs(ctx.policy, grid, pooled, seqs, bos_id=vocab.bos_id,
-                                              eos_id=vocab.eos_id, pad_id=vocab.pad_id,
+        token_logp, mask = sequence_log_probs(ctx.policy, grid, pooled, seqs, bos_id=tokenizer.bos_id,
+                                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                                               max_len=T)
         if world == 1:
             loss = scst_loss(token_logp, mask, advantage)

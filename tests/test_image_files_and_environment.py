@@ -191,7 +191,7 @@ def _fake_run():
         [np.asarray(im, dtype=np.float64).mean()]))
     run.raw_features = lambda px: (px, px)
     run.caption_ids = lambda grid, pooled: [[round(float(v))] for v in grid[:, 0]]
-    run.vocab = SimpleNamespace(decode=lambda ids: [f"mean{ids[0]}"])
+    run.tokenizer = SimpleNamespace(decode=lambda ids: [f"mean{ids[0]}"])
     return run
 
 

@@ -158,10 +158,10 @@ def _random_run(arch: str, loaded):
 
     torch.manual_seed(0)
     enc = loaded.encoder
-    dec = create_decoder(arch, len(loaded.vocab), enc.grid_dim, enc.pooled_dim,
+    dec = create_decoder(arch, len(loaded.tokenizer), enc.grid_dim, enc.pooled_dim,
                          {"embed_dim": 32, "hidden_dim": 64, "num_heads": 4, "num_layers": 2}).eval()
     return LoadedRun("random", loaded.folder, {**loaded.config, "decoder": arch}, enc, dec,
-                     loaded.vocab, loaded.feature_stats, loaded.decode)
+                     loaded.tokenizer, loaded.feature_stats, loaded.decode)
 
 
 def _features(run, path):
@@ -222,7 +222,7 @@ def test_batched_gradcam_equals_one_backward_pass_per_word(loaded, tiny_shapes):
         raw = grid.clone().requires_grad_(True)
         g, p = loaded.normalize(raw, raw.mean(1))
         g.retain_grad()
-        tokens = torch.tensor([[loaded.vocab.bos_id, *ids[:-1]]])
+        tokens = torch.tensor([[loaded.tokenizer.bos_id, *ids[:-1]]])
         logp = torch.log_softmax(loaded.decoder(g, p, tokens, torch.tensor([len(ids)])).logits, -1)
         logp[0, t, ids[t]].backward()
         # the gradient reaching the z-scored grid directly and through the pooled mean
@@ -252,7 +252,7 @@ def test_gradcam_of_a_word_changes_when_its_object_is_blanked(loaded, tiny_shape
         img = Image.open(entry["path"]).convert("RGB")
         grid, pooled = _features(loaded, entry["path"])
         ids = loaded.caption_ids(grid, pooled)[0]
-        words = loaded.vocab.decode(ids)
+        words = loaded.tokenizer.decode(ids)
         hits = [(t, w, matching_objects(w, entry["objects"])) for t, w in enumerate(words)]
         hits = [(t, w, objs) for t, w, objs in hits if len(objs) == 1]
         if not hits:
