@@ -162,6 +162,13 @@ def _checkpoint_of(record: RunRecord, results_dir: Path) -> Path:
     beside the record, then under ``results_dir``."""
     tried = []
     candidates = []
+    if record.reference_model:  # written by `capbench eval --hf`: nothing of capbench's to load
+        model = record.reference_model.get("model_id", record.encoder)
+        raise CheckpointError(f"run {record.run_id} is a reference row: the pretrained captioner "
+                              f"{model} scored by `capbench eval --hf`, which has no capbench "
+                              "checkpoint (decoder, tokenizer, feature statistics) to caption, "
+                              f"explain or re-evaluate with; score it on another dataset with "
+                              f"`capbench eval --hf {model} --dataset D`")
     if record.checkpoint:
         candidates.append(Path(record.checkpoint))
     if record.path:

@@ -259,21 +259,34 @@ def evaluate(
     beam_size: Annotated[int | None, typer.Option(help="with --run: override the run's beam size")] = None,
     max_len: Annotated[int | None, typer.Option(help="with --run: override the run's maximum caption length")] = None,
     encoder_weights: Annotated[Path | None, typer.Option(help="with --run: the encoder weights file, if it moved since training")] = None,
+    hf: Annotated[str | None, typer.Option("--hf", help="score a pretrained Hugging Face captioner on --dataset as a reference row: hub id (e.g. Salesforce/blip-image-captioning-base; from the cache or the internet) or a save_pretrained folder; --beam-size/--max-len/--min-len/--prompt override the family's defaults (BLIP: beam 3, length 5-20; BLIP-2: beam 5, 8-30; others: the model's generation_config)")] = None,
+    min_len: Annotated[int | None, typer.Option(help="with --hf: minimum caption length in tokens (BLIP/BLIP-2: generate's min_length, as LAVIS; others: new tokens)")] = None,
+    prompt: Annotated[str | None, typer.Option(help="with --hf: the text prompt (default: the family's, e.g. BLIP 'a picture of '; '' for none)")] = None,
+    batch_size: Annotated[int, typer.Option(help="with --hf: images per generate call", min=1)] = 16,
+    device: Annotated[str, typer.Option(help="with --hf: auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")] = "auto",
     images: Annotated[Path | None, typer.Option(help="folder of the images, found by the file names the references give (CLIP-S needs the images; a Karpathy file's own paths are used without it)")] = None,
     clip_weights: _ClipWeights = None,
     pacs_weights: _PacsWeights = None,
     bertscore_model: _BertscoreModel = None,
 ):
-    """Score any COCO-format predictions file exactly as the COCO caption toolkit does; or, with
-    --run and --dataset, caption another dataset (or split) with a saved model and score it
-    (cross-dataset transfer), writing a new run record."""
+    """Score any COCO-format predictions file exactly as the COCO caption toolkit does (and with
+    CLIP-S/RefCLIP-S where the images and CLIP weights are at hand); or, with --run and
+    --dataset, caption another dataset (or split) with a saved model and score it (cross-dataset
+    transfer), writing a new run record; or, with --hf and --dataset, do the same with a
+    pretrained Hugging Face captioner (BLIP, BLIP-2, GIT, ...), a reference row on the board."""
     import json
 
     from benchmark.metrics import use_weight_files
     from benchmark.references import eval_form, evaluate_file
 
-    form = eval_form(predictions, references, run, dataset)
+    form = eval_form(predictions, references, run, dataset, hf)
     use_weight_files(bertscore_model, clip_weights=clip_weights, pacs_weights=pacs_weights)
+    if form == "hf":
+        from benchmark.hf_captioners import HFEvalOptions
+
+        _evaluate_hf(hf, dataset, split, format, HFEvalOptions(
+            beam_size, max_len, min_len, prompt, batch_size, device, results_dir))
+        return
     if form == "run":
         _evaluate_run(run, dataset, split, format, results_dir, beam_size, max_len, encoder_weights)
         return
@@ -310,6 +323,35 @@ def _metric_table(title: str, metrics: dict, intervals: dict) -> Table:
         table.add_row(m, "unavailable" if v is None else f"{v:.3f}",
                       f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "-")
     return table
+
+
+def _evaluate_hf(model: str, dataset: str, split: str, format, options) -> None:
+    """``eval --hf MODEL --dataset D``: a pretrained captioner's reference record, shown."""
+    import json
+
+    from benchmark.hf_captioners import evaluate_hf
+
+    _, record, path = evaluate_hf(model, dataset, split, options)
+    ref = record.reference_model
+    if format == "json":
+        sys.stdout.write(json.dumps({"run_id": record.run_id, "reference_model": ref,
+                                     "dataset": record.dataset.name, "split": split,
+                                     "images": len(record.predictions), "metrics": record.metrics,
+                                     "confidence_intervals": record.confidence_intervals,
+                                     "unavailable": record.metrics_unavailable,
+                                     "images_per_s": record.throughput["inference_images_per_s"],
+                                     "record": str(path)}, indent=1) + "\n")
+        return
+    console.print(_metric_table(f"{_q(ref['family'])} (pretrained) {_q(model)} on "
+                                f"{_q(record.dataset.name)} {split} ({len(record.predictions)} images)",
+                                record.metrics, record.confidence_intervals))
+    _print_unavailable(record.metrics_unavailable)
+    console.print(f"decoding: {_q(ref['decoding']['generate_kwargs'])}, prompt "
+                  f"{_q(repr(ref['decoding']['prompt']))} ({_q(ref['decoding']['source'])}); "
+                  f"{record.throughput['inference_images_per_s']:.1f} images/s from pixels "
+                  f"({ref['dtype']}, {record.environment.get('device')})", highlight=False)
+    console.print(f"[yellow]reference row:[/] {_q(ref['note'])}", highlight=False)
+    console.print(f"run record: {_q(path)} (wall {record.wall_seconds:.0f} s)")
 
 
 def _evaluate_run(run, dataset, split, format, results_dir, beam_size, max_len, encoder_weights):

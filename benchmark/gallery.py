@@ -128,7 +128,9 @@ def _group_records(records: Iterable[RunRecord]) -> dict[tuple[str, str], list[R
 
 def _build_group(name: str, fp: str, runs: list[RunRecord], out_dir: Path,
                  max_images: int | None, strip_maker: StripMaker | None) -> _Group:
-    models = [_Model(r.run_id, r.arch, r.encoder, _x100(r.metrics.get("CIDEr"))) for r in runs]
+    models = [_Model(r.run_id, f"{r.reference_model.get('family', r.arch)} (pretrained)"
+                     if r.reference_model else r.arch,  # a pretrained captioner (eval --hf)
+                     r.encoder, _x100(r.metrics.get("CIDEr"))) for r in runs]
     labels = [f"{m.arch} / {m.encoder}" for m in models]
     for m, lab in zip(models, labels, strict=True):  # a run id only where the pair repeats
         m.label = lab if labels.count(lab) == 1 else f"{lab} ({m.run_id})"
@@ -249,6 +251,8 @@ class AttentionStrips:
     def _load(self, record: RunRecord):
         from benchmark.checkpoint import load_run
 
+        if record.reference_model:  # a pretrained captioner (eval --hf): no capbench decoder
+            return None  # whose attention could be drawn, as for rnn/lstm: no strip, no problem
         if record.run_id not in self._runs:
             try:
                 run = load_run(record.run_id, self.results_dir)

@@ -57,21 +57,29 @@ def _use_plain_log_labels(axis) -> None:
 
 
 def _split_baselines(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(run rows, baseline reference rows)`` of a leaderboard DataFrame."""
+    """``(run rows, reference rows)`` of a leaderboard DataFrame: the baselines and the
+    pretrained captioners (``kind`` ``baseline`` / ``reference``) are reference rows."""
     if "kind" not in df.columns:
         return df, df.iloc[0:0]
-    return df[df["kind"] != "baseline"], df[df["kind"] == "baseline"]
+    refs = df["kind"].isin(["baseline", "reference"])
+    return df[~refs], df[refs]
 
 
 def quality_vs_throughput_figure(df: pd.DataFrame, title: str,
                                  speed: str = "inference_images_per_s"):
     """The figure of :func:`plot_quality_vs_throughput` (the caller closes it). Baseline rows
-    (``kind == "baseline"``) have no throughput: they are drawn as horizontal lines."""
+    (``kind == "baseline"``) have no throughput: they are drawn as horizontal lines, and so
+    are pretrained captioners (``kind == "reference"``, labelled with their model id), which
+    were not trained under the board's budget."""
     runs, refs = _split_baselines(df)
     d = runs.dropna(subset=["CIDEr", speed])
     fig, ax = plt.subplots(figsize=(9, 5))
     styles = {"most-freq": ":", "consensus": "-.", "nn": "--"}
     for _, r in refs.dropna(subset=["CIDEr"]).iterrows():
+        if r.get("kind") == "reference":  # a pretrained captioner (capbench eval --hf)
+            ax.axhline(100 * r["CIDEr"], color="tab:green", linestyle="-", linewidth=1, zorder=1,
+                       label=f"{r['arch']} {r['encoder']}: {100 * r['CIDEr']:.1f}")
+            continue
         name = f"blind: {r['arch']}" if r["arch"] != "nn" else f"nn ({r['encoder']})"
         ax.axhline(100 * r["CIDEr"], color="dimgrey" if r["arch"] != "nn" else "tab:red",
                    linestyle=styles.get(r["arch"], ":"), linewidth=1, zorder=1,
@@ -135,7 +143,8 @@ def plot_metric_bars(df: pd.DataFrame, title: str, path: Path) -> Path:
         ax.set_title(name)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0].set_ylabel("score (x100)")
-    axes[-1].legend(fontsize=8)
+    if encoders:  # a group of reference rows only has no bars
+        axes[-1].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

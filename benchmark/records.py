@@ -32,7 +32,7 @@ from benchmark.userfiles import field_type_problem, read_json
 SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "run_record.schema.json"
 #: fields added after the first records were written: absent from a record while None
-OPTIONAL_FIELDS = ("image_use", "evaluation", "grounding")
+OPTIONAL_FIELDS = ("image_use", "evaluation", "grounding", "reference_model")
 
 _NUM, _NULL = (int, float), type(None)
 #: the JSON types of the fields readers use, by dotted path (``*``: every value of an object
@@ -58,7 +58,7 @@ FIELD_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("image_use.baselines.*", (dict,)), ("image_use.baselines.*.metrics", (dict,)),
     ("image_use.baselines.*.metrics.*", (*_NUM, _NULL)), ("evaluation", (dict, _NULL)),
     ("grounding", (dict, _NULL)), ("grounding.pointing", (dict,)),
-    ("grounding.pointing.*", (*_NUM, _NULL)),
+    ("grounding.pointing.*", (*_NUM, _NULL)), ("reference_model", (dict, _NULL)),
 )
 
 __all__ = ["RunRecord", "DatasetInfo", "TrainingBlock", "ThroughputBlock", "ScoredSplit",
@@ -166,14 +166,18 @@ class RecordedModel:
     """The model a record describes: its ``encoder`` (an
     :class:`~architectures.encoders.ImageEncoder`) and ``decoder``, the caption tokenizer's
     ``vocab_size``, the encoder parameters training updated (``encoder_trained``; None: those
-    that require grad now, see :func:`parameter_counts`) and its ``checkpoint`` folder (None:
-    not saved)."""
+    that require grad now, see :func:`parameter_counts`), its ``checkpoint`` folder (None:
+    not saved) and, for a pretrained captioner scored as a reference row, its ``reference``
+    block (the record's ``reference_model``)."""
 
     encoder: Any
     decoder: Any
     vocab_size: int
     encoder_trained: int | None = None
     checkpoint: str | None = None
+    #: a pretrained captioner's ``reference_model`` block (:mod:`benchmark.hf_captioners`);
+    #: None for capbench's own models
+    reference: dict | None = None
 
 
 @dataclass
@@ -227,6 +231,10 @@ class RunRecord:
     #: pointing game and energy in box on ``shapes`` (:mod:`benchmark.grounding`), written by
     #: ``capbench ground --save``; None when never measured
     grounding: dict[str, Any] | None = None
+    #: a pretrained captioner scored by ``capbench eval --hf`` (a reference row, not trained
+    #: here): model id, revision, class, parameters, decoding (benchmark.hf_captioners); None
+    #: for capbench's own runs
+    reference_model: dict[str, Any] | None = None
     #: where the record was read from (not stored in the file)
     path: str | None = field(default=None, compare=False, repr=False)
 
@@ -341,7 +349,9 @@ def make_record(*, run_id: str, config: dict, scored: ScoredSplit, model: Record
             :func:`~benchmark.stats.bootstrap_ci`) and ``diversity`` against the dataset's
             training captions.
         model: ``encoder_weights``, ``parameters``, ``vocab_size`` and ``checkpoint``
-            (:class:`RecordedModel`).
+            (:class:`RecordedModel`); with ``model.reference`` the record is a pretrained
+            captioner's reference row: its name, encoder and seed come from ``config``, its
+            ``training`` block is empty (nothing was trained here).
         training: the trained run's ``training`` block (:class:`TrainingBlock`; ignored with
             ``source``).
         throughput: tokens/s, images/s and captions/s, feature-extraction figures
@@ -367,7 +377,11 @@ def make_record(*, run_id: str, config: dict, scored: ScoredSplit, model: Record
     div = diversity(list(scored.predictions.values()),
                     {" ".join(t) for im in dataset.split("train") for t in im.tokens})
     wall_seconds = time.perf_counter() - started
-    if source is None:
+    reference = model.reference
+    if reference is not None:  # a pretrained captioner: nothing trained here
+        arch, encoder, seed = config["decoder"], config["encoder"], config["seed"]
+        cid, evaluation, block = config_id(config), None, {}
+    elif source is None:
         arch, encoder, seed = config["decoder"], config["encoder"], config["seed"]
         cid, evaluation, block = config_id(config), None, training.to_dict()
     else:
@@ -391,7 +405,7 @@ def make_record(*, run_id: str, config: dict, scored: ScoredSplit, model: Record
         checkpoint=model.checkpoint, wall_seconds=wall_seconds,
         predictions=[{"image_id": i, "filename": by_id[i].filename, "caption": c}
                      for i, c in scored.predictions.items()],
-        image_use=image_use, evaluation=evaluation,
+        image_use=image_use, evaluation=evaluation, reference_model=reference,
     )
 
 

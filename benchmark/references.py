@@ -28,18 +28,29 @@ __all__ = ["load_predictions", "load_references", "match_predictions", "evaluate
            "FileEvaluation", "BUILTIN", "eval_form", "read_references", "ReferenceSet"]
 
 
-def eval_form(predictions, references, run, dataset) -> str:
+def eval_form(predictions, references, run, dataset, hf=None) -> str:
     """Which form of ``capbench eval`` its arguments ask for: ``"file"`` (PREDICTIONS
-    --references R: score a predictions file) or ``"run"`` (--run RUN --dataset D: caption and
-    score with a saved model). Raises ConfigError when both forms, neither, or half of one are
-    given (None: not given)."""
+    --references R: score a predictions file), ``"run"`` (--run RUN --dataset D: caption and
+    score with a saved model) or ``"hf"`` (--hf MODEL --dataset D: caption and score with a
+    pretrained Hugging Face captioner, a reference row). Raises ConfigError when two forms,
+    none, or half of one are given (None: not given)."""
+    if hf is not None:  # the reference-row form (benchmark.hf_captioners)
+        if run is not None:
+            raise ConfigError("give --run RUN (a saved capbench model) or --hf MODEL (a pretrained "
+                              "Hugging Face captioner), not both")
+        if predictions is not None or references is not None:
+            raise ConfigError("give either PREDICTIONS --references R (score a file) or --hf MODEL "
+                              "--dataset D (score a pretrained captioner), not both")
+        if dataset is None:
+            raise ConfigError("scoring a pretrained captioner needs both --hf and --dataset")
+        return "hf"
     file_form = predictions is not None or references is not None
     run_form = run is not None or dataset is not None
     if file_form == run_form:
         raise ConfigError("give either PREDICTIONS --references R (score a file) or --run RUN --dataset D "
                           "(score a saved model), not both" if file_form else
-                          "give PREDICTIONS --references R (score a file) or --run RUN --dataset D (score a "
-                          "saved model)")
+                          "give PREDICTIONS --references R (score a file), --run RUN --dataset D (score a "
+                          "saved model) or --hf MODEL --dataset D (score a pretrained captioner)")
     if file_form and (predictions is None or references is None):
         raise ConfigError("scoring a file needs both PREDICTIONS and --references")
     if run_form and (run is None or dataset is None):

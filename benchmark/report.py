@@ -62,6 +62,10 @@ LEGEND = ("scores x100 (pycocoevalcap) ±95% bootstrap CI half-width or ±std ov
           "Sarto et al. 2023 (x100; n/a = no weights or images); "
           "baseline rows: most-freq / consensus = one caption for every image (blind), nn = "
           "nearest-neighbour captions of that encoder; run = MMDD-HHMMSS-tag of the run id")
+#: the key to reference rows, added to a board's legend only where it has some
+REFERENCE_LEGEND = ("reference rows: NAME (pretrained) = a pretrained captioner (Hugging Face, "
+                    "`capbench eval --hf`) scored on the same split, not trained here (its "
+                    "pretraining data may include COCO); encoder = its model id")
 COLLAPSED_PCT = 5.0
 #: decoder-column names of the baseline reference rows (short, so the compact view fits)
 BASELINE_NAMES = {"most-frequent": "most-freq", "consensus": "consensus", "nn": "nn"}
@@ -169,6 +173,11 @@ def _tokenizer_cell(r: RunRecord) -> str:
             + (f", {mean:.1f}/cap)" if mean is not None else ")"))
 
 
+def _reference_label(r: RunRecord) -> str:
+    """The decoder cell of a reference record (``capbench eval --hf``): ``BLIP (pretrained)``."""
+    return f"{(r.reference_model or {}).get('family') or r.arch} (pretrained)"
+
+
 def _baseline_rows(records: list[RunRecord]) -> list[dict]:
     """Reference rows from the records' ``image_use.baselines``: each blind baseline once per
     dataset/split, and the nearest-neighbour baseline once per encoder."""
@@ -203,7 +212,9 @@ def leaderboard(records: list[RunRecord], *, baselines: bool = True) -> pd.DataF
     Args:
         records: the run records (:func:`benchmark.records.load_records`).
         baselines: also give each dataset/split group the reference rows of its blind and
-            nearest-neighbour baselines (``kind == "baseline"``).
+            nearest-neighbour baselines (``kind == "baseline"``). Records of pretrained
+            captioners (``reference_model``, ``capbench eval --hf``) are reference rows
+            (``kind == "reference"``, decoder ``BLIP (pretrained)``), whatever ``baselines``.
 
     Returns:
         A DataFrame: identity (run, decoder, encoder, dataset, split fingerprint, seed),
@@ -237,7 +248,11 @@ def leaderboard(records: list[RunRecord], *, baselines: bool = True) -> pd.DataF
             row[key] = float(v) if v is not None else math.nan
         row["decoder_params"] = r.parameters.get("decoder_trainable")
         row["unique_pct"] = r.diversity.get("unique_pct", math.nan)
-        rows.append({**row, "kind": "run", **_image_use_columns(r), **_grounding_columns(r)})
+        if r.reference_model:  # a pretrained captioner (eval --hf): a reference row, never a cell
+            row.update(arch=_reference_label(r), objective="-", tokenizer="-", tokenizer_id="-",
+                       tuned="-")
+        rows.append({**row, "kind": "reference" if r.reference_model else "run",
+                     **_image_use_columns(r), **_grounding_columns(r)})
     if baselines:
         rows += _baseline_rows(records)
     df = pd.DataFrame(rows)
@@ -352,7 +367,9 @@ def render_markdown(df: pd.DataFrame) -> str:
                  "|" + "|".join("---" for _ in cols) + "|"]
         lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in g.itertuples(False)]
         parts.append("\n".join(lines))
-    return "\n\n".join(parts) + f"\n\n{LEGEND[0].upper()}{LEGEND[1:]}.\n"
+    refs = f" {REFERENCE_LEGEND[0].upper()}{REFERENCE_LEGEND[1:]}." if (
+        df.get("kind", pd.Series(dtype=str)) == "reference").any() else ""
+    return "\n\n".join(parts) + f"\n\n{LEGEND[0].upper()}{LEGEND[1:]}.{refs}\n"
 
 
 def resolve_columns(names: list[str]) -> list[str]:
@@ -386,7 +403,8 @@ def _text(v) -> str:
     return str(v)
 
 
-def _legend(shown: list[str], aggregated: bool, baselines: bool = False) -> str:
+def _legend(shown: list[str], aggregated: bool, baselines: bool = False,
+            references: bool = False) -> str:
     """The footer's key to the columns in ``shown`` (and only those), and to the baseline
     rows when there are some."""
     spread = "±std over seeds" if aggregated else "±95% bootstrap CI half-width"
@@ -397,6 +415,8 @@ def _legend(shown: list[str], aggregated: bool, baselines: bool = False) -> str:
     if baselines:
         parts.append("baseline rows: most-freq, consensus = one caption for every image (blind); "
                      "nn = nearest-neighbour captions from that encoder's features")
+    if references:
+        parts.append(REFERENCE_LEGEND)
     return "; ".join(parts)
 
 
@@ -471,7 +491,8 @@ def render_rich(df: pd.DataFrame, console, columns: list[str] | None = None,
             wanted = [c for c in g.columns if c in pick]
         shown, hidden = _fit_columns(title, g, wanted, console)
         legend = _legend(shown, aggregated=seed_col == "seeds",
-                         baselines=bool((g["run"] == "baseline").any())) + "."
+                         baselines=bool((g["run"] == "baseline").any()),
+                         references=bool(g["arch"].astype(str).str.endswith(" (pretrained)").any())) + "."
         if not wide and chosen is None:
             legend += " More columns: --wide or --columns (capbench report)."
         caption = Text(legend, style="dim")
