@@ -34,11 +34,25 @@ import pandas as pd
 import torch
 
 from architectures import create_decoder, create_encoder, list_decoders, list_encoders
+from benchmark.cider import CiderD
 from benchmark.config import TrainConfig
+from benchmark.data import resolve_dataset
 from benchmark.decoding import beam_search, greedy_decode
 from benchmark.device import peak_memory_mb, select_device, synchronize
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, DatasetError
+from benchmark.features import (
+    default_num_workers,
+    extract_features,
+    extraction_mode,
+    open_store,
+    shard_images,
+    write_manifest,
+    write_shard,
+)
+from benchmark.fsutil import ensure_writable
 from benchmark.limits import check_memory
+from benchmark.metrics import ptb_tokenize
+from benchmark.pixels import pixel_batches
 from benchmark.train import CaptionTable, StepContext, xe_optimizer, xe_step
 from benchmark.vocab import Vocabulary
 
@@ -264,7 +278,6 @@ def bench_encoder(name: str, device: torch.device, *, batch_size: int = 16, iter
     on CUDA bf16 autocast, channels-last and ``cudnn.benchmark``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmark.features import extraction_mode
 
     enc = create_encoder(name, pretrained=False).to(device).eval()
     if device.type == "cuda":
@@ -357,10 +370,6 @@ def bench_reward(dataset_spec: str, *, batches: int = 20, images: int = 32, samp
 
     from pycocoevalcap.cider.cider import Cider
 
-    from benchmark.cider import CiderD
-    from benchmark.data import resolve_dataset
-    from benchmark.errors import DatasetError
-    from benchmark.metrics import ptb_tokenize
 
     train = resolve_dataset(dataset_spec).split("train")
     if len(train) < images:
@@ -428,12 +437,6 @@ def bench_extraction(dataset_spec: str, encoders: list[str], device: torch.devic
         DatasetError: a bad dataset.
         ConfigError: an encoder whose transform has no tensor version.
     """
-    from architectures import create_encoder
-    from benchmark.data import resolve_dataset
-    from benchmark.device import synchronize
-    from benchmark.features import default_num_workers, extract_features
-    from benchmark.pixels import pixel_batches
-
     pics = resolve_dataset(dataset_spec).images[:images]
     workers = default_num_workers() if num_workers is None else num_workers
     batches = [list(range(a, min(a + batch_size, len(pics)))) for a in range(0, len(pics), batch_size)]
@@ -485,8 +488,6 @@ def pixel_difference(transform, images, batches: list[list[int]], device: torch.
     (``||tv - pil|| / ||pil||``). With the same decoder (libjpeg-turbo on the CPU) only
     resampling differs: 1.3e-4 to 3.9e-4 of mean difference on tests/test_pixels.py's images,
     1.5e-3 to 3.1e-3 on flickr8k-mini's (README); a decoder that rounds otherwise adds to it."""
-    from benchmark.pixels import pixel_batches
-
     streams = [pixel_batches(transform, images, batches, device, num_workers=num_workers,
                              image_decoder=d) for d in ("pil", "torchvision")]
     total = peak = sq_diff = sq_ref = 0.0
@@ -545,14 +546,6 @@ def bench_store(n_images: int, device: torch.device, *, folder: str | None = Non
     import tempfile
     from pathlib import Path
 
-    from benchmark.features import (
-        default_num_workers,
-        open_store,
-        shard_images,
-        write_manifest,
-        write_shard,
-    )
-    from benchmark.fsutil import ensure_writable
 
     say = log or (lambda *a, **k: None)
     sw = workload or StoreWorkload()

@@ -19,9 +19,17 @@ import torch
 from benchmark.checkpoint import LoadedRun, load_run
 from benchmark.data import resolve_dataset
 from benchmark.errors import CapbenchError, DatasetError, RecordError
+from benchmark.features import load_or_extract, open_store, store_folder
 from benchmark.imagefile import file_problem, open_rgb
 from benchmark.inference import caption_features, caption_pixels
 from benchmark.metrics import MetricOptions, score_captions
+from benchmark.pixels import (
+    TensorPreprocess,
+    check_image_decoder,
+    decode_images,
+    read_bytes,
+    tensor_transform,
+)
 from benchmark.records import (
     RecordedModel,
     ScoredSplit,
@@ -118,8 +126,6 @@ def load_pixels(path: Path, transform, device: torch.device | str = "cpu") -> to
     Raises DatasetError naming the file: not a regular file, not an image Pillow can read,
     truncated, too large, or unreadable (:func:`benchmark.imagefile.open_rgb`).
     """
-    from benchmark.pixels import TensorPreprocess, decode_images, read_bytes
-
     if isinstance(transform, TensorPreprocess):
         device = torch.device(device)
         return transform(decode_images([read_bytes(path)], [path], device))[0]
@@ -153,7 +159,6 @@ def caption_files(run: LoadedRun, files: list[Path], *, batch_size: int | None =
     bs = batch_size or int(feats.get("batch_size", 32))
     transform = run.encoder.transform
     if run.image_decoder != "pil":  # checked once, before any file is read
-        from benchmark.pixels import check_image_decoder, tensor_transform
 
         check_image_decoder(run.image_decoder, transform)
         transform = tensor_transform(transform)
@@ -211,8 +216,6 @@ def caption_saved_run(paths: list[str], run: str, results_dir: str | Path, *,
 def _features_for(run: LoadedRun, dataset, images, console=None):
     """Features of ``images`` from the feature cache: the whole dataset's store when a run on
     that dataset already wrote it (same key as the runner's), else ``images`` only."""
-    from benchmark.features import load_or_extract, open_store, store_folder
-
     feats = run.config.get("features") or {}
     cache_dir, decoder = feats.get("cache_dir"), run.image_decoder
     whole = open_store(store_folder(run.encoder, dataset.images, cache_dir, decoder, run.device),

@@ -33,11 +33,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from architectures import ArchitectureError, create_decoder, create_encoder
+from benchmark.config import RunConfig, apply_overrides, check_ranges
 from benchmark.decoding import DecodeConfig, decode
 from benchmark.errors import CapbenchError, CapbenchWarning, RecordError, StorageError
 from benchmark.features import FeatureStats, storage_precision
 from benchmark.fsutil import temp_prefix
 from benchmark.paths import cache_root
+from benchmark.pixels import check_image_decoder, tensor_transform
 from benchmark.records import RunRecord, config_with_new_names, find_record, load_records, write_record
 from benchmark.tokenization import load_tokenizer
 from benchmark.userfiles import field_type_problem, read_json
@@ -118,7 +121,6 @@ class LoadedRun:
             return self.encoder.transform(image)
         from torchvision.transforms.functional import pil_to_tensor
 
-        from benchmark.pixels import check_image_decoder, tensor_transform
 
         check_image_decoder(self.image_decoder, self.encoder.transform)
         return tensor_transform(self.encoder.transform)([pil_to_tensor(image)])[0]
@@ -248,8 +250,6 @@ def _load_tensors(path: Path, what: str, read=lambda p: load_file(str(p))):
 
 
 def _build_encoder(config: dict, folder: Path, weights_override: str | None):
-    from architectures import ArchitectureError, create_encoder
-
     weights = weights_override or config.get("weights")
     try:
         return create_encoder(config["encoder"],
@@ -322,8 +322,6 @@ def load_run(ref: str, results_dir: str | Path = "results", *, beam_size: int | 
     """
     import time
 
-    from architectures import ArchitectureError, create_decoder
-    from benchmark.config import RunConfig, apply_overrides, check_ranges
 
     t0 = time.perf_counter()
     folder, record = resolve_run(ref, results_dir)

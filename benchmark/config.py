@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from architectures import get_entry, validate_decoder
+from architectures.encoders import grad_checkpointing_unsupported
 from benchmark.decoding import DecodeConfig
+from benchmark.device import select_device
 from benchmark.errors import ConfigError
+from benchmark.tokenization import check_tokenizer_spec
+from benchmark.tracking import check_tracker
 from benchmark.userfiles import quote, read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -376,13 +381,8 @@ def resolved_config(cfg: RunConfig) -> dict:
     (UnknownModelError) and decoder hyperparameters (HyperparameterError: the decoder is
     built once on the meta device, so every constructor check runs).
     """
-    from architectures import get_entry, validate_decoder
-    from benchmark.device import select_device
-    from benchmark.tokenization import check_tokenizer_spec
-
     check_ranges(cfg)
     select_device(cfg.device)
-    from benchmark.tracking import check_tracker
 
     check_tokenizer_spec(cfg.tokenizer, cfg.tokenizer_vocab_size)
     check_tracker(cfg.log)
@@ -390,8 +390,6 @@ def resolved_config(cfg: RunConfig) -> dict:
         raise ConfigError("encoder_grad_checkpointing is for fine-tuning: set encoder_trainable "
                           "(--finetune-encoder last|all) or drop --grad-checkpointing")
     if cfg.encoder_grad_checkpointing:
-        from architectures.encoders import grad_checkpointing_unsupported
-
         why = grad_checkpointing_unsupported(cfg.encoder)
         if why:
             raise ConfigError(f"--grad-checkpointing with {cfg.encoder}: {why}")

@@ -9,6 +9,7 @@ import resource
 import numpy as np
 import torch
 
+from benchmark.distributed import backend
 from benchmark.errors import ConfigError
 
 __all__ = ["select_device", "synchronize", "seed_everything", "peak_memory", "peak_memory_mb"]
@@ -26,8 +27,6 @@ def select_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
         rank, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
         if rank >= count:
-            from benchmark.distributed import backend
-
             if backend("cuda") != "gloo":
                 raise ConfigError(f"local rank {rank} has no GPU of its own (this machine has "
                                   f"{count}): start at most one process a GPU, or set "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from benchmark.errors import ConfigError
 from benchmark.paths import cache_root
 
 __all__ = ["cache_report", "cache_root_problem", "local_weights", "doctor_rows"]
@@ -79,7 +80,7 @@ def doctor_rows() -> list[tuple[str, str]]:
 
     import torch
 
-    from benchmark.errors import ConfigError
+    # lazy, as torch above: they import torch, and `import benchmark.doctor` stays without it
     from benchmark.metrics import java_tokenizer_available, java_version, metric_status
 
     rows = [("python", platform.python_version()),
@@ -94,7 +95,7 @@ def doctor_rows() -> list[tuple[str, str]]:
         rows.append(("ptb tokenizer", "[yellow]Python approximation[/]: pycocoevalcap's CoreNLP "
                                       "jar is missing (reinstall pycocoevalcap)"))
     try:
-        from benchmark.pixels import jpeg_decoder
+        from benchmark.pixels import jpeg_decoder  # lazy: torch and torchvision, as above
 
         rows.append(("image_decoder: torchvision", f"[green]ok[/] ({jpeg_decoder()[0]} decode_jpeg)"))
     except ConfigError as exc:

@@ -37,8 +37,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from architectures.encoders import TorchvisionResNet
 from benchmark.checkpoint import LoadedRun, load_run
-from benchmark.errors import CapbenchError, StorageError
+from benchmark.errors import CapbenchError, DatasetError, StorageError
+from benchmark.imagefile import open_rgb
 
 METHODS = ("attention", "gradcam")
 
@@ -64,9 +66,6 @@ def open_image(path: str | Path) -> Image.Image:
     """The 8-bit RGB image at ``path``; raises DatasetError naming the file when it is
     missing, not a regular file, or not an image Pillow can read
     (:func:`benchmark.imagefile.open_rgb`)."""
-    from benchmark.errors import DatasetError
-    from benchmark.imagefile import open_rgb
-
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         raise DatasetError(f"image {path} does not exist")
@@ -225,8 +224,6 @@ def gradcam_maps(run: LoadedRun, grid: torch.Tensor, pooled: torch.Tensor,
     tokens. Raises ExplainError when no word has any gradient w.r.t. ``A`` (a pooled-only
     decoder on a ViT/CLIP encoder).
     """
-    from architectures.encoders import TorchvisionResNet
-
     T = len(ids)
     if T == 0:
         return torch.zeros(0, grid.shape[1])

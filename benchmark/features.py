@@ -32,10 +32,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
+from benchmark import distributed
 from benchmark.data import ImageRecord
 from benchmark.errors import DatasetError, StorageError
 from benchmark.fsutil import atomic_write, atomic_write_text, ensure_writable, remove_stale_temps
 from benchmark.paths import cache_root
+from benchmark.pixels import check_image_decoder, jpeg_decoder, pixel_batches
 
 FORMAT_VERSION = 2  # 2: a folder of shards (1: one safetensors file)
 SHARD_BYTES = 256 * 2**20  # float16 features per shard file
@@ -436,8 +438,6 @@ def encode_batches(encoder, images: list[ImageRecord], batches: list[list[int]],
     transform) or ``torchvision`` (the workers read bytes; decoding and preprocessing run on
     ``device``, see :mod:`benchmark.pixels`; ConfigError before any work when the transform
     has a step without a tensor version). ``progress`` is an optional callable(n_done)."""
-    from benchmark.pixels import pixel_batches
-
     workers = default_num_workers() if num_workers is None else num_workers
     with extraction_mode(encoder, device) as (encoder, memory_format), \
             contextlib.closing(pixel_batches(encoder.transform, images, batches, torch.device(device),
@@ -528,8 +528,6 @@ def store_identity(encoder, image_decoder: str = "pil", device: str | torch.devi
     are only added where they apply, so CPU stores written before them keep their keys.
     Raises ConfigError, before any work, for a bad ``image_decoder``
     (:func:`benchmark.pixels.check_image_decoder`)."""
-    from benchmark.pixels import check_image_decoder, jpeg_decoder
-
     check_image_decoder(image_decoder, encoder.transform)
     identity = encoder.cache_identity()
     where = "cuda" if torch.device(device).type == "cuda" else "cpu"
@@ -684,8 +682,6 @@ def load_or_extract(encoder, images: list[ImageRecord], *, cache_dir: str | Path
         StorageError: the cache folder is unwritable or lacks room, or a shard cannot be
             written (the shards already written are kept for the next run).
     """
-    from benchmark import distributed
-
     if not images:
         raise DatasetError("no images to encode")
     identity = store_identity(encoder, image_decoder, device)

@@ -23,8 +23,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from benchmark.checkpoint import load_run
 from benchmark.data import image_id_key, load_karpathy
 from benchmark.errors import CapbenchError, DatasetError, RecordError, StorageError
+from benchmark.explain import ExplainError, explain_image, open_image, render_strip
 from benchmark.fsutil import atomic_write_text, ensure_writable
 from benchmark.imagefile import file_problem, needs_scaling, to_rgb
 from benchmark.records import RunRecord
@@ -249,8 +251,6 @@ class AttentionStrips:
         self._runs: dict[str, object] = {}
 
     def _load(self, record: RunRecord):
-        from benchmark.checkpoint import load_run
-
         if record.reference_model:  # a pretrained captioner (eval --hf): no capbench decoder
             return None  # whose attention could be drawn, as for rnn/lstm: no strip, no problem
         if record.run_id not in self._runs:
@@ -265,7 +265,6 @@ class AttentionStrips:
     def __call__(self, record: RunRecord, image: Path):
         import time
 
-        from benchmark.explain import ExplainError, explain_image, open_image, render_strip
 
         run = self._load(record)
         if run is None:

@@ -47,7 +47,11 @@ from pathlib import Path
 
 import torch
 
+from benchmark.device import select_device
+from benchmark.distributed import backend
 from benchmark.errors import ConfigError
+from benchmark.fsutil import atomic_write_text
+from benchmark.records import load_records
 
 __all__ = ["STEPS", "Step", "plan", "gpu_table", "render", "environment", "compare_ddp_runs"]
 
@@ -212,8 +216,6 @@ def compare_ddp_runs(one_dir: Path, two_dir: Path) -> dict:
     side by side: ``world_size``, ``phases``, the largest per-epoch loss and SCST reward
     differences, whether predictions and metrics are identical, and both CIDEr-D values.
     Raises ValueError unless each folder holds exactly one record."""
-    from benchmark.records import load_records
-
     (one,), _ = load_records(one_dir)
     (two,), _ = load_records(two_dir)
     h1, h2 = one.training["history"], two.training["history"]
@@ -229,8 +231,6 @@ def compare_ddp_runs(one_dir: Path, two_dir: Path) -> dict:
 
 
 def _matrix_result(work: Path, seconds: float) -> dict:
-    from benchmark.records import load_records
-
     records, _ = load_records(work / "matrix" / "runs")
     cells = [{"arch": r.arch, "encoder": r.encoder, "CIDEr": r.metrics.get("CIDEr"),
               "Bleu_4": r.metrics.get("Bleu_4"), "wall_s": r.wall_seconds,
@@ -253,8 +253,6 @@ def gpu_table(out: Path, dataset: str, *, device: str = "cuda", quick: bool = Fa
 
     Raises ConfigError, before any step, for an unknown step, a missing dataset or a device
     this machine lacks; a failing step is reported in its entry, not raised."""
-    from benchmark.device import select_device
-
     chosen = list(steps or STEPS)
     unknown = [s for s in chosen if s not in STEPS]
     if unknown:
@@ -312,7 +310,6 @@ def _entry(step: Step, runs: list[dict], work: Path, device: str) -> dict:
     try:
         if step.name == "ddp":
             entry["rows"] = compare_ddp_runs(work / "ddp" / "ranks-1", work / "ddp" / "ranks-2")
-            from benchmark.distributed import backend
 
             entry["backend"] = step.env.get("CAPBENCH_DIST_BACKEND") or \
                 backend("cuda" if device.startswith("cuda") else "cpu")
@@ -347,8 +344,6 @@ def _merged(result: dict, earlier: dict) -> dict:
 
 
 def _write(out: Path, result: dict, earlier: dict, lines: list[str]) -> None:
-    from benchmark.fsutil import atomic_write_text
-
     merged = {**result, "steps": _merged(result, earlier)}
     atomic_write_text(out / "gpu-table.json", json.dumps(merged, indent=1) + "\n")
     atomic_write_text(out / "gpu-table.md", render(merged))

@@ -39,6 +39,7 @@ from benchmark.captioner import check_split
 from benchmark.checkpoint import load_run
 from benchmark.data import resolve_dataset
 from benchmark.errors import ConfigError, DatasetError
+from benchmark.explain import explain_image, open_image
 from benchmark.records import update_record
 from benchmark.shapes import COLORS, SYNONYMS
 from benchmark.userfiles import field_type_problem, read_json
@@ -299,7 +300,6 @@ def ground_run(run, dataset_path: str | Path, split: str = "test", *, tolerance:
     """
     import time
 
-    from benchmark.explain import explain_image, open_image
 
     t0 = time.perf_counter()
     entries = load_objects(dataset_path, split)

@@ -29,6 +29,7 @@ from benchmark.errors import ConfigError
 from benchmark.features import FeatureStore, take_rows
 from benchmark.inference import caption_features
 from benchmark.metrics import ALL_METRICS, score_captions
+from benchmark.records import load_records
 from benchmark.stats import paired_bootstrap
 
 __all__ = ["derangement", "shuffle_test", "baseline_scores", "image_use_report", "vs_blind",
@@ -148,8 +149,6 @@ def records_vs_blind(results_dir, dataset: CaptionDataset, baselines: dict) -> l
     """``[(record, vs_blind verdict)]`` for every record under ``results_dir`` made on
     ``dataset``'s split (best CIDEr-D first): the blind test for records written before it
     was part of every run."""
-    from benchmark.records import load_records
-
     records = [r for r in load_records(results_dir)[0] if r.split_fingerprint == dataset.fingerprint]
     return [(r, vs_blind({"image_ids": r.per_image["image_ids"], "CIDEr": r.per_image["CIDEr"]},
                          baselines)) for r in sorted(records, key=lambda r: -r.metrics["CIDEr"])]

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from benchmark import distributed
 from benchmark.data import ImageRecord
 from benchmark.decoding import DecodeConfig, decode
 from benchmark.device import synchronize
@@ -40,8 +41,6 @@ def caption_features_all_ranks(decoder, store: FeatureStore, images: list[ImageR
     assigns them) and gathered on every rank. Beam search is batch-composition independent,
     so the captions equal a single process's. Returns ``({image_id: text}, captions/s of all
     ranks together)``; in a single process it is :func:`caption_features`."""
-    from benchmark import distributed
-
     world = distributed.world_size()
     if world == 1:
         return caption_features(decoder, store, images, tokenizer, cfg, device)

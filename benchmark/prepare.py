@@ -64,8 +64,8 @@ from pathlib import Path
 from typing import Literal
 
 from benchmark.data import image_id_key, simple_tokenize
-from benchmark.errors import ConfigError, DatasetError
-from benchmark.fsutil import atomic_write_text, refuse_overwrite
+from benchmark.errors import ConfigError, DatasetError, StorageError
+from benchmark.fsutil import atomic_write_text, ensure_writable, refuse_overwrite
 from benchmark.imagefile import file_problem
 from benchmark.userfiles import describe, parse_json, quote
 
@@ -610,9 +610,6 @@ def _filepath(folder: Path, out_dir: Path) -> str:
 def _check_out_folder(out: Path) -> None:
     """DatasetError, before any image is checked, when ``out``'s folder cannot be written:
     probes its nearest existing folder (nothing is created)."""
-    from benchmark.errors import StorageError
-    from benchmark.fsutil import ensure_writable
-
     folder = Path(os.path.abspath(out)).parent
     while not folder.exists():
         folder = folder.parent

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmark import distributed
+from benchmark.config import config_id
+from benchmark.device import peak_memory
 from benchmark.errors import RecordError
 from benchmark.fsutil import atomic_write_text, utc_timestamp
 from benchmark.stats import bootstrap_ci, diversity
@@ -368,10 +371,6 @@ def make_record(*, run_id: str, config: dict, scored: ScoredSplit, model: Record
     Raises:
         KeyError: ``config`` without ``encoder``, ``seed`` or the decoder's name (trained run).
     """
-    # here, not at the top: they import torch, which the records' readers (report, board) skip
-    from benchmark.config import config_id
-    from benchmark.device import peak_memory
-
     dataset, split, scores = scored.dataset, scored.split, scored.scores
     ci = bootstrap_ci(scores.per_image_block(), n_resamples=1000, seed=0)
     div = diversity(list(scored.predictions.values()),
@@ -447,7 +446,6 @@ def environment(device) -> dict:
     """Versions and hardware that shape the numbers of a run."""
     import torch
 
-    from benchmark import distributed
 
     name = str(device)
     gpu = {}

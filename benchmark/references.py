@@ -17,8 +17,10 @@ from pathlib import Path
 
 from benchmark.data import image_id_key, load_karpathy
 from benchmark.errors import ConfigError, DatasetError
+from benchmark.metrics import score_captions
 from benchmark.metrics.coco import _pkg_dir
 from benchmark.metrics.registry import MetricOptions
+from benchmark.stats import bootstrap_ci
 from benchmark.userfiles import describe, quote, read_json
 
 BUILTIN = {"coco-val2014": "coco/annotations/captions_val2014.json",
@@ -259,9 +261,6 @@ def evaluate_file(predictions: str | Path, references: str | Path, split: str = 
         DatasetError: unreadable or mismatching files (see :func:`load_predictions`,
             :func:`match_predictions`).
     """
-    from benchmark.metrics import score_captions
-    from benchmark.stats import bootstrap_ci
-
     t0 = time.perf_counter()
     refset = read_references(references, split)
     refs = refset.refs

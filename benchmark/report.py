@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.errors import CapbenchError, StorageError
+from benchmark.errors import CapbenchError, RecordError, StorageError
 from benchmark.fsutil import atomic_write_text, refuse_overwrite
 from benchmark.gallery import AttentionStrips, write_gallery
 from benchmark.metrics import families, registered_metrics
-from benchmark.records import RunRecord
+from benchmark.records import RunRecord, load_records
 
 METRIC_COLUMNS = list(registered_metrics())
 #: metrics of the model-based families (CLIP-S, ...): shown by ``--wide``, and left out of a
@@ -536,9 +536,6 @@ def load_records_from(results_dirs: str | Path | Sequence[str | Path]):
     Raises RecordError when a folder does not exist, is a file, or is itself a ``runs/``
     folder (naming it and its parent), and when one run id has records of different content
     in two folders (naming both files)."""
-    from benchmark.errors import RecordError
-    from benchmark.records import load_records
-
     folders = _folders(results_dirs)
     if not folders:
         raise RecordError("no --results-dir given")

@@ -25,13 +25,15 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from architectures import create_decoder, create_encoder
+from architectures import create_decoder, create_encoder, resolve_encoder_name
+from architectures.registry import get_entry
 from benchmark import distributed
+from benchmark.baselines import BLIND_KINDS, MAX_NN_K
 from benchmark.checkpoint import Checkpoint, save_run
 from benchmark.config import RunConfig, config_id, resolved_config
 from benchmark.data import CaptionDataset, resolve_dataset
 from benchmark.device import seed_everything, select_device
-from benchmark.errors import BusyError
+from benchmark.errors import BusyError, CapbenchWarning, ConfigError
 from benchmark.features import FeatureStats, FeatureStore, default_num_workers, load_or_extract
 from benchmark.fsutil import ensure_writable, exclusive_lock, remove_stale_temps
 from benchmark.image_use import baseline_scores, image_use_report, shuffle_test
@@ -46,7 +48,7 @@ from benchmark.records import (
     make_record,
     new_run_id,
 )
-from benchmark.tokenization import build_tokenizer
+from benchmark.tokenization import build_tokenizer, caption_lengths
 from benchmark.tracking import open_tracker
 from benchmark.train import (
     FineTune,
@@ -74,8 +76,6 @@ def preflight(cfg: RunConfig, dataset: CaptionDataset, resolved: dict) -> None:
     """Before any image is read: the results folder must be writable with room for the
     checkpoint and the record (StorageError naming the folder otherwise), and temp folders
     of killed runs there are removed."""
-    from architectures import create_decoder
-
     words = {w for im in dataset.split("train") for t in im.tokens for w in t}
     with torch.device("meta"):  # parameter count at the largest possible vocabulary
         dec = create_decoder(resolved["decoder"], max(len(words) + 4, cfg.tokenizer_vocab_size),
@@ -150,8 +150,6 @@ def _tokens_per_caption(tokenizer: CaptionTokenizer, train, cfg: RunConfig) -> f
     caption than words)."""
     import warnings
 
-    from benchmark.errors import CapbenchWarning
-    from benchmark.tokenization import caption_lengths
 
     lengths = caption_lengths(tokenizer, (t for im in train for t in im.tokens))
     cut = sum(n > cfg.train.max_caption_len for n in lengths)
@@ -325,7 +323,6 @@ def _image_use_stage(dataset: CaptionDataset, encoder_name: str, store: FeatureS
     """
     import warnings
 
-    from benchmark.errors import CapbenchWarning
 
     if len(dataset.split("test")) < 2:
         warnings.warn("the test split has one image: no image-shuffle test or blind comparison",
@@ -344,9 +341,6 @@ def _image_use_stage(dataset: CaptionDataset, encoder_name: str, store: FeatureS
 
 def check_run_settings(cfg: RunConfig) -> None:
     """``--compile`` for a decoder it does not suit: ConfigError, before any work."""
-    from architectures.registry import get_entry
-    from benchmark.errors import ConfigError
-
     why = get_entry("decoder", cfg.decoder).why_not("compile")
     if cfg.train.compile and why:
         raise ConfigError(f"--compile with {cfg.decoder}: {why}; train it without --compile")
@@ -523,9 +517,6 @@ def run_baselines(cfg: RunConfig, kinds: list[str], *, split: str = "test", k: i
     Returns ``(dataset, encoder name, {kind: {"detail", "metrics", "caption", ...}})``.
     Raises ConfigError for an unknown kind or ``k`` outside 1 to ``MAX_NN_K``.
     """
-    from benchmark.baselines import BLIND_KINDS, MAX_NN_K
-    from benchmark.errors import ConfigError
-
     bad = [x for x in kinds if x not in (*BLIND_KINDS, "nn")]
     if bad:
         raise ConfigError(f"--kind {bad[0]!r}: choose most-frequent, consensus, nn or all")
@@ -537,7 +528,6 @@ def run_baselines(cfg: RunConfig, kinds: list[str], *, split: str = "test", k: i
         raise ConfigError("--split train with the nn baseline: every training image would be its "
                           "own nearest neighbour; score nn on val or test")
     dataset = resolve_dataset(cfg.dataset)
-    from architectures import resolve_encoder_name
 
     encoder_name, store = resolve_encoder_name(cfg.encoder), None
     if "nn" in kinds:

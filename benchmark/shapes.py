@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, DatasetError
 from benchmark.fsutil import ensure_writable, refuse_overwrite, remove_stale_temps
 from benchmark.paths import cache_root
 
@@ -123,8 +123,6 @@ def generate_shapes(out_dir: str | Path, n_images: int = 600, seed: int = 0,
                          f"non-empty), not {n_images:,}")
     out_dir = Path(out_dir)
     if not overwrite and (out_dir / "dataset.json").exists():
-        from benchmark.errors import DatasetError
-
         raise DatasetError(f"{out_dir / 'dataset.json'} already exists; choose another --out "
                            "folder or pass --force to overwrite it")
     ensure_writable(out_dir, need_bytes=n_images * BYTES_PER_IMAGE, what="dataset folder",

@@ -25,9 +25,9 @@ import math
 
 import numpy as np
 
-from benchmark.errors import ConfigError
+from benchmark.errors import ConfigError, RecordError
 from benchmark.limits import available_memory, check_memory
-from benchmark.metrics import METEOR_STATS_KEY, METEOR_STATS_LENGTH, mean_metrics
+from benchmark.metrics import METEOR_STATS_KEY, METEOR_STATS_LENGTH, mean_metrics, meteor_jar, metric_status
 
 #: most bootstrap resamples ``capbench compare`` takes (METEOR's jar scores about 1,000 a second)
 MAX_RESAMPLES = 100_000
@@ -82,8 +82,6 @@ def meteor_aggregable(stats) -> np.ndarray:
 def corpus_meteor(summed: np.ndarray) -> np.ndarray:
     """The jar's METEOR of summed statistics ``(R, 23)`` (rows of :func:`meteor_aggregable`
     summed over images) -> ``(R,)``, in one ``EVAL`` call per 2000 rows. Needs Java."""
-    from benchmark.metrics import meteor_jar
-
     summed = np.asarray(summed, dtype=np.float64).reshape(-1, METEOR_STATS_LENGTH)
     with meteor_jar() as jar:
         return jar.eval_stats(summed)
@@ -98,8 +96,6 @@ def meteor_statistic(per_image: dict) -> str | None:
     only holds per-image ``METEOR`` scores; None without METEOR. Raises ValueError when
     ``METEOR_stats`` does not hold one row of 23 numbers per image.
     """
-    from benchmark.metrics import metric_status
-
     stats = per_image.get(METEOR_STATS_KEY)
     if stats:
         m = len(per_image.get("image_ids", []))
@@ -266,8 +262,6 @@ def compare_runs(a, b, *, n_resamples: int = 2000) -> dict[str, dict[str, float]
         ResourceError: the resampled index table would not fit in memory (checked before any
             work).
     """
-    from benchmark.errors import RecordError
-
     if n_resamples < 1:
         raise ValueError("n_resamples must be at least 1")
     for r in (a, b):

@@ -29,6 +29,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from benchmark.errors import ConfigError
+from benchmark.userfiles import read_json
 from benchmark.vocab import BOS, EOS, PAD, SPECIALS, UNK, CaptionTokenizer, Vocabulary
 
 __all__ = ["SubwordTokenizer", "build_tokenizer", "load_tokenizer", "check_tokenizer_spec",
@@ -238,7 +239,6 @@ def load_tokenizer(folder: str | Path) -> CaptionTokenizer:
     if (folder / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast
 
-        from benchmark.userfiles import read_json
 
         config = read_json(folder / "config.json", "checkpoint config") \
             if (folder / "config.json").is_file() else {}

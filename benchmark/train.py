@@ -56,10 +56,12 @@ from benchmark.config import TrainConfig
 from benchmark.data import ImageRecord
 from benchmark.decoding import DecodeConfig, SpecialTokens, forbid_tokens, sample_decode
 from benchmark.device import synchronize
-from benchmark.errors import CapbenchError, TrainingDivergedError
-from benchmark.features import FeatureStats, FeatureStore
+from benchmark.errors import CapbenchError, CapbenchWarning, StorageError, TrainingDivergedError
+from benchmark.features import FeatureStats, FeatureStore, extract_features, storage_precision
+from benchmark.fsutil import atomic_write, remove_stale_temps
 from benchmark.inference import caption_features_all_ranks
 from benchmark.metrics import cider_d
+from benchmark.pixels import ImageFolderDataset, worker_batches
 from benchmark.records import TrainingBlock
 from benchmark.vocab import CaptionTokenizer
 
@@ -134,8 +136,6 @@ class FineTune:
         with :attr:`stats` when read.
 
         Raises DatasetError when ``images`` is empty or an image cannot be read."""
-        from benchmark.features import extract_features, storage_precision
-
         grid, pooled, _ = extract_features(self.encoder, images, batch_size=self.batch_size,
                                            device=device, num_workers=self.num_workers)
         return FeatureStore(storage_precision(grid), storage_precision(pooled),
@@ -561,9 +561,6 @@ def write_train_state(path: Path, blob: dict) -> None:
     (:func:`~benchmark.fsutil.remove_stale_temps`). Raises StorageError naming the folder
     when it cannot be written (a full disk: torch.save's "unexpected pos"), with no temp
     file left behind."""
-    from benchmark.errors import StorageError
-    from benchmark.fsutil import atomic_write, remove_stale_temps
-
     remove_stale_temps(path.parent)
     try:
         atomic_write(path, lambda tmp: torch.save(blob, tmp))
@@ -893,7 +890,6 @@ def _ddp_encoder(encoder, device: torch.device):
 
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from benchmark.errors import CapbenchWarning
 
     trainable_bn = any(isinstance(m, _BatchNorm) and any(p.requires_grad for p in m.parameters())
                        for m in encoder.modules())
@@ -931,7 +927,6 @@ def _xe_epoch_finetune(ctx: StepContext, encoder, train_images: list[ImageRecord
     """
     from torch.utils.data import DataLoader
 
-    from benchmark.pixels import ImageFolderDataset, worker_batches
 
     ft, device = ctx.finetune, ctx.device
     # caption_pairs lists each image's captions contiguously, in train_images order

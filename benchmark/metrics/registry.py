@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmark.errors import ConfigError
+
 __all__ = ["ScoreResult", "MetricOptions", "ScoringInput", "MetricFamily", "register_family",
            "FAMILIES", "families", "use_weight_files", "WEIGHT_VARS", "BERTSCORE_VAR", "family_of",
            "registered_metrics", "mean_metrics", "default_metrics"]
@@ -110,8 +112,6 @@ def use_weight_files(bertscore_model: str | None = None, **files: Path | None) -
     hub name or a folder; turns BERTScore on) for this process and the ones it starts (torchrun
     workers, matrix cells): sets :data:`WEIGHT_VARS` and :data:`BERTSCORE_VAR`. Raises
     ConfigError naming the flag when a weights file does not exist, before any work."""
-    from benchmark.errors import ConfigError
-
     if bertscore_model:
         local = Path(bertscore_model).expanduser()
         os.environ[BERTSCORE_VAR] = str(local.resolve()) if local.exists() else bertscore_model
