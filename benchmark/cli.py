@@ -591,7 +591,9 @@ def matrix(
 
     result = run_matrix(cfg, plan.archs, plan.encoders, plan.seeds, console, on_cell, plan.variants,
                         shard=part, on_plan=on_plan)
-    render_rich(leaderboard(result.records(cfg.results_dir)), console)
+    refs = _matrix_references(plan.references, cfg, part)
+    render_rich(leaderboard(result.records(cfg.results_dir) + [o.record for o in refs if o.record]),
+                console)
     for enc, sec in result.feature_seconds.items():
         console.print(f"features {enc}: {sec:.0f} s (once, shared by its decoders)")
     which = (f"matrix: {result.planned} cells" if part is None else
@@ -601,6 +603,23 @@ def matrix(
     if result.count("failed"):
         console.print(f"[red]failures recorded in {_q(Path(cfg.results_dir) / 'failures')}[/]")
         raise typer.Exit(1)
+    if any(o.status == "failed" for o in refs):
+        raise typer.Exit(1)
+
+
+def _matrix_references(models: list[str], cfg, part) -> list:
+    """A matrix config's ``references``: each pretrained captioner scored once (first shard)
+    as a reference row (:func:`benchmark.hf_captioners.run_references`), one line each."""
+    from benchmark.hf_captioners import run_references
+
+    def on_reference(o) -> None:
+        colour = {"ok": "green", "done": "cyan", "failed": "red"}[o.status]
+        extra = f"  {_q(o.error)}" if o.error else f"  {o.seconds:.0f} s" if o.status == "ok" else ""
+        console.print(f"[bold]matrix reference[/] {_q(o.model)}: [{colour}]{o.status}[/]{extra}",
+                      highlight=False)
+
+    return run_references(models, cfg.dataset, device=cfg.device, results_dir=cfg.results_dir,
+                          first_shard=part is None or part.index == 1, on_reference=on_reference)
 
 
 @app.command()

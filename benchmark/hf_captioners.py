@@ -35,7 +35,7 @@ from huggingface_hub.errors import HFValidationError
 from benchmark.captioner import check_split
 from benchmark.data import resolve_dataset
 from benchmark.device import select_device, synchronize
-from benchmark.errors import ConfigError, DatasetError
+from benchmark.errors import CapbenchError, ConfigError, DatasetError
 from benchmark.image_use import baseline_scores, vs_blind
 from benchmark.imagefile import open_rgb
 from benchmark.metrics import MetricOptions, score_captions
@@ -43,6 +43,7 @@ from benchmark.records import (
     RecordedModel,
     ScoredSplit,
     ThroughputBlock,
+    load_records,
     make_record,
     new_run_id,
     write_record,
@@ -50,6 +51,7 @@ from benchmark.records import (
 from benchmark.tokenization import hub_offline_reason
 
 __all__ = ["Family", "FAMILIES", "Decoding", "HFCaptioner", "HFEvalOptions", "load_captioner",
+           "ReferenceOutcome", "run_references",
            "decoding_for", "caption_images", "evaluate_hf", "strip_prompt",
            "SUPPORTED_CLASSES", "PRETRAINED_NOTE"]
 
@@ -457,3 +459,49 @@ def evaluate_hf(spec: str, dataset_spec: str, split: str = "test",
                    "baselines": {k: {x: v for x, v in b.items() if x != "per_image"}
                                  for k, b in baselines.items()}})
     return captioner, record, write_record(record, opts.results_dir)
+
+
+@dataclass
+class ReferenceOutcome:
+    """What became of one of a matrix's ``references``: ``status`` ``ok`` (scored now),
+    ``done`` (its record was already in the results folder) or ``failed`` (``error`` says why,
+    e.g. offline without the weights); ``record`` unless it failed."""
+
+    model: str
+    status: str
+    record: object = None
+    error: str = ""
+    seconds: float = 0.0
+
+
+def run_references(models: list[str], dataset_spec: str, *, device: str = "auto",
+                   results_dir: str | Path = "results", first_shard: bool = True,
+                   on_reference=None) -> list[ReferenceOutcome]:
+    """Score a matrix's ``references`` (hub ids or folders) on its dataset's test split with the
+    families' default decoding (:func:`evaluate_hf`), once: a model whose reference record of
+    this split is already in ``results_dir`` is ``done``. On a shard other than the first
+    (``first_shard`` False) nothing runs, so a sharded matrix scores each reference once. A
+    model that cannot be scored (a CapbenchError: offline, not a captioner) is ``failed`` and
+    the others still run; ``on_reference(outcome)`` is called after each."""
+    if not models or not first_shard:
+        return []
+    fingerprint = resolve_dataset(dataset_spec).fingerprint
+    have = {(r.reference_model.get("model_id"), r.split_fingerprint): r
+            for r in load_records(results_dir)[0] if r.reference_model}
+    out = []
+    for model in models:
+        t0 = time.perf_counter()
+        if (model, fingerprint) in have:
+            outcome = ReferenceOutcome(model, "done", have[(model, fingerprint)])
+        else:
+            try:
+                _, record, _ = evaluate_hf(model, dataset_spec, "test", HFEvalOptions(
+                    device=device, results_dir=results_dir))
+                outcome = ReferenceOutcome(model, "ok", record)
+            except CapbenchError as exc:
+                outcome = ReferenceOutcome(model, "failed", error=str(exc))
+        outcome.seconds = time.perf_counter() - t0
+        out.append(outcome)
+        if on_reference:
+            on_reference(outcome)
+    return out

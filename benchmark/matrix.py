@@ -52,12 +52,14 @@ __all__ = ["Cell", "MatrixResult", "MatrixPlan", "Shard", "matrix_plan", "parse_
 @dataclass
 class MatrixPlan:
     """Which decoders, encoders, seeds and variants (name -> dotted config overrides) a
-    matrix runs."""
+    matrix runs, and the pretrained captioners (Hugging Face ids or folders) scored beside
+    them as reference rows (``references``, :func:`benchmark.hf_captioners.run_references`)."""
 
     archs: list[str]
     encoders: list[str]
     seeds: list[int]
     variants: dict[str, dict] = field(default_factory=lambda: {"": {}})
+    references: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -82,10 +84,10 @@ def matrix_plan(config: str | None, archs: list[str] | None, encoders: list[str]
         spec = data.get("matrix") or {}
         if not isinstance(spec, dict):
             raise ConfigError(f"{path}: matrix: expected a mapping with archs/encoders/seeds")
-        unknown = set(spec) - {"archs", "encoders", "seeds", "variants"}
+        unknown = set(spec) - {"archs", "encoders", "seeds", "variants", "references"}
         if unknown:
             raise ConfigError(f"{path}: matrix.{sorted(unknown)[0]}: unknown key; valid keys are "
-                              "archs, encoders, seeds, variants")
+                              "archs, encoders, seeds, variants, references")
         where = f"{path}: matrix"
         variants = _variants(spec.pop("variants", None), f"{where}.variants")
         spec = {k: _names(v, f"{where}.{k}") for k, v in spec.items()}
@@ -94,7 +96,8 @@ def matrix_plan(config: str | None, archs: list[str] | None, encoders: list[str]
     return MatrixPlan(archs or spec.get("archs") or list_decoders(),
                       encoders or spec.get("encoders") or list_encoders(ci=False),
                       seeds or spec.get("seeds") or [default_seed],
-                      spec.get("variants") or {"": {}})
+                      spec.get("variants") or {"": {}},
+                      [str(r) for r in spec.get("references") or []])  # pretrained captioners
 
 
 def _variants(value, where: str) -> dict[str, dict] | None:

@@ -325,3 +325,29 @@ def test_family_defaults_follow_lavis_and_flags_override():
         decoding_for(FAMILIES["blip"], max_len=4)
     with pytest.raises(ConfigError, match="--beam-size 0"):
         decoding_for(FAMILIES["git"], beam_size=0)
+
+
+def test_matrix_references_run_once_and_failures_do_not_stop_the_others(hf_runs, hf_models,
+                                                                        tiny_shapes, tmp_path):
+    """A matrix config's ``references:`` list is read; each is scored once (already recorded:
+    ``done``; not on a later shard); one that cannot be loaded fails alone."""
+    from benchmark.hf_captioners import run_references
+    from benchmark.matrix import matrix_plan
+
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(f"matrix:\n  archs: [lstm]\n  encoders: [resnet50]\n  references: "
+                   f"[{hf_models['blip']}, {hf_models['git']}]\n")
+    plan = matrix_plan(str(cfg), None, None, None, 0)
+    assert plan.references == [str(hf_models["blip"]), str(hf_models["git"])]
+    results, records, _ = hf_runs
+    seen = []
+    out = run_references([*plan.references, str(tmp_path / "missing")], str(tiny_shapes),
+                         device="cpu", results_dir=results, on_reference=seen.append)
+    assert [o.status for o in out] == ["done", "done", "failed"] and seen == out
+    assert out[0].record.run_id == records["blip"].run_id and "no such folder" in out[2].error
+    assert run_references(plan.references, str(tiny_shapes), results_dir=results,
+                          first_shard=False) == []
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("matrix:\n  references: []\n")
+    with pytest.raises(ConfigError, match="references: give a non-empty list"):
+        matrix_plan(str(bad), None, None, None, 0)
