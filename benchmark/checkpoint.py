@@ -162,8 +162,6 @@ def _checkpoint_of(record: RunRecord, results_dir: Path) -> Path:
     """The record's checkpoint folder; when the stored path is stale (the results folder was
     moved, or the path was relative to another working directory) the folder is looked for
     beside the record, then under ``results_dir``."""
-    tried = []
-    candidates = []
     if record.reference_model:  # written by `capbench eval --hf`: nothing of capbench's to load
         model = record.reference_model.get("model_id", record.encoder)
         raise CheckpointError(f"run {record.run_id} is a reference row: the pretrained captioner "
@@ -171,6 +169,8 @@ def _checkpoint_of(record: RunRecord, results_dir: Path) -> Path:
                               "checkpoint (decoder, tokenizer, feature statistics) to caption, "
                               f"explain or re-evaluate with; score it on another dataset with "
                               f"`capbench eval --hf {model} --dataset D`")
+    tried = []
+    candidates = []
     if record.checkpoint:
         candidates.append(Path(record.checkpoint))
     if record.path:

@@ -212,11 +212,11 @@ class RunRecord:
     environment: dict[str, Any] = field(default_factory=dict)
     vocab_size: int | None = None
     metrics_unavailable: dict[str, str] = field(default_factory=dict)
+    #: per model-based metric (CLIP-S, ...): the package, model and weights it came from
+    metric_sources: dict[str, str] = field(default_factory=dict)
     tokenizer: str = ""
     confidence_intervals: dict[str, list[float]] = field(default_factory=dict)
     per_image: dict[str, list] = field(default_factory=dict)
-    #: per model-based metric (CLIP-S, ...): the package, model and weights it came from
-    metric_sources: dict[str, str] = field(default_factory=dict)
     diversity: dict[str, float] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     throughput: dict[str, Any] = field(default_factory=dict)

@@ -19,6 +19,8 @@ from benchmark.data import load_karpathy
 from benchmark.imagefile import open_rgb
 from benchmark.metrics import MetricOptions, score_captions
 from benchmark.metrics import clipscore as cs
+from benchmark.records import load_record
+from benchmark.report import leaderboard, render_markdown
 from benchmark.stats import bootstrap_ci
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -180,7 +182,7 @@ def test_eval_and_eval_run_carry_clip_s_with_intervals(shapes, weights, tiny_run
     p = tmp_path / "preds.json"
     p.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in preds.items() if i in val]))
     runner = CliRunner()
-    out = runner.invoke(app, ["eval", str(p), "--references", str(tiny_shapes / "dataset.json"),
+    out = runner.invoke(app, ["eval", str(p), "--references", str(tiny_shapes),
                               "--split", "val", "--clip-weights", str(weights[0]), "--format",
                               "json"])
     assert out.exit_code == 0, out.output
@@ -203,6 +205,9 @@ def test_eval_and_eval_run_carry_clip_s_with_intervals(shapes, weights, tiny_run
     assert saved["metric_sources"]["CLIP-S"].startswith("open_clip ")
     cis = bootstrap_ci(saved["per_image"])
     assert cis["CLIP-S"] == pytest.approx(saved["confidence_intervals"]["CLIP-S"])
+    board = leaderboard([load_record(got["record"]), record], baselines=False)
+    assert board["CLIP-S"].tolist()[0] == pytest.approx(saved["metrics"]["CLIP-S"])
+    assert "| CLIP-S | RefCLIP-S |" in render_markdown(board)  # the board's wide columns
 
 
 def test_a_missing_weights_file_is_refused_before_any_work(tmp_path, monkeypatch):
