@@ -35,7 +35,7 @@ from benchmark.userfiles import field_type_problem, read_json
 SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "run_record.schema.json"
 #: fields added after the first records were written: absent from a record while None
-OPTIONAL_FIELDS = ("image_use", "evaluation", "grounding", "reference_model")
+OPTIONAL_FIELDS = ("image_use", "evaluation", "grounding", "reference_model", "metric_sources")
 
 _NUM, _NULL = (int, float), type(None)
 #: the JSON types of the fields readers use, by dotted path (``*``: every value of an object
@@ -212,8 +212,9 @@ class RunRecord:
     environment: dict[str, Any] = field(default_factory=dict)
     vocab_size: int | None = None
     metrics_unavailable: dict[str, str] = field(default_factory=dict)
-    #: per model-based metric (CLIP-S, ...): the package, model and weights it came from
-    metric_sources: dict[str, str] = field(default_factory=dict)
+    #: per model-based metric (CLIP-S, ...): the package, model and weights it came from; None
+    #: in records written before model-based metrics existed
+    metric_sources: dict[str, str] | None = None
     tokenizer: str = ""
     confidence_intervals: dict[str, list[float]] = field(default_factory=dict)
     per_image: dict[str, list] = field(default_factory=dict)

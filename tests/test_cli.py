@@ -37,8 +37,11 @@ def test_record_has_everything_a_reader_needs(tiny_record, tiny_shapes):
     assert rec["config"]["train"]["epochs"] == 2 and rec["config"]["decoder_hparams"]["attention_dim"] == 64
     assert rec["encoder_weights"] == "random-init:seed=0" and rec["pretrained"] is False
     assert set(rec["metrics"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L",
-                                   "CIDEr", "SPICE"}
+                                   "CIDEr", "SPICE", "CLIP-S", "RefCLIP-S", "PAC-S", "RefPAC-S"}
     assert rec["metrics"]["SPICE"] is None or rec["metrics"]["SPICE"] >= 0
+    for m in ("CLIP-S", "RefCLIP-S", "PAC-S", "RefPAC-S"):  # offline without weights: None, and why
+        assert (rec["metrics"][m] is None and "weights" in rec["metrics_unavailable"][m]
+                or 0 <= rec["metrics"][m] <= 2.5)
     for m, (lo, hi) in rec["confidence_intervals"].items():  # each CI holds its own estimate
         assert m == "METEOR_image_mean" or lo <= rec["metrics"][m] <= hi, (m, lo, hi)
     use = rec["image_use"]

@@ -5,6 +5,8 @@ against the paper's definition computed here independently, in a few lines."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -192,7 +194,8 @@ def test_eval_and_eval_run_carry_clip_s_with_intervals(shapes, weights, tiny_run
         assert lo <= ev["metrics"][m] <= hi and lo < hi
     assert "PAC-S" in ev["unavailable"]
 
-    results, record = tiny_run
+    results, record = tiny_run  # eval --run writes a record: into a copy, not the shared folder
+    results = Path(shutil.copytree(results, tmp_path / "results"))
     out = runner.invoke(app, ["eval", "--run", record.run_id, "--dataset", str(tiny_shapes),
                               "--results-dir", str(results), "--clip-weights", str(weights[0]),
                               "--format", "json"])

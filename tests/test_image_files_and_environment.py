@@ -199,9 +199,9 @@ def test_caption_refuses_pipes_and_names_link_loops(tmp_path, monkeypatch):
     """caption on a FIFO returned at once (it blocked forever); a symbolic link loop, given or
     in a folder, is named as one (it was 'no such file', or silently skipped); the other
     images are captioned, 16-bit ones as their 8-bit selves, in a folder named with [ ]."""
-    from benchmark import checkpoint
+    from benchmark import captioner
 
-    monkeypatch.setattr(checkpoint, "load_run", lambda *a, **k: _fake_run())
+    monkeypatch.setattr(captioner, "load_run", lambda *a, **k: _fake_run())  # where it is called
     folder = tmp_path / "imgs[x]"
     folder.mkdir()
     grey = _pixels(3)

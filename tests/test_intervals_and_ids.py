@@ -299,18 +299,18 @@ def test_duplicate_karpathy_id_written_as_int_and_string(tmp_path):
 
 def test_partial_coverage_is_counted_without_scoring(tmp_path, monkeypatch):
     """``missing_references`` = reference images with no prediction (scoring stubbed out)."""
-    from benchmark import stats
+    from benchmark import references
 
     refs = _coco_refs(tmp_path / "refs.json", {i: REFS[i] for i in range(10)})
     p = _write(tmp_path / "p.json", [{"image_id": str(i), "caption": SYS_A[i]} for i in (0, 4, 9)])
     seen = {}
 
-    def fake_score(preds, references):
+    def fake_score(preds, refs, **_):
         seen["preds"] = preds
         return metrics.ScoreResult(list(preds), {"CIDEr": 1.0}, {"CIDEr": [1.0] * len(preds)})
 
-    monkeypatch.setattr(metrics, "score_captions", fake_score)
-    monkeypatch.setattr(stats, "bootstrap_ci", lambda block: {"CIDEr": [1.0, 1.0]})
+    monkeypatch.setattr(references, "score_captions", fake_score)
+    monkeypatch.setattr(references, "bootstrap_ci", lambda block: {"CIDEr": [1.0, 1.0]})
     ev = evaluate_file(p, refs)
     assert list(seen["preds"]) == [0, 4, 9]  # re-keyed to the references' int ids
     assert ev.images == 3 and ev.missing_references == 7
