@@ -746,14 +746,14 @@ def make_report(options: ReportOptions, note: Note) -> ReportOutcome:
     if options.plot is not None and not runs.empty:
         _write_plots(runs, folders, options.plot, note)
     evp_text = _evp(folders, options.plot, note) if runs.attrs.get("tuning_trials") else ""
-    if options.leaderboard_file and not df.empty:
+    if options.leaderboard_file and (not df.empty or evp_text):
         try:
             write_leaderboard_file(df, home, folders, evp_text, options.raw_p)
         except OSError as exc:
             note("leaderboard_unwritten", path=home / "LEADERBOARD.md", why=exc.strerror or exc)
     if options.gallery is not None:
         _write_gallery(folders, options, note)
-    if df.empty:
+    if df.empty and not runs.attrs.get("tuning_trials"):
         note("no_runs", readable=bool(problems), where=", ".join(str(f / "runs") for f in folders))
     if options.format == "table" and options.output is None:
         return ReportOutcome(df)

@@ -188,6 +188,14 @@ def test_report_plot_draws_the_evp_curves_and_writes_the_crossing_table(tmp_path
     assert "### Expected validation performance" in md
     assert "| shapes (abc123) | 3 | transformer / resnet18 | lstm / resnet18 | 70.0 | 50.0 |" in md
     assert (plots / "evp-crossings.md").read_text() in md
+    # a folder of trials only (a study under way): no board rows, but the curves and the count
+    (runs / f"{final['run_id']}.json").unlink()
+    (tmp_path / "LEADERBOARD.md").unlink()
+    out = CliRunner().invoke(app, ["report", "--results-dir", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    said = " ".join(out.output.split())
+    assert "no runs found; 12 tuning trials not shown" in said and "overtakes" in said
+    assert "### Expected validation performance" in (tmp_path / "LEADERBOARD.md").read_text()
 
 
 def _per_image_record(run_id, scores):
