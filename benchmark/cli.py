@@ -206,6 +206,7 @@ def report(
     gallery: Annotated[Path | None, typer.Option(help="also write a static HTML gallery here: per dataset/split, each test image's thumbnail, references and every model's caption with its per-image CIDEr-D, worst first")] = None,
     gallery_images: Annotated[int | None, typer.Option(min=1, help="gallery: show only the N worst images of each group")] = None,
     gallery_strips: Annotated[bool, typer.Option("--gallery-strips/--no-gallery-strips", help="gallery: draw each attention decoder's per-word attention under its caption (loads the checkpoints)")] = True,
+    raw_p: Annotated[bool, typer.Option("--raw-p", help="show the raw `vs blind` p-values (raw p) beside the Holm-adjusted ones")] = False,
 ):
     """Show every run as a leaderboard grouped by dataset and split fingerprint.
 
@@ -218,10 +219,10 @@ def report(
     cols = [c for c in columns.split(",") if c.strip()] if columns is not None else None
     outcome = make_report(ReportOptions(
         results_dir or [], format.value, output, aggregate, plot, leaderboard_file, cols, gallery,
-        gallery_images, gallery_strips), _report_note)
+        gallery_images, gallery_strips, raw_p), _report_note)
     if outcome.text is None:
-        if not outcome.board.empty:
-            render_rich(outcome.board, console, columns=cols, wide=wide)
+        if not outcome.board.empty or outcome.board.attrs.get("tuning_trials"):
+            render_rich(outcome.board, console, columns=cols, wide=wide, raw_p=raw_p)
     elif output:
         console.print(f"wrote {_q(output)} ({len(outcome.board)} runs)")
     else:
@@ -238,7 +239,20 @@ _REPORT_NOTES = {  # report.make_report's notes as printed: (rich text, highligh
     "no_strips": lambda f: (f"[yellow]no attention strips for {_q(f['run_id'])}:[/] {_q(f['why'])}", False),
     "no_gallery": lambda f: (f"[yellow]no run records in {_q(f['where'])}: no gallery written[/]", False),
     "no_runs": lambda f: (f"no {'readable ' if f['readable'] else ''}runs found in {_q(f['where'])}", False),
+    "crossings": lambda f: (_crossings_text(f["rows"], f["n_curves"]), False),
 }
+
+
+def _crossings_text(rows: list[dict], n_curves: int) -> str:
+    """The EVP crossing table (benchmark.evp.crossings) as lines for the terminal."""
+    head = (f"expected validation performance of {n_curves} architecture(s) (tuning trials): ")
+    if not rows:
+        return head + "no two curves change order at any budget"
+    lines = [head + "the ranking changes at budget k ="]
+    lines += [f"  k={r['k']} {_q(r['dataset'])} ({r['split']}): {_q(r['above'])} "
+              f"({100 * r['above_value']:.1f}) overtakes {_q(r['below'])} "
+              f"({100 * r['below_value']:.1f})" for r in rows]
+    return "\n".join(lines)
 
 
 def _report_note(kind: str, **fields) -> None:
@@ -495,33 +509,53 @@ def ground(
 @app.command()
 @_guard
 def compare(
-    run_a: Annotated[str, typer.Argument(help="run id (or unique prefix/suffix) or record path")],
-    run_b: Annotated[str, typer.Argument(help="run id (or unique prefix/suffix) or record path")],
+    runs: Annotated[list[str], typer.Argument(help="two runs or more, each a run id (or unique prefix/suffix) or record path; the first is A, each other one is tested against it")],
     results_dir: Annotated[Path, typer.Option(help="folder holding runs/*.json")] = Path("results"),
     resamples: Annotated[int, typer.Option(help="bootstrap resamples")] = 2000,
+    raw_p: Annotated[bool, typer.Option("--raw-p", help="with three runs or more: show the raw p-values beside the Holm-adjusted ones")] = False,
 ):
-    """Paired bootstrap test of run B against run A on the same test images."""
+    """Paired bootstrap test of run B (and C, D, ...) against run A on the same test images.
+
+    With three runs or more, each metric's p-values are Holm-adjusted over the comparisons
+    (each run against A); --raw-p shows the raw ones beside them."""
+    from benchmark.errors import ConfigError
     from benchmark.records import find_record
-    from benchmark.report import METRIC_COLUMNS
-    from benchmark.stats import check_resamples, compare_runs
+    from benchmark.stats import check_resamples, compare_to_first
 
     check_resamples(resamples)
-    a, b = find_record(run_a, results_dir), find_record(run_b, results_dir)
-    result = compare_runs(a, b, n_resamples=resamples)
-    table = Table(title=f"B - A, paired bootstrap over {len(a.per_image['image_ids'])} "
-                  f"images ({resamples} resamples)", caption=f"A = {a.run_id}\nB = {b.run_id}")
-    for c in ("metric", "A", "B", "B - A", "95% CI", "p"):
+    if len(runs) < 2:
+        raise ConfigError("compare needs two runs or more: capbench compare RUN_A RUN_B [RUN_C ...]")
+    records = [find_record(r, results_dir) for r in runs]
+    results = compare_to_first(records, n_resamples=resamples)
+    a, many = records[0], len(records) > 2
+    for i, (b, result) in enumerate(zip(records[1:], results, strict=True), start=1):
+        _compare_table(a, b, result, chr(65 + i) if i < 26 else f"R{i + 1}", resamples,
+                       raw_p and many)
+    if many:
+        console.print(f"p: Holm-adjusted per metric over {len(results)} tests (each run against "
+                      "A; statsmodels multipletests)" + ("; raw p: unadjusted" if raw_p else
+                                                         "; --raw-p shows the raw p-values")
+                      + "; the 95% CIs are not adjusted", highlight=False)
+
+
+def _compare_table(a, b, result: dict, name: str, resamples: int, raw_p: bool) -> None:
+    """Print one `compare` table: run ``b`` (called ``name``) against run ``a``."""
+    from benchmark.report import METRIC_COLUMNS
+
+    table = Table(title=f"{name} - A, paired bootstrap over {len(a.per_image['image_ids'])} "
+                  f"images ({resamples} resamples)", caption=f"A = {a.run_id}\n{name} = {b.run_id}")
+    for c in ("metric", "A", name, f"{name} - A", "95% CI", "p", *(["raw p"] if raw_p else [])):
         table.add_column(c, justify="right")
     for m in (m for m in METRIC_COLUMNS if m in result):
         r = result[m]
         table.add_row(m, f"{100 * a.metrics[m]:.1f}", f"{100 * b.metrics[m]:.1f}",
                       f"{100 * r['delta']:+.1f}", f"[{100 * r['ci'][0]:+.1f}, {100 * r['ci'][1]:+.1f}]",
-                      f"{r['p']:.3f}")
+                      f"{r['p']:.3f}", *([f"{r['p_raw']:.3f}"] if raw_p else []))
     console.print(table)
     if "METEOR_image_mean" in result:
         r = result["METEOR_image_mean"]
         console.print(f"[yellow]METEOR:[/] a record predates per-image METEOR statistics; mean of "
-                      f"per-image METEOR B - A {100 * r['delta']:+.1f} [{100 * r['ci'][0]:+.1f}, "
+                      f"per-image METEOR {name} - A {100 * r['delta']:+.1f} [{100 * r['ci'][0]:+.1f}, "
                       f"{100 * r['ci'][1]:+.1f}], p {r['p']:.3f} (not the corpus METEOR)", highlight=False)
 
 

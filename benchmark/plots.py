@@ -1,5 +1,6 @@
 """Leaderboard plots (matplotlib, PNG): quality vs throughput with its Pareto front, and
-per-metric bars per encoder and decoder. One figure set per dataset + split fingerprint."""
+per-metric bars per encoder and decoder. One figure set per dataset + split fingerprint.
+Also the tuning trials' expected-validation-performance curves (:func:`write_evp_plots`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
 __all__ = ["pareto_front", "plot_quality_vs_throughput", "quality_vs_throughput_figure",
-           "plot_metric_bars", "write_plots", "PlainLogFormatter"]
+           "plot_metric_bars", "write_plots", "PlainLogFormatter", "evp_figure", "write_evp_plots"]
 
 BAR_METRICS = [("Bleu_4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"),
                ("CIDEr", "CIDEr-D")]
@@ -221,4 +222,50 @@ def write_training_curves(records, folder: str | Path) -> list[Path]:
                                  folder / f"{_slug(f'{name}-{split}')}-training.png")
         if p is not None:
             out.append(p)
+    return out
+
+
+def evp_figure(curves, title: str):
+    """The expected-validation-performance figure of :class:`benchmark.evp.EVPCurve` s: the
+    expected best validation CIDEr-D (x100) after k = 1..N trials, one line per architecture
+    (``decoder / encoder``, its study named when a cell has several), with a ±1 sd band
+    (Dodge et al. 2019, "Show Your Work"). The caller closes it."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    labels = [c.label for c in curves]
+    for c in curves:
+        k = np.arange(1, c.n + 1)
+        mean, sd = 100 * np.asarray(c.mean), 100 * np.asarray(c.sd)
+        label = c.label + (f" ({c.study})" if labels.count(c.label) > 1 else "") + f", N={c.n}"
+        line, = ax.plot(k, mean, marker="o", ms=3, label=label)
+        ax.fill_between(k, mean - sd, mean + sd, color=line.get_color(), alpha=0.15, linewidth=0)
+    est = {"unbiased": "unbiased estimator, Tang et al. 2020",
+           "dodge": "Dodge et al. 2019's estimator"}.get(curves[0].estimator if curves else "", "")
+    ax.set(xlabel="trials k (hyperparameter assignments tried)",
+           ylabel="expected best validation CIDEr-D (x100)",
+           title=f"Expected validation performance ({est}; band ±1 sd)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def write_evp_plots(curves, folder: str | Path) -> list[Path]:
+    """One ``<dataset>-<split>-evp.png`` (:func:`evp_figure`) per dataset/split group of the
+    curves into ``folder``; returns the files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    groups: dict = {}
+    for c in curves:
+        groups.setdefault((c.dataset, c.split), []).append(c)
+    out = []
+    for (name, split), group in sorted(groups.items()):
+        fig = evp_figure(group, f"{name} (split {split})")
+        path = folder / f"{_slug(f'{name}-{split}')}-evp.png"
+        try:
+            fig.savefig(path, dpi=120)
+        finally:
+            plt.close(fig)
+        out.append(path)
     return out

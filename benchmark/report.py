@@ -14,6 +14,13 @@ by a fixed priority (:data:`DROP_ORDER`) and the table's footer names them.
 Several results folders (e.g. those the shards of ``capbench matrix --shard i/N`` wrote) form
 one board: :func:`load_records_from` merges their records, counting a record found in two
 folders once and refusing a run id whose records differ.
+
+The ``vs blind`` p-values of a dataset/split table are one family: they are Holm-adjusted
+over the table's rows (:func:`benchmark.stats.holm`), the raw ones kept beside them
+(``vs_blind_p_raw``; ``raw p`` column with ``raw_p``). Tuning trials (records of ``capbench
+tune`` with ``tuning.role == "trial"``, scored on the validation split) are not board rows:
+the footer counts them, and :mod:`benchmark.evp` draws their expected-validation-performance
+curves.
 """
 
 from __future__ import annotations
@@ -24,13 +31,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from benchmark.errors import CapbenchError, RecordError, StorageError
+from benchmark.evp import crossings, crossings_markdown, evp_curves, trial_records
 from benchmark.fsutil import atomic_write_text, refuse_overwrite
 from benchmark.gallery import AttentionStrips, write_gallery
 from benchmark.metrics import families, registered_metrics
 from benchmark.records import RunRecord, load_records
+from benchmark.stats import holm
 
 METRIC_COLUMNS = list(registered_metrics())
 #: metrics of the model-based families (CLIP-S, ...): shown by ``--wide``, and left out of a
@@ -48,8 +58,10 @@ LEGEND = ("scores x100 (pycocoevalcap) ±95% bootstrap CI half-width or ±std ov
           "B = BLEU, M = METEOR, R-L = ROUGE-L, S = SPICE; weights pre(trained)/rand(om init); "
           "tok/s training tokens/s, img/s inference from pixels, cap/s decoder-only; uniq% "
           "distinct test captions, ✗ = collapsed (under 5%: nearly one caption for every image); "
-          "vs blind = paired-bootstrap p of CIDEr-D against the strongest blind baseline, ✗ = not "
-          "significantly better (p >= 0.05 or lower); shuffle Δ = CIDEr-D lost when each test "
+          "vs blind = paired-bootstrap p of CIDEr-D against the strongest blind baseline, "
+          "Holm-adjusted over the table's rows (each table's footer says over how many tests; "
+          "raw p = unadjusted, --raw-p), ✗ = not significantly better (adjusted p >= 0.05 or "
+          "lower); shuffle Δ = CIDEr-D lost when each test "
           "image gets another image's features (±95% CI half-width; ~0 = the image is ignored); "
           "tuned = encoder frozen or fine-tuned (last stage / all; shown when a group mixes "
           "them); obj = training objective (xe = cross-entropy, xe+scst = then self-critical; shown "
@@ -80,12 +92,13 @@ COMPACT_COLUMNS = ("run", "arch", "encoder", "tuned", "obj", "tokenizer", "B@4",
 POINTING_COLUMNS = {"point att": "attention", "point GC": "gradcam", "point ctr": "centre"}
 #: columns left out of a group in which no record has them (records older than the feature,
 #: runs never grounded; ``obj`` when every run is cross-entropy only)
-OPTIONAL_COLUMNS = ("tuned", "obj", "tokenizer", "vs blind", "shuffle Δ", *POINTING_COLUMNS)
+OPTIONAL_COLUMNS = ("tuned", "obj", "tokenizer", "vs blind", "raw p", "shuffle Δ",
+                    *POINTING_COLUMNS)
 #: columns the terminal table shows whatever the width or the chosen columns
 ALWAYS_SHOWN = ("run", "arch", "encoder", "CIDEr-D")
 #: the order in which the terminal table hides columns that do not fit (first hidden first)
 DROP_ORDER = (*reversed(WIDE_METRICS),
-              "point ctr", "point GC", "point att", "shuffle Δ", "vs blind", "params",
+              "point ctr", "point GC", "point att", "shuffle Δ", "raw p", "vs blind", "params",
               "tokenizer", "obj", "tuned",
               "beam",
               "seed", "seeds", "B@2", "B@3", "cap/s", "B@1", "S", "img/s", "R-L", "weights",
@@ -113,8 +126,9 @@ _LEGEND_PARTS = {
     "cap/s": "cap/s decoder-only captions/s",
     "uniq%": "uniq% distinct test captions (low = one caption for every image)",
     "params": "params trainable decoder parameters",
-    "vs blind": "vs blind p-value of CIDEr-D against the strongest blind baseline, ✗ = not "
-                "significantly better",
+    "vs blind": "vs blind p-value of CIDEr-D against the strongest blind baseline (Holm-"
+                "adjusted over the table's rows), ✗ = not significantly better",
+    "raw p": "raw p = vs blind's p-value before Holm's adjustment",
     "shuffle Δ": "shuffle Δ CIDEr-D lost with another image's features (~0: image ignored)",
     "run": "run = MMDD-HHMMSS-tag of the run id",
     "obj": "obj training objective: xe = cross-entropy, xe+scst = then self-critical",
@@ -219,8 +233,16 @@ def leaderboard(records: list[RunRecord], *, baselines: bool = True) -> pd.DataF
     Returns:
         A DataFrame: identity (run, decoder, encoder, dataset, split fingerprint, seed),
         metrics (raw, pycocoevalcap's scale), CIs, throughput (tokens/s, images/s,
-        captions/s) and the image-use figures (``vs_blind_*``, ``shuffle_*``).
+        captions/s) and the image-use figures (``vs_blind_*``, ``shuffle_*``): ``vs_blind_p``
+        Holm-adjusted over the dataset/split group's rows that have one (``vs_blind_tests``
+        of them; ``vs_blind_better``: higher and adjusted p < 0.05), the raw p-value and
+        verdict in ``vs_blind_p_raw`` / ``vs_blind_better_raw``. Tuning trials (validation
+        scores, ``tuning.role == "trial"``) are left out; ``df.attrs["tuning_trials"]``
+        counts them.
     """
+    trials = trial_records(records)
+    trial_ids = {id(t) for t in trials}
+    records = [r for r in records if id(r) not in trial_ids]
     rows = []
     for r in records:
         row = {
@@ -256,11 +278,33 @@ def leaderboard(records: list[RunRecord], *, baselines: bool = True) -> pd.DataF
     if baselines:
         rows += _baseline_rows(records)
     df = pd.DataFrame(rows)
-    if df.empty:
-        return df
-    df = df.sort_values(["dataset", "split", "CIDEr"], ascending=[True, True, False],
-                        na_position="last", kind="stable")
-    return df.reset_index(drop=True)
+    if not df.empty:
+        df = df.sort_values(["dataset", "split", "CIDEr"], ascending=[True, True, False],
+                            na_position="last", kind="stable").reset_index(drop=True)
+        df = _holm_vs_blind(df)
+    df.attrs["tuning_trials"] = len(trials)
+    return df
+
+
+def _holm_vs_blind(df: pd.DataFrame) -> pd.DataFrame:
+    """``vs_blind_p`` Holm-adjusted within each dataset/split group (one table, one family),
+    the raw values kept in ``vs_blind_p_raw`` and ``vs_blind_better_raw``; ``vs_blind_tests``:
+    the family's size (rows with a p-value)."""
+    df = df.assign(vs_blind_p_raw=df["vs_blind_p"], vs_blind_better_raw=df["vs_blind_better"],
+                   vs_blind_tests=0)
+    for _, idx in df.groupby(["dataset", "split"], sort=False).groups.items():
+        raw = df.loc[idx, "vs_blind_p_raw"].astype(float).to_numpy()
+        adjusted, reject = holm(raw)
+        delta = df.loc[idx, "vs_blind_delta"].astype(float).to_numpy()
+        tested = np.isfinite(raw)
+        df.loc[idx, "vs_blind_p"] = adjusted
+        df.loc[idx, "vs_blind_tests"] = int(tested.sum())
+        better = pd.Series([bool(b) if t else None for b, t in zip(reject & (delta > 0), tested,
+                                                                    strict=True)],
+                           index=idx, dtype=object)
+        df["vs_blind_better"] = df["vs_blind_better"].astype(object)
+        df.loc[idx, "vs_blind_better"] = better
+    return df
 
 
 def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
@@ -281,7 +325,9 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
     out["run_id"] = g["run_id"].first()
     out = out.reset_index().sort_values(["dataset", "split", "CIDEr"],
                                         ascending=[True, True, False], kind="stable")
-    return out.reset_index(drop=True)
+    out = out.reset_index(drop=True)
+    out.attrs = dict(df.attrs)  # the count of tuning trials left out
+    return out
 
 
 def _cell(row, m: str) -> str:
@@ -296,7 +342,8 @@ def _cell(row, m: str) -> str:
     return f"{100 * v:.1f} ±{100 * (hi - lo) / 2:.1f}"
 
 
-def _display(df: pd.DataFrame) -> pd.DataFrame:
+def _display(df: pd.DataFrame, raw_p: bool = False) -> pd.DataFrame:
+    """The board's display cells (text); the ``raw p`` column only with ``raw_p``."""
     rows = []
     for _, r in df.iterrows():
         rid = r["run_id"]
@@ -326,6 +373,9 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
         pv = r.get("vs_blind_p", math.nan)
         row["vs blind"] = "-" if pd.isna(pv) else \
             ("" if r.get("vs_blind_better") else "✗ ") + f"{pv:.3f}"
+        raw = r.get("vs_blind_p_raw", math.nan)
+        row["raw p"] = "-" if pd.isna(raw) else \
+            ("" if r.get("vs_blind_better_raw") else "✗ ") + f"{raw:.3f}"
         d, lo, hi = (r.get(k, math.nan) for k in ("shuffle_drop", "shuffle_drop_ci_low",
                                                    "shuffle_drop_ci_high"))
         row["shuffle Δ"] = "-" if pd.isna(d) else f"{100 * d:.1f}" + (
@@ -336,8 +386,35 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
                 row[label] = "n/a" if r.get("pointing_measured") is True else "-"
             else:
                 row[label] = f"{100 * v:.0f}"
+        if not raw_p:
+            del row["raw p"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _holm_notes(df: pd.DataFrame, raw_p: bool = False) -> dict[str, str]:
+    """Per table title, what the ``vs blind`` column's adjustment was (none when no row of the
+    table has a p-value)."""
+    notes = {}
+    if "vs_blind_tests" not in df.columns:
+        return notes
+    for (name, split), g in df.groupby(["dataset", "split"], sort=True):
+        n = int(g["vs_blind_tests"].max())
+        if n:
+            notes[f"{name} (split {split})"] = (
+                f"vs blind: Holm-adjusted over {n} test{'s' if n > 1 else ''} (the table's rows "
+                "with a blind-baseline test); "
+                + ("raw p = before the adjustment" if raw_p else "raw p-values with --raw-p"))
+    return notes
+
+
+def _trials_note(df: pd.DataFrame) -> str:
+    """The footer's line on tuning trials left out of the board ("" when none)."""
+    n = int(df.attrs.get("tuning_trials", 0) or 0)
+    if not n:
+        return ""
+    return (f"{n} tuning trial{'s' if n > 1 else ''} not shown (scored on the validation split; "
+            "their expected-validation-performance curves: capbench report --plot)")
 
 
 def _groups(df: pd.DataFrame):
@@ -356,20 +433,26 @@ def _groups(df: pd.DataFrame):
         yield f"{name} (split {split})", g.drop(columns=["dataset", "split", *empty])
 
 
-def render_markdown(df: pd.DataFrame) -> str:
-    """Markdown: one table per dataset/split group."""
+def render_markdown(df: pd.DataFrame, raw_p: bool = False) -> str:
+    """Markdown: one table per dataset/split group (with the raw ``vs blind`` p-values beside
+    the Holm-adjusted ones when ``raw_p``), each followed by what its ``vs blind`` column was
+    adjusted over; the footer counts the tuning trials left out."""
+    trials = _trials_note(df)
     if df.empty:
-        return "_no runs_\n"
-    parts = []
-    for title, g in _groups(_display(df)):
+        return "_no runs_\n" + (f"\n{trials}.\n" if trials else "")
+    parts, holm_notes = [], _holm_notes(df, raw_p)
+    for title, g in _groups(_display(df, raw_p)):
         cols = list(g.columns)
         lines = [f"### {title}", "", "| " + " | ".join(cols) + " |",
                  "|" + "|".join("---" for _ in cols) + "|"]
         lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in g.itertuples(False)]
+        if title in holm_notes and "vs blind" in cols:
+            lines += ["", f"_{holm_notes[title]}._"]
         parts.append("\n".join(lines))
     refs = f" {REFERENCE_LEGEND[0].upper()}{REFERENCE_LEGEND[1:]}." if (
         df.get("kind", pd.Series(dtype=str)) == "reference").any() else ""
-    return "\n\n".join(parts) + f"\n\n{LEGEND[0].upper()}{LEGEND[1:]}.{refs}\n"
+    trials = f" {trials[0].upper()}{trials[1:]}." if trials else ""
+    return "\n\n".join(parts) + f"\n\n{LEGEND[0].upper()}{LEGEND[1:]}.{refs}{trials}\n"
 
 
 def resolve_columns(names: list[str]) -> list[str]:
@@ -434,7 +517,7 @@ def _rich_table(title: str, g: pd.DataFrame, shown: list[str], caption=None):
                   pad_edge=False)  # Text: dataset names and run ids are never read as markup
     for c in shown:
         numeric = c in SHORT.values() or c in THROUGHPUT_COLUMNS.values() or \
-            c in ("uniq%", "params", "vs blind", "shuffle Δ")
+            c in ("uniq%", "params", "vs blind", "raw p", "shuffle Δ")
         table.add_column(RICH_HEADERS.get(c, c), justify="right" if numeric else "left",
                          overflow="fold")
     for _, row in g.iterrows():
@@ -465,7 +548,7 @@ def _fit_columns(title: str, g: pd.DataFrame, wanted: list[str], console):
 
 
 def render_rich(df: pd.DataFrame, console, columns: list[str] | None = None,
-                wide: bool = False) -> None:
+                wide: bool = False, raw_p: bool = False) -> None:
     """Print one rich table per dataset/split group, every number whole.
 
     By default the compact :data:`COMPACT_COLUMNS`; ``wide=True``: every column; ``columns``:
@@ -473,14 +556,18 @@ def render_rich(df: pd.DataFrame, console, columns: list[str] | None = None,
     the run, decoder, encoder and CIDEr-D (the ranking) always there. An unknown column name
     raises :class:`ColumnError` (a ValueError), even with ``wide``. Columns that do not fit
     ``console.width`` are hidden (:data:`DROP_ORDER`) and named in the table's footer, with
-    a key to the columns shown."""
+    a key to the columns shown, what the ``vs blind`` column was Holm-adjusted over, and how
+    many tuning trials were left out. ``raw_p``: the raw ``vs blind`` p-values beside the
+    adjusted ones (``raw p``)."""
     from rich.text import Text
 
     chosen = resolve_columns(columns) if columns is not None else None
+    trials = _trials_note(df)
     if df.empty:
-        console.print("no runs found")
+        console.print("no runs found" + (f"; {trials}" if trials else ""))
         return
-    for title, g in _groups(_display(df)):
+    holm_notes = _holm_notes(df, raw_p)
+    for title, g in _groups(_display(df, raw_p)):
         seed_col = "seeds" if "seeds" in g.columns else "seed"
         if wide:
             wanted = list(g.columns)
@@ -488,11 +575,15 @@ def render_rich(df: pd.DataFrame, console, columns: list[str] | None = None,
             pick = set(COMPACT_COLUMNS if chosen is None else chosen) | set(ALWAYS_SHOWN)
             if "seed" in pick:
                 pick.add(seed_col)
+            if raw_p:
+                pick.add("raw p")
             wanted = [c for c in g.columns if c in pick]
         shown, hidden = _fit_columns(title, g, wanted, console)
         legend = _legend(shown, aggregated=seed_col == "seeds",
                          baselines=bool((g["run"] == "baseline").any()),
                          references=bool(g["arch"].astype(str).str.endswith(" (pretrained)").any())) + "."
+        if title in holm_notes and "vs blind" in shown:
+            legend += f" {holm_notes[title]}."
         if not wide and chosen is None:
             legend += " More columns: --wide or --columns (capbench report)."
         caption = Text(legend, style="dim")
@@ -502,12 +593,16 @@ def render_rich(df: pd.DataFrame, console, columns: list[str] | None = None,
             caption.append(f"\nhidden for width: {names} — widen the terminal, or use {how}.",
                            style="yellow")
         console.print(_rich_table(title, g, shown, caption))
+    if trials:
+        console.print(Text(f"{trials}.", style="dim"))
 
 
-def render(df: pd.DataFrame, fmt: str) -> str:
-    """``markdown``, ``csv`` (raw scores) or ``json`` (raw scores) text."""
+def render(df: pd.DataFrame, fmt: str, raw_p: bool = False) -> str:
+    """``markdown``, ``csv`` (raw scores) or ``json`` (raw scores) text; ``raw_p``: markdown
+    shows the raw ``vs blind`` p-values beside the Holm-adjusted ones (CSV/JSON always hold
+    both, ``vs_blind_p`` and ``vs_blind_p_raw``)."""
     if fmt == "markdown":
-        return render_markdown(df)
+        return render_markdown(df, raw_p)
     if fmt == "csv":  # convert_dtypes: integer columns stay integers beside baseline rows' blanks
         return df.convert_dtypes().to_csv(index=False)
     if fmt == "json":
@@ -577,14 +672,17 @@ def load_board(results_dir: str | Path | Sequence[str | Path], aggregate: bool =
 
 
 def write_leaderboard_file(df: pd.DataFrame, results_dir: str | Path,
-                           sources: Sequence[str | Path] | None = None) -> Path:
+                           sources: Sequence[str | Path] | None = None, extra: str = "",
+                           raw_p: bool = False) -> Path:
     """Write ``<results_dir>/LEADERBOARD.md``: the markdown board of every run there, or of
-    the runs of the folders ``sources`` when the board merges several."""
+    the runs of the folders ``sources`` when the board merges several, then ``extra``
+    markdown (the expected-validation-performance section when there are tuning trials)."""
     path = Path(results_dir) / "LEADERBOARD.md"
     folders = _folders(sources) if sources else [Path(results_dir)]
     where = ", ".join(f"`{folder}/runs`" for folder in folders)
     return atomic_write_text(path, "# capbench leaderboard\n\nMade by `capbench report` from the "
-                             f"run records in {where}.\n\n" + render(df, "markdown"))
+                             f"run records in {where}.\n\n" + render(df, "markdown", raw_p)
+                             + (f"\n{extra}" if extra else ""))
 
 
 @dataclass(frozen=True)
@@ -593,7 +691,8 @@ class ReportOptions:
     first gets ``LEADERBOARD.md``), ``format`` (table, markdown, csv, json), ``output`` (a
     file instead of the terminal), seed ``aggregate``-ion, ``plot`` and ``gallery`` folders
     (None: none written), ``columns`` (names as typed, None: the default ones),
-    ``gallery_images`` (the N worst per group) and ``gallery_strips`` (attention strips)."""
+    ``gallery_images`` (the N worst per group), ``gallery_strips`` (attention strips) and
+    ``raw_p`` (the raw ``vs blind`` p-values beside the Holm-adjusted ones)."""
 
     results_dirs: Sequence[Path]
     format: str = "table"
@@ -605,6 +704,7 @@ class ReportOptions:
     gallery: Path | None = None
     gallery_images: int | None = None
     gallery_strips: bool = True
+    raw_p: bool = False
 
 
 @dataclass(frozen=True)
@@ -619,7 +719,8 @@ class ReportOutcome:
 
 Note = Callable[..., None]
 """``note(kind, **fields)``: a step's message for the caller to show. Kinds: ``skipped``
-(problem), ``wrote`` (path), ``leaderboard_unwritten`` (path, why), ``gallery`` (pages,
+(problem), ``wrote`` (path), ``crossings`` (rows of :func:`benchmark.evp.crossings`,
+n_curves), ``leaderboard_unwritten`` (path, why), ``gallery`` (pages,
 index), ``strips`` (count, seconds), ``no_strips`` (run_id, why), ``no_gallery`` (where),
 ``no_runs`` (readable, where)."""
 
@@ -644,18 +745,19 @@ def make_report(options: ReportOptions, note: Note) -> ReportOutcome:
         note("skipped", problem=p)
     if options.plot is not None and not runs.empty:
         _write_plots(runs, folders, options.plot, note)
-    if options.leaderboard_file and not df.empty:
+    evp_text = _evp(folders, options.plot, note) if runs.attrs.get("tuning_trials") else ""
+    if options.leaderboard_file and (not df.empty or evp_text):
         try:
-            write_leaderboard_file(df, home, folders)
+            write_leaderboard_file(df, home, folders, evp_text, options.raw_p)
         except OSError as exc:
             note("leaderboard_unwritten", path=home / "LEADERBOARD.md", why=exc.strerror or exc)
     if options.gallery is not None:
         _write_gallery(folders, options, note)
-    if df.empty:
+    if df.empty and not runs.attrs.get("tuning_trials"):
         note("no_runs", readable=bool(problems), where=", ".join(str(f / "runs") for f in folders))
     if options.format == "table" and options.output is None:
         return ReportOutcome(df)
-    text = render(df, "markdown" if options.format == "table" else options.format)
+    text = render(df, "markdown" if options.format == "table" else options.format, options.raw_p)
     if options.output:
         try:
             atomic_write_text(options.output, text)
@@ -674,6 +776,28 @@ def _write_plots(runs: pd.DataFrame, folders: list[Path], plot: Path, note: Note
             note("wrote", path=p)
     except OSError as exc:
         raise StorageError(f"cannot write the plots to --plot {plot}: {exc.strerror or exc}") from exc
+
+
+def _evp(folders: list[Path], plot: Path | None, note: Note) -> str:
+    """The tuning trials' expected-validation-performance curves (:mod:`benchmark.evp`): their
+    crossing table told to ``note``, and with ``plot`` the EVP plot and the table's markdown
+    (``*-evp-crossings.md``) written there. Returns the markdown section for LEADERBOARD.md."""
+    from benchmark.plots import write_evp_plots  # lazy: matplotlib is heavy
+
+    curves = evp_curves(load_records_from(folders)[0])
+    if not curves:
+        return ""
+    rows = crossings(curves)
+    text = crossings_markdown(curves, rows)
+    note("crossings", rows=rows, n_curves=len(curves))
+    if plot is not None:
+        try:
+            for p in write_evp_plots(curves, plot):
+                note("wrote", path=p)
+            note("wrote", path=atomic_write_text(plot / "evp-crossings.md", text))
+        except OSError as exc:
+            raise StorageError(f"cannot write the plots to --plot {plot}: {exc.strerror or exc}") from exc
+    return text
 
 
 def _write_gallery(folders: list[Path], options: ReportOptions, note: Note) -> None:

@@ -15,6 +15,8 @@
 * :func:`paired_bootstrap`: difference between two systems on the same images, its CI and a
   two-sided p-value from the paired bootstrap (Koehn 2004, "Statistical Significance Tests
   for Machine Translation Evaluation").
+* :func:`holm`: Holm's (1979) step-down adjustment of a family of p-values, by statsmodels'
+  ``multipletests``, for the board's ``vs blind`` column and ``capbench compare`` of several runs.
 * :func:`diversity`: vocabulary used, distinct-1/2 (Li et al. 2016), share of captions not
   seen in training, mean length.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from statsmodels.stats.multitest import multipletests
 
 from benchmark.errors import ConfigError, RecordError
 from benchmark.limits import available_memory, check_memory
@@ -33,7 +36,8 @@ from benchmark.metrics import METEOR_STATS_KEY, METEOR_STATS_LENGTH, mean_metric
 MAX_RESAMPLES = 100_000
 
 __all__ = ["MAX_RESAMPLES", "corpus_bleu", "bootstrap_ci", "paired_bootstrap", "compare_runs", "diversity",
-           "check_resamples", "metric_samples", "meteor_aggregable", "corpus_meteor", "meteor_statistic",
+           "compare_to_first", "check_resamples", "holm",
+           "metric_samples", "meteor_aggregable", "corpus_meteor", "meteor_statistic",
            "METEOR_MEAN_KEY"]
 
 #: key of the METEOR entry when it is the mean of per-image METEOR (not the reported METEOR):
@@ -262,6 +266,12 @@ def compare_runs(a, b, *, n_resamples: int = 2000) -> dict[str, dict[str, float]
         ResourceError: the resampled index table would not fit in memory (checked before any
             work).
     """
+    _check_pair(a, b, n_resamples)
+    return paired_bootstrap(a.per_image, b.per_image, n_resamples=n_resamples)
+
+
+def _check_pair(a, b, n_resamples: int) -> None:
+    """:func:`compare_runs`' checks of two records, before any resampling."""
     if n_resamples < 1:
         raise ValueError("n_resamples must be at least 1")
     for r in (a, b):
@@ -276,7 +286,49 @@ def compare_runs(a, b, *, n_resamples: int = 2000) -> dict[str, dict[str, float]
     if a.split_fingerprint != b.split_fingerprint:
         raise RecordError(f"runs are on different splits ({a.split_fingerprint} vs "
                           f"{b.split_fingerprint}): their scores are not comparable")
-    return paired_bootstrap(a.per_image, b.per_image, n_resamples=n_resamples)
+
+
+def compare_to_first(records, *, n_resamples: int = 2000) -> list[dict[str, dict[str, float]]]:
+    """:func:`compare_runs` of each of ``records[1:]`` against ``records[0]``, with each
+    metric's p-values Holm-adjusted over those comparisons (:func:`holm`; one family per
+    metric, of ``len(records) - 1`` tests: with two records nothing changes).
+
+    Returns one dict per compared record, in order: per metric ``{"delta", "ci", "p"
+    (Holm-adjusted), "p_raw", "tests" (the family's size)}``; the 95% intervals are not
+    adjusted. Raises ValueError for fewer than two records, and what :func:`compare_runs`
+    raises, every pair checked before any resampling."""
+    if len(records) < 2:
+        raise ValueError("compare needs at least two runs")
+    first, rest = records[0], records[1:]
+    for b in rest:
+        _check_pair(first, b, n_resamples)
+    results = [compare_runs(first, b, n_resamples=n_resamples) for b in rest]
+    for m in {m for res in results for m in res}:
+        raw = [res[m]["p"] if m in res else math.nan for res in results]
+        adjusted, _ = holm(raw)
+        tests = int(np.isfinite(raw).sum())
+        for res, p in zip(results, adjusted, strict=True):
+            if m in res:
+                res[m].update(p=float(p), p_raw=res[m]["p"], tests=tests)
+    return results
+
+
+def holm(p_values, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Holm's step-down adjustment of a family of p-values (Holm 1979, "A Simple Sequentially
+    Rejective Multiple Test Procedure"), by ``statsmodels.stats.multitest.multipletests(
+    method="holm")``: it controls the family-wise error rate at ``alpha``.
+
+    ``p_values``: the family's raw p-values, shape ``(n,)``; NaN entries (no test) are left
+    out of the family and stay NaN. Returns ``(adjusted, reject)``: adjusted p-values (float,
+    ``(n,)``) and whether each is below ``alpha`` after adjustment (bool, ``(n,)``, False where
+    NaN). The family's size is the number of finite p-values."""
+    p = np.asarray(p_values, dtype=np.float64).reshape(-1)
+    adjusted, reject = np.full(p.shape, np.nan), np.zeros(p.shape, dtype=bool)
+    ok = np.isfinite(p)
+    if ok.any():
+        rej, adj, _, _ = multipletests(p[ok], alpha=alpha, method="holm")
+        adjusted[ok], reject[ok] = adj, rej
+    return adjusted, reject
 
 
 def diversity(captions: list[str], train_captions: set[str]) -> dict[str, float]:
