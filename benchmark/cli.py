@@ -997,7 +997,7 @@ def gpu_table(
 @app.command("list", rich_help_panel="Train & compare", epilog="Example: `capbench list 'vit*'`")
 @_guard
 def list_models(
-    pattern: Annotated[str, typer.Argument(help="shell wildcard on names, e.g. '*vit*'")] = "*",
+    pattern: Annotated[str, typer.Argument(help="shell wildcard on names, e.g. `'*vit*'`")] = "*",
 ):
     """List registered encoders and decoders with feature shapes and parameter counts."""
     from architectures.factory import describe_decoders, describe_encoders
@@ -1143,7 +1143,7 @@ _add_data_command(
     "flickr30k", "Write a Karpathy dataset.json for Flickr30k (Young et al. 2014) from the downloaded captions.",
     captions="Kaggle results.csv (image_name| comment_number| comment), results_20130124.token or Karpathy's dataset_flickr30k.json",
     images="folder holding the .jpg files (e.g. flickr30k_images/)",
-    splits="Karpathy's dataset_*.json, or split lists named *train*/*dev*|*val*/*test* (repeat the option); without it: a seeded split in Karpathy proportions",
+    splits="Karpathy's dataset_*.json, or split lists named `*train*`, `*dev*` or `*val*`, and `*test*` (repeat the option); without it: a seeded split in Karpathy proportions",
     example="capbench data flickr30k --captions results.csv --images flickr30k_images --out F30k/dataset.json")
 _add_data_command(
     "coco", "Write a Karpathy dataset.json for COCO captions (Chen et al. 2015) from the annotation files.",
