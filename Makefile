@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean gpu-bundle
+.PHONY: install demo test test-fast lint clean gpu-bundle docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,8 +53,13 @@ gpu-bundle: $(STAMP)
 	cp -r $(GPU_DATA) .gpu/data/
 	du -sh .gpu
 
+# the documentation site (docs/, mkdocs.yml) into site/; --strict: any warning fails it (the
+# tests build it the same way). Open site/index.html, or serve it: $(BIN)/mkdocs serve
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 lint: $(STAMP)
 	$(BIN)/ruff check architectures benchmark tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site
