@@ -38,7 +38,7 @@ test-fast: $(STAMP)
 	$(BIN)/ruff check architectures benchmark tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# For a GPU machine without network that has its own PyTorch, timm and transformers (README:
+# For a GPU machine without network that has its own PyTorch, timm and transformers (docs/gpu.md:
 # "Measuring a GPU"): the pure-Python packages it lacks, copied from this venv without the
 # Java jars and METEOR's 59 MiB paraphrase table (METEOR and SPICE report themselves
 # unavailable there; BLEU, ROUGE-L and CIDEr-D run), and flickr8k-mini. About 37 MB in .gpu/.
