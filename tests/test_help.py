@@ -2,6 +2,7 @@
 sentence, docstrings shown as flowing paragraphs, one example at the end of every command's
 help, `--version`, and shell completion."""
 
+import functools
 import inspect
 import re
 from importlib.metadata import version
@@ -31,6 +32,7 @@ def _commands(command=None, path=()):
         yield from _commands(sub, (*path, name))
 
 
+@functools.cache  # each command's help is rendered once for the tests that read it
 def _help(path, width=100) -> str:
     result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": str(width)},
                                 prog_name="capbench")

@@ -3,6 +3,7 @@
 * ``cli.md``: the CLI reference, written by Typer's own ``typer benchmark.cli utils docs``
   from the Typer app, so it lists every command and option as ``--help`` does.
 * ``api.md``: one mkdocstrings entry per name of the front door, ``benchmark.__all__``.
+* The docstrings' Sphinx roles (``:func:`name```) show as the code they name.
 * ``results/**``: the committed plots and figures are served from where they are (``results/``
   at the repository root, outside ``docs/``) instead of copies; the boards' markdown is
   included by pymdownx.snippets.
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +67,12 @@ def on_files(files: Files, config) -> Files:
             files.append(File(str(path.relative_to(ROOT)), src_dir=str(ROOT),
                               dest_dir=config["site_dir"], use_directory_urls=config["use_directory_urls"]))
     return files
+
+
+#: a Sphinx cross-reference role in front of the code span mkdocstrings made of its target
+_SPHINX_ROLE = re.compile(r":(?:py:)?(?:mod|func|class|meth|attr|data|exc|obj|const):(?=<code>)")
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    """Drop the Sphinx role names (``:func:``) that the docstrings carry before a name."""
+    return _SPHINX_ROLE.sub("", html)
