@@ -54,7 +54,8 @@ gpu-bundle: $(STAMP)
 	du -sh .gpu
 
 # the documentation site (docs/, mkdocs.yml) into site/; --strict: any warning fails it (the
-# tests build it the same way). Open site/index.html, or serve it: $(BIN)/mkdocs serve
+# tests build it the same way). Read it served: python3 -m http.server -d site (search needs
+# a server), or $(BIN)/mkdocs serve while editing
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 

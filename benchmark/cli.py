@@ -23,7 +23,7 @@ QUICKSTART = """Quickstart:
 # rich_markup_mode="markdown": a docstring's hard-wrapped lines are shown as flowing paragraphs
 app = typer.Typer(no_args_is_help=False, pretty_exceptions_enable=False, rich_markup_mode="markdown",
                   help="Benchmark image-captioning encoders x decoders on one harness.",
-                  epilog="Example: `capbench run --config demo`, then `capbench report`. The docs: `make docs`, then open `site/index.html`.")
+                  epilog="Example: `capbench run --config demo`, then `capbench report`. The docs: `make docs`, then `python3 -m http.server -d site`.")
 data_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown", help="Write datasets to disk: the embedded shapes set, or a Karpathy dataset.json from downloaded Flickr8k/Flickr30k/COCO captions.",
                        epilog="Example: `capbench data shapes --out data/shapes`")
 app.add_typer(data_app, name="data", rich_help_panel="Data")

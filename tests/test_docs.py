@@ -38,12 +38,12 @@ def test_every_nav_page_is_built(docs_site):
     for page in ("tuning.md", "evp.md", "cluster.md", "cli.md", "api.md", "results.md"):
         assert page in pages
     for page in pages:
-        html = docs_site / ("index.html" if page == "index.md" else f"{page[:-3]}/index.html")
+        html = docs_site / f"{page[:-3]}.html"  # use_directory_urls: false (opens from disk)
         assert html.is_file(), page
 
 
 def test_the_cli_reference_lists_every_command_and_option(docs_site):
-    html = (docs_site / "cli" / "index.html").read_text()
+    html = (docs_site / "cli.html").read_text()
     text = re.sub(r"<[^>]+>", "", html)
     root = typer.main.get_command(app)
     for path, command in _commands(root):
@@ -58,7 +58,7 @@ def test_the_cli_reference_lists_every_command_and_option(docs_site):
 
 
 def test_the_api_page_documents_the_front_door(docs_site):
-    html = (docs_site / "api" / "index.html").read_text()
+    html = (docs_site / "api.html").read_text()
     for name in benchmark.__all__:
         module = benchmark._EXPORTS[name]
         assert f'id="{module}.{name}"' in html, name
@@ -72,16 +72,16 @@ def test_the_api_page_documents_the_front_door(docs_site):
 
 
 def test_the_committed_boards_and_plots_are_on_the_results_page(docs_site):
-    html = (docs_site / "results" / "index.html").read_text()
+    html = (docs_site / "results.html").read_text()
     for board in sorted((ROOT / "results").glob("*/LEADERBOARD.md")):
         first_row = next(line for line in board.read_text().splitlines()
                          if line.startswith("| ") and not line.startswith("| run "))
         run = first_row.split("|")[1].strip()
         assert run in html, f"{board}: row {run} missing"
         for png in (board.parent / "plots").glob("*.png"):
-            src = f"{board.parent.name}/plots/{png.name}"
+            src = f"results/{board.parent.name}/plots/{png.name}"
             assert f'src="{src}"' in html, src
-            assert (docs_site / "results" / src).read_bytes() == png.read_bytes()
+            assert (docs_site / src).read_bytes() == png.read_bytes()
 
 
 def test_the_readme_is_a_front_page_that_links_into_the_docs():
