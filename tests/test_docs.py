@@ -44,11 +44,14 @@ def test_every_nav_page_is_built(docs_site):
 
 def test_the_cli_reference_lists_every_command_and_option(docs_site):
     html = (docs_site / "cli.html").read_text()
-    text = re.sub(r"<[^>]+>", "", html)
+    text = html_unescape(re.sub(r"<[^>]+>", "", html))
     root = typer.main.get_command(app)
     for path, command in _commands(root):
         name = " ".join(("capbench", *path))
         assert name in text, name
+        if path:  # its whole first line, in its group's command list too (not cut at 45 characters)
+            line = command.help.strip().split("\n\n")[0].replace("\n", " ")
+            assert text.count(line.replace("`", "")) >= 2, name  # its section and the list
         for param in command.params:
             if getattr(param, "hidden", False):
                 continue

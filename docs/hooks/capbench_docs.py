@@ -46,7 +46,28 @@ def cli_reference() -> str:
     if done.returncode != 0:
         raise RuntimeError(f"typer utils docs failed:\n{done.stderr}")
     head, _, rest = done.stdout.partition("\n\n")  # '# CLI reference', then the intro
-    return f"{head}\n\n{CLI_INTRO}{rest}"
+    return f"{head}\n\n{CLI_INTRO}{_whole_first_lines(rest)}"
+
+
+def _whole_first_lines(markdown: str) -> str:
+    """The command lists' entries with each command's whole first line: Typer's docs cut
+    them at 45 characters (click's short help), mid-sentence."""
+    sys.path.insert(0, str(ROOT))
+    import typer
+
+    from benchmark.cli import app
+
+    first = {}
+
+    def walk(command):
+        for name, sub in getattr(command, "commands", {}).items():
+            first[name] = (sub.help or "").strip().split("\n\n")[0].replace("\n", " ")
+            walk(sub)
+
+    walk(typer.main.get_command(app))
+    return re.sub(r"^\* `([\w-]+)`: .*$",
+                  lambda m: f"* `{m.group(1)}`: {first.get(m.group(1)) or m.group(0)}"
+                  if m.group(1) in first else m.group(0), markdown, flags=re.M)
 
 
 def api_reference() -> str:
