@@ -20,8 +20,23 @@ QUICKSTART = """Quickstart:
   capbench report                     the leaderboard of every run in results/
   capbench eval PREDS.json --references coco-val2014   score captions made by any codebase"""
 
+#: the help's command panels, in the order --help shows them
+PANELS = ("Train & compare", "Inspect a model", "Score", "Data", "Measure", "Diagnose")
+
+
+class _PanelOrder(typer.core.TyperGroup):
+    """The top-level commands listed panel by panel (in :data:`PANELS` order), each panel's
+    commands in the order they were defined."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        panel = {n: PANELS.index(p) if (p := getattr(self.commands[n], "rich_help_panel", None)) in PANELS
+                 else len(PANELS) for n in names}
+        return sorted(names, key=lambda n: panel[n])  # stable: definition order within a panel
+
+
 # rich_markup_mode="markdown": a docstring's hard-wrapped lines are shown as flowing paragraphs
-app = typer.Typer(no_args_is_help=False, pretty_exceptions_enable=False, rich_markup_mode="markdown",
+app = typer.Typer(cls=_PanelOrder, no_args_is_help=False, pretty_exceptions_enable=False, rich_markup_mode="markdown",
                   help="Benchmark image-captioning encoders x decoders on one harness.",
                   epilog="Example: `capbench run --config demo`, then `capbench report`. The docs: `make docs`, then `python3 -m http.server -d site`.")
 data_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown", help="Write datasets to disk: the embedded shapes set, or a Karpathy dataset.json from downloaded Flickr8k/Flickr30k/COCO captions.",

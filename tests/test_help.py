@@ -54,6 +54,7 @@ def test_the_top_level_commands_are_grouped_into_panels():
             found.setdefault(panel, set()).add(m.group(1))
     found = {k: v for k, v in found.items() if k != "Options"}
     assert found == PANELS
+    assert list(found) == list(PANELS)  # shown in this order
     top = {p[0] for p in COMMANDS if len(p) == 1}
     assert top == set().union(*PANELS.values())  # no command left outside a panel
 
