@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean gpu-bundle
+.PHONY: install demo test test-fast lint clean gpu-bundle docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,7 @@ test-fast: $(STAMP)
 	$(BIN)/ruff check architectures benchmark tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# For a GPU machine without network that has its own PyTorch, timm and transformers (README:
+# For a GPU machine without network that has its own PyTorch, timm and transformers (docs/gpu.md:
 # "Measuring a GPU"): the pure-Python packages it lacks, copied from this venv without the
 # Java jars and METEOR's 59 MiB paraphrase table (METEOR and SPICE report themselves
 # unavailable there; BLEU, ROUGE-L and CIDEr-D run), and flickr8k-mini. About 37 MB in .gpu/.
@@ -53,8 +53,14 @@ gpu-bundle: $(STAMP)
 	cp -r $(GPU_DATA) .gpu/data/
 	du -sh .gpu
 
+# the documentation site (docs/, mkdocs.yml) into site/; --strict: any warning fails it (the
+# tests build it the same way). Read it served: python3 -m http.server -d site (search needs
+# a server), or $(BIN)/mkdocs serve while editing
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 lint: $(STAMP)
 	$(BIN)/ruff check architectures benchmark tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -487,7 +487,7 @@ def pixel_difference(transform, images, batches: list[list[int]], device: torch.
     mean of ``|tv - pil|`` over every value), ``pixel_max_abs_diff`` and ``pixel_rel_l2``
     (``||tv - pil|| / ||pil||``). With the same decoder (libjpeg-turbo on the CPU) only
     resampling differs: 1.3e-4 to 3.9e-4 of mean difference on tests/test_pixels.py's images,
-    1.5e-3 to 3.1e-3 on flickr8k-mini's (README); a decoder that rounds otherwise adds to it."""
+    1.5e-3 to 3.1e-3 on flickr8k-mini's (docs/datasets.md); a decoder that rounds otherwise adds to it."""
     streams = [pixel_batches(transform, images, batches, device, num_workers=num_workers,
                              image_decoder=d) for d in ("pil", "torchvision")]
     total = peak = sq_diff = sq_ref = 0.0

@@ -20,10 +20,28 @@ QUICKSTART = """Quickstart:
   capbench report                     the leaderboard of every run in results/
   capbench eval PREDS.json --references coco-val2014   score captions made by any codebase"""
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
-                  help="Benchmark image-captioning encoders x decoders on one harness.")
-data_app = typer.Typer(no_args_is_help=True, help="Write datasets to disk: the embedded shapes set, or a Karpathy dataset.json from downloaded Flickr8k/Flickr30k/COCO captions.")
-app.add_typer(data_app, name="data")
+#: the help's command panels, in the order --help shows them
+PANELS = ("Train & compare", "Inspect a model", "Score", "Data", "Measure", "Diagnose")
+
+
+class _PanelOrder(typer.core.TyperGroup):
+    """The top-level commands listed panel by panel (in :data:`PANELS` order), each panel's
+    commands in the order they were defined."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        panel = {n: PANELS.index(p) if (p := getattr(self.commands[n], "rich_help_panel", None)) in PANELS
+                 else len(PANELS) for n in names}
+        return sorted(names, key=lambda n: panel[n])  # stable: definition order within a panel
+
+
+# rich_markup_mode="markdown": a docstring's hard-wrapped lines are shown as flowing paragraphs
+app = typer.Typer(cls=_PanelOrder, no_args_is_help=False, pretty_exceptions_enable=False, rich_markup_mode="markdown",
+                  help="Benchmark image-captioning encoders x decoders on one harness.",
+                  epilog="Example: `capbench run --config demo`, then `capbench report`. The docs: `make docs`, then `python3 -m http.server -d site`.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown", help="Write datasets to disk: the embedded shapes set, or a Karpathy dataset.json from downloaded Flickr8k/Flickr30k/COCO captions.",
+                       epilog="Example: `capbench data shapes --out data/shapes`")
+app.add_typer(data_app, name="data", rich_help_panel="Data")
 console = Console(width=None if sys.stdout.isatty() else 160)
 #: the model-based metrics' weight files (CLIP-S, PAC-S), shared by run and eval
 _ClipWeights = Annotated[Path | None, typer.Option(help="OpenAI CLIP ViT-B/32 weights for CLIP-S/RefCLIP-S (ViT-B-32.pt or a state dict; default: open_clip's pretrained='openai' from its cache or the internet; or $CAPBENCH_CLIP_WEIGHTS)")]
@@ -70,8 +88,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     err.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False)
 
 
+def _print_version(value: bool) -> None:
+    """``--version``: capbench's, torch's and the device's versions, then exit."""
+    if value:
+        from benchmark.doctor import version_text
+
+        console.print(version_text(), highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback(invoke_without_command=True)
-def _main(ctx: typer.Context):
+def _main(ctx: typer.Context,
+          version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version, help="show capbench's, torch's and the device's versions and exit")] = False):
     """Benchmark image-captioning encoders x decoders on one harness."""
     import tempfile
     import warnings
@@ -110,7 +138,7 @@ def _guard(fn):
     return wrapper
 
 
-@app.command()
+@app.command(rich_help_panel="Train & compare", epilog="Example: `capbench run --config demo --arch transformer`")
 @_guard
 def run(
     arch: Annotated[str | None, typer.Option(help="decoder: rnn, lstm, attn_lstm, transformer")] = None,
@@ -132,7 +160,7 @@ def run(
     encoder_lr: Annotated[float | None, typer.Option(help="learning rate of the fine-tuned encoder part")] = None,
     grad_checkpointing: Annotated[bool | None, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="fine-tuning: recompute the encoder's activations in the backward pass (less memory, more time; ViT and CLIP)")] = None,
     tokenizer: Annotated[str | None, typer.Option(help="caption tokenizer: word, bpe (byte-level, GPT-2 style), wordpiece (BERT style), or a saved Hugging Face tokenizer folder/name")] = None,
-    log: Annotated[str | None, typer.Option("--log", help="also log each epoch to tensorboard (<results-dir>/tensorboard/) or wandb (offline without a key), or none")] = None,
+    log: Annotated[str | None, typer.Option("--log", help="also log each epoch to tensorboard (`RESULTS_DIR/tensorboard/`) or wandb (offline without a key), or none")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the newest unfinished run of the same config and seed from its last completed epoch")] = False,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="run the training steps through torch.compile (capbench bench decoders --compile measures the speedup)")] = None,
     nproc: Annotated[int, typer.Option(help="processes on this machine (e.g. one per GPU): launches torchrun with DistributedDataParallel; --batch-size stays the global batch")] = 1,
@@ -140,8 +168,10 @@ def run(
     pacs_weights: _PacsWeights = None,
     bertscore_model: _BertscoreModel = None,
 ):
-    """Train a decoder (on frozen encoder features, or fine-tuning the encoder), score it on the
-    test split, write a run record."""
+    """Train a decoder, score it on the test split and write a run record.
+
+    The decoder reads frozen encoder features from the feature cache, or fine-tunes the encoder
+    (--finetune-encoder)."""
     from benchmark import distributed
     from benchmark.config import load_config, parse_seeds
     from benchmark.metrics import use_weight_files
@@ -192,7 +222,7 @@ def _print_run_summary(record, path: Path) -> None:
     console.print(f"run record: {_q(path)}")
 
 
-@app.command()
+@app.command(rich_help_panel="Train & compare", epilog="Example: `capbench report --wide --plot plots/`")
 @_guard
 def report(
     results_dir: Annotated[list[Path] | None, typer.Option(help="folder holding runs/*.json (default results/); repeat it to merge several into one board, e.g. the folders of `matrix --shard` machines")] = None,
@@ -200,7 +230,7 @@ def report(
     output: Annotated[Path | None, typer.Option(help="write to this file instead of the terminal")] = None,
     aggregate: Annotated[bool, typer.Option(help="fold runs that differ only in seed into mean ± std rows")] = False,
     plot: Annotated[Path | None, typer.Option(help="write PNG plots here (quality vs throughput with Pareto front, per-metric bars, training curves of loss and validation CIDEr-D per epoch)")] = None,
-    leaderboard_file: Annotated[bool, typer.Option("--leaderboard-file/--no-leaderboard-file", help="also write <results-dir>/LEADERBOARD.md (the first --results-dir when several)")] = True,
+    leaderboard_file: Annotated[bool, typer.Option("--leaderboard-file/--no-leaderboard-file", help="also write `RESULTS_DIR/LEADERBOARD.md` (the first --results-dir when several)")] = True,
     columns: Annotated[str | None, typer.Option(help="table columns, comma-separated, e.g. B@1,B@4,CIDEr-D,img/s (display names or keys such as Bleu_4, CIDEr, train_tokens_per_s; any case); run, decoder, encoder and CIDEr-D are always shown")] = None,
     wide: Annotated[bool, typer.Option("--wide", help="table: every column (any that do not fit the terminal are named under the table)")] = False,
     gallery: Annotated[Path | None, typer.Option(help="also write a static HTML gallery here: per dataset/split, each test image's thumbnail, references and every model's caption with its per-image CIDEr-D, worst first")] = None,
@@ -210,7 +240,7 @@ def report(
 ):
     """Show every run as a leaderboard grouped by dataset and split fingerprint.
 
-    Also writes <results-dir>/LEADERBOARD.md (markdown) unless --no-leaderboard-file.
+    Also writes `RESULTS_DIR/LEADERBOARD.md` (markdown) unless --no-leaderboard-file.
 
     Several --results-dir (e.g. the folders of `matrix --shard` machines) form one board: a
     record found in two folders counts once, LEADERBOARD.md goes into the first folder."""
@@ -260,7 +290,7 @@ def _report_note(kind: str, **fields) -> None:
     err.print(text, highlight=highlight)
 
 
-@app.command("eval")
+@app.command("eval", rich_help_panel="Score", epilog="Example: `capbench eval preds.json --references coco-val2014`")
 @_guard
 def evaluate(
     predictions: Annotated[Path | None, typer.Argument(help="COCO results JSON: [{image_id, caption}, ...] (or use --run and --dataset)")] = None,
@@ -283,11 +313,13 @@ def evaluate(
     pacs_weights: _PacsWeights = None,
     bertscore_model: _BertscoreModel = None,
 ):
-    """Score any COCO-format predictions file exactly as the COCO caption toolkit does (and with
-    CLIP-S/RefCLIP-S where the images and CLIP weights are at hand); or, with --run and
-    --dataset, caption another dataset (or split) with a saved model and score it (cross-dataset
-    transfer), writing a new run record; or, with --hf and --dataset, do the same with a
-    pretrained Hugging Face captioner (BLIP, BLIP-2, GIT, ...), a reference row on the board."""
+    """Score captions made elsewhere, a saved run on another dataset, or a pretrained captioner.
+
+    A COCO-format predictions file is scored exactly as the COCO caption toolkit does (and with
+    CLIP-S/RefCLIP-S where the images and CLIP weights are at hand). With --run and --dataset, a
+    saved model captions another dataset (or split) and is scored on it (cross-dataset
+    transfer), writing a new run record. With --hf and --dataset, a pretrained Hugging Face
+    captioner (BLIP, BLIP-2, GIT, ...) does the same, as a reference row on the board."""
     import json
 
     from benchmark.metrics import use_weight_files
@@ -392,7 +424,7 @@ def _evaluate_run(run, dataset, split, format, results_dir, beam_size, max_len, 
     console.print(f"run record: {_q(path)} (eval of {_q(loaded.run_id)}; wall {record.wall_seconds:.0f} s)")
 
 
-@app.command()
+@app.command(rich_help_panel="Inspect a model", epilog="Example: `capbench caption photo.jpg more/ --run latest`")
 @_guard
 def caption(
     paths: Annotated[list[str], typer.Argument(help="image files, folders (their images, sorted) or glob patterns")],
@@ -403,7 +435,9 @@ def caption(
     format: Annotated[TableOrJson, typer.Option("--format", help="table, or json (COCO results: [{image_id, file_name, caption}])")] = TableOrJson.table,
     encoder_weights: Annotated[Path | None, typer.Option(help="the encoder weights file, if it moved since training")] = None,
 ):
-    """Caption images with a saved run. Unreadable files are reported and skipped (exit 1)."""
+    """Caption images with a saved run.
+
+    Unreadable files are reported and skipped (exit status 1)."""
     import json
     import time
 
@@ -438,7 +472,7 @@ def caption(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(rich_help_panel="Inspect a model", epilog="Example: `capbench explain photo.jpg --run latest --method gradcam --out figs/`")
 @_guard
 def explain(
     image: Annotated[Path, typer.Argument(help="image file")],
@@ -451,8 +485,10 @@ def explain(
     max_len: Annotated[int | None, typer.Option(help="override the run's maximum caption length")] = None,
     encoder_weights: Annotated[Path | None, typer.Option(help="the encoder weights file, if it moved since training")] = None,
 ):
-    """Caption IMAGE and write one PNG: the image, then a heatmap panel per generated word
-    (soft attention, Xu et al. 2015 / cross-attention; or Grad-CAM, Selvaraju et al. 2017)."""
+    """Caption IMAGE and write one PNG with a heatmap panel per generated word.
+
+    The maps are the decoder's soft attention (Xu et al. 2015) or cross-attention, or Grad-CAM
+    (Selvaraju et al. 2017)."""
     from benchmark.explain import explain_saved_run
 
     done = explain_saved_run(image, run, results_dir, method, out=out, layer=layer,
@@ -463,7 +499,7 @@ def explain(
                   f"total {done.seconds:.2f} s after loading the model)", highlight=False)
 
 
-@app.command()
+@app.command(rich_help_panel="Inspect a model", epilog="Example: `capbench ground --run latest`")
 @_guard
 def ground(
     run: Annotated[str, typer.Option("--run", help="run id (or unique prefix/suffix), checkpoint folder, or 'latest'")],
@@ -477,9 +513,10 @@ def ground(
     details: Annotated[bool, typer.Option(help="json: also list every scored word")] = False,
     save: Annotated[bool, typer.Option("--save/--no-save", help="write the figures into the run's record (its `grounding` field, shown on the leaderboard)")] = True,
 ):
-    """Pointing game and energy in box of each word naming a shape or colour (shapes dataset):
-    attention, Grad-CAM, and the centre and random baselines. The figures go into the run's
-    record unless --no-save."""
+    """Score whether the maps of words naming a shape or colour point at that object (shapes).
+
+    The pointing game and the energy in the box, for attention, Grad-CAM, and the centre and
+    random baselines. The figures go into the run's record unless --no-save."""
     import json
 
     from benchmark.grounding import ground_saved_run
@@ -506,7 +543,7 @@ def ground(
         console.print("[yellow]not saved:[/] this checkpoint has no run record", highlight=False)
 
 
-@app.command()
+@app.command(rich_help_panel="Train & compare", epilog="Example: `capbench compare RUN_A RUN_B`")
 @_guard
 def compare(
     runs: Annotated[list[str], typer.Argument(help="two runs or more, each a run id (or unique prefix/suffix) or record path; the first is A, each other one is tested against it")],
@@ -559,10 +596,10 @@ def _compare_table(a, b, result: dict, name: str, resamples: int, raw_p: bool) -
                       f"{100 * r['ci'][1]:+.1f}], p {r['p']:.3f} (not the corpus METEOR)", highlight=False)
 
 
-@app.command()
+@app.command(rich_help_panel="Diagnose", epilog="Example: `capbench doctor`")
 @_guard
 def doctor():
-    """What works on this machine: versions, devices, Java metrics, caches, local weights."""
+    """Show what works on this machine: versions, devices, Java metrics, caches, local weights."""
     from benchmark.doctor import doctor_rows
 
     t = Table(title="capbench doctor", show_header=False)
@@ -573,7 +610,7 @@ def doctor():
     console.print(t)
 
 
-@app.command()
+@app.command(rich_help_panel="Train & compare", epilog="Example: `capbench matrix --config matrix-shapes --no-pretrained --shard 1/4`")
 @_guard
 def matrix(
     archs: Annotated[str | None, typer.Option(help="decoders, comma-separated (default: the config's matrix or all registered)")] = None,
@@ -587,7 +624,7 @@ def matrix(
     results_dir: Annotated[Path | None, typer.Option(help="where run records go")] = None,
     shard: Annotated[str | None, typer.Option(help="i/N: run only shard i (1..N) of the matrix split across N machines; each (encoder, decoder, variant) goes whole, with all its seeds, to one shard, the same one on every machine; merge the folders with `capbench report --results-dir A --results-dir B ...`")] = None,
 ):
-    """Run every decoder x encoder (x seed) cell on one split; resumable; ends with the leaderboard.
+    """Run every decoder x encoder (x seed) cell on one split, resumably, then show the board.
 
     With --shard i/N, only this machine's share of the cells (the same split on every machine)."""
     from benchmark.config import load_config, parse_seeds
@@ -656,15 +693,16 @@ def _matrix_references(models: list[str], cfg, part) -> list:
                           first_shard=part is None or part.index == 1, on_reference=on_reference)
 
 
-@app.command()
+@app.command(rich_help_panel="Diagnose", epilog="Example: `capbench check --baseline results/baselines/tiny.json`")
 @_guard
 def check(
     baseline: Annotated[Path, typer.Option(help="baseline JSON to compare with")] = Path("results/baselines/tiny.json"),
     update: Annotated[bool, typer.Option(help="write the measured figures as the new baseline instead of comparing")] = False,
     preset: Annotated[str, typer.Option(help="preset the cells run (when updating)")] = "tiny",
 ):
-    """Regression check: run the tiny preset per decoder (and a few encoders) and compare with
-    the baseline. Metrics below baseline - tolerance fail; throughput changes are only printed."""
+    """Run the tiny preset per decoder (and a few encoders) and compare with a stored baseline.
+
+    Metrics below baseline - tolerance fail; throughput changes are only printed."""
     from benchmark.check import run_check, update_baseline
 
     if update:
@@ -690,8 +728,9 @@ def check(
         raise typer.Exit(1)
 
 
-bench_app = typer.Typer(help="Time decoders, encoders, the feature store, extraction, the SCST reward and matrix products on synthetic inputs.")
-app.add_typer(bench_app, name="bench")
+bench_app = typer.Typer(rich_markup_mode="markdown", help="Time decoders, encoders, the feature store, extraction, the SCST reward and matrix products on synthetic inputs.",
+                        epilog="Example: `capbench bench decoders all --peak`")
+app.add_typer(bench_app, name="bench", rich_help_panel="Measure")
 
 # The bench commands' shared options, each help text written once; the bench callback's older
 # flag forms take the same ones hidden (_hidden).
@@ -758,8 +797,10 @@ def bench(
     num_workers: Annotated[int | None, typer.Option(hidden=True, help="DataLoader workers for --extraction (default: auto)")] = None,
     encoder_batch_size: Annotated[int | None, typer.Option(hidden=True, help="batch size of the --encoder rows (default: --batch-size, at most 16)")] = None,
 ):
-    """Time decoders on synthetic features and encoders on random pixels (defaults: the
-    Show-Attend-Tell setting: 196 x 2048 grid, 512-d, 10k words, batch 32, 20 words).
+    """Time decoders on synthetic features and encoders on random pixels.
+
+    The defaults are the Show-Attend-Tell setting: 196 x 2048 grid, 512-d, 10k words, batch
+    32, 20 words.
 
     The older option forms (`capbench bench --arch all` is `capbench bench decoders all`) keep
     working, hidden from this help, and name the new form."""
@@ -829,7 +870,7 @@ def _bench_models(archs, encoders, w, iters, device, format, output, **options) 
         console.print(table)
 
 
-@bench_app.command("decoders")
+@bench_app.command("decoders", epilog="Example: `capbench bench decoders all --peak`")
 @_guard
 def bench_decoders(
     names: _Names = "all",
@@ -852,9 +893,10 @@ def bench_decoders(
     peak: _Peak = False,
     compile: _Compile = False,
 ):
-    """Decoders on synthetic features: training tokens/s, beam-1/beam-K captions/s, batch-1
-    latency, FLOPs (defaults: the Show-Attend-Tell setting: 196 x 2048 grid, 512-d, 10k
-    words, batch 32, 20 words)."""
+    """Time decoders on synthetic features.
+
+    Training tokens/s, beam-1/beam-K captions/s, batch-1 latency, FLOPs. The defaults are the
+    Show-Attend-Tell setting: 196 x 2048 grid, 512-d, 10k words, batch 32, 20 words."""
     from benchmark.bench import DecoderWorkload
     from benchmark.fsutil import refuse_overwrite
 
@@ -866,7 +908,7 @@ def bench_decoders(
     _bench_models(names, None, w, iters, device, format, output, peak=peak, compile=compile)
 
 
-@bench_app.command("encoders")
+@bench_app.command("encoders", epilog="Example: `capbench bench encoders resnet50,vit_b16`")
 @_guard
 def bench_encoders(
     names: _Names = "all",
@@ -876,8 +918,9 @@ def bench_encoders(
     format: _RowsFormat = BenchFormat.table,
     output: _CsvOutput = None,
 ):
-    """Encoders on random pixels (random weights), run as extraction runs them: images/s,
-    GFLOPs per image, batch-1 latency."""
+    """Time encoders on random pixels (random weights), run as extraction runs them.
+
+    Images/s, GFLOPs per image, batch-1 latency."""
     from benchmark.bench import DecoderWorkload
     from benchmark.fsutil import refuse_overwrite
 
@@ -887,7 +930,7 @@ def bench_encoders(
                   encoder_batch_size=batch_size, encoder_flag="--batch-size")
 
 
-@bench_app.command("store")
+@bench_app.command("store", epilog="Example: `capbench bench store 100000`")
 @_guard
 def bench_store(
     n: Annotated[int, typer.Argument(help="images in the synthetic store, at least 2 (e.g. 100000)")],
@@ -896,9 +939,10 @@ def bench_store(
     device: _Device = "auto",
     format: _LineFormat = TableOrJson.table,
 ):
-    """The feature store at scale: a synthetic store of N images at ResNet-50's grid size
-    (49 x 2048, float16; 0.2 MB an image): peak RSS and samples/s of reading, training and
-    decoding from it."""
+    """Measure the feature store at scale on a synthetic store of N images.
+
+    The store has ResNet-50's grid size (49 x 2048, float16; 0.2 MB an image); the result is
+    the peak RSS and the samples/s of reading, training and decoding from it."""
     from benchmark import bench as b
     from benchmark.device import select_device
 
@@ -908,7 +952,7 @@ def bench_store(
     _print_result(res, format, b.store_summary(res))
 
 
-@bench_app.command("extraction")
+@bench_app.command("extraction", epilog="Example: `capbench bench extraction flickr8k-mini/dataset.json --encoder resnet50`")
 @_guard
 def bench_extraction(
     dataset: Annotated[str, typer.Argument(help="'shapes' or a Karpathy dataset.json")],
@@ -920,8 +964,10 @@ def bench_extraction(
     device: _Device = "auto",
     format: Annotated[TableOrJson, typer.Option("--format", help="table (one line each) or json")] = TableOrJson.table,
 ):
-    """End-to-end feature extraction with each image decoder: pil (Pillow in the DataLoader's
-    workers) and torchvision (decode_jpeg and tensor transforms on the device; nvJPEG on CUDA)."""
+    """Time feature extraction end to end with each image decoder.
+
+    pil is Pillow in the DataLoader's workers; torchvision is decode_jpeg and tensor transforms
+    on the device (nvJPEG on CUDA)."""
     from benchmark import bench as b
     from benchmark.device import select_device
 
@@ -932,20 +978,20 @@ def bench_extraction(
     _print_result(res, format, b.extraction_summary(res, iters))
 
 
-@bench_app.command("reward")
+@bench_app.command("reward", epilog="Example: `capbench bench reward coco-mini/dataset.json`")
 @_guard
 def bench_reward(
     dataset: Annotated[str, typer.Argument(help="dataset whose train split is scored, e.g. shapes")],
     format: _LineFormat = TableOrJson.table,
 ):
-    """The SCST reward: CIDEr-D with cached document frequencies vs pycocoevalcap's Cider."""
+    """Time the SCST reward: CIDEr-D with cached document frequencies vs pycocoevalcap's Cider."""
     from benchmark import bench as b
 
     res = b.bench_reward(dataset)
     _print_result(res, format, b.reward_summary(res, dataset))
 
 
-@bench_app.command("gemm")
+@bench_app.command("gemm", epilog="Example: `capbench bench gemm 32x2048x2048,4096x4096x4096`")
 @_guard
 def bench_gemm(
     shapes: Annotated[str, typer.Argument(help="MxKxN, comma-separated, e.g. 32x2048x2048,4096x4096x4096")],
@@ -953,8 +999,9 @@ def bench_gemm(
     device: _Device = "auto",
     format: _LineFormat = TableOrJson.table,
 ):
-    """GFLOP/s of fp32 matrix products of given shapes (the shapes a decoder's step loop
-    multiplies are far from the device's peak)."""
+    """Measure the GFLOP/s of fp32 matrix products of given shapes.
+
+    The shapes a decoder's step loop multiplies run far from the device's peak."""
     from benchmark import bench as b
 
     res = b.bench_gemm(shapes, device, iters)
@@ -971,7 +1018,7 @@ def _print_result(res: dict | list, format: str, text: str) -> None:
         console.print(text, highlight=False)
 
 
-@app.command("gpu-table")
+@app.command("gpu-table", rich_help_panel="Measure", epilog="Example: `capbench gpu-table --dataset flickr8k-mini/dataset.json --out gpu-table`")
 @_guard
 def gpu_table(
     out: Annotated[Path, typer.Option(help="folder for gpu-table.json, gpu-table.md and gpu-table.log")] = Path("gpu-table"),
@@ -981,10 +1028,11 @@ def gpu_table(
     quick: Annotated[bool, typer.Option("--quick", help="tiny encoders, workloads and epochs: checks that every step runs (seconds each on a CPU); not figures")] = False,
     work: Annotated[Path | None, typer.Option(help="folder for the steps' run records and feature cache (default: a temporary one, deleted afterwards)")] = None,
 ):
-    """Measure the README's GPU table on this machine: encoder and decoder throughput and MFU,
-    extraction with both image decoders, DDP against one process, the 12-cell matrix end to
-    end and the torch.compile speedup, each step a subprocess with its own time limit (1.5 to 7
-    minutes); prints the tables last."""
+    """Measure every GPU figure of the docs' "Measuring a GPU" page in one command.
+
+    Encoder and decoder throughput and MFU, extraction with both image decoders, DDP against
+    one process, the 12-cell matrix end to end and the torch.compile speedup, each step a
+    subprocess with its own time limit (1.5 to 7 minutes); prints the tables last."""
     from benchmark.gpu_table import gpu_table as measure
 
     chosen = [s.strip() for s in steps.split(",") if s.strip()] if steps else None
@@ -995,10 +1043,10 @@ def gpu_table(
         raise typer.Exit(1)
 
 
-@app.command("list")
+@app.command("list", rich_help_panel="Train & compare", epilog="Example: `capbench list 'vit*'`")
 @_guard
 def list_models(
-    pattern: Annotated[str, typer.Argument(help="shell wildcard on names, e.g. '*vit*'")] = "*",
+    pattern: Annotated[str, typer.Argument(help="shell wildcard on names, e.g. `'*vit*'`")] = "*",
 ):
     """List registered encoders and decoders with feature shapes and parameter counts."""
     from architectures.factory import describe_decoders, describe_encoders
@@ -1018,7 +1066,7 @@ def list_models(
     console.print(dec_table)
 
 
-@app.command()
+@app.command(rich_help_panel="Train & compare", epilog="Example: `capbench baseline --dataset shapes --encoder resnet50 --no-pretrained`")
 @_guard
 def baseline(
     dataset: Annotated[str, typer.Option(help="'shapes' or a Karpathy dataset.json")] = "shapes",
@@ -1029,9 +1077,11 @@ def baseline(
     k: Annotated[int, typer.Option(help="nearest training images the nn baseline pools captions from")] = 5,
     runs: Annotated[Path | None, typer.Option(help="also test every run record in this results folder (on this dataset's split) against the strongest blind baseline: paired bootstrap of CIDEr-D")] = None,
 ):
-    """Score the baselines that never look at a model: blind (one caption for every image:
-    the most frequent training caption, or the best constant caption by CIDEr-D) and nearest
-    neighbour (the consensus caption of the k nearest training images, Devlin et al. 2015)."""
+    """Score the blind and nearest-neighbour baselines of a dataset's test split.
+
+    Blind baselines write one caption for every image: the most frequent training caption, or
+    the best constant caption by CIDEr-D (consensus). The nearest-neighbour baseline gives each
+    image the consensus caption of its k nearest training images (Devlin et al. 2015)."""
     from benchmark.config import load_config
     from benchmark.image_use import BASELINE_COLUMNS, VERDICT_COLUMNS, baseline_rows, runs_vs_blind_rows
     from benchmark.runner import run_baselines
@@ -1060,7 +1110,7 @@ def _print_rows(title: str, columns, rows, left=(), styles=None) -> None:
     console.print(table)
 
 
-@data_app.command("shapes")
+@data_app.command("shapes", epilog="Example: `capbench data shapes --out data/shapes --n-images 200`")
 @_guard
 def data_shapes(
     out: Annotated[Path, typer.Option(help="output folder (dataset.json + images/)")],
@@ -1114,7 +1164,7 @@ _CheckImages = Annotated[bool, typer.Option("--check-images/--no-check-images", 
 _Decode = Annotated[bool, typer.Option(help="fully decode every image (catches truncated JPEGs; slower)")]
 
 
-def _add_data_command(kind: str, doc: str, captions: str, images: str, splits: str) -> None:
+def _add_data_command(kind: str, doc: str, captions: str, images: str, splits: str, example: str) -> None:
     """Register ``capbench data KIND`` (:func:`_prepare_command`) with ``doc`` as its help and
     the help texts of its --captions, --images and --splits options."""
 
@@ -1129,24 +1179,27 @@ def _add_data_command(kind: str, doc: str, captions: str, images: str, splits: s
         "force": _Force, "check_images": _CheckImages, "decode": _Decode}
     command.__name__ = command.__qualname__ = f"data_{kind}"
     command.__doc__ = doc
-    data_app.command(kind)(_guard(command))
+    data_app.command(kind, epilog=f"Example: `{example}`")(_guard(command))
 
 
 _add_data_command(
     "flickr8k", "Write a Karpathy dataset.json for Flickr8k (Hodosh et al. 2013) from the downloaded captions.",
     captions="Kaggle captions.txt (image,caption), Flickr8k.token.txt or Karpathy's dataset_flickr8k.json",
     images="folder holding the .jpg files (e.g. Flicker8k_Dataset/ or Images/)",
-    splits="Karpathy's dataset_flickr8k.json, or Flickr_8k.trainImages.txt, Flickr_8k.devImages.txt (dev = val) and Flickr_8k.testImages.txt (repeat the option); without it: a seeded split in Karpathy proportions")
+    splits="Karpathy's dataset_flickr8k.json, or Flickr_8k.trainImages.txt, Flickr_8k.devImages.txt (dev = val) and Flickr_8k.testImages.txt (repeat the option); without it: a seeded split in Karpathy proportions",
+    example="capbench data flickr8k --captions captions.txt --images Images --out f8k/dataset.json")
 _add_data_command(
     "flickr30k", "Write a Karpathy dataset.json for Flickr30k (Young et al. 2014) from the downloaded captions.",
     captions="Kaggle results.csv (image_name| comment_number| comment), results_20130124.token or Karpathy's dataset_flickr30k.json",
     images="folder holding the .jpg files (e.g. flickr30k_images/)",
-    splits="Karpathy's dataset_*.json, or split lists named *train*/*dev*|*val*/*test* (repeat the option); without it: a seeded split in Karpathy proportions")
+    splits="Karpathy's dataset_*.json, or split lists named `*train*`, `*dev*` or `*val*`, and `*test*` (repeat the option); without it: a seeded split in Karpathy proportions",
+    example="capbench data flickr30k --captions results.csv --images flickr30k_images --out F30k/dataset.json")
 _add_data_command(
     "coco", "Write a Karpathy dataset.json for COCO captions (Chen et al. 2015) from the annotation files.",
     captions="captions_train2014.json and captions_val2014.json (or the 2017 pair; repeat the option), or Karpathy's dataset_coco.json",
     images="folder holding train2014/ and val2014/ (or train2017/, val2017/)",
-    splits="Karpathy's dataset_coco.json (matched by COCO id, so it also fits the 2017 files); without it: train -> train and val split by --seed into val/test halves")
+    splits="Karpathy's dataset_coco.json (matched by COCO id, so it also fits the 2017 files); without it: train -> train and val split by --seed into val/test halves",
+    example="capbench data coco --captions captions_train2014.json --captions captions_val2014.json --images COCO --splits dataset_coco.json --out COCO/dataset.json")
 
 
 def main() -> None:  # pragma: no cover

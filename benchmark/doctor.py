@@ -10,7 +10,7 @@ from rich.markup import escape
 from benchmark.errors import ConfigError
 from benchmark.paths import cache_root
 
-__all__ = ["cache_report", "cache_root_problem", "local_weights", "doctor_rows"]
+__all__ = ["cache_report", "cache_root_problem", "local_weights", "doctor_rows", "version_text"]
 
 
 def _size(path: Path) -> int:
@@ -115,3 +115,28 @@ def doctor_rows() -> list[tuple[str, str]]:
     rows.append(("local weights", escape("\n".join(weights)) if weights
                  else "none found (use --no-pretrained offline)"))
     return rows
+
+
+def version_text() -> str:
+    """``capbench --version``: capbench's, Python's and torch's versions and the device that
+    ``--device auto`` would pick (a GPU's name with its CUDA and cuDNN versions, MPS, or the
+    CPU with torch's thread count)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch  # lazy, as in doctor_rows: `import benchmark.doctor` stays without torch
+
+    try:
+        own = version("capbench")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        own = "unknown (not installed)"
+    if torch.cuda.is_available():
+        cudnn = torch.backends.cudnn.version()
+        device = (f"cuda: {torch.cuda.get_device_name(0)} ({torch.cuda.device_count()} GPU(s), "
+                  f"CUDA {torch.version.cuda}, cuDNN {cudnn})")
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        device = "mps"
+    else:
+        device = f"cpu: {platform.machine()}, {torch.get_num_threads()} threads"
+    return (f"capbench {own}\npython {platform.python_version()}\ntorch {torch.__version__}\n"
+            f"device {device}")

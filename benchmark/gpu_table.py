@@ -1,4 +1,4 @@
-"""The README's GPU table in one command (``capbench gpu-table``): every figure the full-scale
+"""The docs' GPU figures (docs/gpu.md) in one command (``capbench gpu-table``): every figure the full-scale
 work asks of a GPU, measured by capbench's own benchmarks on the machine at hand.
 
 Each step runs capbench in a subprocess of its own, with its own time limit, so a step that
@@ -26,7 +26,7 @@ over several calls:
 ==============  ==========================================================================
 
 Results go to ``<out>/gpu-table.json`` (every row of every step), ``<out>/gpu-table.md`` (the
-tables the README quotes) and ``<out>/gpu-table.log`` (each step's command, time and output
+tables the docs quote) and ``<out>/gpu-table.log`` (each step's command, time and output
 tail). ``quick`` shrinks every step to seconds on a CPU, which is how the tests run it.
 """
 

@@ -88,3 +88,23 @@ def captions_of(record, images: Path, results_dir: Path) -> dict[str, str]:
                                    str(results_dir), "--format", "json"])
     assert out.exit_code == 0, out.output
     return {c["file_name"]: c["caption"] for c in json.loads(out.stdout)}
+
+
+@pytest.fixture(scope="session")
+def docs_site(tmp_path_factory) -> Path:
+    """The documentation site, built once a session with ``mkdocs build --strict`` (as
+    ``make docs`` builds it) into a temporary folder; fails on any warning."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    site = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
+                           str(site)], cwd=root, capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert "WARNING" not in log, log
+    return site

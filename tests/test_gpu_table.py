@@ -1,6 +1,6 @@
 """`capbench gpu-table`: every GPU figure in one command, each step a subprocess with its own
 time limit. Run here with --quick on the CPU: the steps' plumbing, parsing and tables; the
-figures themselves come from a GPU (README: Measuring a GPU)."""
+figures themselves come from a GPU (docs/gpu.md: Measuring a GPU)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from architectures.registry import register_decoder
 #: Elements of ``relu(W_a a + W_h h)`` formed at once on the CPU (4 MiB of float32). Scoring
 #: images in blocks that stay in the cache, instead of forming the whole ``(B, N, A)`` tensor
 #: (``(B, K, N, A)`` in beam search) each step, keeps this memory-bound term from writing and
-#: reading back tens of megabytes of fresh memory per step (see the README's utilisation table).
+#: reading back tens of megabytes of fresh memory per step (see the utilisation table in docs/results.md).
 CPU_BLOCK_ELEMENTS = 1 << 20
 
 
