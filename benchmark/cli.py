@@ -687,7 +687,8 @@ def _matrix_launch(cfg, plan, part, config: str | None, opts: dict) -> int:
         ids = [s.job_id for s in out.submitted]
         console.print(f"job array {ids[0].split('_')[0]} ({len(ids)} task(s)); job folder "
                       f"{_q(Path(cfg.results_dir) / 'submitit')}", highlight=False)
-        if opts["board_job"]:
+        if opts["board_job"]:  # after this array and the cells' earlier tasks still queued or running
+            ids += [s.job_id for s in out.skipped if s.state in ("queued", "running") and s.job_id]
             console.print(f"board job {submit_board_job(cfg.results_dir, ids, settings)} writes "
                           f"{_q(Path(cfg.results_dir) / 'LEADERBOARD.md')} when the array ends")
         if not opts["wait"]:

@@ -270,12 +270,16 @@ def _read_manifest(results_dir: str | Path) -> dict:
 
 
 def _squeue() -> dict[str, str]:
-    """``{job id: state}`` of this user's jobs, array tasks one by one (``squeue --me -r``);
-    empty where there is no squeue."""
+    """``{job id: state}`` of this user's jobs, array tasks one by one (``squeue --me -r``).
+    Raises CapbenchError when squeue is missing or fails (the tasks' states are unknown)."""
     if shutil.which("squeue") is None:
-        return {}
+        raise CapbenchError("cells were submitted to Slurm from this results folder, but squeue "
+                            "is not on PATH: run --status on a Slurm login node")
     out = subprocess.run(["squeue", "--me", "-h", "-r", "-o", "%i|%T"], capture_output=True,
                          text=True, timeout=60)
+    if out.returncode != 0:
+        raise CapbenchError(f"squeue failed, so the submitted cells' states are unknown: "
+                            f"{out.stderr.strip()[-300:]}")
     return dict(line.split("|", 1) for line in out.stdout.split() if "|" in line)
 
 
@@ -333,7 +337,8 @@ def matrix_status(base: RunConfig, plan: MatrixPlan, shard: Shard | None = None)
     mine = {id(c) for c in shard_cells(planned, shard)}
     fingerprint = resolve_dataset(base.dataset).fingerprint
     results_dir = Path(base.results_dir)
-    done, manifest, queue = done_runs(results_dir), _read_manifest(results_dir), _squeue()
+    done, manifest = done_runs(results_dir), _read_manifest(results_dir)
+    queue = _squeue() if manifest else {}  # only cells submitted to Slurm are in the queue
     states = []
     for index, cell in enumerate(planned):
         if id(cell) not in mine:
@@ -457,7 +462,8 @@ def write_board(results_dir: str) -> str:
 
 def submit_board_job(results_dir: str | Path, job_ids: Sequence[str], settings: dict) -> str:
     """Submit :func:`write_board` as a Slurm job that starts once every task of ``job_ids``
-    has ended, however (``--dependency=afterany``). Returns its job id."""
+    (array task ids ``ARRAY_INDEX`` or job ids) has ended, however
+    (``--dependency=afterany``). Returns its job id."""
     arrays = sorted({j.split("_")[0] for j in job_ids})
     light = {k: v for k, v in settings.items() if k in ("partition", "time_min", "sbatch")}
     light["sbatch"] = {**light.get("sbatch", {}),

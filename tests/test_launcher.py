@@ -212,7 +212,8 @@ def test_slurm_array_requeue_status_retry_and_board(slurm_cluster, matrix_file, 
     out = _matrix(matrix_file, results, "--launcher", "slurm")
     assert out.exit_code == 0, out.output[-3000:]
     assert "matrix: 2 cell(s) submitted" in out.stdout and "job array" in out.stdout
-    assert "under /tmp" in out.stderr  # the warning: other nodes may not share it
+    if str(results.resolve()).startswith("/tmp/"):  # warned: other nodes may not share it
+        assert "under /tmp" in out.stderr
     first = _status(matrix_file, results)
     assert {c["state"] for c in first} <= {"queued", "running"}
     job0, job1 = first[0]["job"], first[1]["job"]
