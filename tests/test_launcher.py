@@ -22,9 +22,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from benchmark import matrix as matrix_mod
 from benchmark.cli import app
+from benchmark.config import load_config
 from benchmark.errors import CapbenchWarning, ConfigError
+from benchmark.fsutil import exclusive_lock
 from benchmark.launcher import check_slurm, slurm_settings
+from benchmark.matrix import plan_cells
 from benchmark.metrics import coco
 from benchmark.records import load_records
 
@@ -150,6 +154,30 @@ def test_list_cells_cell_range_and_not_started(matrix_file, tmp_path):
                                  "--format", "json", "--results-dir", str(tmp_path)])
     assert status.exit_code == 0, status.output
     assert [c["state"] for c in json.loads(status.stdout)["cells"]] == ["not started"] * 2
+
+
+def test_status_sees_a_local_process_and_a_recorded_failure(matrix_file, tmp_path):
+    """A process holding the lock of cell 0's unfinished run (as ``run_experiment`` does
+    while it trains) makes it running; cell 1's failure file (written by the matrix's own
+    writer) makes it failed with its error, and --status exits 1."""
+    cfg = load_config(str(matrix_file), {"results_dir": str(tmp_path)})
+    cells = plan_cells(cfg, ["rnn", "lstm"], ["resnet18"], [0])
+    state = tmp_path / "unfinished" / cells[0].config_id / "20260101-000000-rnn-resnet18-s0-abcd.pt"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"")
+    try:
+        raise RuntimeError("simulated out-of-memory")
+    except RuntimeError as exc:
+        matrix_mod._record_failure(tmp_path, cells[1], exc)
+    with exclusive_lock(state.with_suffix(".lock"), what="training"):
+        out = _matrix(matrix_file, tmp_path, "--status", "--format", "json")
+    assert out.exit_code == 1
+    rows = json.loads(out.stdout)["cells"]
+    assert rows[0]["state"] == "running" and rows[0]["detail"] == f"pid {os.getpid()}"
+    assert rows[1]["state"] == "failed" and "simulated out-of-memory" in rows[1]["detail"]
+    after = json.loads(_matrix(matrix_file, tmp_path, "--status", "--format", "json").stdout)
+    assert after["cells"][0]["state"] == "failed"  # stopped, nothing continues it
+    assert "resumes from its last completed epoch" in after["cells"][0]["detail"]
 
 
 def test_bad_slurm_settings_fail_before_anything_is_submitted(matrix_file, tmp_path,
