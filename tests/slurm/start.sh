@@ -17,15 +17,16 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
 fi
 host="$(hostname -s)"
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
+cpus=$(nproc); [ "$cpus" -gt 2 ] && cpus=2  # two array tasks at once; never more than the host has
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
-sed -e "s/@HOST@/$host/g" -e "s/@MEM@/$mem/g" "$here/slurm.conf.in" > /etc/slurm/slurm.conf
+sed -e "s/@HOST@/$host/g" -e "s/@MEM@/$mem/g" -e "s/@CPUS@/$cpus/g" "$here/slurm.conf.in" > /etc/slurm/slurm.conf
 # munge: a key, then the daemon as its own user
 if [ ! -s /etc/munge/munge.key ]; then
     dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null
 fi
 chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null
 chmod 400 /etc/munge/munge.key
-pgrep -x munged >/dev/null || runuser -u munge -- munged || { echo "slurm: munged did not start" >&2; exit 1; }
+munge -n </dev/null >/dev/null 2>&1 || runuser -u munge -- munged || { echo "slurm: munged did not start" >&2; exit 1; }
 pgrep -x slurmctld >/dev/null || slurmctld || { echo "slurm: slurmctld did not start" >&2; exit 1; }
 pgrep -x slurmd >/dev/null || slurmd || { echo "slurm: slurmd did not start" >&2; exit 1; }
 for _ in $(seq 1 30); do
