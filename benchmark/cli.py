@@ -67,6 +67,13 @@ class BenchFormat(str, Enum):
     json = "json"
 
 
+class Launcher(str, Enum):
+    """``matrix --launcher``."""
+
+    local = "local"
+    slurm = "slurm"
+
+
 class TableOrJson(str, Enum):
     """``--format`` of eval, caption, ground and the one-line bench commands."""
 
@@ -623,10 +630,21 @@ def matrix(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps")] = None,
     results_dir: Annotated[Path | None, typer.Option(help="where run records go")] = None,
     shard: Annotated[str | None, typer.Option(help="i/N: run only shard i (1..N) of the matrix split across N machines; each (encoder, decoder, variant) goes whole, with all its seeds, to one shard, the same one on every machine; merge the folders with `capbench report --results-dir A --results-dir B ...`")] = None,
+    launcher: Annotated[Launcher | None, typer.Option(help="slurm: one job-array task per pending cell through submitit (requeued on preemption/timeout, resumed from the last epoch); local: the same tasks as local processes, --parallel at a time (docs/cluster.md)")] = None,
+    parallel: Annotated[int, typer.Option(min=1, help="--launcher local: cells running at once (1: the plain loop)")] = 1,
+    slurm: Annotated[list[str] | None, typer.Option(help="a Slurm setting KEY=VALUE (partition, gpus_per_task, cpus_per_task, mem_gb, time_min, array_parallelism, sbatch.OPTION); repeat it; over the config's launcher: section")] = None,
+    status: Annotated[bool, typer.Option("--status", help="say for every cell: done, running, queued, failed (with the end of its log) or not started")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="with --launcher: resubmit the failed cells alone")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="--launcher slurm: wait for the array to end, then show the board")] = False,
+    board_job: Annotated[bool, typer.Option("--board-job", help="--launcher slurm: also submit a job that writes LEADERBOARD.md once the array has ended")] = False,
+    list_cells: Annotated[bool, typer.Option("--list-cells", help="print the plan: every cell with its number for --cell")] = False,
+    cell: Annotated[int | None, typer.Option(help="run cell K (0-based, see --list-cells) alone, e.g. from an #SBATCH --array task")] = None,
+    fmt: Annotated[TableOrJson, typer.Option("--format", help="--list-cells/--status output")] = TableOrJson.table,
 ):
     """Run every decoder x encoder (x seed) cell on one split, resumably, then show the board.
 
-    With --shard i/N, only this machine's share of the cells (the same split on every machine)."""
+    With --shard i/N, only this machine's share of the cells (the same split on every machine).
+    With --launcher slurm, each cell is a Slurm job-array task (docs/cluster.md)."""
     from benchmark.config import load_config, parse_seeds
     from benchmark.matrix import idle_shard, matrix_plan, parse_shard, run_matrix
     from benchmark.report import leaderboard, render_rich
@@ -638,6 +656,12 @@ def matrix(
     plan = matrix_plan(config, archs.split(",") if archs else None,
                        encoders.split(",") if encoders else None,
                        parse_seeds(seeds) if seeds else None, cfg.seed)
+    if status or list_cells or cell is not None or retry_failed or launcher == Launcher.slurm or (
+            launcher == Launcher.local and parallel > 1):
+        raise typer.Exit(_matrix_launch(cfg, plan, part, config, dict(
+            launcher=launcher.value if launcher else "local", parallel=parallel,
+            slurm=slurm or [], status=status, retry_failed=retry_failed, wait=wait,
+            board_job=board_job, list_cells=list_cells, cell=cell, fmt=fmt.value)))
     counter = {"n": 0, "of": plan.size}
 
     def on_plan(cells, planned):
@@ -676,6 +700,108 @@ def matrix(
         raise typer.Exit(1)
     if any(o.status == "failed" for o in refs):
         raise typer.Exit(1)
+
+
+_STATE_COLOURS = {"done": "green", "running": "cyan", "queued": "blue", "failed": "red",
+                  "not started": "white"}
+
+
+def _matrix_launch(cfg, plan, part, config: str | None, opts: dict) -> int:
+    """``matrix --list-cells/--status/--cell/--launcher``: call :mod:`benchmark.launcher` and
+    render; returns the exit status (1 when a cell failed)."""
+    import json
+
+    from benchmark.launcher import (
+        board_records,
+        launch_matrix,
+        matrix_status,
+        parse_settings,
+        slurm_settings,
+        submit_board_job,
+        wait_for_cells,
+    )
+    from benchmark.matrix import plan_cells, run_cell
+    from benchmark.report import leaderboard, render_rich
+
+    if opts["list_cells"]:
+        planned = plan_cells(cfg, plan.archs, plan.encoders, plan.seeds, plan.variants)
+        rows = [{"index": i, "arch": c.arch, "encoder": c.encoder, "variant": c.variant,
+                 "seed": c.seed, "config_id": c.config_id} for i, c in enumerate(planned)]
+        if opts["fmt"] == "json":
+            print(json.dumps({"cells": rows, "count": len(rows)}, indent=1))
+        else:
+            _matrix_table(rows, f"matrix plan: {len(rows)} cells (run one with --cell K)")
+        return 0
+    if opts["cell"] is not None:
+        one = run_cell(cfg, plan, opts["cell"], console)
+        colour = {"ok": "green", "done": "cyan", "failed": "red"}[one.status]
+        console.print(f"[bold]matrix cell {opts['cell']}[/] {one.arch} x {one.encoder} seed {one.seed}: "
+                      f"[{colour}]{one.status}[/] {_q(one.error or one.run_id or '')}", highlight=False)
+        return int(one.status == "failed")
+    if opts["status"]:
+        return _matrix_status_view(matrix_status(cfg, plan, part), opts["fmt"])
+    settings = (slurm_settings(config, parse_settings(opts["slurm"]))
+                if opts["launcher"] == "slurm" else {})
+
+    def on_done(index, result):
+        bad = isinstance(result, BaseException)
+        console.print(f"[bold]matrix cell {index}[/]: {'[red]failed[/] ' + _q(result) if bad else '[green]ok[/] ' + _q(result)}",
+                      highlight=False)
+
+    out = launch_matrix(cfg, plan, opts["launcher"], settings=settings, parallel=opts["parallel"],
+                        shard=part, retry_failed=opts["retry_failed"], on_done=on_done)
+    skipped = ", ".join(f"{n} {s}" for s in ("done", "queued", "running", "failed")
+                        if (n := sum(x.state == s for x in out.skipped)))
+    console.print(f"matrix: {len(out.submitted)} cell(s) {'submitted' if opts['launcher'] == 'slurm' else 'run'}"
+                  f"{'; skipped ' + skipped if skipped else ''}", highlight=False)
+    if opts["launcher"] == "slurm" and out.submitted:
+        ids = [s.job_id for s in out.submitted]
+        console.print(f"job array {ids[0].split('_')[0]} ({len(ids)} task(s)); job folder "
+                      f"{_q(Path(cfg.results_dir) / 'submitit')}", highlight=False)
+        if opts["board_job"]:  # after this array and the cells' earlier tasks still queued or running
+            ids += [s.job_id for s in out.skipped if s.state in ("queued", "running") and s.job_id]
+            console.print(f"board job {submit_board_job(cfg.results_dir, ids, settings)} writes "
+                          f"{_q(Path(cfg.results_dir) / 'LEADERBOARD.md')} when the array ends")
+        if not opts["wait"]:
+            console.print("follow it with the same command and --status; when it has ended: "
+                          f"capbench report --results-dir {_q(cfg.results_dir)}", highlight=False)
+            return 0
+    states = wait_for_cells(cfg, plan, part) if opts["launcher"] == "slurm" else matrix_status(cfg, plan, part)
+    render_rich(leaderboard(board_records(cfg.results_dir, states)), console)
+    return _matrix_status_view(states, "table") if any(s.state == "failed" for s in states) else 0
+
+
+def _matrix_table(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for key in rows[0] if rows else ["index"]:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*[f"[{_STATE_COLOURS[v]}]{v}[/]" if k == "state" else _q(v)
+                        for k, v in row.items()])
+    console.print(table)
+
+
+def _matrix_status_view(states: list, fmt: str) -> int:
+    """``matrix --status``: a row per cell, then each failed cell's log tail; returns 1 when a
+    cell failed."""
+    import json
+
+    rows = [{"index": s.index, "arch": s.cell.arch, "encoder": s.cell.encoder,
+             "variant": s.cell.variant, "seed": s.cell.seed, "state": s.state,
+             "job": s.job_id or "", "detail": s.detail} for s in states]
+    counts = {k: sum(s.state == k for s in states) for k in _STATE_COLOURS}
+    if fmt == "json":
+        for row, s in zip(rows, states, strict=True):
+            row["log"] = s.log
+        print(json.dumps({"cells": rows, "counts": counts}, indent=1))
+    else:
+        _matrix_table(rows, "matrix status")
+        for s in states:
+            if s.state == "failed" and s.log:
+                console.print(f"[red]cell {s.index}[/] ({s.cell.arch} x {s.cell.encoder} seed "
+                              f"{s.cell.seed}), the end of its log:\n{_q(s.log)}", highlight=False)
+        console.print("matrix: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n), highlight=False)
+    return int(counts["failed"] > 0)
 
 
 def _matrix_references(models: list[str], cfg, part) -> list:

@@ -342,6 +342,7 @@ def load_config(config: str | None = None, overrides: dict | None = None) -> Run
     if config:
         path, data = read_config_file(config)
         data.pop("matrix", None)  # matrix presets may share a file with run settings
+        data.pop("launcher", None)  # and the matrix's Slurm settings (benchmark.launcher)
         _apply(cfg, translate_old_names(data, str(path)), str(path))
     return apply_overrides(cfg, overrides or {}, "command line")
 

@@ -12,6 +12,9 @@ A config file may carry a ``matrix:`` section (``archs``, ``encoders``, ``seeds`
 config keys, e.g. ``{xe: {}, xe+scst: {train.scst_epochs: 5}, bpe: {tokenizer: bpe}}``:
 every (decoder, encoder, seed) cell runs once per variant.
 
+:func:`run_cell` runs one planned cell alone (``capbench matrix --cell K``, and each task of
+:mod:`benchmark.launcher`'s job arrays), the same way.
+
 ``--shard i/N`` (:func:`parse_shard`, :func:`shard_cells`) splits one matrix across N
 machines: each runs the cells of its shard only, into its own results folder (or a shared
 one), and ``capbench report --results-dir A --results-dir B ...`` merges the folders into one
@@ -46,7 +49,8 @@ from benchmark.records import RunRecord, load_records
 from benchmark.runner import preflight, prepare_features, run_experiment
 
 __all__ = ["Cell", "MatrixResult", "MatrixPlan", "Shard", "matrix_plan", "parse_shard", "plan_cells",
-           "run_matrix", "shard_cells", "shard_units", "shards_with_cells", "idle_shard"]
+           "run_matrix", "shard_cells", "shard_units", "shards_with_cells", "idle_shard",
+           "done_runs", "failure_path", "pick_cell", "run_cell"]
 
 
 @dataclass
@@ -284,6 +288,22 @@ def _failure_path(results_dir: Path, cell: Cell) -> Path:
     return results_dir / "failures" / f"{cell.arch}-{cell.encoder}-s{cell.seed}-{cell.config_id}.json"
 
 
+def failure_path(results_dir: str | Path, cell: Cell) -> Path:
+    """Where a failed ``cell``'s error and traceback are recorded (JSON), under
+    ``<results_dir>/failures/``; removed when the cell later succeeds."""
+    return _failure_path(Path(results_dir), cell)
+
+
+def _record_failure(results_dir: Path, cell: Cell, exc: BaseException) -> None:
+    """Mark ``cell`` failed with ``exc`` and write its failure file (call inside ``except``)."""
+    cell.status, cell.error = "failed", f"{type(exc).__name__}: {exc}"
+    atomic_write_text(_failure_path(results_dir, cell), json.dumps(
+        {"arch": cell.arch, "encoder": cell.encoder, "seed": cell.seed,
+         "variant": cell.variant,
+         "config_id": cell.config_id, "error": cell.error,
+         "traceback": traceback.format_exc(), "time": utc_timestamp()}, indent=1))
+
+
 def run_matrix(base: RunConfig, archs: list[str], encoders: list[str], seeds: list[int],
                console=None, on_cell=None, variants: dict[str, dict] | None = None, *,
                shard: Shard | None = None,
@@ -354,14 +374,58 @@ def run_matrix(base: RunConfig, archs: list[str], encoders: list[str], seeds: li
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # record the failure and carry on with the next cell
-            cell.status, cell.error = "failed", f"{type(exc).__name__}: {exc}"
-            atomic_write_text(_failure_path(results_dir, cell), json.dumps(
-                {"arch": cell.arch, "encoder": cell.encoder, "seed": cell.seed,
-                 "variant": cell.variant,
-                 "config_id": cell.config_id, "error": cell.error,
-                 "traceback": traceback.format_exc(), "time": utc_timestamp()}, indent=1))
+            _record_failure(results_dir, cell, exc)
         cell.seconds = time.perf_counter() - start
         if on_cell:
             on_cell(cell)
     out.wall_seconds = time.perf_counter() - t0
     return out
+
+
+def done_runs(results_dir: str | Path) -> dict[tuple[str, str, int], str]:
+    """``{(split fingerprint, config id, seed): run id}`` of the records in ``results_dir``:
+    the cells that are done."""
+    return {(r.split_fingerprint, r.config_id, r.seed): r.run_id
+            for r in load_records(results_dir)[0]}
+
+
+def pick_cell(planned: list[Cell], index: int) -> Cell:
+    """Cell ``index`` (0-based, the plan's run order, as ``--list-cells`` numbers them) of
+    ``planned``; ConfigError saying the valid range otherwise."""
+    if not 0 <= index < len(planned):
+        raise ConfigError(f"--cell {index}: no such cell; this matrix has {len(planned)} cells, "
+                          f"numbered 0 to {len(planned) - 1} (see --list-cells)")
+    return planned[index]
+
+
+def run_cell(base: RunConfig, plan: MatrixPlan, index: int, console=None) -> Cell:
+    """Run cell ``index`` (0-based, :func:`pick_cell`) of ``plan`` alone, as :func:`run_matrix`
+    runs each cell: skipped (``done``) when its record exists, else trained with ``resume=True``
+    (a killed or requeued task continues from its last completed epoch), a failure recorded
+    under ``<results_dir>/failures/``.
+
+    Returns the :class:`Cell` with its status (done, ok or failed), run id or error.
+    Raises ConfigError (a bad plan or ``index``), DatasetError, StorageError before any work."""
+    planned = plan_cells(base, plan.archs, plan.encoders, plan.seeds, plan.variants)
+    cell = pick_cell(planned, index)
+    dataset = resolve_dataset(base.dataset)
+    results_dir = Path(base.results_dir)
+    done = done_runs(results_dir).get((dataset.fingerprint, cell.config_id, cell.seed))
+    if done:
+        cell.status, cell.run_id = "done", done
+        return cell
+    preflight(cell.cfg, dataset, resolved_config(cell.cfg))
+    ensure_writable(results_dir / "failures", what="results folder")
+    start = time.perf_counter()
+    try:
+        prepared = prepare_features(cell.cfg, dataset, select_device(cell.cfg.device), console)
+        record, _ = run_experiment(cell.cfg, console, dataset=dataset, prepared=prepared,
+                                   resume=True)
+        cell.status, cell.run_id = "ok", record.run_id
+        _failure_path(results_dir, cell).unlink(missing_ok=True)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # recorded, as the matrix does
+        _record_failure(results_dir, cell, exc)
+    cell.seconds = time.perf_counter() - start
+    return cell
