@@ -8,6 +8,7 @@ here lists them by hand, so adding a decoder with a new hyperparameter is one ne
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from typing import Any
@@ -128,11 +129,35 @@ def create_decoder(name: str, vocab_size: int, grid_dim: int, pooled_dim: int,
         raise HyperparameterError(f"decoder {entry.name} rejects {resolved}: {exc}") from exc
 
 
+class _NoRandomInit(torch.overrides.TorchFunctionMode):
+    """Skips parameter initialisation's random fills (``torch.nn.init.*`` and the tensors'
+    ``normal_``/``uniform_``) on meta tensors. There they fill nothing, but ``normal_`` runs
+    through a torch._refs decomposition that imports torch._dynamo: seconds of start-up in
+    every process that validates a config, for values that do not exist."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        fill = (getattr(func, "__module__", "") == "torch.nn.init"
+                or func in (torch.Tensor.normal_, torch.Tensor.uniform_))
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes tensor=
+        if fill and getattr(target, "is_meta", False):
+            return target
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device():
+    """Build modules on the meta device (shapes and parameter counts, no memory, no compute),
+    skipping the random fills of their initialisation (:class:`_NoRandomInit`)."""
+    with torch.device("meta"), _NoRandomInit():
+        yield
+
+
 def validate_decoder(name: str, hparams: dict | None = None) -> dict:
     """Resolve ``hparams`` and build the decoder once on the meta device (no memory, no
     compute), so every constructor check runs before any real work. Returns the resolved
     hyperparameters; raises like :func:`create_decoder`."""
-    with torch.device("meta"):
+    with meta_device():
         create_decoder(name, 16, 8, 8, hparams)
     return resolve_decoder_hparams(name, hparams)
 
@@ -160,7 +185,7 @@ def describe_decoders(pattern: str = "*", *, feature_dim: int = 2048,
     rows = []
     for name in list_decoders(pattern):
         entry = get_entry("decoder", name)
-        with torch.device("meta"):
+        with meta_device():
             dec = create_decoder(name, vocab_size, feature_dim, feature_dim)
         rows.append({"name": name, "aliases": ", ".join(entry.aliases),
                      "params": dec.num_parameters(), "description": entry.description})

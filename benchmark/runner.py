@@ -26,6 +26,7 @@ from rich.progress import (
 )
 
 from architectures import create_decoder, create_encoder, resolve_encoder_name
+from architectures.factory import meta_device
 from architectures.registry import get_entry
 from benchmark import distributed
 from benchmark.baselines import BLIND_KINDS, MAX_NN_K
@@ -77,7 +78,7 @@ def preflight(cfg: RunConfig, dataset: CaptionDataset, resolved: dict) -> None:
     checkpoint and the record (StorageError naming the folder otherwise), and temp folders
     of killed runs there are removed."""
     words = {w for im in dataset.split("train") for t in im.tokens for w in t}
-    with torch.device("meta"):  # parameter count at the largest possible vocabulary
+    with meta_device():  # parameter count at the largest possible vocabulary
         dec = create_decoder(resolved["decoder"], max(len(words) + 4, cfg.tokenizer_vocab_size),
                              2048, 2048, resolved["decoder_hparams"])
     need = 4 * sum(p.numel() for p in dec.parameters()) + 4096 * len(dataset.images) + 2**20

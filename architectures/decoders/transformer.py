@@ -19,10 +19,15 @@ from architectures.registry import register_decoder
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
-    """Sinusoidal position encodings ``(length, dim)`` (Vaswani et al. 2017, sec. 3.5)."""
-    pos = torch.arange(length, dtype=torch.float32).unsqueeze(1)
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    pe = torch.zeros(length, dim)
+    """Sinusoidal position encodings ``(length, dim)`` (Vaswani et al. 2017, sec. 3.5), always
+    computed on the CPU: the model's ``.to(device)`` moves them (and under a meta-device
+    context, as :func:`~architectures.factory.validate_decoder` builds, the ops' meta
+    decompositions would import torch._dynamo, seconds of start-up)."""
+    cpu = torch.device("cpu")
+    pos = torch.arange(length, dtype=torch.float32, device=cpu).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=cpu)
+                     * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, device=cpu)
     pe[:, 0::2] = torch.sin(pos * freq)
     pe[:, 1::2] = torch.cos(pos * freq[: dim // 2])
     return pe
