@@ -552,6 +552,11 @@ def matrix(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps")] = None,
     results_dir: Annotated[Path | None, typer.Option(help="where run records go")] = None,
     shard: Annotated[str | None, typer.Option(help="i/N: run only shard i (1..N) of the matrix split across N machines; each (encoder, decoder, variant) goes whole, with all its seeds, to one shard, the same one on every machine; merge the folders with `capbench report --results-dir A --results-dir B ...`")] = None,
+    tune: Annotated[int | None, typer.Option(help="also give every cell the same N-trial hyperparameter search on val (capbench tune), then re-run each best configuration over the seeds on test: the board's '(tuned, N=..)' rows")] = None,
+    space: _Space = "default",
+    sampler: _Sampler = "random",
+    storage: _Storage = None,
+    prune: _Prune = False,
 ):
     """Run every decoder x encoder (x seed) cell on one split; resumable; ends with the leaderboard.
 
@@ -589,11 +594,13 @@ def matrix(
         console.print(f"[bold]matrix {counter['n']}/{counter['of']}[/] {cell.arch} x {cell.encoder}{variant} "
                       f"seed {cell.seed}: [{colour}]{cell.status}[/]{extra}", highlight=False)
 
+    tuned = _plan_matrix_tuning(cfg, plan, tune, space, sampler, storage, prune, part)
     result = run_matrix(cfg, plan.archs, plan.encoders, plan.seeds, console, on_cell, plan.variants,
                         shard=part, on_plan=on_plan)
     refs = _matrix_references(plan.references, cfg, part)
-    render_rich(leaderboard(result.records(cfg.results_dir) + [o.record for o in refs if o.record]),
-                console)
+    finals = _run_matrix_tuning(tuned, plan.seeds)
+    render_rich(leaderboard(result.records(cfg.results_dir) + [o.record for o in refs if o.record]
+                            + finals), console)
     for enc, sec in result.feature_seconds.items():
         console.print(f"features {enc}: {sec:.0f} s (once, shared by its decoders)")
     which = (f"matrix: {result.planned} cells" if part is None else
@@ -605,6 +612,31 @@ def matrix(
         raise typer.Exit(1)
     if any(o.status == "failed" for o in refs):
         raise typer.Exit(1)
+
+
+def _plan_matrix_tuning(cfg, plan, tune, space, sampler, storage, prune, part) -> list:
+    """``matrix --tune N``: every cell's study checked (spaces, storage) before any cell runs
+    (:func:`benchmark.tuning.plan_tuning`); [] without --tune."""
+    if tune is None:
+        return []
+    from benchmark.errors import ConfigError
+    from benchmark.tuning import TuneSettings, plan_tuning
+
+    if part is not None or len(plan.variants) > 1:
+        raise ConfigError("--tune with --shard or matrix.variants: tune one plain matrix on one "
+                          "machine (or share a --storage URL between `capbench tune` workers)")
+    settings = TuneSettings("", "", sampler, cfg.seed, tune, prune, space)
+    return plan_tuning(cfg, plan.archs, plan.encoders, settings, storage)
+
+
+def _run_matrix_tuning(cells: list, seeds: list[int]) -> list:
+    """The tuned cells' studies and final runs (:func:`benchmark.tuning.tune_matrix`), one
+    line per trial; returns the final records."""
+    from benchmark.tuning import tune_matrix
+
+    out = tune_matrix(cells, seeds, console, lambda line: console.print(
+        f"[bold]tune[/] {escape(line)}", highlight=False))
+    return [r for _, finals in out for r in finals]
 
 
 def _matrix_references(models: list[str], cfg, part) -> list:
@@ -620,6 +652,61 @@ def _matrix_references(models: list[str], cfg, part) -> list:
 
     return run_references(models, cfg.dataset, device=cfg.device, results_dir=cfg.results_dir,
                           first_shard=part is None or part.index == 1, on_reference=on_reference)
+
+
+_Space = Annotated[str, typer.Option(help="search space: configs/search/NAME.yaml (default, tiny) or a YAML path")]
+_Sampler = Annotated[str, typer.Option(help="random (seeded; what expected validation performance assumes) or tpe")]
+_Storage = Annotated[str | None, typer.Option(help="Optuna storage, any SQLAlchemy URL (postgresql://... for many machines); default sqlite under <results-dir>/tuning/<study>.db")]
+_Prune = Annotated[bool, typer.Option("--prune", help="stop trials whose per-epoch validation CIDEr-D is below the median of earlier trials (Optuna's MedianPruner)")]
+
+
+@app.command()
+@_guard
+def tune(
+    arch: Annotated[str | None, typer.Option(help="decoder to tune")] = None,
+    encoder: Annotated[str | None, typer.Option(help="encoder of the cell")] = None,
+    config: Annotated[str | None, typer.Option(help="preset or YAML: the base config every trial starts from")] = None,
+    trials: Annotated[int, typer.Option(help="trials (the budget), each a run scored on the validation split")] = 8,
+    space: _Space = "default",
+    sampler: _Sampler = "random",
+    seed: Annotated[int, typer.Option(help="the sampler's seed (trial k's parameters depend only on it and k)")] = 0,
+    storage: _Storage = None,
+    study: Annotated[str | None, typer.Option(help="study name (default <decoder>-<encoder>-<dataset>)")] = None,
+    prune: _Prune = False,
+    final_seeds: Annotated[str | None, typer.Option(help="then re-run the best configuration over these seeds on test, e.g. 0,1,2")] = None,
+    dataset: Annotated[str | None, typer.Option(help="'shapes' or a Karpathy dataset.json")] = None,
+    epochs: Annotated[int | None, typer.Option(help="training epochs per trial")] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="pretrained encoder weights or a seeded random init")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps")] = None,
+    results_dir: Annotated[Path | None, typer.Option(help="where trial records (and the default SQLite study) go")] = None,
+):
+    """Search one (decoder, encoder) cell's hyperparameters: N seeded trials on the validation
+    split (Optuna); resumable; prints each trial and the best configuration."""
+    from benchmark.config import load_config, parse_seeds
+    from benchmark.report import leaderboard, render_rich
+    from benchmark.tuning import TuneSettings, plan_tuning, tune_matrix
+
+    cfg = load_config(config, {"decoder": arch, "encoder": encoder, "dataset": dataset,
+                               "train.epochs": epochs, "pretrained": pretrained, "device": device,
+                               "results_dir": str(results_dir) if results_dir else None})
+    seeds = parse_seeds(final_seeds) if final_seeds else []
+    cells = plan_tuning(cfg, [cfg.decoder], [cfg.encoder],
+                        TuneSettings("", "", sampler, seed, trials, prune, space), storage, study)
+    (result, finals), = tune_matrix(cells, seeds, console, lambda line: console.print(
+        f"[bold]tune[/] {escape(line)}", highlight=False))
+    t = Table(title=f"study {escape(result.settings.study)} ({len(result.trials)}/"
+                    f"{result.settings.budget} trials; storage {escape(cells[0].settings.storage)})")
+    for c in ("trial", "state", "val CIDEr-D", "parameters"):
+        t.add_column(c, justify="right" if c in ("trial", "val CIDEr-D") else "left")
+    for k, info in sorted(result.trials.items()):
+        best = " [bold green]best[/]" if k == result.best else ""
+        value = "-" if info["value"] is None or info["value"] != info["value"] else f"{100 * info['value']:.1f}"
+        t.add_row(str(k), info["state"] + best, value,
+                  escape(", ".join(f"{n}={v:.3g}" if isinstance(v, float) else f"{n}={v}"
+                                   for n, v in info["params"].items())))
+    console.print(t)
+    if finals:
+        render_rich(leaderboard(finals, baselines=False), console)
 
 
 @app.command()
