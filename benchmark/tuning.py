@@ -74,8 +74,8 @@ from benchmark.userfiles import quote, read_yaml
 
 __all__ = ["SPACE_DIR", "Param", "SearchSpace", "TuneSettings", "TuneResult", "load_space",
            "open_study", "tune_cell", "run_final", "tuning_block", "mask_url", "default_storage",
-           "trial_seed", "trial_config", "SAMPLERS", "GRACE_S", "plan_tuning", "tune_matrix",
-           "TunedCell"]
+           "trial_seed", "trial_config", "make_sampler", "SAMPLERS", "GRACE_S", "plan_tuning",
+           "tune_matrix", "TunedCell", "check_space"]
 
 SPACE_DIR = CONFIG_DIR / "search"
 SAMPLERS = ("random", "tpe")
@@ -247,7 +247,10 @@ def trial_seed(seed: int, trial: int) -> int:
                           "big")
 
 
-def _sampler(kind: str, seed: int, trial: int, budget: int) -> optuna.samplers.BaseSampler:
+def make_sampler(kind: str, seed: int, trial: int, budget: int) -> optuna.samplers.BaseSampler:
+    """The sampler that draws trial number ``trial`` of a study seeded ``seed``: Optuna's
+    ``RandomSampler`` (``kind`` random) or ``TPESampler`` (tpe; random for the first half of
+    a ``budget``, at most 10 trials), seeded with :func:`trial_seed`."""
     s = trial_seed(seed, trial)
     if kind == "tpe":  # random for the first half of the budget (at most 10), then TPE
         return optuna.samplers.TPESampler(seed=s, n_startup_trials=min(10, max(1, budget // 2)))
@@ -262,6 +265,17 @@ def mask_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL at all: said by open_study
         return url
+
+
+def _without_password(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` (if any) replaced by ``***``."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:
+        return text
+    return text.replace(str(password), "***") if password else text
 
 
 def default_storage(results_dir: str | Path, study: str) -> str:
@@ -314,9 +328,9 @@ def open_study(settings: TuneSettings, space: SearchSpace, base: RunConfig) -> o
     """
     url = settings.storage
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # capbench prints each trial itself
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S,
@@ -325,11 +339,13 @@ def open_study(settings: TuneSettings, space: SearchSpace, base: RunConfig) -> o
                   if settings.prune else optuna.pruners.NopPruner())
         study = optuna.create_study(study_name=settings.study, storage=storage, pruner=pruner,
                                     direction="maximize", load_if_exists=True,
-                                    sampler=_sampler(settings.sampler, settings.seed, 0,
+                                    sampler=make_sampler(settings.sampler, settings.seed, 0,
                                                      settings.budget))
     except Exception as exc:  # SQLAlchemy's and the driver's errors, named by the URL
+        why = _without_password(str(exc).strip().splitlines()[0][:200] if str(exc).strip()
+                                else "", url)
         raise StorageError(f"--storage {quote(mask_url(url))} cannot be opened "
-                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); give an "
+                           f"({type(exc).__name__}: {why}); give an "
                            "SQLAlchemy URL such as sqlite:///path/study.db (its folder writable) "
                            "or postgresql://user:password@host/db with its driver installed, "
                            "or leave --storage out for <results-dir>/tuning/<study>.db") from None
@@ -436,7 +452,7 @@ def _objective(cell: _Cell, settings: TuneSettings, slot: int) -> Callable:
     def objective(trial: optuna.Trial) -> float:
         for k, v in (("trial", slot), ("host", socket.gethostname()), ("pid", os.getpid())):
             trial.set_user_attr(k, v)
-        trial.study.sampler = _sampler(settings.sampler, settings.seed, slot, settings.budget)
+        trial.study.sampler = make_sampler(settings.sampler, settings.seed, slot, settings.budget)
         params = {p.name: p.suggest(trial) for p in cell.space.params}
         cfg = trial_config(cell.base, params, "val", f"study {settings.study} trial {slot}")
 
