@@ -33,6 +33,7 @@ Every trial's record carries a ``tuning`` block (:func:`tuning_block`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -494,6 +495,9 @@ def _drop_state(cfg: RunConfig) -> None:
     if state is not None:
         state.unlink(missing_ok=True)
         state.with_suffix(".lock").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # other unfinished runs may still be there
+            state.parent.rmdir()
+            state.parent.parent.rmdir()
 
 
 def tune_cell(cell: _Cell, settings: TuneSettings,
