@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from benchmark.errors import CapbenchError, user_message
+from benchmark.errors import CapbenchError, ConfigError, user_message
 
 QUICKSTART = """Quickstart:
   capbench run --config demo          train and score the demo model on the embedded `shapes` set
@@ -562,7 +562,6 @@ def compare(
 
     With three runs or more, each metric's p-values are Holm-adjusted over the comparisons
     (each run against A); --raw-p shows the raw ones beside them."""
-    from benchmark.errors import ConfigError
     from benchmark.records import find_record
     from benchmark.stats import check_resamples, compare_to_first
 
@@ -640,6 +639,11 @@ def matrix(
     list_cells: Annotated[bool, typer.Option("--list-cells", help="print the plan: every cell with its number for --cell")] = False,
     cell: Annotated[int | None, typer.Option(help="run cell K (0-based, see --list-cells) alone, e.g. from an #SBATCH --array task")] = None,
     fmt: Annotated[TableOrJson, typer.Option("--format", help="--list-cells/--status output")] = TableOrJson.table,
+    tune: Annotated[int | None, typer.Option(help="also give every cell the same N-trial hyperparameter search on val (capbench tune), then re-run each best configuration over the seeds on test: the board's '(tuned, N=..)' rows")] = None,
+    space: _Space = "default",
+    sampler: _Sampler = "random",
+    storage: _Storage = None,
+    prune: _Prune = False,
 ):
     """Run every decoder x encoder (x seed) cell on one split, resumably, then show the board.
 
@@ -656,8 +660,13 @@ def matrix(
     plan = matrix_plan(config, archs.split(",") if archs else None,
                        encoders.split(",") if encoders else None,
                        parse_seeds(seeds) if seeds else None, cfg.seed)
-    if status or list_cells or cell is not None or retry_failed or launcher == Launcher.slurm or (
-            launcher == Launcher.local and parallel > 1):
+    launched = status or list_cells or cell is not None or retry_failed or launcher == Launcher.slurm or (
+        launcher == Launcher.local and parallel > 1)
+    if launched and tune is not None:
+        raise ConfigError("--tune runs the studies in this process: leave out --launcher, --cell, "
+                          "--status and --list-cells (on a cluster, share a --storage URL between "
+                          "`capbench tune` workers)")
+    if launched:
         raise typer.Exit(_matrix_launch(cfg, plan, part, config, dict(
             launcher=launcher.value if launcher else "local", parallel=parallel,
             slurm=slurm or [], status=status, retry_failed=retry_failed, wait=wait,
@@ -684,11 +693,13 @@ def matrix(
         console.print(f"[bold]matrix {counter['n']}/{counter['of']}[/] {cell.arch} x {cell.encoder}{variant} "
                       f"seed {cell.seed}: [{colour}]{cell.status}[/]{extra}", highlight=False)
 
+    tuned = _plan_matrix_tuning(cfg, plan, tune, space, sampler, storage, prune, part)
     result = run_matrix(cfg, plan.archs, plan.encoders, plan.seeds, console, on_cell, plan.variants,
                         shard=part, on_plan=on_plan)
     refs = _matrix_references(plan.references, cfg, part)
-    render_rich(leaderboard(result.records(cfg.results_dir) + [o.record for o in refs if o.record]),
-                console)
+    finals = _run_matrix_tuning(tuned, plan.seeds)
+    render_rich(leaderboard(result.records(cfg.results_dir) + [o.record for o in refs if o.record]
+                            + finals), console)
     for enc, sec in result.feature_seconds.items():
         console.print(f"features {enc}: {sec:.0f} s (once, shared by its decoders)")
     which = (f"matrix: {result.planned} cells" if part is None else
@@ -804,6 +815,30 @@ def _matrix_status_view(states: list, fmt: str) -> int:
     return int(counts["failed"] > 0)
 
 
+def _plan_matrix_tuning(cfg, plan, tune, space, sampler, storage, prune, part) -> list:
+    """``matrix --tune N``: every cell's study checked (spaces, storage) before any cell runs
+    (:func:`benchmark.tuning.plan_tuning`); [] without --tune."""
+    if tune is None:
+        return []
+    from benchmark.tuning import TuneSettings, plan_tuning
+
+    if part is not None or len(plan.variants) > 1:
+        raise ConfigError("--tune with --shard or matrix.variants: tune one plain matrix on one "
+                          "machine (or share a --storage URL between `capbench tune` workers)")
+    settings = TuneSettings("", "", sampler, cfg.seed, tune, prune, space)
+    return plan_tuning(cfg, plan.archs, plan.encoders, settings, storage)
+
+
+def _run_matrix_tuning(cells: list, seeds: list[int]) -> list:
+    """The tuned cells' studies and final runs (:func:`benchmark.tuning.tune_matrix`), one
+    line per trial; returns the final records."""
+    from benchmark.tuning import tune_matrix
+
+    out = tune_matrix(cells, seeds, console, lambda line: console.print(
+        f"[bold]tune[/] {escape(line)}", highlight=False))
+    return [r for _, finals in out for r in finals]
+
+
 def _matrix_references(models: list[str], cfg, part) -> list:
     """A matrix config's ``references``: each pretrained captioner scored once (first shard)
     as a reference row (:func:`benchmark.hf_captioners.run_references`), one line each."""
@@ -817,6 +852,61 @@ def _matrix_references(models: list[str], cfg, part) -> list:
 
     return run_references(models, cfg.dataset, device=cfg.device, results_dir=cfg.results_dir,
                           first_shard=part is None or part.index == 1, on_reference=on_reference)
+
+
+_Space = Annotated[str, typer.Option(help="search space: configs/search/NAME.yaml (default, tiny) or a YAML path")]
+_Sampler = Annotated[str, typer.Option(help="random (seeded; what expected validation performance assumes) or tpe")]
+_Storage = Annotated[str | None, typer.Option(help="Optuna storage, any SQLAlchemy URL (postgresql://... for many machines); default sqlite under <results-dir>/tuning/<study>.db")]
+_Prune = Annotated[bool, typer.Option("--prune", help="stop trials whose per-epoch validation CIDEr-D is below the median of earlier trials (Optuna's MedianPruner)")]
+
+
+@app.command(rich_help_panel="Train & compare", epilog="Example: `capbench tune --config tiny --arch attn_lstm --trials 3 --space tiny`")
+@_guard
+def tune(
+    arch: Annotated[str | None, typer.Option(help="decoder to tune")] = None,
+    encoder: Annotated[str | None, typer.Option(help="encoder of the cell")] = None,
+    config: Annotated[str | None, typer.Option(help="preset or YAML: the base config every trial starts from")] = None,
+    trials: Annotated[int, typer.Option(help="trials (the budget), each a run scored on the validation split")] = 8,
+    space: _Space = "default",
+    sampler: _Sampler = "random",
+    seed: Annotated[int, typer.Option(help="the sampler's seed (trial k's parameters depend only on it and k)")] = 0,
+    storage: _Storage = None,
+    study: Annotated[str | None, typer.Option(help="study name (default <decoder>-<encoder>-<dataset>)")] = None,
+    prune: _Prune = False,
+    final_seeds: Annotated[str | None, typer.Option(help="then re-run the best configuration over these seeds on test, e.g. 0,1,2")] = None,
+    dataset: Annotated[str | None, typer.Option(help="'shapes' or a Karpathy dataset.json")] = None,
+    epochs: Annotated[int | None, typer.Option(help="training epochs per trial")] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="pretrained encoder weights or a seeded random init")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps")] = None,
+    results_dir: Annotated[Path | None, typer.Option(help="where trial records (and the default SQLite study) go")] = None,
+):
+    """Search one (decoder, encoder) cell's hyperparameters: N seeded trials on the validation
+    split (Optuna); resumable; prints each trial and the best configuration."""
+    from benchmark.config import load_config, parse_seeds
+    from benchmark.report import leaderboard, render_rich
+    from benchmark.tuning import TuneSettings, plan_tuning, tune_matrix
+
+    cfg = load_config(config, {"decoder": arch, "encoder": encoder, "dataset": dataset,
+                               "train.epochs": epochs, "pretrained": pretrained, "device": device,
+                               "results_dir": str(results_dir) if results_dir else None})
+    seeds = parse_seeds(final_seeds) if final_seeds else []
+    cells = plan_tuning(cfg, [cfg.decoder], [cfg.encoder],
+                        TuneSettings("", "", sampler, seed, trials, prune, space), storage, study)
+    (result, finals), = tune_matrix(cells, seeds, console, lambda line: console.print(
+        f"[bold]tune[/] {escape(line)}", highlight=False))
+    t = Table(title=f"study {escape(result.settings.study)} ({len(result.trials)}/"
+                    f"{result.settings.budget} trials; storage {escape(cells[0].settings.storage)})")
+    for c in ("trial", "state", "val CIDEr-D", "parameters"):
+        t.add_column(c, justify="right" if c in ("trial", "val CIDEr-D") else "left")
+    for k, info in sorted(result.trials.items()):
+        best = " [bold green]best[/]" if k == result.best else ""
+        value = "-" if info["value"] is None or info["value"] != info["value"] else f"{100 * info['value']:.1f}"
+        t.add_row(str(k), info["state"] + best, value,
+                  escape(", ".join(f"{n}={v:.3g}" if isinstance(v, float) else f"{n}={v}"
+                                   for n, v in info["params"].items())))
+    console.print(t)
+    if finals:
+        render_rich(leaderboard(finals, baselines=False), console)
 
 
 @app.command(rich_help_panel="Diagnose", epilog="Example: `capbench check --baseline results/baselines/tiny.json`")

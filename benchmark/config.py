@@ -144,6 +144,9 @@ class RunConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     name: str | None = None
+    #: the split a run decodes and scores: ``test`` (every run), or ``val`` (a tuning trial,
+    #: :mod:`benchmark.tuning`, which must never see the test split)
+    eval_split: str = _r("test", choices=("val", "test"))
 
 
 _SECTIONS = {"train": TrainConfig, "decode": DecodeConfig, "features": FeatureConfig}
@@ -437,6 +440,8 @@ def config_id(resolved: dict) -> str:
     if keep.get("encoder_trainable", "none") == "none":
         keep.pop("encoder_trainable", None)
         keep.pop("encoder_lr", None)
+    if keep.get("eval_split", "test") == "test":  # scored on test, as every run before it
+        keep.pop("eval_split", None)
     if keep.get("tokenizer", "word") == "word":
         keep.pop("tokenizer", None)
         keep.pop("tokenizer_vocab_size", None)

@@ -35,7 +35,8 @@ from benchmark.userfiles import field_type_problem, read_json
 SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "run_record.schema.json"
 #: fields added after the first records were written: absent from a record while None
-OPTIONAL_FIELDS = ("image_use", "evaluation", "grounding", "reference_model", "metric_sources")
+OPTIONAL_FIELDS = ("image_use", "evaluation", "grounding", "reference_model", "metric_sources",
+                   "tuning")
 
 _NUM, _NULL = (int, float), type(None)
 #: the JSON types of the fields readers use, by dotted path (``*``: every value of an object
@@ -62,6 +63,7 @@ FIELD_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("image_use.baselines.*.metrics.*", (*_NUM, _NULL)), ("evaluation", (dict, _NULL)),
     ("grounding", (dict, _NULL)), ("grounding.pointing", (dict,)),
     ("grounding.pointing.*", (*_NUM, _NULL)), ("reference_model", (dict, _NULL)),
+    ("tuning", (dict, _NULL)), ("tuning.params", (dict,)), ("tuning.value", (*_NUM, _NULL)),
 )
 
 __all__ = ["RunRecord", "DatasetInfo", "TrainingBlock", "ThroughputBlock", "ScoredSplit",
@@ -239,6 +241,10 @@ class RunRecord:
     #: here): model id, revision, class, parameters, decoding (benchmark.hf_captioners); None
     #: for capbench's own runs
     reference_model: dict[str, Any] | None = None
+    #: a hyperparameter search's trial (scored on val) or the re-run of its best configuration
+    #: (scored on test): study, storage, sampler, seed, pruner, budget, role, trial, split,
+    #: objective, value, params (:func:`benchmark.tuning.tuning_block`); None otherwise
+    tuning: dict[str, Any] | None = None
     #: where the record was read from (not stored in the file)
     path: str | None = field(default=None, compare=False, repr=False)
 

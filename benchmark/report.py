@@ -192,6 +192,13 @@ def _reference_label(r: RunRecord) -> str:
     return f"{(r.reference_model or {}).get('family') or r.arch} (pretrained)"
 
 
+def _tuned_label(r: RunRecord) -> str:
+    """The decoder cell of a run: ``attn_lstm (tuned, N=8)`` for the re-run of a study's best
+    configuration (``capbench matrix --tune``), else the decoder's name."""
+    t = r.tuning or {}
+    return f"{r.arch} (tuned, N={t.get('budget')})" if t.get("role") == "final" else r.arch
+
+
 def _baseline_rows(records: list[RunRecord]) -> list[dict]:
     """Reference rows from the records' ``image_use.baselines``: each blind baseline once per
     dataset/split, and the nearest-neighbour baseline once per encoder."""
@@ -250,7 +257,7 @@ def leaderboard(records: list[RunRecord], *, baselines: bool = True) -> pd.DataF
             "split": r.split_fingerprint,
             "run_id": r.run_id,
             "config_id": r.config_id or r.run_id,
-            "arch": r.arch,
+            "arch": _tuned_label(r),
             "encoder": r.encoder,
             "weights": "pre" if r.pretrained else "rand",
             "seed": r.seed,

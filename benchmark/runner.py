@@ -7,9 +7,10 @@ call into the module that owns the concept (features, train, inference, metrics,
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,25 @@ from benchmark.vocab import CaptionTokenizer
 
 __all__ = ["prepare_features", "run_experiment", "run_seeds", "preflight",
            "check_run_settings", "check_launch", "launch_ranks",
-           "run_baselines", "unfinished_state"]
+           "run_baselines", "unfinished_state", "observe_epochs"]
+
+#: called with each epoch's history row (see :func:`observe_epochs`); None: nobody watches
+_EPOCH_OBSERVER: contextvars.ContextVar[Callable[[dict], None] | None] = contextvars.ContextVar(
+    "capbench_epoch_observer", default=None)
+
+
+@contextlib.contextmanager
+def observe_epochs(observer: Callable[[dict], None]) -> Iterator[None]:
+    """Within the block, every run calls ``observer(entry)`` after each training epoch with
+    the epoch's history row (``epoch``, ``phase``, ``loss``, ``val_CIDEr`` when validated; see
+    :meth:`benchmark.train.TrainCallbacks.on_epoch_end`). An exception it raises (e.g.
+    ``optuna.TrialPruned``, :mod:`benchmark.tuning`'s pruning) stops the run without a record;
+    its unfinished training state stays under ``<results_dir>/unfinished/``."""
+    token = _EPOCH_OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _EPOCH_OBSERVER.reset(token)
 
 
 def _progress(console: Console | None) -> Progress:
@@ -260,6 +279,8 @@ class _ProgressCallbacks(TrainCallbacks):
         if entry["phase"] == "xe" and self.tokens_per_s is not None:
             values["train/tokens_per_s"] = float(self.tokens_per_s)
         self.tracker.log(values, entry["epoch"])
+        if (observer := _EPOCH_OBSERVER.get()) is not None:
+            observer(entry)
 
 
 def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encoder,
@@ -310,7 +331,7 @@ def _train_stage(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, encode
     decoder.load_state_dict(result.best_state)
     if finetune is not None:  # the best encoder, and the test images' features under it,
         encoder.apply_finetuned(result.best_encoder_state, cfg.encoder_trainable)
-        store = finetune.store_all_ranks(dataset.split("test"), device)  # what evaluation reads
+        store = finetune.store_all_ranks(dataset.split(cfg.eval_split), device)  # what evaluation reads
     return _Trained(decoder, encoder, n_trainable, tokenizer, store, stats, result,
                     encoder.cache_identity(), mean_tokens)
 
@@ -465,21 +486,22 @@ def _train_and_record(cfg: RunConfig, resolved: dict, dataset: CaptionDataset, p
     encoder, store = prepared or prepare_features(cfg, dataset, device, console)
     trained = _train_stage(cfg, resolved, dataset, encoder, store, device, console,
                            state_path=state_path, resume=resuming, run_id=run_id)
-    test = dataset.split("test")
+    split = cfg.eval_split  # test; val for a tuning trial, which never reads the test split
+    test = dataset.split(split)
     predictions, captions_per_s = caption_features_all_ranks(trained.decoder, trained.store,
                                                              test, trained.tokenizer, cfg.decode,
                                                              device)
     if not distributed.is_main():  # rank 0 scores, checks image use and writes the record
         return None, None
-    scores = score_captions(predictions, dataset.references("test"),
-                            images=dataset.image_files("test"),
+    scores = score_captions(predictions, dataset.references(split),
+                            images=dataset.image_files(split),
                             options=MetricOptions.from_env(device=str(device)))
-    image_use = _image_use_stage(dataset, resolved["encoder"], store, trained, scores, cfg.decode,
-                                 device)
+    image_use = (_image_use_stage(dataset, resolved["encoder"], store, trained, scores, cfg.decode,
+                                  device) if split == "test" else None)
     throughput = _throughput_block(cfg, trained, store, test, captions_per_s, device)
     ckpt = Path(cfg.results_dir) / "checkpoints" / run_id
     record = make_record(
-        run_id=run_id, config=resolved, scored=ScoredSplit(dataset, "test", scores, predictions),
+        run_id=run_id, config=resolved, scored=ScoredSplit(dataset, split, scores, predictions),
         model=RecordedModel(trained.encoder, trained.decoder, len(trained.tokenizer),
                             trained.encoder_trainable, str(ckpt)),
         training=trained.record_block(cfg), throughput=throughput, device=device,
