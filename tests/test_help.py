@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from benchmark.cli import app
 
 PANELS = {
-    "Train & compare": {"run", "report", "compare", "matrix", "list", "baseline"},
+    "Train & compare": {"run", "report", "compare", "matrix", "tune", "list", "baseline"},
     "Inspect a model": {"caption", "explain", "ground"},
     "Score": {"eval"},
     "Data": {"data"},
