@@ -38,6 +38,7 @@ from benchmark.errors import CapbenchError, RecordError, StorageError
 from benchmark.evp import crossings, crossings_markdown, evp_curves, trial_records
 from benchmark.fsutil import atomic_write_text, refuse_overwrite
 from benchmark.gallery import AttentionStrips, write_gallery
+from benchmark.image_use import SIGNIFICANCE
 from benchmark.metrics import families, registered_metrics
 from benchmark.records import RunRecord, load_records
 from benchmark.stats import holm
@@ -301,13 +302,14 @@ def _holm_vs_blind(df: pd.DataFrame) -> pd.DataFrame:
                    vs_blind_tests=0)
     for _, idx in df.groupby(["dataset", "split"], sort=False).groups.items():
         raw = df.loc[idx, "vs_blind_p_raw"].astype(float).to_numpy()
-        adjusted, reject = holm(raw)
+        adjusted, _ = holm(raw)
         delta = df.loc[idx, "vs_blind_delta"].astype(float).to_numpy()
         tested = np.isfinite(raw)
         df.loc[idx, "vs_blind_p"] = adjusted
         df.loc[idx, "vs_blind_tests"] = int(tested.sum())
-        better = pd.Series([bool(b) if t else None for b, t in zip(reject & (delta > 0), tested,
-                                                                    strict=True)],
+        # the same rule as the raw verdict (image_use: higher with p < 0.05), on the adjusted p
+        significant = (adjusted < SIGNIFICANCE) & (delta > 0)
+        better = pd.Series([bool(b) if t else None for b, t in zip(significant, tested, strict=True)],
                            index=idx, dtype=object)
         df["vs_blind_better"] = df["vs_blind_better"].astype(object)
         df.loc[idx, "vs_blind_better"] = better
@@ -788,7 +790,7 @@ def _write_plots(runs: pd.DataFrame, folders: list[Path], plot: Path, note: Note
 def _evp(folders: list[Path], plot: Path | None, note: Note) -> str:
     """The tuning trials' expected-validation-performance curves (:mod:`benchmark.evp`): their
     crossing table told to ``note``, and with ``plot`` the EVP plot and the table's markdown
-    (``*-evp-crossings.md``) written there. Returns the markdown section for LEADERBOARD.md."""
+    (``evp-crossings.md``) written there. Returns the markdown section for LEADERBOARD.md."""
     from benchmark.plots import write_evp_plots  # lazy: matplotlib is heavy
 
     curves = evp_curves(load_records_from(folders)[0])

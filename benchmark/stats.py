@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from statsmodels.stats.multitest import multipletests
 
 from benchmark.errors import ConfigError, RecordError
 from benchmark.limits import available_memory, check_memory
@@ -326,6 +325,9 @@ def holm(p_values, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     adjusted, reject = np.full(p.shape, np.nan), np.zeros(p.shape, dtype=bool)
     ok = np.isfinite(p)
     if ok.any():
+        # statsmodels (with scipy) costs a second or more of start-up: loaded when first used
+        from statsmodels.stats.multitest import multipletests
+
         rej, adj, _, _ = multipletests(p[ok], alpha=alpha, method="holm")
         adjusted[ok], reject[ok] = adj, rej
     return adjusted, reject
