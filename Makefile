@@ -28,9 +28,10 @@ demo: $(STAMP)
 	@echo "  capbench bench decoders all                   decoder throughput"
 	@echo "  capbench doctor                               what works on this machine"
 
+# --durations: the CI log names its slowest tests (CI must stay under 20 minutes)
 test: $(STAMP)
 	$(BIN)/ruff check architectures benchmark tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 	$(BIN)/capbench check --baseline results/baselines/tiny.json
 
 # the tests not marked slow (no end-to-end training runs): a quick loop while editing
