@@ -30,13 +30,13 @@ demo: $(STAMP)
 
 # --durations: the CI log names its slowest tests (CI must stay under 20 minutes)
 test: $(STAMP)
-	$(BIN)/ruff check architectures benchmark tests
+	$(BIN)/ruff check architectures benchmark tests docs/hooks
 	$(BIN)/python -m pytest -q --durations=25
 	$(BIN)/capbench check --baseline results/baselines/tiny.json
 
 # the tests not marked slow (no end-to-end training runs): a quick loop while editing
 test-fast: $(STAMP)
-	$(BIN)/ruff check architectures benchmark tests
+	$(BIN)/ruff check architectures benchmark tests docs/hooks
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # For a GPU machine without network that has its own PyTorch, timm and transformers (docs/gpu.md:
@@ -61,7 +61,7 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: $(STAMP)
-	$(BIN)/ruff check architectures benchmark tests
+	$(BIN)/ruff check architectures benchmark tests docs/hooks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache site
