@@ -660,6 +660,7 @@ def matrix(
     plan = matrix_plan(config, archs.split(",") if archs else None,
                        encoders.split(",") if encoders else None,
                        parse_seeds(seeds) if seeds else None, cfg.seed)
+    _matrix_check_flags(launcher, parallel, slurm, wait, board_job)
     launched = status or list_cells or cell is not None or retry_failed or launcher == Launcher.slurm or (
         launcher == Launcher.local and parallel > 1)
     if launched and tune is not None:
@@ -714,7 +715,19 @@ def matrix(
 
 
 _STATE_COLOURS = {"done": "green", "running": "cyan", "queued": "blue", "failed": "red",
-                  "not started": "white"}
+                  "not started": "white", "unknown": "yellow"}
+
+
+def _matrix_check_flags(launcher, parallel: int, slurm, wait: bool, board_job: bool) -> None:
+    """ConfigError for a launcher flag given without the launcher it belongs to (otherwise
+    ignored: a forgotten --launcher would train the whole matrix in this process)."""
+    needs = [("--slurm", bool(slurm), Launcher.slurm), ("--wait", wait, Launcher.slurm),
+             ("--board-job", board_job, Launcher.slurm),
+             (f"--parallel {parallel}", parallel > 1, Launcher.local)]
+    for flag, given, wanted in needs:
+        if given and launcher != wanted:
+            raise ConfigError(f"{flag} needs --launcher {wanted.value}"
+                              + (f" (this command has --launcher {launcher.value})" if launcher else ""))
 
 
 def _matrix_launch(cfg, plan, part, config: str | None, opts: dict) -> int:
@@ -765,14 +778,19 @@ def _matrix_launch(cfg, plan, part, config: str | None, opts: dict) -> int:
                         if (n := sum(x.state == s for x in out.skipped)))
     console.print(f"matrix: {len(out.submitted)} cell(s) {'submitted' if opts['launcher'] == 'slurm' else 'run'}"
                   f"{'; skipped ' + skipped if skipped else ''}", highlight=False)
-    if opts["launcher"] == "slurm" and out.submitted:
+    if opts["launcher"] == "slurm":
         ids = [s.job_id for s in out.submitted]
-        console.print(f"job array {ids[0].split('_')[0]} ({len(ids)} task(s)); job folder "
-                      f"{_q(Path(cfg.results_dir) / 'submitit')}", highlight=False)
-        if opts["board_job"]:  # after this array and the cells' earlier tasks still queued or running
-            ids += [s.job_id for s in out.skipped if s.state in ("queued", "running") and s.job_id]
+        if ids:
+            console.print(f"job array {ids[0].split('_')[0]} ({len(ids)} task(s)); job folder "
+                          f"{_q(Path(cfg.results_dir) / 'submitit')}", highlight=False)
+        # the board waits for this array and the cells' earlier tasks still queued or running
+        ids += [s.job_id for s in out.skipped if s.state in ("queued", "running") and s.job_id]
+        if opts["board_job"] and ids:
             console.print(f"board job {submit_board_job(cfg.results_dir, ids, settings)} writes "
                           f"{_q(Path(cfg.results_dir) / 'LEADERBOARD.md')} when the array ends")
+        elif opts["board_job"]:
+            console.print("no board job: no cell is queued or running; capbench report "
+                          f"--results-dir {_q(cfg.results_dir)} shows the board", highlight=False)
         if not opts["wait"]:
             console.print("follow it with the same command and --status; when it has ended: "
                           f"capbench report --results-dir {_q(cfg.results_dir)}", highlight=False)

@@ -24,7 +24,8 @@ Slurm settings (:data:`SLURM_SETTINGS`) come from a matrix config's ``launcher:`
 and ``--slurm KEY=VALUE`` flags (:func:`slurm_settings`); extra ``sbatch`` options go under
 ``sbatch`` and are checked against the installed ``sbatch --help``.
 
-**The seam for other studies** (``capbench tune --launcher slurm --workers K``, issue 28):
+**The seam for other studies** (tuning workers, issue 28; ``capbench tune`` is not wired to
+it yet: several ``capbench tune`` jobs sharing one ``--storage`` URL do it by hand):
 nothing here is matrix-specific below :class:`CellTask`. :func:`submit_array` submits any
 picklable callable over a list of arguments (one array task each) with the same settings
 and checks (:func:`check_slurm`), and :func:`run_local` runs the same on local processes.
@@ -32,13 +33,15 @@ A tuning study submits ``K`` workers, each a callable that opens one Optuna stud
 storage and runs trials until the study has enough (e.g. ``submit_array(StudyWorker(storage,
 name, n_trials), list(range(K)), folder, settings, job_name="capbench-tune")``). The
 storage must be reachable from every node: SQLite on a shared filesystem works for a few
-workers but its file locking is unreliable over NFS (warn), a PostgreSQL URL
+workers but its file locking is unreliable over NFS; a PostgreSQL URL
 (``postgresql://user@host/db``) is the setting to recommend on a cluster.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
+import fcntl
 import json
 import multiprocessing
 import os
@@ -52,7 +55,7 @@ from pathlib import Path
 
 import submitit
 import submitit.helpers
-from submitit.core.utils import JobPaths
+from submitit.core.utils import FailedJobError, FailedSubmissionError, JobPaths
 
 from benchmark.config import RunConfig, read_config_file
 from benchmark.data import resolve_dataset
@@ -95,6 +98,31 @@ DEFAULT_TIME_MIN = 240
 _QUEUED = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "SUSPENDED",
            "CONFIGURING", "RESIZING"}
 _RUNNING = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT"}
+#: seconds a Slurm client command (sbatch --help, squeue) may take before capbench gives up
+SLURM_CMD_TIMEOUT_S = 60
+
+
+@contextlib.contextmanager
+def _scheduler(what: str):
+    """Around a call to Slurm's clients: sbatch refusing a job (submitit's FailedJobError,
+    e.g. an unknown partition) becomes a ConfigError carrying sbatch's own message; an sbatch
+    answer without a job id (submitit's FailedSubmissionError) and a client that does not
+    answer in time (a busy or unreachable slurmctld) a CapbenchError."""
+    try:
+        yield
+    except FailedJobError as exc:
+        said = " ".join(str(exc).split())[-600:]
+        raise ConfigError(f"{what}: sbatch refused the job: {said}; check the Slurm settings "
+                          "(--slurm KEY=VALUE, the config's launcher: section), e.g. the "
+                          "partition (sinfo lists them)") from None
+    except FailedSubmissionError as exc:  # sbatch said nothing submitit understands
+        said = " ".join(str(exc).split())[-300:]
+        raise CapbenchError(f"{what}: sbatch's answer names no job ({said}); see squeue "
+                            "--me before submitting again") from None
+    except subprocess.TimeoutExpired as exc:
+        cmd = exc.cmd[0] if isinstance(exc.cmd, list | tuple) else str(exc.cmd).split()[0]
+        raise CapbenchError(f"{what}: {cmd} did not answer within {exc.timeout:g} s (is "
+                            "slurmctld busy or down? `sinfo` tells); try again later") from None
 
 
 def _allowed() -> str:
@@ -164,8 +192,9 @@ def _typed(key: str, value, where: str, before):
 
 def _sbatch_options() -> set[str]:
     """The long options the installed ``sbatch`` knows (from ``sbatch --help``)."""
-    text = subprocess.run(["sbatch", "--help"], capture_output=True, text=True,
-                          timeout=30).stdout
+    with _scheduler("--launcher slurm"):
+        text = subprocess.run(["sbatch", "--help"], capture_output=True, text=True,
+                              timeout=SLURM_CMD_TIMEOUT_S).stdout
     return {tok[2:].split("=")[0].split("[")[0].rstrip(",")
             for tok in text.split() if tok.startswith("--")}
 
@@ -207,9 +236,11 @@ def submit_array(fn: Callable, items: Sequence, folder: str | Path, settings: di
     """Submit ``fn(item)`` for each of ``items`` as one Slurm job array (submitit
     ``map_array``; ``fn`` and the items must pickle, and a ``Checkpointable`` ``fn`` is
     requeued on preemption/timeout). Returns the tasks' job ids (``ARRAYID_INDEX``).
-    Call :func:`check_slurm` first."""
+    Call :func:`check_slurm` first. Raises ConfigError when sbatch refuses the array (its
+    message, e.g. an unknown partition); nothing is submitted then."""
     executor = _executor(Path(folder), settings, job_name)
-    jobs = executor.map_array(fn, list(items))
+    with _scheduler("--launcher slurm: submitting the job array"):
+        jobs = executor.map_array(fn, list(items))
     return [job.job_id for job in jobs]
 
 
@@ -217,12 +248,14 @@ def run_local(fn: Callable, items: Sequence, parallel: int,
               on_done: Callable[[object, object], None] | None = None) -> list:
     """Run ``fn(item)`` for each of ``items`` in fresh local processes (spawned, one per item),
     at most ``parallel`` at a time; ``on_done(item, result or exception)`` as each ends.
-    Returns the results (an exception where a process raised), in the items' order."""
-    context = multiprocessing.get_context("spawn")
+    Returns the results (an exception where a process raised), in the items' order.
+
+    Each item gets its own one-process pool, driven by one of ``parallel`` threads (a fresh
+    process per item on every Python capbench supports; ``max_tasks_per_child`` needs 3.11),
+    so a process that dies takes down its own item alone."""
     out: dict = {}
-    with futures.ProcessPoolExecutor(parallel, mp_context=context,
-                                     max_tasks_per_child=1) as pool:
-        pending = {pool.submit(fn, item): i for i, item in enumerate(items)}
+    with futures.ThreadPoolExecutor(parallel) as pool:
+        pending = {pool.submit(_in_fresh_process, fn, item): i for i, item in enumerate(items)}
         for done in futures.as_completed(pending):
             i = pending[done]
             try:
@@ -232,6 +265,13 @@ def run_local(fn: Callable, items: Sequence, parallel: int,
             if on_done:
                 on_done(items[i], out[i])
     return [out[i] for i in range(len(items))]
+
+
+def _in_fresh_process(fn: Callable, item):
+    """``fn(item)`` in a newly spawned process (its exception re-raised here)."""
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(1, mp_context=context) as one:
+        return one.submit(fn, item).result()
 
 
 class CellTask(submitit.helpers.Checkpointable):
@@ -275,8 +315,13 @@ def _squeue() -> dict[str, str]:
     if shutil.which("squeue") is None:
         raise CapbenchError("cells were submitted to Slurm from this results folder, but squeue "
                             "is not on PATH: run --status on a Slurm login node")
-    out = subprocess.run(["squeue", "--me", "-h", "-r", "-o", "%i|%T"], capture_output=True,
-                         text=True, timeout=60)
+    try:
+        out = subprocess.run(["squeue", "--me", "-h", "-r", "-o", "%i|%T"], capture_output=True,
+                             text=True, timeout=SLURM_CMD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise CapbenchError(f"squeue did not answer within {SLURM_CMD_TIMEOUT_S} s (is "
+                            "slurmctld busy or down?), so the submitted cells' states are "
+                            "unknown") from None
     if out.returncode != 0:
         raise CapbenchError(f"squeue failed, so the submitted cells' states are unknown: "
                             f"{out.stderr.strip()[-300:]}")
@@ -284,21 +329,45 @@ def _squeue() -> dict[str, str]:
 
 
 def _local_holder(results_dir: str | Path, cell: Cell) -> int | None:
-    """The pid of a live process on this machine training ``cell`` (it holds the lock of the
-    cell's unfinished run), or None."""
-    state = unfinished_state(results_dir, cell.config_id, cell.seed)
-    lock = state.with_suffix(".lock") if state else None
-    try:
-        pid = int(lock.read_text().strip()) if lock else 0
-    except (OSError, ValueError):
-        return None
-    if pid <= 0:
-        return None
+    """The pid of a live process on this machine training ``cell``, or None: a process holds
+    the lock of the cell's run (``unfinished/<cid>/<run_id>.lock``, from the moment its run id
+    is decided, before its first epoch's state exists). A lock file counts when the pid in it
+    is alive (a process of another user too) and its flock is held (a leftover file of a
+    killed process whose pid was reused does not)."""
+    folder = Path(results_dir) / "unfinished" / cell.config_id
+    for lock in sorted(folder.glob(f"*-s{cell.seed}-*.lock")) if folder.is_dir() else []:
+        try:
+            pid = int(lock.read_text().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if pid > 0 and _alive(pid) and _locked(lock):
+            return pid
+    return None
+
+
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return None
-    return pid
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
+
+
+def _locked(path: Path) -> bool:
+    """Whether another process holds the flock of ``path`` (tested without waiting)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the shared lock taken, if it was
+    return False
 
 
 def _log_tail(results_dir: str | Path, job_id: str | None, lines: int = 8) -> str:
@@ -316,8 +385,10 @@ def _log_tail(results_dir: str | Path, job_id: str | None, lines: int = 8) -> st
 
 @dataclass
 class CellState:
-    """A cell's state for ``--status``: ``state`` is done, running, queued, failed or
-    ``not started``; ``detail`` the run id, job id, error or the end of the task's log."""
+    """A cell's state for ``--status``: ``state`` is done, running, queued, failed,
+    ``not started`` or ``unknown`` (submitted to Slurm, no record, and squeue cannot be asked
+    here); ``detail`` the run id, job id, error, why it is unknown, or the end of the task's
+    log."""
 
     index: int
     cell: Cell
@@ -332,20 +403,34 @@ def matrix_status(base: RunConfig, plan: MatrixPlan, shard: Shard | None = None)
     numbering), from the records (done), the queue (queued/running Slurm tasks), a live local
     process holding the cell's run lock (running), the failure files and ended tasks without
     a record (failed, with the end of the task's log) and nothing (not started). A cell with
-    an unfinished state and nothing running it is failed ("stopped after epoch N")."""
+    an unfinished state and nothing running it is failed ("stopped after epoch N").
+
+    squeue is asked only when a cell submitted to Slurm has no record yet, and before the
+    records are read again (a task that writes its record and leaves the queue in between is
+    done, not "ended without a record"); when squeue is missing or fails, those cells are
+    ``unknown`` with the reason."""
     planned = plan_cells(base, plan.archs, plan.encoders, plan.seeds, plan.variants)
-    mine = {id(c) for c in shard_cells(planned, shard)}
+    chosen = {id(c) for c in shard_cells(planned, shard)}
+    mine = [(i, c) for i, c in enumerate(planned) if id(c) in chosen]
     fingerprint = resolve_dataset(base.dataset).fingerprint
     results_dir = Path(base.results_dir)
-    done, manifest = done_runs(results_dir), _read_manifest(results_dir)
-    queue = _squeue() if manifest else {}  # only cells submitted to Slurm are in the queue
+    manifest = _read_manifest(results_dir)
+    jobs = {i: (manifest.get(_cell_key(c)) or {}).get("job_id") for i, c in mine}
+    queue, unknown = {}, ""
+    done = done_runs(results_dir)
+    if any(jobs[i] and (fingerprint, c.config_id, c.seed) not in done for i, c in mine):
+        try:
+            queue = _squeue()
+        except CapbenchError as exc:
+            unknown = str(exc)
+        done = done_runs(results_dir)  # after the queue: a task that ended meanwhile is done
     states = []
-    for index, cell in enumerate(planned):
-        if id(cell) not in mine:
+    for index, cell in mine:
+        run_id, job = done.get((fingerprint, cell.config_id, cell.seed)), jobs[index]
+        if unknown and job and not run_id:
+            states.append(CellState(index, cell, "unknown", job, f"job {job}: {unknown}"))
             continue
-        job = (manifest.get(_cell_key(cell)) or {}).get("job_id")
-        states.append(_state_of(index, cell, results_dir, done.get(
-            (fingerprint, cell.config_id, cell.seed)), job, queue.get(job or "")))
+        states.append(_state_of(index, cell, results_dir, run_id, job, queue.get(job or "")))
     return states
 
 
@@ -393,6 +478,7 @@ def launch_matrix(base: RunConfig, plan: MatrixPlan, launcher: str, *, settings:
     Done, queued and running cells are skipped. Raises ConfigError (bad plan, no sbatch, an
     unknown sbatch option) and StorageError before anything is submitted."""
     states = matrix_status(base, plan, shard)
+    _refuse_unknown(states)
     wanted = {"failed"} if retry_failed else {"failed", "not started"}
     todo = [s for s in states if s.state in wanted]
     skipped = [s for s in states if s.state not in wanted]
@@ -418,6 +504,15 @@ def launch_matrix(base: RunConfig, plan: MatrixPlan, launcher: str, *, settings:
     return LaunchOutcome(todo, skipped)
 
 
+def _refuse_unknown(states: list[CellState]) -> None:
+    """CapbenchError when a cell's state is unknown (it might still be queued or running:
+    running it again would train it twice)."""
+    unknown = [s for s in states if s.state == "unknown"]
+    if unknown:
+        raise CapbenchError(f"{len(unknown)} cell(s) submitted to Slurm have no record and "
+                            f"their state is unknown: {unknown[0].detail}")
+
+
 def _prepare_features_once(base: RunConfig, cells: list[Cell]) -> None:
     """Extract (into the feature cache) each encoder's features once, before local processes
     start, so that parallel cells of one encoder read them rather than all extract them."""
@@ -437,6 +532,7 @@ def wait_for_cells(base: RunConfig, plan: MatrixPlan, shard: Shard | None = None
     t0 = time.monotonic()
     while True:
         states = matrix_status(base, plan, shard)
+        _refuse_unknown(states)
         if on_poll:
             on_poll(states)
         if not any(s.state in ("queued", "running") for s in states):
@@ -463,10 +559,12 @@ def write_board(results_dir: str) -> str:
 def submit_board_job(results_dir: str | Path, job_ids: Sequence[str], settings: dict) -> str:
     """Submit :func:`write_board` as a Slurm job that starts once every task of ``job_ids``
     (array task ids ``ARRAY_INDEX`` or job ids) has ended, however
-    (``--dependency=afterany``). Returns its job id."""
+    (``--dependency=afterany``). Returns its job id. Raises ConfigError when sbatch refuses it.
+    """
     arrays = sorted({j.split("_")[0] for j in job_ids})
     light = {k: v for k, v in settings.items() if k in ("partition", "time_min", "sbatch")}
     light["sbatch"] = {**light.get("sbatch", {}),
                        "dependency": "afterany:" + ":".join(arrays)}
     executor = _executor(job_folder(results_dir), light, "capbench-board")
-    return executor.submit(write_board, str(results_dir)).job_id
+    with _scheduler("--board-job (the cells are submitted; see --status)"):
+        return executor.submit(write_board, str(results_dir)).job_id

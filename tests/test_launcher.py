@@ -22,12 +22,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from benchmark import launcher
 from benchmark import matrix as matrix_mod
 from benchmark.cli import app
 from benchmark.config import load_config
 from benchmark.errors import CapbenchWarning, ConfigError
 from benchmark.fsutil import exclusive_lock
-from benchmark.launcher import check_slurm, slurm_settings
+from benchmark.launcher import check_slurm, run_local, slurm_settings
 from benchmark.matrix import plan_cells
 from benchmark.metrics import coco
 from benchmark.records import load_records
@@ -275,3 +276,100 @@ def test_slurm_array_requeue_status_retry_and_board(slurm_cluster, matrix_file, 
     _until("the board job", lambda: (results / "LEADERBOARD.md").exists(), timeout=120)
     board = (results / "LEADERBOARD.md").read_text()
     assert "| rnn |" in board and "| lstm |" in board
+
+
+def test_launcher_flags_need_their_launcher(matrix_file, tmp_path):
+    """--slurm/--wait/--board-job without --launcher slurm and --parallel K without --launcher
+    local are refused before anything runs (they used to be ignored, training the matrix in
+    this process)."""
+    for flags, said in ((["--slurm", "partition=gpu"], "--slurm needs --launcher slurm"),
+                        (["--wait"], "--wait needs --launcher slurm"),
+                        (["--launcher", "local", "--board-job"],
+                         "--board-job needs --launcher slurm (this command has --launcher local)"),
+                        (["--parallel", "2"], "--parallel 2 needs --launcher local"),
+                        (["--launcher", "slurm", "--parallel", "3"],
+                         "--parallel 3 needs --launcher local")):
+        out = _matrix(matrix_file, tmp_path, *flags)
+        assert out.exit_code == 2, (flags, out.output)
+        assert said in " ".join(out.output.split()) and "Traceback" not in out.output
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def test_run_local_gives_every_item_a_fresh_process():
+    """Three items, two at a time: three processes, none of them this one; an item's
+    exception comes back in its place."""
+    if not Path("/proc/self").exists():
+        pytest.skip("no /proc/self here")
+    got = run_local(os.readlink, ["/proc/self"] * 3 + ["/nonexistent-capbench"], 2)
+    pids = got[:3]
+    assert len(set(pids)) == 3 and str(os.getpid()) not in pids, got
+    assert isinstance(got[3], FileNotFoundError)
+
+
+def test_status_sees_a_run_lock_before_its_first_epoch_and_unknown_without_squeue(
+        matrix_file, tmp_path, monkeypatch):
+    """Cell 0's run lock is held but no epoch is saved yet: running (pid). Cell 1 was
+    submitted to Slurm (cells.json) and has no record, and squeue is not on PATH: --status
+    shows it unknown, saying why; --launcher local refuses to run it a second time."""
+    cfg = load_config(str(matrix_file), {"results_dir": str(tmp_path)})
+    cells = plan_cells(cfg, ["rnn", "lstm"], ["resnet18"], [0])
+    lock = tmp_path / "unfinished" / cells[0].config_id / "20260101-000000-rnn-resnet18-s0-abcd.lock"
+    manifest = tmp_path / "submitit" / "cells.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({f"{cells[1].config_id}-s0": {"job_id": "99_1"}}))
+    monkeypatch.setenv("PATH", str(tmp_path / "submitit"))  # no squeue, no sbatch
+    with exclusive_lock(lock, what="training"):
+        out = _matrix(matrix_file, tmp_path, "--status", "--format", "json")
+        assert out.exit_code == 0, out.output
+        rows = json.loads(out.stdout)["cells"]
+        refused = _matrix(matrix_file, tmp_path, "--launcher", "local", "--parallel", "2")
+    assert rows[0]["state"] == "running" and rows[0]["detail"] == f"pid {os.getpid()}"
+    assert rows[1]["state"] == "unknown" and "squeue is not on PATH" in rows[1]["detail"]
+    assert refused.exit_code == 2 and "state is unknown" in " ".join(refused.output.split())
+    after = json.loads(_matrix(matrix_file, tmp_path, "--status", "--format", "json").stdout)
+    assert after["cells"][0]["state"] == "not started"  # the lock was released: nothing runs
+
+
+def test_a_slurm_client_that_does_not_answer_is_one_error(matrix_file, tmp_path, monkeypatch):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\nsleep 5\n")
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(launcher, "SLURM_CMD_TIMEOUT_S", 0.5)
+    out = _matrix(matrix_file, tmp_path / "results", "--launcher", "slurm")
+    assert out.exit_code == 2 and "Traceback" not in out.output, out.output
+    assert "sbatch did not answer within 0.5 s" in " ".join(out.output.split()), out.output
+
+
+def test_slurm_refusal_and_nothing_new_to_submit(slurm_cluster, matrix_file, tmp_path):
+    """sbatch refusing the array (an unknown partition) is one error line with sbatch's own
+    message; with every cell already queued (a held job stands for their task),
+    --launcher slurm --board-job submits nothing new, still submits the board job after the
+    queued task, and returns at once."""
+    results = tmp_path / "results"
+    out = _matrix(matrix_file, results, "--launcher", "slurm", "--slurm", "partition=nosuch")
+    said = " ".join(out.output.split())
+    assert out.exit_code == 2 and "Traceback" not in out.output, out.output
+    assert "sbatch refused the job" in said and "partition" in said.split("refused")[1].lower()
+    assert not (results / "submitit" / "cells.json").exists()
+    held = subprocess.run(["sbatch", "--parsable", "--hold", "-o", "/dev/null", "--wrap", "true"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    board = None
+    try:
+        cfg = load_config(str(matrix_file), {"results_dir": str(results)})
+        cells = plan_cells(cfg, ["rnn", "lstm"], ["resnet18"], [0])
+        (results / "submitit").mkdir(parents=True, exist_ok=True)
+        (results / "submitit" / "cells.json").write_text(json.dumps(
+            {f"{c.config_id}-s0": {"job_id": held} for c in cells}))
+        out = _matrix(matrix_file, results, "--launcher", "slurm", "--board-job")
+        said = " ".join(out.stdout.split())
+        assert out.exit_code == 0, out.output
+        assert "matrix: 0 cell(s) submitted; skipped 2 queued" in said
+        board = re.search(r"board job (\d+)", said).group(1)
+        assert "follow it with the same command and --status" in said
+        dependency = subprocess.run(["squeue", "-h", "-j", board, "-o", "%E"],
+                                    capture_output=True, text=True).stdout
+        assert held in dependency
+    finally:
+        subprocess.run(["scancel", held, *([board] if board else [])])
