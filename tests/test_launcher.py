@@ -231,8 +231,10 @@ def test_slurm_array_requeue_status_retry_and_board(slurm_cluster, matrix_file, 
                                                     no_java, tmp_path):
     """Both cells as one Slurm array; cell 0 is sent submitit's preemption/timeout signal
     (USR2) after its first epoch, so submitit checkpoints and requeues it and the requeued
-    task resumes from that epoch; cell 1's task is cancelled while it trains (failed, with its
-    log) and resubmitted alone with --retry-failed. Both end with the records of the
+    task resumes from that epoch; cell 1's task is killed (SIGKILL, as the kernel's OOM killer
+    would) while it trains (failed, with its log) and resubmitted alone with --retry-failed.
+    (A plain scancel is not used: submitit bypasses SIGTERM and srun then waits 4 s, long
+    enough for a tiny cell to finish and write its record.) Both end with the records of the
     uninterrupted in-process run, and --status says each state along the way.
 
     Slurm delays a requeued job's start by 2 minutes (its EligibleTime); the test, as the
@@ -247,16 +249,19 @@ def test_slurm_array_requeue_status_retry_and_board(slurm_cluster, matrix_file, 
     assert {c["state"] for c in first} <= {"queued", "running"}
     job0, job1 = first[0]["job"], first[1]["job"]
     assert job0.endswith("_0") and job1.endswith("_1") and job0.split("_")[0] == job1.split("_")[0]
-    cid0 = reference["rnn"].config_id
+    cid0, cid1 = reference["rnn"].config_id, reference["lstm"].config_id
+    _until("cell 1 training (its run lock)",
+           lambda: list((results / "unfinished" / cid1).glob("*.lock")), poll=0.05)
+    subprocess.run(["scancel", "--full", "--signal=KILL", job1], check=True)
     state0 = _until("cell 0's first epoch", lambda: list((results / "unfinished" / cid0).glob("*.pt")))
-    _until("cell 1 running", lambda: _squeue(job1) == "RUNNING")
     subprocess.run(["scancel", "--signal=USR2", job0], check=True)
-    subprocess.run(["scancel", job1], check=True)
     _until("cell 0 requeued", lambda: _squeue(job0) == "PENDING")
     states = _until("cell 1 failed", lambda: (s := _status(matrix_file, results))[1]["state"]
                     == "failed" and s, poll=0.5)
     assert states[0]["state"] == "queued" and "pending" in states[0]["detail"]
-    assert "submitit" in states[1]["log"]  # the end of its log
+    logs = [results / "submitit" / f"{job1}_0_log.{kind}" for kind in ("err", "out")]
+    ends = [p.read_text().rstrip().splitlines()[-8:] for p in logs if p.exists()]
+    assert states[1]["log"] and states[1]["log"].splitlines() in ends  # the end of its log
     subprocess.run(["scontrol", "update", f"JobId={job0}", "StartTime=now"], check=True)
     out = _matrix(matrix_file, results, "--launcher", "slurm", "--retry-failed", "--board-job",
                   "--wait")
