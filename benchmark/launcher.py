@@ -42,11 +42,13 @@ from __future__ import annotations
 import concurrent.futures as futures
 import contextlib
 import fcntl
+import io
 import json
 import multiprocessing
 import os
 import shutil
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -107,9 +109,14 @@ def _scheduler(what: str):
     """Around a call to Slurm's clients: sbatch refusing a job (submitit's FailedJobError,
     e.g. an unknown partition) becomes a ConfigError carrying sbatch's own message; an sbatch
     answer without a job id (submitit's FailedSubmissionError) and a client that does not
-    answer in time (a busy or unreachable slurmctld) a CapbenchError."""
+    answer in time (a busy or unreachable slurmctld) a CapbenchError. What the call writes to
+    stderr (submitit echoes a refused sbatch's stderr) is held back, and passed on only when
+    the call succeeds: the error says it once."""
+    held = io.StringIO()
     try:
-        yield
+        with contextlib.redirect_stderr(held):
+            yield
+        sys.stderr.write(held.getvalue())
     except FailedJobError as exc:
         said = " ".join(str(exc).split())[-600:]
         raise ConfigError(f"{what}: sbatch refused the job: {said}; check the Slurm settings "

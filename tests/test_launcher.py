@@ -357,6 +357,7 @@ def test_slurm_refusal_and_nothing_new_to_submit(slurm_cluster, matrix_file, tmp
     said = " ".join(out.output.split())
     assert out.exit_code == 2 and "Traceback" not in out.output, out.output
     assert "sbatch refused the job" in said and "partition" in said.split("refused")[1].lower()
+    assert said.count("Batch job submission failed") == 1  # said once, in the error line
     assert not (results / "submitit" / "cells.json").exists()
     held = subprocess.run(["sbatch", "--parsable", "--hold", "-o", "/dev/null", "--wrap", "true"],
                           capture_output=True, text=True, check=True).stdout.strip()
