@@ -898,8 +898,9 @@ def tune(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps")] = None,
     results_dir: Annotated[Path | None, typer.Option(help="where trial records (and the default SQLite study) go")] = None,
 ):
-    """Search one (decoder, encoder) cell's hyperparameters: N seeded trials on the validation
-    split (Optuna); resumable; prints each trial and the best configuration."""
+    """Search one (decoder, encoder) cell's hyperparameters with seeded trials on the validation split.
+
+    N trials through Optuna, resumable; prints each trial and the best configuration."""
     from benchmark.config import load_config, parse_seeds
     from benchmark.report import leaderboard, render_rich
     from benchmark.tuning import TuneSettings, plan_tuning, tune_matrix
