@@ -123,6 +123,7 @@ def test_data_shapes_writes_a_loadable_dataset(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @needs(COCO_MINI)
 def test_cli_on_coco_mini(tmp_path):
     _run("run", "--config", "tiny", "--dataset", str(COCO_MINI), "--arch", "lstm", "--epochs", "1",

@@ -25,6 +25,7 @@ def _capbench(args, cache: Path, timeout=300):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_gloo_processes_train_like_one_with_the_same_global_batch(tmp_path):
     """XE then SCST: per-epoch losses within 1e-5, the same SCST rewards, and identical test
     captions and metrics; the two ranks extract the feature shards between them and rank 0
@@ -76,6 +77,7 @@ def test_two_gloo_processes_train_like_one_with_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_gloo_processes_fine_tune_like_one(tmp_path):
     """Fine-tuning the last ViT block (no batch norm): both ranks' encoders and decoders under
     DDP, each image's random crop seeded by its place in the epoch; the same per-epoch losses

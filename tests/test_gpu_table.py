@@ -52,6 +52,7 @@ def test_the_table_runs_its_steps_and_writes_what_they_measured(tiny_shapes, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_failing_or_slow_step_is_reported_and_the_next_one_runs(tiny_shapes, tmp_path, monkeypatch):
     """A command that fails, and one that runs out of time (torchrun and both its ranks are
     stopped: none outlives the step), are reported with the end of their output; the next

@@ -136,6 +136,7 @@ def _child(tiny_shapes, results, kill_at: int, resume: bool):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_run_killed_mid_epoch_resumes_to_exactly_the_uninterrupted_result(tiny_shapes, tmp_path):
     # 28 train images x 5 captions / 16 = 9 XE steps per epoch; 28 / 16 = 2 SCST steps
     clean = _child(tiny_shapes, tmp_path / "clean", 0, False)
