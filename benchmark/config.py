@@ -26,7 +26,8 @@ from benchmark.userfiles import quote, read_yaml
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 __all__ = ["RunConfig", "TrainConfig", "FeatureConfig", "load_config", "config_to_dict",
-           "CONFIG_DIR", "resolve_config_path", "read_config_file", "resolved_config", "config_id",
+           "CONFIG_DIR", "preset_or_path", "resolve_config_path", "read_config_file", "resolved_config",
+           "config_id",
            "apply_overrides", "check_ranges", "check_seeds", "parse_seeds", "MAX_SEED", "MAX_EPOCHS",
            "MAX_BATCH", "translate_old_names"]
 
@@ -297,18 +298,27 @@ def _apply(obj: Any, values: dict, source: str, prefix: str = "") -> None:
             setattr(obj, key, value)
 
 
-def resolve_config_path(name_or_path: str) -> Path:
-    """A preset name (``demo``) -> ``configs/demo.yaml``; a path is returned as is."""
+def preset_or_path(name_or_path: str, folder: Path, what: str, presets: str) -> Path:
+    """A YAML path, returned as is, or a preset name ``NAME`` -> ``folder/NAME.yaml``.
+
+    ``what`` names the kind of file in messages (``config``, ``search space``) and
+    ``presets`` the presets (``a preset``). Raises ConfigError for a missing file or an
+    unknown name, listing the presets there are."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
+            raise ConfigError(f"{what} file {p} does not exist")
         return p
-    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    preset = folder / f"{name_or_path}.yaml"
     if not preset.is_file():
-        names = ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")))
-        raise ConfigError(f"no config {name_or_path!r}: give a YAML path or a preset ({names})")
+        names = ", ".join(sorted(x.stem for x in folder.glob("*.yaml")))
+        raise ConfigError(f"no {what} {name_or_path!r}: give a YAML path or {presets} ({names})")
     return preset
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A preset name (``demo``) -> ``configs/demo.yaml``; a path is returned as is."""
+    return preset_or_path(name_or_path, CONFIG_DIR, "config", "a preset")
 
 
 def read_config_file(name_or_path: str) -> tuple[Path, dict]:

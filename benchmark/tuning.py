@@ -58,6 +58,7 @@ from benchmark.config import (
     TrainConfig,
     apply_overrides,
     config_id,
+    preset_or_path,
     resolved_config,
 )
 from benchmark.data import CaptionDataset, resolve_dataset
@@ -130,17 +131,7 @@ class SearchSpace:
 
 
 def _space_path(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise ConfigError(f"search space file {p} does not exist")
-        return p
-    preset = SPACE_DIR / f"{name_or_path}.yaml"
-    if not preset.is_file():
-        names = ", ".join(sorted(x.stem for x in SPACE_DIR.glob("*.yaml")))
-        raise ConfigError(f"no search space {name_or_path!r}: give a YAML path or one of "
-                          f"configs/search/ ({names})")
-    return preset
+    return preset_or_path(name_or_path, SPACE_DIR, "search space", "one of configs/search/")
 
 
 def _param(name: str, spec: Any, where: str) -> Param:
