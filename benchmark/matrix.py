@@ -284,20 +284,16 @@ def _feature_key(cfg: RunConfig) -> str:
                        dataclasses.asdict(cfg.features)], sort_keys=True, default=str)
 
 
-def _failure_path(results_dir: Path, cell: Cell) -> Path:
-    return results_dir / "failures" / f"{cell.arch}-{cell.encoder}-s{cell.seed}-{cell.config_id}.json"
-
-
 def failure_path(results_dir: str | Path, cell: Cell) -> Path:
     """Where a failed ``cell``'s error and traceback are recorded (JSON), under
     ``<results_dir>/failures/``; removed when the cell later succeeds."""
-    return _failure_path(Path(results_dir), cell)
+    return Path(results_dir) / "failures" / f"{cell.arch}-{cell.encoder}-s{cell.seed}-{cell.config_id}.json"
 
 
 def _record_failure(results_dir: Path, cell: Cell, exc: BaseException) -> None:
     """Mark ``cell`` failed with ``exc`` and write its failure file (call inside ``except``)."""
     cell.status, cell.error = "failed", f"{type(exc).__name__}: {exc}"
-    atomic_write_text(_failure_path(results_dir, cell), json.dumps(
+    atomic_write_text(failure_path(results_dir, cell), json.dumps(
         {"arch": cell.arch, "encoder": cell.encoder, "seed": cell.seed,
          "variant": cell.variant,
          "config_id": cell.config_id, "error": cell.error,
@@ -370,7 +366,7 @@ def run_matrix(base: RunConfig, archs: list[str], encoders: list[str], seeds: li
             record, _ = run_experiment(cell.cfg, console, dataset=dataset,
                                        prepared=prepared[fkey], resume=True)
             cell.status, cell.run_id = "ok", record.run_id
-            _failure_path(results_dir, cell).unlink(missing_ok=True)
+            failure_path(results_dir, cell).unlink(missing_ok=True)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # record the failure and carry on with the next cell
@@ -422,7 +418,7 @@ def run_cell(base: RunConfig, plan: MatrixPlan, index: int, console=None) -> Cel
         record, _ = run_experiment(cell.cfg, console, dataset=dataset, prepared=prepared,
                                    resume=True)
         cell.status, cell.run_id = "ok", record.run_id
-        _failure_path(results_dir, cell).unlink(missing_ok=True)
+        failure_path(results_dir, cell).unlink(missing_ok=True)
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # recorded, as the matrix does
