@@ -180,7 +180,19 @@ def _spawn(fn, *args) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(fn, args=(2, port, *args), nprocs=2)
+    mp.spawn(_then_exit, args=(fn, 2, port, *args), nprocs=2)
+
+
+def _then_exit(rank: int, fn, *args) -> None:
+    """``fn(rank, *args)``, then leave without the interpreter's finalization: gloo's worker
+    threads can abort it ("terminate called without an active exception", SIGABRT; see
+    pytorch/pytorch#190489). It failed the unreadable-image test twice in recent
+    fresh-clone CI runs, after both ranks had written their results. An exception from ``fn``
+    still fails the rank."""
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _encode_test_split(rank: int, world: int, port: int, dataset: str, out: str) -> None:
@@ -243,6 +255,7 @@ def _fail_on_rank_1(rank: int, world: int, port: int, out: str) -> None:
     except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
         said = f"{type(exc).__name__}: {exc}"
     Path(f"{out}.{rank}").write_text(said)
+    distributed.barrier()  # both ranks are done with the group before either tears it down
     distributed.shutdown()
 
 
@@ -276,6 +289,7 @@ def _extract_with_a_bad_image_on_rank_1(rank: int, world: int, port: int, datase
     except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
         said = f"{type(exc).__name__}: {exc}"
     Path(f"{out}.{rank}").write_text(said)
+    distributed.barrier()  # both ranks are done with the group before either tears it down
     distributed.shutdown()
 
 
